@@ -1,0 +1,34 @@
+# Two commands on a fresh clone:  `make run` (server on CPU, 127.0.0.1:8000)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint bench bench-quick loadtest soak gpu-check clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) numpy
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m service serve --host $(HOST) --port $(PORT) --device cpu
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+gpu-check: install
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,54 @@
+"""The application factory. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from . import __version__, http_errors
+from .middleware import RequestContext
+from .routes_native import router as native_router
+from .routes_ops import router as ops_router
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("actserve")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runtime.start()
+        log.info("actserve ready=%s on %s", runtime.ready, runtime.devices)
+        try:
+            yield
+        finally:
+            await runtime.drain()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="actserve",
+        version=__version__,
+        summary="Batched activation inference over HTTP (native and KServe v2 APIs)",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    http_errors.install(app)
+    app.include_router(native_router)
+    app.include_router(ops_router)
+    app.add_middleware(RequestContext, log_requests=settings.access_log,
+                       api_keys=settings.api_key_list)
+    if settings.cors_origin_list:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    return app

@@ -1,0 +1,229 @@
+"""The batcher: one asyncio owner task, one bounded queue, greedy batching.
+
+Invariant: every future handed out by ``submit`` is resolved exactly once, on every path:
+a result, a ``ComputeError`` (that request failed alone), ``DeadlineExceeded`` (it waited
+past its deadline and was never computed), ``Unavailable`` (its executor died, or the
+server stopped without an executor). Cancelled futures (the client went away) are skipped
+before compute and never resolved again.
+
+``submit`` never waits: it raises ``QueueFull``/``Draining``/``NotReady`` at once.
+
+Policy: whenever an executor is idle, the owner takes the highest-priority, oldest waiting
+job and every compatible job (same batch key) behind it, up to ``max_batch_requests`` and
+``max_batch_elements``. With ``max_delay_us=0`` a lone request runs at once; under load
+batches form by themselves while the executor is busy. ``max_delay_us>0`` holds a batch
+that is not yet full open that long to let it grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+
+from .errors import (
+    ActserveError,
+    DeadlineExceeded,
+    Draining,
+    NotReady,
+    QueueFull,
+    Unavailable,
+)
+from .executor import Executor
+from .job import Job, JobResult
+from .pool import ExecutorPool
+from .settings import Settings
+
+BatchObserver = Callable[[list[Job], list, float], None]
+
+
+def _resolve(job: Job, result: JobResult | None = None, error: Exception | None = None) -> bool:
+    fut = job.future
+    if fut is None or fut.done():
+        return False
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+    return True
+
+
+class Batcher:
+    def __init__(self, settings: Settings, pool: ExecutorPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        # priority -> batch key -> FIFO of jobs
+        self._levels: dict[int, dict[tuple, deque[Job]]] = {}
+        self._waiting = 0
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._draining = False
+        self._stopped = False
+        self.on_batch: BatchObserver | None = None
+        self.on_reject: Callable[[str, Job | None], None] | None = None
+
+    # -- public -----------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def start(self) -> None:
+        await self.pool.start(self._batch_done, self._batch_lost)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="actserve-batcher")
+
+    def submit(self, job: Job) -> asyncio.Future:
+        if self._draining or self._stopped:
+            self._reject("draining", job)
+            raise Draining("the server is shutting down; retry on another replica")
+        if not self.pool.ready:
+            self._reject("not_ready", job)
+            raise NotReady("the server is not ready (warming up or restarting its executor)")
+        if self._waiting >= self.settings.max_queue_requests:
+            self._reject("queue_full", job)
+            raise QueueFull(
+                f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry"
+            )
+        loop = asyncio.get_running_loop()
+        job.future = loop.create_future()
+        job.seq = next(self._seq)
+        job.t_enqueue = time.perf_counter()
+        delay = job.deadline - time.monotonic()
+        if delay <= 0:
+            self._reject("deadline", job)
+            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        job.timer = loop.call_later(delay, self._expire, job)
+        self._levels.setdefault(-job.priority, {}).setdefault(job.key, deque()).append(job)
+        self._waiting += 1
+        self._wakeup.set()
+        return job.future
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (503); accepted work still completes."""
+        self._draining = True
+
+    async def drain(self) -> None:
+        """Stop accepting; wait until every accepted job is answered."""
+        self._draining = True
+        while self._waiting or self.pool.busy():
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self._draining = True
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._pop_all():
+            _resolve(job, error=Unavailable("the server stopped before computing this request"))
+        await self.pool.stop()
+
+    # -- owner task ---------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self.settings.max_delay_us / 1e6
+        while True:
+            if not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            executor = await self.pool.wait_idle()
+            if delay and self._waiting < self.settings.max_batch_requests:
+                await asyncio.sleep(delay)
+            batch = self._take()
+            if batch:
+                self._dispatch(executor, batch)
+
+    def _take(self) -> list[Job]:
+        """Pop the head job (highest priority, oldest) and its compatible followers."""
+        s = self.settings
+        while self._levels:
+            level = min(self._levels)
+            queues = self._levels[level]
+            key = min(queues, key=lambda k: queues[k][0].seq)
+            q = queues[key]
+            batch: list[Job] = []
+            elements = 0
+            while q and len(batch) < s.max_batch_requests:
+                job = q[0]
+                if batch and elements + job.numel > s.max_batch_elements:
+                    break
+                q.popleft()
+                self._waiting -= 1
+                job.timer.cancel()
+                if job.future.done():  # cancelled by its client: skip, never compute
+                    continue
+                batch.append(job)
+                elements += job.numel
+            if not q:
+                del queues[key]
+                if not queues:
+                    del self._levels[level]
+            if batch:
+                return batch
+        return []
+
+    def _dispatch(self, executor: Executor, batch: list[Job]) -> None:
+        now = time.perf_counter()
+        for job in batch:
+            job.t_dispatch = now
+        executor.submit(batch)
+
+    def _pop_all(self) -> list[Job]:
+        jobs = [j for queues in self._levels.values() for q in queues.values() for j in q]
+        for j in jobs:
+            j.timer.cancel()
+        self._levels.clear()
+        self._waiting = 0
+        return jobs
+
+    # -- callbacks ----------------------------------------------------------------------
+    def _expire(self, job: Job) -> None:
+        queues = self._levels.get(-job.priority)
+        q = queues.get(job.key) if queues else None
+        if q is None or job not in q:
+            return  # already dispatched: its answer is on the way
+        q.remove(job)
+        self._waiting -= 1
+        if not q:
+            del queues[job.key]
+            if not queues:
+                del self._levels[-job.priority]
+        self._reject("deadline", job)
+        _resolve(job, error=DeadlineExceeded(
+            "the request's deadline passed while it waited in the queue; it was not computed"
+        ))
+
+    def _batch_done(self, ex: Executor, jobs: list[Job], results: list, wall: float) -> None:
+        for job, res in zip(jobs, results, strict=True):
+            if isinstance(res, JobResult):
+                res.queue_s = job.t_dispatch - job.t_enqueue
+                _resolve(job, result=res)
+            else:
+                _resolve(job, error=res if isinstance(res, ActserveError) else Unavailable(str(res)))
+        if self.on_batch is not None:
+            self.on_batch(jobs, results, wall)
+        self._wakeup.set()
+
+    def _batch_lost(self, ex: Executor, jobs: list[Job], err: Exception) -> None:
+        for job in jobs:
+            _resolve(job, error=err)
+        if not any(e.alive for e in self.pool.executors):
+            # Nothing can compute the waiting jobs now: answer them rather than let them
+            # wait for a restart that may take a while (clients retry on 503).
+            for job in self._pop_all():
+                _resolve(job, error=Unavailable("the compute executor is restarting; retry"))
+        self._wakeup.set()
+
+    def _reject(self, reason: str, job: Job | None) -> None:
+        if self.on_reject is not None:
+            self.on_reject(reason, job)

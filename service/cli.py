@@ -1,0 +1,81 @@
+"""``actserve serve`` (also ``python -m service``) and ``actserve bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from .settings import Settings
+
+FLAGS = {
+    "host": str, "port": int, "device": str, "max_batch_elements": int,
+    "max_batch_requests": int, "max_delay_us": int, "max_queue_requests": int,
+    "default_timeout_s": float, "max_request_bytes": int, "torch_threads": int,
+    "log_level": str,
+}
+
+
+def load_settings(overrides: dict) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  {name} (ACTSERVE_{name.upper()}): {err['msg']}")
+        raise SystemExit("actserve: invalid settings\n" + "\n".join(lines)) from None
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
+        raise SystemExit(f"actserve: {exc}") from None
+    runtime = app.state.runtime
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work at once
+            runtime.batcher.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        access_log=False, timeout_keep_alive=settings.timeout_keep_alive_s,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http="auto",
+        lifespan="on",
+    )
+    server = DrainingServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="actserve", description="Batched activation server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the HTTP server")
+    for name, typ in FLAGS.items():
+        p_serve.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                             help=f"overrides ACTSERVE_{name.upper()}")
+    p_serve.add_argument("--no-metrics", dest="metrics", action="store_const", const=False,
+                         default=None, help="disable Prometheus metrics and /v1/stats")
+    p_bench = sub.add_parser("bench", help="run the benchmark sweep (see loadtest/)")
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        overrides = {k: getattr(args, k) for k in [*FLAGS, "metrics"]}
+        return serve(load_settings(overrides))
+    from loadtest.bench import main as bench_main  # optional: only in a source checkout
+
+    return bench_main(args.rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

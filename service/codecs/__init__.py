@@ -1,0 +1,1 @@
+"""Wire formats <-> numpy arrays. No torch here."""

@@ -1,0 +1,80 @@
+"""Native wire format (``/v1/activations/{name}``): JSON and raw little-endian bytes.
+
+Torch-free. Decoding validates everything a request says before it is queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .. import dtypes
+from ..errors import InvalidRequest, echo
+from ..options import SETTING_NAMES, check_shape, parse_shape_text
+from .jsonio import array_from_json, dumps, loads_object
+
+JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
+
+
+class NativeJson:
+    """``{"data", "shape"?, "dtype"?, "params"?, <settings>}`` -> (array, dtype, settings,
+    params)."""
+
+    @staticmethod
+    def decode(body: bytes | bytearray, max_elements: int):
+        obj = loads_object(body)
+        unknown = [k for k in obj if k not in JSON_FIELDS]
+        if unknown:
+            raise InvalidRequest(
+                f"unknown field {echo(unknown[0])}; allowed fields: {', '.join(JSON_FIELDS)}"
+            )
+        if "data" not in obj:
+            raise InvalidRequest("missing field 'data' (a number or a nested list of numbers)")
+        wire = dtypes.check_name(obj.get("dtype", "float32"), "dtype")
+        shape = None
+        if obj.get("shape") is not None:
+            shape = check_shape(obj["shape"], "shape", max_elements)
+        array = array_from_json(obj["data"], shape, wire, "data", max_elements)
+        params = obj.get("params") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequest("params must be an object, e.g. {\"negative_slope\": 0.1}")
+        settings = {k: obj[k] for k in SETTING_NAMES if obj.get(k) is not None}
+        return array, wire, settings, params
+
+    @staticmethod
+    def encode(activation: str, array: np.ndarray, dtype: str) -> bytes:
+        return dumps({
+            "activation": activation,
+            "shape": list(array.shape),
+            "dtype": dtype,
+            "data": dtypes.to_float(array, dtype),
+        })
+
+
+class NativeBinary:
+    """Raw little-endian bytes; shape, dtype, settings and params in the query string."""
+
+    @staticmethod
+    def decode(body: bytearray, query: Mapping[str, str], max_elements: int):
+        if "shape" not in query:
+            raise InvalidRequest(
+                "binary requests need ?shape=... (comma-separated, empty for a 0-d scalar)"
+            )
+        shape = parse_shape_text(query["shape"], "shape", max_elements)
+        wire = dtypes.check_name(query.get("dtype", "float32"), "dtype")
+        expected = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(wire)
+        if len(body) != expected:
+            raise InvalidRequest(
+                f"body has {len(body)} bytes but shape {list(shape)} of {wire} needs {expected}"
+            )
+        array = np.frombuffer(body, dtype=dtypes.STORAGE[wire]).reshape(shape)
+        settings = {k: query[k] for k in SETTING_NAMES if k in query}
+        params = {k: v for k, v in query.items() if k not in SETTING_NAMES
+                  and k not in ("shape", "dtype")}
+        return array, wire, settings, params
+
+    @staticmethod
+    def encode(array: np.ndarray, dtype: str) -> tuple[bytes, dict[str, str]]:
+        headers = {"X-Shape": ",".join(str(d) for d in array.shape), "X-Dtype": dtype}
+        return array.tobytes(), headers

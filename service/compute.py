@@ -1,0 +1,180 @@
+"""Torch-side batch computation for one device. Runs only in that device's compute thread.
+
+Batch invariance (DESIGN.md section 1): a request's result never depends on its batch.
+
+* CPU: each request is applied alone, on a tensor of its own shape. CPU kernels split work
+  into a vectorised body and a scalar tail, so concatenating requests could move an element
+  from one to the other and change its last bit; batching on CPU buys only the shared
+  thread hop, never a different answer.
+* CUDA: requests of one wire dtype are packed into one pinned host staging buffer, each
+  segment starting on a 64-element boundary (as aligned as a fresh allocation), copied to
+  the device with one non-blocking H2D copy, converted, activated once on a dedicated
+  stream, and copied back with one D2H copy into pinned memory. CUDA elementwise kernels
+  compute each element independently, so the packed result equals the lone result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import ComputeError
+from .job import Job, JobResult
+
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+ALIGN = 64
+
+
+class FaultInjected(RuntimeError):
+    """Raised for a request that asked for an injected compute fault (tests only)."""
+
+
+class KillThread(BaseException):
+    """Escapes every handler: the compute thread dies (tests only)."""
+
+
+def wire_tensor(array: np.ndarray, wire_dtype: str) -> torch.Tensor:
+    """Zero-copy torch view of a wire array (bfloat16 travels as uint16 bits)."""
+    if wire_dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def tensor_storage(t: torch.Tensor) -> np.ndarray:
+    """Numpy wire storage of a CPU tensor (bfloat16 -> uint16 bits), zero-copy."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def autocast_dtype(device_type: str, amp_dtype: str | None) -> torch.dtype:
+    if amp_dtype is not None:
+        return TORCH_DTYPES[amp_dtype]
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def apply_alone(job_like: Job, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the activation applied to one request's tensor ``x`` (wire dtype,
+    on the target device) under that request's mode. The executor's CPU path is exactly
+    this; tests and the warm-up self-test compare against it."""
+    mode = job_like.mode
+    target = TORCH_DTYPES[mode.compute_dtype] if mode.compute_dtype else x.dtype
+    if x.dtype != target:
+        x = x.to(target)
+    with torch.autocast(x.device.type, dtype=autocast_dtype(x.device.type, mode.amp_dtype),
+                        enabled=mode.amp):
+        return job_like.activation.apply(x, mode.inplace, job_like.params)
+
+
+class DeviceCompute:
+    """Computes batches of compatible jobs on one device."""
+
+    def __init__(self, device: torch.device, fault_injection: bool = False) -> None:
+        self.device = device
+        self.fault_injection = fault_injection
+        self.is_cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=device) if self.is_cuda else None
+
+    # -- public -----------------------------------------------------------------------
+    def run(self, jobs: Sequence[Job]) -> list[JobResult | Exception]:
+        """Results in job order; a batch that fails is split so only a job that fails
+        alone gets a ``ComputeError``."""
+        elements = sum(j.numel for j in jobs)
+        results = self._isolate(list(jobs))
+        for r in results:
+            if isinstance(r, JobResult):
+                r.batch_requests = len(jobs)
+                r.batch_elements = elements
+        return results
+
+    # -- internals --------------------------------------------------------------------
+    def _isolate(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        try:
+            return self._run(jobs)
+        except KillThread:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below
+            if len(jobs) == 1:
+                return [ComputeError(f"compute failed: {type(exc).__name__}: {exc}"[:300])]
+            mid = len(jobs) // 2
+            if self.is_cuda:
+                torch.cuda.empty_cache()
+            return self._isolate(jobs[:mid]) + self._isolate(jobs[mid:])
+
+    def _check_faults(self, jobs: Sequence[Job]) -> None:
+        if not self.fault_injection:
+            return
+        for j in jobs:
+            if j.fault == "kill":
+                raise KillThread()
+            if j.fault == "compute":
+                raise FaultInjected(f"injected compute fault for request {j.request_id}")
+
+    def _run(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        self._check_faults(jobs)
+        if self.is_cuda:
+            return self._run_cuda(jobs)
+        return self._run_cpu(jobs)
+
+    def _run_cpu(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        out: list[JobResult | Exception] = []
+        for job in jobs:
+            t0 = time.perf_counter()
+            y = apply_alone(job, wire_tensor(job.array, job.wire_dtype))
+            arr = tensor_storage(y.contiguous())
+            out.append(JobResult(arr, NAMES[y.dtype], time.perf_counter() - t0, 0, 0, "cpu"))
+        return out
+
+    def _run_cuda(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        results: dict[int, JobResult] = {}
+        by_wire: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_wire.setdefault(job.wire_dtype, []).append(i)
+        for wire, idx in by_wire.items():
+            group = [jobs[i] for i in idx]
+            for i, r in zip(idx, self._run_cuda_group(group, wire), strict=True):
+                results[i] = r
+        return [results[i] for i in range(len(jobs))]
+
+    def _run_cuda_group(self, jobs: list[Job], wire: str) -> list[JobResult]:
+        offsets, total = [], 0
+        for job in jobs:
+            offsets.append(total)
+            total += -(-job.numel // ALIGN) * ALIGN
+        host_in = torch.empty(total, dtype=TORCH_DTYPES[wire], pin_memory=True)
+        staging = tensor_storage(host_in)
+        for job, off in zip(jobs, offsets, strict=True):
+            staging[off:off + job.numel] = job.array.reshape(-1)
+        first = jobs[0]
+        timing = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        with torch.cuda.stream(self.stream):
+            timing[0].record(self.stream)
+            dev = host_in.to(self.device, non_blocking=True)
+            timing[1].record(self.stream)
+            y = apply_alone(first, dev)
+            timing[2].record(self.stream)
+            host_out = torch.empty(y.numel(), dtype=y.dtype, pin_memory=True)
+            host_out.copy_(y, non_blocking=True)
+            timing[3].record(self.stream)
+        timing[3].synchronize()
+        compute_s = timing[1].elapsed_time(timing[2]) / 1000.0
+        phases = {
+            "h2d": timing[0].elapsed_time(timing[1]) / 1000.0,
+            "d2h": timing[2].elapsed_time(timing[3]) / 1000.0,
+        }
+        flat = tensor_storage(host_out)
+        name = NAMES[y.dtype]
+        return [
+            JobResult(flat[off:off + job.numel].reshape(job.array.shape), name, compute_s, 0, 0,
+                      str(self.device), extra=dict(phases))
+            for job, off in zip(jobs, offsets, strict=True)
+        ]

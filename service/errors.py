@@ -1,0 +1,110 @@
+"""The one error family of the server and its one table to the wire.
+
+::
+
+    ActserveError                      (500 unless a subclass says otherwise)
+    ├── InvalidRequest                 400  malformed body, shape/data mismatch, bad dtype/param
+    ├── UnknownActivation              404
+    ├── RequestTooLarge                413  body over max_request_bytes
+    ├── UnsupportedMediaType           415
+    ├── Unavailable                    503  + Retry-After
+    │   ├── QueueFull                       the bounded queue is full
+    │   ├── NotReady                        warm-up not finished / executor restarting
+    │   └── Draining                        shutting down, no new work
+    ├── DeadlineExceeded               504  deadline passed before compute
+    ├── Unauthorized                   401  missing or wrong bearer token
+    └── ComputeError                   500  compute failed for this request alone
+
+Routes and codecs raise these; ``service.http_errors`` turns them into the native body
+``{"error": {"type", "message"}}`` or the v2 body ``{"error": "message"}``.
+"""
+
+from __future__ import annotations
+
+MAX_ECHO = 80
+
+
+def echo(value: object) -> str:
+    """A bounded slice of user input, safe to put in an error message."""
+    text = repr(value)
+    if len(text) > MAX_ECHO:
+        text = text[:MAX_ECHO] + "...(truncated)"
+    return text
+
+
+class ActserveError(Exception):
+    status = 500
+    type = "internal_error"
+    retry_after: int | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ActserveError):
+    status = 400
+    type = "invalid_request"
+
+
+class UnknownActivation(ActserveError):
+    status = 404
+    type = "not_found"
+
+
+class RequestTooLarge(ActserveError):
+    status = 413
+    type = "request_too_large"
+
+
+class UnsupportedMediaType(ActserveError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class Unauthorized(ActserveError):
+    status = 401
+    type = "unauthorized"
+
+
+class Unavailable(ActserveError):
+    status = 503
+    type = "unavailable"
+    retry_after = 1
+
+
+class QueueFull(Unavailable):
+    type = "queue_full"
+
+
+class NotReady(Unavailable):
+    type = "not_ready"
+
+
+class Draining(Unavailable):
+    type = "draining"
+
+
+class DeadlineExceeded(ActserveError):
+    status = 504
+    type = "deadline_exceeded"
+
+
+class ComputeError(ActserveError):
+    status = 500
+    type = "compute_error"
+
+
+# The status table, for documentation and tests: every row of DESIGN.md section 4.
+STATUS_TABLE: dict[type[ActserveError], int] = {
+    InvalidRequest: 400,
+    Unauthorized: 401,
+    UnknownActivation: 404,
+    RequestTooLarge: 413,
+    UnsupportedMediaType: 415,
+    QueueFull: 503,
+    NotReady: 503,
+    Draining: 503,
+    DeadlineExceeded: 504,
+    ComputeError: 500,
+}

@@ -1,0 +1,76 @@
+"""One activation request's path through the server, shared by the native and v2 routes:
+time each phase with locals, run the job, build the timing headers, record metrics and the
+access-log fields, and count refusals. Routes supply only decoding and encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .body import read_body
+from .errors import ActserveError
+from .job import Job, JobResult
+from .runtime import Runtime
+
+Decoder = Callable[[bytearray], Job]
+Encoder = Callable[[Job, JobResult], Response]
+
+
+def server_timing(decode: float, queue: float, compute: float, encode: float,
+                  total: float) -> str:
+    parts = (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode),
+             ("total", total))
+    return ", ".join(f"{name};dur={value * 1000:.3f}" for name, value in parts)
+
+
+async def handle(request: Request, api: str, activation: str | None,
+                 decode: Decoder, encode: Encoder) -> Response:
+    rt: Runtime = request.app.state.runtime
+    ctx = request.scope.get("actserve", {})
+    t0 = time.perf_counter()
+    job = result = None
+    bytes_in = bytes_out = 0
+    status = 500
+    t_decoded = t_computed = t0
+    try:
+        body = await read_body(request, rt.settings.max_request_bytes)
+        bytes_in = len(body)
+        job = decode(body)
+        job.request_id = ctx.get("request_id", "")
+        if rt.settings.fault_injection:
+            job.fault = request.headers.get("x-actserve-fault")
+        t_decoded = time.perf_counter()
+        result = await rt.run(job)
+        t_computed = time.perf_counter()
+        response = encode(job, result)
+        t_end = time.perf_counter()
+        bytes_out = len(response.body)
+        total = t_end - t0
+        response.headers["Server-Timing"] = server_timing(
+            t_decoded - t0, result.queue_s, result.compute_s, t_end - t_computed, total)
+        response.headers["X-Batch-Size"] = str(result.batch_requests)
+        response.headers["X-Batch-Elements"] = str(result.batch_elements)
+        status = response.status_code
+        ctx["log"] = {
+            "api": api, "activation": activation, "shape": list(job.array.shape),
+            "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype, "out_dtype": result.dtype,
+            "amp": job.mode.amp, "inplace": job.mode.inplace, "batch": result.batch_requests,
+            "queue_ms": round(result.queue_s * 1000, 3),
+            "compute_ms": round(result.compute_s * 1000, 3),
+        }
+        return response
+    except ActserveError as exc:
+        status = exc.status
+        if job is None or status == 500:
+            rt.reject(exc)
+        ctx["log"] = {"api": api, "activation": activation, "error": exc.type}
+        raise
+    finally:
+        now = time.perf_counter()
+        rt.record(api, activation, status, total=now - t0, decode=t_decoded - t0,
+                  encode=now - t_computed if result is not None else 0.0, job=job,
+                  result=result, bytes_in=bytes_in, bytes_out=bytes_out)

@@ -1,0 +1,89 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it breaks contextvars and streaming).
+
+* Request ids: ``X-Request-Id`` taken from the client when it is sane, else generated, and
+  echoed on every response.
+* Access log: one JSON line per request, with whatever the route put in
+  ``scope["actserve"]["log"]`` (activation, shape, dtypes, timings).
+* Bearer-token auth when API keys are configured (constant-time comparison); health,
+  readiness and metrics stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+import orjson
+
+from .http_errors import error_response
+
+_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+access_log = logging.getLogger("actserve.access")
+
+
+class RequestContext:
+    def __init__(self, app, *, log_requests: bool, api_keys: list[str]) -> None:
+        self.app = app
+        self.log_requests = log_requests
+        self.api_keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        rid = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                text = value.decode("latin-1")
+                rid = text if _ID_RE.match(text) else None
+                break
+        rid = rid or uuid.uuid4().hex
+        ctx = {"request_id": rid, "log": {}}
+        scope["actserve"] = ctx
+        status_box = [500]
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            if self.api_keys and not self._authorised(scope):
+                resp = error_response(scope["path"], 401, "unauthorized",
+                                      "missing or invalid bearer token (Authorization: Bearer ...)")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                await resp(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.log_requests and access_log.isEnabledFor(logging.INFO):
+                line = {
+                    "id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status_box[0],
+                    "ms": round((time.perf_counter() - start) * 1000, 3),
+                    **ctx["log"],
+                }
+                access_log.info(orjson.dumps(line).decode())
+
+    def _authorised(self, scope) -> bool:
+        if scope["path"] in OPEN_PATHS:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                ok = False
+                for key in self.api_keys:
+                    ok |= hmac.compare_digest(token.strip(), key)
+                return ok
+        return False

@@ -1,0 +1,129 @@
+"""Per-request settings shared by every API: compute dtype, amp, in-place, timeout, priority,
+activation params. Validated here, before anything is queued. Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import dtypes
+from .activations import Activation
+from .capabilities import Capabilities
+from .errors import InvalidRequest, RequestTooLarge, echo
+from .job import Job, Mode
+from .params import parse_bool
+from .settings import Settings
+
+SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
+MAX_DIMS = 32
+
+
+def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
+    """A shape is a list of non-negative ints; its product may not exceed the batch limit."""
+    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_DIMS:
+        raise InvalidRequest(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
+    dims = []
+    total = 1
+    for d in raw:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise InvalidRequest(f"{where}: shape dimensions must be integers >= 0, got {echo(raw)}")
+        dims.append(d)
+        total *= d  # python ints: no overflow
+    if total > max_elements:
+        raise RequestTooLarge(
+            f"{where}: shape {echo(raw)} has {total} elements, over the server's "
+            f"max_batch_elements={max_elements}"
+        )
+    return tuple(dims)
+
+
+def parse_shape_text(text: str, where: str, max_elements: int) -> tuple[int, ...]:
+    """``"2,3"`` -> (2, 3); ``""`` -> () for a 0-d scalar."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        raw = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise InvalidRequest(
+            f"{where}: shape {echo(text)} must be comma-separated integers, e.g. 2,3"
+        ) from None
+    return check_shape(raw, where, max_elements)
+
+
+class JobFactory:
+    """Turns decoded arrays and raw settings into validated ``Job`` objects."""
+
+    def __init__(self, settings: Settings, capabilities: Capabilities) -> None:
+        self.settings = settings
+        self.capabilities = capabilities
+
+    def build(
+        self,
+        activation: Activation,
+        array: np.ndarray,
+        wire_dtype: str,
+        settings: Mapping[str, object],
+        params: Mapping[str, object],
+        *,
+        api: str,
+        request_id: str = "",
+        timeout_unit_s: float = 1.0,
+        where: str = "request",
+    ) -> Job:
+        s = self.settings
+        compute = settings.get("compute_dtype", s.default_compute_dtype)
+        if compute is not None:
+            compute = dtypes.check_name(compute, "compute_dtype")
+        amp = parse_bool(settings.get("amp", s.default_amp), "amp", where)
+        amp_dtype = settings.get("amp_dtype")
+        if amp_dtype is not None:
+            if amp_dtype not in ("float16", "bfloat16"):
+                raise InvalidRequest(
+                    f"{where}: amp_dtype={echo(amp_dtype)} is not allowed; choose float16 or bfloat16"
+                )
+            if not amp:
+                raise InvalidRequest(f"{where}: amp_dtype is set but amp is false")
+        inplace = parse_bool(settings.get("inplace", s.default_inplace), "inplace", where)
+        timeout = _number(settings.get("timeout"), "timeout", where)
+        if timeout is None:
+            timeout_s = s.default_timeout_s
+        else:
+            if timeout <= 0:
+                raise InvalidRequest(f"{where}: timeout must be > 0, got {echo(timeout)}")
+            timeout_s = timeout * timeout_unit_s
+        priority = _number(settings.get("priority"), "priority", where) or 0
+        if priority != int(priority):
+            raise InvalidRequest(f"{where}: priority must be an integer, got {echo(priority)}")
+        mode = Mode(compute, amp, amp_dtype, inplace)
+        self.capabilities.check(activation, compute or wire_dtype, mode)
+        return Job(
+            activation=activation,
+            params=activation.parse_params(params, where),
+            array=array,
+            wire_dtype=wire_dtype,
+            mode=mode,
+            deadline=time.monotonic() + timeout_s,
+            priority=int(priority),
+            api=api,
+            request_id=request_id,
+        )
+
+
+def _number(raw: object, name: str, where: str) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise InvalidRequest(f"{where}: {name} must be a number, got a boolean")
+    if isinstance(raw, str):
+        try:
+            raw = float(raw)
+        except ValueError:
+            raise InvalidRequest(f"{where}: {name} must be a number, got {echo(raw)}") from None
+    if not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise InvalidRequest(f"{where}: {name} must be a finite number, got {echo(raw)}")
+    return raw

@@ -1,0 +1,96 @@
+"""Activation parameter schemas: declared once, validated per request, served in the catalogue.
+
+Torch-free: the event loop validates requests with these before anything is queued.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidRequest, echo
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    name: str
+    default: float
+    min: float
+    max: float
+    min_inclusive: bool = True
+    doc: str = ""
+
+    def parse(self, raw: object, where: str) -> float:
+        if isinstance(raw, bool):
+            raise InvalidRequest(f"{where}: {self.name} must be a number, got a boolean")
+        if isinstance(raw, str):
+            try:
+                raw = float(raw)
+            except ValueError:
+                raise InvalidRequest(
+                    f"{where}: {self.name} must be a number, got {echo(raw)}"
+                ) from None
+        if not isinstance(raw, (int, float)):
+            raise InvalidRequest(f"{where}: {self.name} must be a number, got {echo(raw)}")
+        value = float(raw)
+        low_ok = value >= self.min if self.min_inclusive else value > self.min
+        if not math.isfinite(value) or not low_ok or value > self.max:
+            low = "[" if self.min_inclusive else "("
+            raise InvalidRequest(
+                f"{where}: {self.name}={echo(raw)} is out of range; allowed {low}{self.min}, "
+                f"{self.max}]"
+            )
+        return value
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "type": "float",
+            "default": self.default,
+            "min": self.min,
+            "min_inclusive": self.min_inclusive,
+            "max": self.max,
+            "doc": self.doc,
+        }
+
+
+@dataclass(frozen=True)
+class ChoiceParam:
+    name: str
+    default: str
+    choices: tuple[str, ...]
+    doc: str = ""
+
+    def parse(self, raw: object, where: str) -> str:
+        if not isinstance(raw, str) or raw not in self.choices:
+            raise InvalidRequest(
+                f"{where}: {self.name}={echo(raw)} is not allowed; choose one of "
+                f"{', '.join(self.choices)}"
+            )
+        return raw
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "type": "string",
+            "default": self.default,
+            "choices": list(self.choices),
+            "doc": self.doc,
+        }
+
+
+Param = FloatParam | ChoiceParam
+
+
+def parse_bool(raw: object, name: str, where: str) -> bool:
+    """Booleans from JSON (true/false) or from query strings (true/1/yes/on...)."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+        return raw.lower() in _TRUE
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    raise InvalidRequest(f"{where}: {name} must be true or false, got {echo(raw)}")

@@ -1,0 +1,135 @@
+"""The executors of this process: start-up self-test, least-loaded choice, death and
+restart, readiness. Loop side only; torch work is sent to the executors' threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from .activations import Registry
+from .capabilities import Capabilities
+from .errors import Unavailable
+from .executor import Executor
+from .job import Job, JobResult
+from .selftest import probe, self_test
+
+log = logging.getLogger("actserve.pool")
+
+DoneHook = Callable[[Executor, list[Job], list[JobResult | Exception], float], None]
+DeathHook = Callable[[Executor, list[Job], Exception], None]
+
+
+class ExecutorPool:
+    def __init__(
+        self,
+        executors: list[Executor],
+        registry: Registry,
+        capabilities: Capabilities,
+        *,
+        restart_limit: int = 5,
+    ) -> None:
+        self.executors = executors
+        self.registry = registry
+        self.capabilities = capabilities
+        self.restart_limit = restart_limit
+        self.restarts = 0
+        self.selftest_problems: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._free = asyncio.Event()
+        self._on_done: DoneHook | None = None
+        self._on_lost: DeathHook | None = None
+        self._ready: set[int] = set()
+        self._restarting: set[asyncio.Task] = set()
+        self.on_readiness_change: Callable[[bool], None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self, on_done: DoneHook, on_lost: DeathHook) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_done, self._on_lost = on_done, on_lost
+        for ex in self.executors:
+            await self._start_one(ex)
+
+    async def _start_one(self, ex: Executor) -> None:
+        ex.start(self._loop, self._batch_done, self._executor_died)
+        failures = await asyncio.wrap_future(ex.call(lambda c: probe(c, self.registry)))
+        self.capabilities.record(failures)
+        problems = await asyncio.wrap_future(
+            ex.call(lambda c: self_test(c, self.registry, self.capabilities))
+        )
+        self.selftest_problems = problems
+        if problems:
+            log.error("self-test failed on %s: %s", ex.device, problems)
+            return
+        self._ready.add(ex.index)
+        self._free.set()
+        self._notify()
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ex in self.executors:
+            await loop.run_in_executor(None, ex.stop)
+        self._ready.clear()
+
+    # -- readiness --------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return bool(self._ready) and not self.selftest_problems
+
+    def _notify(self) -> None:
+        if self.on_readiness_change is not None:
+            self.on_readiness_change(self.ready)
+
+    # -- dispatch ---------------------------------------------------------------------
+    def idle(self) -> Executor | None:
+        """The least-loaded ready executor with no batch in flight, if any."""
+        best = None
+        for ex in self.executors:
+            if ex.index in self._ready and ex.inflight_batches == 0:
+                if best is None or ex.inflight_elements < best.inflight_elements:
+                    best = ex
+        return best
+
+    async def wait_idle(self) -> Executor:
+        while True:
+            ex = self.idle()
+            if ex is not None:
+                return ex
+            self._free.clear()
+            await self._free.wait()
+
+    def busy(self) -> bool:
+        return any(ex.inflight_batches for ex in self.executors)
+
+    # -- callbacks from compute threads (run on the loop) ------------------------------
+    def _batch_done(self, ex: Executor, jobs: list[Job], results: list, wall: float) -> None:
+        ex.inflight_batches -= 1
+        ex.inflight_elements -= sum(j.numel for j in jobs)
+        self._free.set()
+        self._on_done(ex, jobs, results, wall)
+
+    def _executor_died(self, ex: Executor, jobs: list[Job], exc: BaseException) -> None:
+        if jobs:
+            ex.inflight_batches -= 1
+            ex.inflight_elements -= sum(j.numel for j in jobs)
+        first_report = ex.alive
+        ex.alive = False
+        if first_report:
+            log.error("compute thread for %s died: %r", ex.device, exc)
+            self._ready.discard(ex.index)
+            self._notify()
+        err = Unavailable("the compute executor failed while holding this request; retry")
+        self._on_lost(ex, jobs, err)
+        if not first_report:
+            return  # several pending batches report one death; restart once
+        if self.restarts >= self.restart_limit:
+            log.error("executor restart limit (%d) reached; staying not ready", self.restart_limit)
+            return
+        self.restarts += 1
+        fresh = Executor(ex.device, index=ex.index, torch_threads=ex.torch_threads,
+                         fault_injection=ex.fault_injection)
+        self.executors[self.executors.index(ex)] = fresh
+        task = self._loop.create_task(self._start_one(fresh))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)

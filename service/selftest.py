@@ -1,0 +1,86 @@
+"""Start-up checks run inside a compute thread before the server reports ready.
+
+* ``probe``: which (activation, compute dtype, amp, in-place) combinations run at all on
+  this device; the rest become 400s with the reason (``Capabilities``).
+* ``self_test``: every activation, batched with other requests of different sizes, equals
+  the same activation applied to each request alone, bit for bit, on special values (NaN,
+  +-Inf, -0.0, subnormals) and random ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from . import dtypes
+from .activations import Registry
+from .capabilities import Capabilities
+from .compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
+from .job import Job, JobResult, Mode
+
+SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0,
+            3.0, -3.0, 20.0, -20.0, 100.0, -100.0]
+AMP_DTYPES = (None, "float16", "bfloat16")
+
+
+def sample(n: int, wire: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(n) * 4
+    values[: min(n, len(SPECIALS))] = SPECIALS[: min(n, len(SPECIALS))]
+    return dtypes.from_float(values, wire)
+
+
+def _job(activation, params, array, wire, mode) -> Job:
+    return Job(activation=activation, params=params, array=array, wire_dtype=wire, mode=mode,
+               deadline=float("inf"))
+
+
+def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
+    failures: dict[tuple, str] = {}
+    for act in registry:
+        params = act.parse_params({})
+        for compute_dtype, amp_dtype, inplace in itertools.product(
+            dtypes.NAMES, AMP_DTYPES, (False, True)
+        ):
+            if inplace and not act.supports_inplace:
+                continue
+            mode = Mode(compute_dtype, amp_dtype is not None, amp_dtype, inplace)
+            x = wire_tensor(sample(8, compute_dtype, 0), compute_dtype).to(compute.device)
+            try:
+                apply_alone(_job(act, params, None, compute_dtype, mode), x)
+            except Exception as exc:  # noqa: BLE001 - recorded as the reason
+                key = Capabilities.key(act.name, compute_dtype, mode)
+                failures[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return failures
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def self_test(compute: DeviceCompute, registry: Registry, capabilities: Capabilities) -> list[str]:
+    """Returns a list of problems; empty means every activation passed."""
+    problems = []
+    sizes = (0, 1, 7, 64, 1000, 4099)
+    for act in registry:
+        params = act.parse_params({})
+        for wire in ("float32", "float16"):
+            mode = Mode(None, False, None, False)
+            try:
+                capabilities.check(act, wire, mode)
+            except Exception:  # noqa: BLE001 - unsupported here: nothing to test
+                continue
+            jobs = [_job(act, params, sample(n, wire, i), wire, mode) for i, n in enumerate(sizes)]
+            expected = []
+            for j in jobs:
+                x = wire_tensor(j.array.copy(), wire).to(compute.device)
+                expected.append(tensor_storage(apply_alone(j, x).cpu().contiguous()))
+            got = compute.run(jobs)
+            for n, r, e in zip(sizes, got, expected, strict=True):
+                if not isinstance(r, JobResult) or not _same_bits(np.asarray(r.array), e):
+                    problems.append(f"{act.name}/{wire}: batched result differs for size {n}")
+    if compute.is_cuda:
+        torch.cuda.synchronize(compute.device)
+    return problems

@@ -1,0 +1,81 @@
+"""Typed server settings.
+
+Configuration enters once: environment variables with the ``ACTSERVE_`` prefix, then
+command-line flags on top (see ``service.cli``), validated here and passed to
+``create_app(settings)``. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|all|cuda(:\d+)?)$")
+
+ComputeDtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the server, with the environment variable that sets it."""
+
+    model_config = SettingsConfigDict(env_prefix="ACTSERVE_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field(
+        "cpu",
+        description="auto | cpu | cuda | cuda:N | all | a comma-separated list (cuda:0,cuda:1)",
+    )
+    max_batch_elements: int = Field(4 * 1024 * 1024, ge=1)
+    max_batch_requests: int = Field(256, ge=1)
+    max_delay_us: int = Field(0, ge=0, le=1_000_000)
+    max_queue_requests: int = Field(1024, ge=1)
+    default_timeout_s: float = Field(30.0, gt=0)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_json_depth: int = Field(32, ge=1, le=256)
+    torch_threads: int = Field(1, ge=1, le=256)
+    default_compute_dtype: ComputeDtypeName | None = None
+    default_amp: bool = False
+    default_inplace: bool = False
+    executor_restart_limit: int = Field(5, ge=0)
+    metrics: bool = Field(True, description="Prometheus metrics and /v1/stats")
+    metrics_window_s: float = Field(60.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    access_log: bool = True
+    api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth")
+    cors_origins: str = Field("", description="comma-separated origins; empty = CORS off")
+    fault_injection: bool = Field(False, description="test-only compute fault hook")
+    timeout_keep_alive_s: int = Field(5, ge=1)
+    graceful_shutdown_s: int = Field(30, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts or not all(_DEVICE_RE.match(p) for p in parts):
+            raise ValueError(
+                f"ACTSERVE_DEVICE={v!r} is not a device; use auto, cpu, cuda, cuda:N, all, "
+                "or a comma-separated list such as cuda:0,cuda:1"
+            )
+        return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _check_batch_limits(self) -> Settings:
+        if self.max_batch_requests > self.max_queue_requests:
+            raise ValueError(
+                f"max_batch_requests ({self.max_batch_requests}) exceeds max_queue_requests "
+                f"({self.max_queue_requests}); raise ACTSERVE_MAX_QUEUE_REQUESTS or lower "
+                "ACTSERVE_MAX_BATCH_REQUESTS"
+            )
+        return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,144 @@
+"""Shared fixtures: real uvicorn servers on 127.0.0.1 (in a thread, or as a subprocess),
+and the reference computation the server's answers are compared with, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from service import dtypes
+from service.activations import Registry
+from service.app import create_app
+from service.compute import apply_alone, tensor_storage, wire_tensor
+from service.job import Job, Mode
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_THREADS = 1  # the server's default; the reference must use the same count
+torch.set_num_threads(TORCH_THREADS)
+REGISTRY = Registry()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """A real uvicorn server for one app, on 127.0.0.1, run in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.runtime = self.app.state.runtime
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def loop(self):
+        return self.runtime.batcher._wakeup._get_loop()
+
+
+@contextmanager
+def serve(**overrides) -> Iterator[ThreadServer]:
+    overrides.setdefault("port", free_port())
+    overrides.setdefault("access_log", False)
+    with ThreadServer(Settings(**overrides)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ThreadServer]:
+    """One shared server with default settings for tests that need no special config."""
+    with serve() as srv:
+        yield srv
+
+
+@pytest.fixture()
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@contextmanager
+def subprocess_server(env_overrides: dict | None = None, port: int | None = None):
+    """``python -m service serve`` as a child process; yields (process, url)."""
+    port = port or free_port()
+    env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_HOST": "127.0.0.1",
+           "ACTSERVE_ACCESS_LOG": "false", **(env_overrides or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
+# -- the reference ----------------------------------------------------------------------
+def reference(name: str, values: np.ndarray, wire: str, *, params: dict | None = None,
+              compute_dtype: str | None = None, amp: bool = False, amp_dtype: str | None = None,
+              inplace: bool = False) -> tuple[np.ndarray, str]:
+    """``torch.nn.functional`` (through the registry) applied to this request alone, on CPU.
+    ``values`` is wire storage; returns (output storage, output dtype name)."""
+    act = REGISTRY.get(name)
+    job = Job(activation=act, params=act.parse_params(params or {}), array=values.copy(),
+              wire_dtype=wire, mode=Mode(compute_dtype, amp, amp_dtype, inplace),
+              deadline=float("inf"))
+    with torch.inference_mode():
+        y = apply_alone(job, wire_tensor(job.array, wire))
+        return tensor_storage(y.contiguous()).copy(), str(y.dtype).removeprefix("torch.")
+
+
+def wire_values(values, wire: str) -> np.ndarray:
+    return dtypes.from_float(np.asarray(values, dtype=np.float64), wire)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
