@@ -11,6 +11,7 @@ from . import __version__, http_errors
 from .middleware import RequestContext
 from .routes_native import router as native_router
 from .routes_ops import router as ops_router
+from .routes_v2 import router as v2_router
 from .runtime import Runtime
 from .settings import Settings
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     http_errors.install(app)
     app.include_router(native_router)
     app.include_router(ops_router)
+    app.include_router(v2_router)
     app.add_middleware(RequestContext, log_requests=settings.access_log,
                        api_keys=settings.api_key_list)
     if settings.cors_origin_list:

@@ -13,6 +13,7 @@ from .errors import ActserveError
 from .executor import executors_for, resolve_devices
 from .job import Job, JobResult
 from .metrics import Metrics, status_class
+from .model_stats import ModelStats
 from .options import JobFactory
 from .pool import ExecutorPool
 from .settings import Settings
@@ -38,6 +39,8 @@ class Runtime:
         self.jobs = JobFactory(settings, self.capabilities)
         self.metrics = Metrics(self.registry.names()) if settings.metrics else None
         self.stats = WindowStats(settings.metrics_window_s)
+        self.model_stats = ModelStats(self.registry.names())  # v2 statistics extension
+        self.batcher.on_batch = self._observe_batch
         self.started = time.time()
         self._restarts_seen = 0
         if self.metrics is not None:
@@ -73,6 +76,7 @@ class Runtime:
     def record(self, api: str, activation: str | None, status: int, *, total: float,
                decode: float = 0.0, encode: float = 0.0, job: Job | None = None,
                result: JobResult | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        self.model_stats.request(activation, status, total, result)
         m = self.metrics
         if m is None:
             return
@@ -113,8 +117,9 @@ class Runtime:
 
     # -- observers (event loop) --------------------------------------------------------
     def _observe_batch(self, jobs: list[Job], results: list, wall: float) -> None:
+        self.model_stats.batch(jobs, results, wall)
         m = self.metrics
-        if not jobs:
+        if m is None or not jobs:
             return
         label = m.activation_label(jobs[0].activation.name)
         ok = [r for r in results if isinstance(r, JobResult)]

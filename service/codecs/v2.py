@@ -1,0 +1,308 @@
+"""KServe v2 / Open Inference Protocol wire format, with the binary tensor data extension.
+
+Torch-free. A request body is a JSON object, optionally followed by raw little-endian
+tensor bytes::
+
+    | JSON header (Inference-Header-Content-Length bytes) | input 0 bytes | input 1 bytes | ...
+
+Every input that carries ``parameters.binary_data_size`` takes exactly that many bytes from
+the binary section, in the order of ``inputs``, with no padding; the section must be used
+up exactly. Without the header the whole body is JSON. Each activation is a model with one
+input (``input``) and one output (``output``) of any shape.
+
+Decoding validates everything before anything is queued; every problem is an
+``InvalidRequest`` (400) whose message names the field or input at fault.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..errors import InvalidRequest, echo
+from ..options import SETTING_NAMES, check_shape
+from .jsonio import array_from_json, dumps, loads_object
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+MODEL_VERSION = "1"
+PLATFORM = "actserve_torch"
+HEADER = "inference-header-content-length"
+DATATYPES = tuple(dtypes.V2_TO_NAME)  # FP16, BF16, FP32, FP64
+JSON_DATATYPES = ("FP32", "FP64")  # 16-bit floats only travel as binary, as Triton does
+UNSUPPORTED = ("sequence_id", "sequence_start", "sequence_end")
+BINARY_OUTPUT = "binary_data_output"
+
+
+@dataclass(slots=True)
+class V2Request:
+    """A decoded inference request: the one input and what the response should look like."""
+
+    id: str | None
+    array: np.ndarray  # wire storage, C-contiguous, writable, aligned
+    wire: str  # our dtype name
+    settings: dict[str, Any]
+    params: dict[str, Any]
+    binary_output: bool
+
+
+# -- framing -------------------------------------------------------------------------------
+def header_length(raw: str | None, body_size: int) -> int | None:
+    """The ``Inference-Header-Content-Length`` value, checked against the body."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isdigit() or not text.isascii():
+        sign = "negative" if text.startswith("-") and text[1:].isdigit() else "not a number"
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length {echo(raw)} is {sign}; it must be the byte "
+            "length of the JSON header (an integer >= 0)"
+        )
+    length = int(text)
+    if length > body_size:
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length {length} is beyond the body of {body_size} bytes"
+        )
+    return length
+
+
+def _binary_size(tensor: dict, where: str) -> int | None:
+    params = tensor.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"{where}: parameters must be an object")
+    size = params.get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequest(f"{where}: binary_data_size must be an integer >= 0, got {echo(size)}")
+    return size
+
+
+def _frame(inputs: list, body: bytearray, start: int, header_given: bool) -> list[int | None]:
+    """Byte offset of each binary input's data (None for JSON inputs); checks that the binary
+    section holds exactly the bytes the inputs declare."""
+    offsets: list[int | None] = []
+    pos = start
+    last = None
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise InvalidRequest(f"inputs[{i}] must be an object")
+        where = _input_where(tensor, i)
+        size = _binary_size(tensor, where)
+        if size is None:
+            offsets.append(None)
+            continue
+        if "data" in tensor:
+            raise InvalidRequest(f"{where}: set either 'data' or parameters.binary_data_size, not both")
+        if size and not header_given:
+            raise InvalidRequest(
+                f"{where} has binary_data_size={size} but the request has no "
+                "Inference-Header-Content-Length header saying where the JSON ends"
+            )
+        remaining = len(body) - pos
+        if size > remaining:
+            raise InvalidRequest(
+                f"{where}: binary_data_size is {size} bytes but only {remaining} bytes of "
+                "binary data are left in the body"
+            )
+        offsets.append(pos)
+        pos += size
+        last = where
+    extra = len(body) - pos
+    if extra:
+        after = f"after the binary data of {last}" if last else "after the JSON header, but no " \
+            "input has parameters.binary_data_size"
+        raise InvalidRequest(f"the body has {extra} unexpected bytes {after}")
+    return offsets
+
+
+def _input_where(tensor: dict, i: int) -> str:
+    name = tensor.get("name")
+    return f"input {echo(name)}" if isinstance(name, str) else f"inputs[{i}]"
+
+
+# -- requests ------------------------------------------------------------------------------
+def decode(body: bytearray, header: str | None, max_elements: int) -> V2Request:
+    """A whole (already inflated) request body -> ``V2Request``."""
+    length = header_length(header, len(body))
+    obj = loads_object(bytes(memoryview(body)[:length]) if length is not None else body)
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequest("'inputs' must be a non-empty list of tensors")
+    offsets = _frame(inputs, body, length if length is not None else len(body),
+                     length is not None)
+    if len(inputs) != 1:
+        raise InvalidRequest(
+            f"the model has exactly one input, {INPUT_NAME!r}; the request has {len(inputs)}"
+        )
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequest(f"'id' must be a string, got {echo(request_id)}")
+    settings, params, binary_default = _parameters(obj.get("parameters"))
+    binary_output = _outputs(obj.get("outputs"), binary_default)
+    array, wire = _tensor(inputs[0], body, offsets[0], max_elements)
+    return V2Request(request_id, array, wire, settings, params, binary_output)
+
+
+def _parameters(raw: object) -> tuple[dict, dict, bool]:
+    if raw is None:
+        return {}, {}, False
+    if not isinstance(raw, dict):
+        raise InvalidRequest("'parameters' must be an object")
+    settings: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    binary = False
+    for key, value in raw.items():
+        if key == BINARY_OUTPUT:
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"parameters.{BINARY_OUTPUT} must be true or false")
+            binary = value
+        elif key in UNSUPPORTED:
+            if value not in (0, "", False):
+                raise InvalidRequest(f"parameters.{key}: sequences are not supported; every "
+                                     "request is independent")
+        elif key in SETTING_NAMES:  # the rest are activation params
+            settings[key] = value
+        else:
+            params[key] = value
+    return settings, params, binary
+
+
+def _outputs(raw: object, binary_default: bool) -> bool:
+    """Whether the one output goes back as binary."""
+    if raw is None:
+        return binary_default
+    if not isinstance(raw, list):
+        raise InvalidRequest("'outputs' must be a list of requested outputs")
+    if not raw:
+        return binary_default
+    if len(raw) > 1:
+        raise InvalidRequest(f"the model has exactly one output, {OUTPUT_NAME!r}; the request "
+                             f"asks for {len(raw)}")
+    out = raw[0]
+    if not isinstance(out, dict) or out.get("name") != OUTPUT_NAME:
+        name = out.get("name") if isinstance(out, dict) else out
+        raise InvalidRequest(
+            f"unknown output {echo(name)}; the model's one output is named {OUTPUT_NAME!r}"
+        )
+    params = out.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("outputs[0].parameters must be an object")
+    for key in params:
+        if key != "binary_data":
+            raise InvalidRequest(f"outputs[0].parameters.{key} is not supported; only "
+                                 "binary_data is")
+    if "binary_data" not in params:
+        return binary_default
+    if not isinstance(params["binary_data"], bool):
+        raise InvalidRequest("outputs[0].parameters.binary_data must be true or false")
+    return params["binary_data"]
+
+
+def _tensor(tensor: dict, body: bytearray, offset: int | None,
+            max_elements: int) -> tuple[np.ndarray, str]:
+    name = tensor.get("name")
+    if name != INPUT_NAME:
+        raise InvalidRequest(
+            f"unknown input {echo(name)}; the model's one input is named {INPUT_NAME!r}"
+        )
+    where = f"input {INPUT_NAME!r}"
+    datatype = tensor.get("datatype")
+    if datatype not in dtypes.V2_TO_NAME:
+        raise InvalidRequest(
+            f"{where}: datatype {echo(datatype)} is not supported; use one of "
+            f"{', '.join(DATATYPES)}"
+        )
+    wire = dtypes.V2_TO_NAME[datatype]
+    if "shape" not in tensor:
+        raise InvalidRequest(f"{where}: missing 'shape'")
+    shape = check_shape(tensor["shape"], f"{where} shape", max_elements)
+    if offset is None:
+        if "data" not in tensor:
+            raise InvalidRequest(
+                f"{where}: set 'data' (JSON) or parameters.binary_data_size (binary)"
+            )
+        if datatype not in JSON_DATATYPES:
+            raise InvalidRequest(
+                f"{where}: {datatype} data cannot travel as JSON; send it as binary "
+                "(parameters.binary_data_size and the Inference-Header-Content-Length header)"
+            )
+        return array_from_json(tensor["data"], shape, wire, f"{where} data", max_elements), wire
+    size = tensor["parameters"]["binary_data_size"]
+    count = int(np.prod(shape, dtype=np.int64))
+    need = count * dtypes.itemsize(wire)
+    if size != need:
+        raise InvalidRequest(
+            f"{where}: binary_data_size is {size} bytes but shape {list(shape)} of {datatype} "
+            f"needs {need}"
+        )
+    array = np.frombuffer(body, dtype=dtypes.STORAGE[wire], count=count, offset=offset)
+    if not array.flags.aligned:
+        array = array.copy()
+    return array.reshape(shape), wire
+
+
+def json_output_problem(dtype: str) -> str | None:
+    """Why an output of ``dtype`` cannot be sent as JSON, or None."""
+    v2 = dtypes.NAME_TO_V2[dtype]
+    if v2 in JSON_DATATYPES:
+        return None
+    return (f"a {v2} output cannot travel as JSON; ask for binary output "
+            f"(outputs[].parameters.binary_data=true or parameters.{BINARY_OUTPUT}=true)")
+
+
+# -- responses -----------------------------------------------------------------------------
+def encode(model: str, request: V2Request, array: np.ndarray,
+           dtype: str) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers (Content-Type, Inference-Header-Content-Length)."""
+    out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": dtypes.NAME_TO_V2[dtype],
+                           "shape": list(array.shape)}
+    payload: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    if request.id is not None:
+        payload["id"] = request.id
+    payload["outputs"] = [out]
+    if request.binary_output:
+        raw = np.ascontiguousarray(array).tobytes()
+        out["parameters"] = {"binary_data_size": len(raw)}
+        head = dumps(payload)
+        return head + raw, {"Content-Type": "application/octet-stream",
+                            "Inference-Header-Content-Length": str(len(head))}
+    problem = json_output_problem(dtype)
+    if problem:
+        raise InvalidRequest(problem)
+    out["data"] = dtypes.to_float(array, dtype).reshape(-1)
+    return dumps(payload), {"Content-Type": "application/json"}
+
+
+def accepted_encoding(accept: str | None) -> str | None:
+    """``gzip`` or ``deflate`` when ``Accept-Encoding`` asks for one (gzip preferred)."""
+    if not accept:
+        return None
+    offered = {}
+    for part in accept.split(","):
+        token, _, rest = part.strip().partition(";")
+        q = 1.0
+        rest = rest.strip()
+        if rest.startswith("q="):
+            try:
+                q = float(rest[2:])
+            except ValueError:
+                q = 0.0
+        offered[token.strip().lower()] = q
+    for name in ("gzip", "deflate"):
+        if offered.get(name, 0.0) > 0:
+            return name
+    return None
+
+
+def compress(data: bytes, encoding: str) -> bytes:
+    """gzip, or zlib-wrapped deflate (what ``Content-Encoding: deflate`` means); level 1."""
+    wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS
+    c = zlib.compressobj(1, zlib.DEFLATED, wbits)
+    return c.compress(data) + c.flush()
