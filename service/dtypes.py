@@ -47,9 +47,10 @@ def to_float(array: np.ndarray, name: str) -> np.ndarray:
 
 def from_float(values: np.ndarray, name: str) -> np.ndarray:
     """Numeric values -> wire storage of ``name`` (round to nearest even for bfloat16)."""
-    if name != "bfloat16":
-        return np.ascontiguousarray(values, dtype=STORAGE[name])
-    f32 = np.ascontiguousarray(values, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range -> inf, as torch does
+        if name != "bfloat16":
+            return np.ascontiguousarray(values, dtype=STORAGE[name])
+        f32 = np.ascontiguousarray(values, dtype=np.float32)
     bits = f32.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     nan = np.isnan(f32)

@@ -5,10 +5,12 @@ access-log fields, and count refusals. Routes supply only decoding and encoding.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .body import read_body
@@ -20,11 +22,17 @@ Decoder = Callable[[bytearray], Job]
 Encoder = Callable[[Job, JobResult], Response]
 
 
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
+
+
 def server_timing(decode: float, queue: float, compute: float, encode: float,
                   total: float) -> str:
-    parts = (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode),
-             ("total", total))
-    return ", ".join(f"{name};dur={value * 1000:.3f}" for name, value in parts)
+    """Milliseconds to the microsecond: parts rounded down and the total up, so the parts
+    never add up to more than the total on the wire either."""
+    parts = [(name, math.floor(value * 1e6)) for name, value in
+             (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode))]
+    parts.append(("total", math.ceil(total * 1e6)))
+    return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
 async def handle(request: Request, api: str, activation: str | None,
@@ -32,6 +40,7 @@ async def handle(request: Request, api: str, activation: str | None,
     rt: Runtime = request.app.state.runtime
     ctx = request.scope.get("actserve", {})
     t0 = time.perf_counter()
+    rt.request_started()
     job = result = None
     bytes_in = bytes_out = 0
     status = 500
@@ -59,15 +68,21 @@ async def handle(request: Request, api: str, activation: str | None,
             "api": api, "activation": activation, "shape": list(job.array.shape),
             "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype, "out_dtype": result.dtype,
             "amp": job.mode.amp, "inplace": job.mode.inplace, "batch": result.batch_requests,
+            "decode_ms": round((t_decoded - t0) * 1000, 3),
             "queue_ms": round(result.queue_s * 1000, 3),
             "compute_ms": round(result.compute_s * 1000, 3),
+            "encode_ms": round((t_end - t_computed) * 1000, 3),
         }
         return response
     except ActserveError as exc:
         status = exc.status
-        if job is None or status == 500:
-            rt.reject(exc)
+        rt.reject(exc)
         ctx["log"] = {"api": api, "activation": activation, "error": exc.type}
+        # error responses carry the total too (the middleware adds the header)
+        ctx["server_timing"] = f"total;dur={math.ceil((time.perf_counter() - t0) * 1e6) / 1000:.3f}"
+        raise
+    except (asyncio.CancelledError, ClientDisconnect):
+        status = CLIENT_CLOSED
         raise
     finally:
         now = time.perf_counter()

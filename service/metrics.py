@@ -3,14 +3,22 @@
 Names carry their units; labels are bounded: activation (the registry's names, or
 "unknown"), api (native, v2), status class (2xx, 4xx, 5xx), device, rejection reason.
 Nothing is timed on ``self``: callers time with locals and observe once.
+
+Two kinds of series:
+
+* events, observed on the event loop as they happen (requests, phases, batches, bytes,
+  rejections, in-place savings);
+* state, read from the server at scrape time by ``StateCollector`` (executor restarts,
+  readiness, GPU memory), so a scrape never shows a stale value and nothing needs syncing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Tens of microseconds up to seconds.
 LATENCY_BUCKETS = (
@@ -19,8 +27,71 @@ LATENCY_BUCKETS = (
 )
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ELEMENT_BUCKETS = tuple(4**i for i in range(0, 13))  # 1 .. 16.7M
-REJECT_REASONS = ("queue_full", "deadline", "invalid", "not_found", "too_large",
-                  "unsupported_media", "unauthorized", "draining", "not_ready", "compute")
+
+# Refusal reasons: the error's type first, then its status, else "other" (bounded).
+REASON_BY_TYPE = {
+    "invalid_request": "invalid",
+    "not_found": "not_found",
+    "request_too_large": "too_large",
+    "unsupported_media_type": "unsupported_media",
+    "unauthorized": "unauthorized",
+    "queue_full": "queue_full",
+    "draining": "draining",
+    "not_ready": "not_ready",
+    "unavailable": "executor_lost",
+    "deadline_exceeded": "deadline",
+    "compute_error": "compute",
+}
+REASON_BY_STATUS = {400: "invalid", 401: "unauthorized", 404: "not_found", 413: "too_large",
+                    415: "unsupported_media", 503: "unavailable", 504: "deadline",
+                    500: "compute"}
+REJECT_REASONS = tuple(dict.fromkeys([*REASON_BY_TYPE.values(), *REASON_BY_STATUS.values(),
+                                      "other"]))
+
+# (device, allocated bytes, peak bytes) for each CUDA executor.
+GpuMemory = Callable[[], Iterable[tuple[str, int, int]]]
+
+
+def reject_reason(error_type: str, status: int) -> str:
+    return REASON_BY_TYPE.get(error_type) or REASON_BY_STATUS.get(status, "other")
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class StateCollector:
+    """Series read from the server's state at scrape time (on the event loop)."""
+
+    def __init__(self, restarts: Callable[[], int], ready: Callable[[], bool],
+                 gpu_memory: GpuMemory) -> None:
+        self._restarts = restarts
+        self._ready = ready
+        self._gpu_memory = gpu_memory
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(with_values=False))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(with_values=True)
+
+    def _families(self, with_values: bool) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "actserve_executor_restarts", "Compute executors restarted after their thread died")
+        ready = GaugeMetricFamily("actserve_ready", "1 when the server accepts work, else 0")
+        allocated = GaugeMetricFamily(
+            "actserve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated after the "
+            "device's last batch", labels=["device"])
+        peak = GaugeMetricFamily(
+            "actserve_gpu_memory_peak_bytes", "torch.cuda.max_memory_allocated since start",
+            labels=["device"])
+        if with_values:
+            restarts.add_metric([], self._restarts())
+            ready.add_metric([], 1.0 if self._ready() else 0.0)
+            for device, alloc, top in self._gpu_memory():
+                allocated.add_metric([device], alloc)
+                peak.add_metric([device], top)
+        yield from (restarts, ready, allocated, peak)
 
 
 class Metrics:
@@ -41,8 +112,8 @@ class Metrics:
             "actserve_compute_seconds", "Compute time of a batch (CUDA events on GPU)",
             ["activation", "device"], buckets=LATENCY_BUCKETS, registry=r)
         self.decode_seconds = Histogram(
-            "actserve_decode_seconds", "Body decode and validation time",
-            ["api"], buckets=LATENCY_BUCKETS, registry=r)
+            "actserve_decode_seconds", "Body read, decode and validation time of requests "
+            "that decoded", ["api"], buckets=LATENCY_BUCKETS, registry=r)
         self.encode_seconds = Histogram(
             "actserve_encode_seconds", "Response encode time",
             ["api"], buckets=LATENCY_BUCKETS, registry=r)
@@ -59,22 +130,17 @@ class Metrics:
         self.inflight = Gauge(
             "actserve_inflight_requests", "Activation requests being handled", registry=r)
         self.bytes_in = Counter(
-            "actserve_request_bytes_total", "Request body bytes", ["api"], registry=r)
+            "actserve_request_bytes_total", "Request body bytes (after Content-Encoding)",
+            ["api"], registry=r)
         self.bytes_out = Counter(
-            "actserve_response_bytes_total", "Response body bytes", ["api"], registry=r)
+            "actserve_response_bytes_total", "Response body bytes of answered requests",
+            ["api"], registry=r)
         self.rejections = Counter(
             "actserve_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
-        self.restarts = Counter(
-            "actserve_executor_restarts_total", "Compute executor restarts", registry=r)
         self.inplace_saved = Counter(
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
-        self.gpu_allocated = Gauge(
-            "actserve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated",
-            ["device"], registry=r)
-        self.gpu_peak = Gauge(
-            "actserve_gpu_memory_peak_bytes", "torch.cuda.max_memory_allocated",
-            ["device"], registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, RSS, open fds
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
 
@@ -84,9 +150,12 @@ class Metrics:
     def track_queue_depth(self, fn: Callable[[], int]) -> None:
         self.queue_depth.set_function(fn)
 
+    def track_state(self, restarts: Callable[[], int], ready: Callable[[], bool],
+                    gpu_memory: GpuMemory) -> None:
+        self.registry.register(StateCollector(restarts, ready, gpu_memory))
+
+    def reject(self, error_type: str, status: int) -> None:
+        self.rejections.labels(reject_reason(error_type, status)).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"

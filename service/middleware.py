@@ -4,6 +4,8 @@
   echoed on every response.
 * Access log: one JSON line per request, with whatever the route put in
   ``scope["actserve"]["log"]`` (activation, shape, dtypes, timings).
+* ``Server-Timing`` on error answers of activation routes: the route leaves the value in
+  ``scope["actserve"]["server_timing"]`` when an exception, not a response, leaves it.
 * Bearer-token auth when API keys are configured (constant-time comparison); health,
   readiness and metrics stay open.
 """
@@ -18,6 +20,7 @@ import uuid
 
 import orjson
 
+from .errors import Unauthorized
 from .http_errors import error_response
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -51,7 +54,11 @@ class RequestContext:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), rid_header]
+                headers = [*message.get("headers", []), rid_header]
+                timing = ctx.get("server_timing")
+                if timing and not any(k.lower() == b"server-timing" for k, _ in headers):
+                    headers.append((b"server-timing", timing.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -59,6 +66,9 @@ class RequestContext:
                 resp = error_response(scope["path"], 401, "unauthorized",
                                       "missing or invalid bearer token (Authorization: Bearer ...)")
                 resp.headers["WWW-Authenticate"] = "Bearer"
+                runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
+                if runtime is not None:
+                    runtime.reject(Unauthorized("unauthorized"))
                 await resp(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)

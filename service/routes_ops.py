@@ -39,7 +39,6 @@ async def metrics(request: Request) -> Response:
     if rt.metrics is None:
         return Response("# metrics are disabled (ACTSERVE_METRICS=false)\n",
                         media_type=CONTENT_TYPE_LATEST)
-    rt.sync_metrics()
     return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

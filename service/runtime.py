@@ -21,10 +21,6 @@ from .stats import Sample, WindowStats
 
 log = logging.getLogger("actserve")
 
-REJECT_REASON = {400: "invalid", 401: "unauthorized", 404: "not_found", 413: "too_large",
-                 415: "unsupported_media", 500: "compute"}
-
-
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -42,14 +38,15 @@ class Runtime:
         self.model_stats = ModelStats(self.registry.names())  # v2 statistics extension
         self.batcher.on_batch = self._observe_batch
         self.started = time.time()
-        self._restarts_seen = 0
         if self.metrics is not None:
             self.metrics.track_queue_depth(lambda: self.batcher.waiting)
+            self.metrics.track_state(lambda: self.pool.restarts, lambda: self.ready,
+                                     self._gpu_memory)
             self.batcher.on_batch = self._observe_batch
-            self.batcher.on_reject = self._observe_reject
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self.batcher.start()
         if not self.pool.ready:
             log.error("not ready after warm-up: %s", self.pool.selftest_problems)
@@ -73,6 +70,11 @@ class Runtime:
             fut.cancel()  # the batcher skips it if it has not started
             raise
 
+    def request_started(self) -> None:
+        """An activation request entered ``exchange.handle``; ``record`` ends it."""
+        if self.metrics is not None:
+            self.metrics.inflight.inc()
+
     def record(self, api: str, activation: str | None, status: int, *, total: float,
                decode: float = 0.0, encode: float = 0.0, job: Job | None = None,
                result: JobResult | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
@@ -80,11 +82,13 @@ class Runtime:
         m = self.metrics
         if m is None:
             return
+        m.inflight.dec()
         label = m.activation_label(activation)
         cls = status_class(status)
         m.requests.labels(label, api, cls).inc()
         m.request_seconds.labels(label, api, cls).observe(total)
-        m.decode_seconds.labels(api).observe(decode)
+        if job is not None:
+            m.decode_seconds.labels(api).observe(decode)
         m.bytes_in.labels(api).inc(bytes_in)
         if result is not None:
             m.encode_seconds.labels(api).observe(encode)
@@ -98,22 +102,14 @@ class Runtime:
                                          result.batch_requests, saved))
 
     def reject(self, error: ActserveError) -> None:
-        """Count a refusal that happened before the batcher saw the request."""
-        if self.metrics is not None and error.status in REJECT_REASON:
-            self.metrics.rejections.labels(REJECT_REASON[error.status]).inc()
+        """Count a refused request, once, by reason (every refusal reaches the caller of
+        ``run`` as an ``ActserveError``: decode, queue full, deadline, compute, ...)."""
+        if self.metrics is not None:
+            self.metrics.reject(error.type, error.status)
 
-    def sync_metrics(self) -> None:
-        """Bring state-derived metrics up to date before an exposition."""
-        m = self.metrics
-        if m is None:
-            return
-        if self.pool.restarts > self._restarts_seen:
-            m.restarts.inc(self.pool.restarts - self._restarts_seen)
-            self._restarts_seen = self.pool.restarts
-        for ex in self.pool.executors:
-            if ex.device.startswith("cuda"):
-                m.gpu_allocated.labels(ex.device).set(ex.memory_allocated)
-                m.gpu_peak.labels(ex.device).set(ex.memory_peak)
+    def _gpu_memory(self) -> list[tuple[str, int, int]]:
+        return [(ex.device, ex.memory_allocated, ex.memory_peak)
+                for ex in self.pool.executors if ex.device.startswith("cuda")]
 
     # -- observers (event loop) --------------------------------------------------------
     def _observe_batch(self, jobs: list[Job], results: list, wall: float) -> None:
@@ -130,6 +126,3 @@ class Runtime:
         # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
         compute = ok[0].compute_s if ok and device.startswith("cuda") else wall
         m.compute_seconds.labels(label, device).observe(compute)
-
-    def _observe_reject(self, reason: str, _job: Job | None) -> None:
-        self.metrics.rejections.labels(reason).inc()

@@ -67,7 +67,7 @@ class ThreadServer:
 
     @property
     def loop(self):
-        return self.runtime.batcher._wakeup._get_loop()
+        return self.runtime.loop
 
 
 @contextmanager
