@@ -99,7 +99,7 @@ class Runtime:
                 m.inplace_saved.inc(saved)
             self.stats.add(label, Sample(time.monotonic(), total, result.queue_s,
                                          result.compute_s, job.numel if job else 0,
-                                         result.batch_requests, saved))
+                                         result.batch_requests, saved, result.batch_elements))
 
     def reject(self, error: ActserveError) -> None:
         """Count a refused request, once, by reason (every refusal reaches the caller of

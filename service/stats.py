@@ -1,5 +1,8 @@
 """Sliding-window latency statistics per activation, for ``GET /v1/stats``: percentiles
 without running Prometheus. Bounded in time (``window_s``) and in count (``max_samples``).
+
+One sample per answered (2xx) request. Batch sizes are request-weighted: the mean size of
+the batch a request rode in. Event-loop only; nothing here is shared with a thread.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Sample:
     elements: int
     batch_requests: int
     inplace_saved: int
+    batch_elements: int = 0
 
 
 class WindowStats:
@@ -55,6 +59,7 @@ class WindowStats:
                 "requests_per_s": len(q) / span,
                 "elements_per_s": elements / span,
                 "mean_batch_requests": float(np.mean([s.batch_requests for s in q])),
+                "mean_batch_elements": float(np.mean([s.batch_elements for s in q])),
                 "inplace_saved_bytes": sum(s.inplace_saved for s in q),
                 "latency_ms": _percentiles(lat),
                 "queue_ms": _percentiles(que),
