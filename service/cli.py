@@ -45,6 +45,9 @@ def serve(settings: Settings) -> int:
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work at once
             runtime.batcher.begin_drain()
             super().handle_exit(sig, frame)
+            # A requested stop that drained cleanly is a success: exit 0 rather than
+            # re-raising the signal after shutdown (uvicorn's default).
+            self._captured_signals.clear()
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
