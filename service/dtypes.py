@@ -49,8 +49,8 @@ def from_float(values: np.ndarray, name: str) -> np.ndarray:
     """Numeric values -> wire storage of ``name`` (round to nearest even for bfloat16)."""
     with np.errstate(over="ignore", invalid="ignore"):  # out of range -> inf, as torch does
         if name != "bfloat16":
-            return np.ascontiguousarray(values, dtype=STORAGE[name])
-        f32 = np.ascontiguousarray(values, dtype=np.float32)
+            return np.asarray(values, dtype=STORAGE[name], order="C")  # keeps 0-d
+        f32 = np.asarray(values, dtype=np.float32, order="C")
     bits = f32.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     nan = np.isnan(f32)
