@@ -1,0 +1,280 @@
+"""The I/O-free core that ``Client`` and ``AsyncClient`` share.
+
+It builds requests, parses answers, turns error statuses and transport failures into the
+client's exceptions, and decides about retries. It never sends, sleeps or reads a clock:
+the two shells (``_sync.py``, ``_async.py``) do only that, in a loop of the form::
+
+    retries = 0
+    while True:
+        try:
+            response = send(call.request)
+        except httpx.RequestError as exc:
+            outcome = core.on_transport_error(call, retries, exc)
+        else:
+            outcome = core.on_response(call, retries, status, headers, body)
+        if outcome.retry_in is None:
+            return outcome.unwrap()          # the value, or raise the error
+        sleep(outcome.retry_in); retries += 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from . import _protocol
+from ._arrays import Kind, dtype_name, from_wire, to_wire
+from ._exceptions import (
+    ActserveError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    InvalidInputError,
+    MalformedResponseError,
+    OverloadedError,
+    error_class,
+)
+from ._protocol import PROTOCOLS, HttpRequest
+from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy, parse_retry_after
+from ._version import __version__
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_CONCURRENCY = 8
+# A call's own timeout is also its server-side deadline; the HTTP wait is a little longer so
+# that the server's 504 arrives as DeadlineExceededError rather than as a client timeout.
+DEADLINE_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class ActivationInfo:
+    """One entry of the server's catalogue."""
+
+    name: str
+    formula: str
+    params: tuple[dict, ...]  # each: name, type, default, and min/max or choices
+    inplace: bool  # has an in-place form
+    torch: str = ""  # the torch function it matches
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p["name"] for p in self.params)
+
+
+@dataclass
+class Call:
+    """One logical request: what to send, how to read a success, whether to retry."""
+
+    request: HttpRequest
+    parse: Callable[[Mapping[str, str], bytes], Any]
+    request_id: str
+    retry: bool = True
+    probe: bool = False  # health/readiness: any failure reads as False, never raises
+
+
+@dataclass
+class Outcome:
+    value: Any = None
+    error: ActserveError | None = None
+    cause: BaseException | None = field(default=None, repr=False)
+    retry_in: float | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error from self.cause
+        return self.value
+
+
+def _check_seconds(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+class ClientCore:
+    """Configuration and every decision of a client; no I/O."""
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_retries: int = DEFAULT_MAX_RETRIES, api_key: str | None = None,
+                 protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 retry_policy: RetryPolicy | None = None) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) \
+                or max_connections < 1:
+            raise ValueError(f"max_connections must be an integer >= 1, got {max_connections!r}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = _check_seconds(timeout, "timeout")
+        self.connect_timeout = min(_check_seconds(connect_timeout, "connect_timeout"), self.timeout)
+        self.protocol = protocol
+        self.max_connections = max_connections
+        self.retry = retry_policy or RetryPolicy(max_retries=max_retries)
+        self._api_key = api_key
+        self._rand = random.Random()
+
+    # -- transport configuration ----------------------------------------------------------
+    def http_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``httpx.Client`` / ``httpx.AsyncClient``."""
+        headers = {"User-Agent": f"actserve-client/{__version__}", "Accept-Encoding": "identity"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return {
+            "base_url": self.base_url,
+            "headers": headers,
+            "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout),
+            "limits": httpx.Limits(max_connections=self.max_connections,
+                                   max_keepalive_connections=self.max_connections),
+            "follow_redirects": False,
+        }
+
+    def http_timeout(self, call: Call) -> httpx.Timeout | None:
+        if call.request.timeout is None:
+            return None
+        return httpx.Timeout(call.request.timeout, connect=min(self.connect_timeout,
+                                                               call.request.timeout))
+
+    def concurrency(self, concurrency: int | None) -> int:
+        n = DEFAULT_CONCURRENCY if concurrency is None else concurrency
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        return min(n, self.max_connections)
+
+    # -- building calls ---------------------------------------------------------------------
+    def activate_call(self, name: str, x: object, *, compute_dtype: object = None,
+                      amp: bool | None = False, inplace: bool | None = False,
+                      timeout: float | None = None, protocol: str | None = None,
+                      options: Mapping[str, Any] | None = None) -> Call:
+        protocol = self.protocol if protocol is None else protocol
+        if protocol not in PROTOCOLS:
+            raise InvalidInputError(f"protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        wire, kind = to_wire(x)
+        extra, params = _protocol.split_settings(options or {})
+        settings: dict[str, Any] = {}
+        if compute_dtype is not None:
+            settings["compute_dtype"] = dtype_name(compute_dtype, "compute_dtype")
+        if amp is not None:
+            settings["amp"] = bool(amp)
+        if extra.get("amp_dtype") is not None:
+            settings["amp_dtype"] = dtype_name(extra["amp_dtype"], "amp_dtype")
+        if inplace is not None:
+            settings["inplace"] = bool(inplace)
+        if timeout is not None:
+            try:
+                settings["timeout"] = _check_seconds(timeout, "timeout")
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
+        if extra.get("priority") is not None:
+            settings["priority"] = extra["priority"]
+        request_id = uuid.uuid4().hex
+        request = _protocol.build(protocol, name, wire, settings, params, request_id)
+        request.headers["X-Request-Id"] = request_id
+        if timeout is not None:
+            request = HttpRequest(request.method, request.path, request.headers, request.content,
+                                  request.params, settings["timeout"] + DEADLINE_GRACE_S)
+
+        def parse(headers: Mapping[str, str], content: bytes, _kind: Kind = kind) -> Any:
+            result = _protocol.parse(protocol, headers, content)
+            return from_wire(result.storage, result.dtype, _kind)
+
+        return Call(request, parse, request_id)
+
+    def get_call(self, path: str, parse: Callable[[Any], Any] = lambda obj: obj) -> Call:
+        request_id = uuid.uuid4().hex
+        request = HttpRequest("GET", path, {"X-Request-Id": request_id})
+
+        def parse_json(headers: Mapping[str, str], content: bytes) -> Any:
+            try:
+                return parse(json.loads(content))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise MalformedResponseError(f"GET {path}: unreadable answer: {exc}") from None
+
+        return Call(request, parse_json, request_id)
+
+    def catalogue_call(self) -> Call:
+        def parse(obj: Any) -> dict[str, ActivationInfo]:
+            return {
+                a["name"]: ActivationInfo(a["name"], a.get("formula", ""),
+                                          tuple(a.get("params", ())), bool(a.get("inplace")),
+                                          a.get("torch", ""))
+                for a in obj["activations"]
+            }
+
+        return self.get_call("/v1/activations", parse)
+
+    def stats_call(self) -> Call:
+        return self.get_call("/v1/stats")
+
+    def probe_call(self, path: str) -> Call:
+        request_id = uuid.uuid4().hex
+        request = HttpRequest("GET", path, {"X-Request-Id": request_id})
+        return Call(request, lambda headers, content: True, request_id, retry=False, probe=True)
+
+    # -- reading answers ------------------------------------------------------------------
+    def on_response(self, call: Call, retries_done: int, status: int,
+                    headers: Mapping[str, str], content: bytes) -> Outcome:
+        request_id = headers.get("x-request-id") or call.request_id
+        if call.probe:
+            return Outcome(value=200 <= status < 300)
+        if 200 <= status < 300:
+            try:
+                return Outcome(value=call.parse(headers, content))
+            except MalformedResponseError as exc:
+                exc.status, exc.request_id = status, request_id
+                return Outcome(error=exc)
+        return self._maybe_retry(call, retries_done, self.status_error(status, headers, content,
+                                                                       request_id))
+
+    def on_transport_error(self, call: Call, retries_done: int, exc: Exception) -> Outcome:
+        if call.probe and isinstance(exc, httpx.TransportError):
+            return Outcome(value=False)
+        return self._maybe_retry(call, retries_done, self.transport_error(call, exc), exc)
+
+    def status_error(self, status: int, headers: Mapping[str, str], content: bytes,
+                     request_id: str | None) -> APIStatusError:
+        message, error_type, body = _protocol.error_message(content, f"HTTP {status}")
+        cls = error_class(status)
+        if issubclass(cls, OverloadedError):
+            return cls(message, status=status, request_id=request_id, body=body,
+                       error_type=error_type,
+                       retry_after=parse_retry_after(headers.get("retry-after")))
+        return cls(message, status=status, request_id=request_id, body=body, error_type=error_type)
+
+    def transport_error(self, call: Call, exc: Exception) -> ActserveError:
+        """Translate an httpx exception at the boundary (raised ``from`` it by the shell)."""
+        where = f"{call.request.method} {self.base_url}{call.request.path}"
+        if isinstance(exc, httpx.TimeoutException):
+            phase = {httpx.ConnectTimeout: "connect", httpx.ReadTimeout: "read",
+                     httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}.get(type(exc))
+            limit = call.request.timeout or self.timeout
+            if phase == "connect":
+                limit = min(limit, self.connect_timeout)
+            return APITimeoutError(f"{where}: no answer within {limit:g} s ({phase} timeout)",
+                                   request_id=call.request_id, phase=phase)
+        if isinstance(exc, httpx.DecodingError):
+            return MalformedResponseError(f"{where}: undecodable body: {exc}",
+                                          request_id=call.request_id)
+        detail = str(exc) or type(exc).__name__
+        return APIConnectionError(f"{where}: connection failed: {detail}",
+                                  request_id=call.request_id)
+
+    def _maybe_retry(self, call: Call, retries_done: int, error: ActserveError,
+                     cause: BaseException | None = None) -> Outcome:
+        delay = None
+        if call.retry:
+            delay = self.retry.next_delay(retries_done, error, self._rand.random())
+        return Outcome(error=error, cause=cause, retry_in=delay)

@@ -1,0 +1,150 @@
+"""``Client``: the blocking shell around the shared core. It only sends and sleeps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from ._base import (
+    DEFAULT_BASE_URL,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TIMEOUT_S,
+    ActivationInfo,
+    Call,
+    ClientCore,
+)
+from ._exceptions import APITimeoutError
+from ._retry import DEFAULT_MAX_RETRIES
+
+
+class Client:
+    """A blocking actserve client with a connection pool. Thread-safe; use it as a context
+    manager (or call ``close()``) to release its connections.
+
+    ``timeout``: seconds to wait for each answer (``connect_timeout`` to connect).
+    ``max_retries``: extra tries after a connection failure, 503 or 504.
+    ``api_key``: sent as ``Authorization: Bearer <key>``.
+    ``protocol``: "v2" (binary tensors, default), "v2-json", "native" or "native-json".
+    """
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_retries: int = DEFAULT_MAX_RETRIES, api_key: str | None = None,
+                 protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
+                                api_key=api_key, protocol=protocol,
+                                connect_timeout=connect_timeout, max_connections=max_connections)
+        self._http = httpx.Client(**self._core.http_options(), transport=transport)
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    # -- the one place that does I/O ------------------------------------------------------
+    def _execute(self, call: Call) -> Any:
+        retries = 0
+        while True:
+            req = call.request
+            try:
+                response = self._http.request(
+                    req.method, req.path, content=req.content, params=req.params,
+                    headers=req.headers,
+                    timeout=self._core.http_timeout(call) or httpx.USE_CLIENT_DEFAULT)
+            except httpx.RequestError as exc:
+                outcome = self._core.on_transport_error(call, retries, exc)
+            else:
+                outcome = self._core.on_response(call, retries, response.status_code,
+                                                 response.headers, response.content)
+            if outcome.retry_in is None:
+                return outcome.unwrap()
+            time.sleep(outcome.retry_in)
+            retries += 1
+
+    # -- the API --------------------------------------------------------------------------
+    def activate(self, name: str, x: Any, /, *, compute_dtype: Any = None,
+                 amp: bool | None = False, inplace: bool | None = False,
+                 timeout: float | None = None, protocol: str | None = None, **params: Any) -> Any:
+        """Apply activation ``name`` to ``x`` on the server and return the result as the
+        same kind as ``x`` (numpy array, torch tensor, nested list or number), same shape.
+
+        ``**params`` are the activation's parameters (``negative_slope=0.1``, ...).
+        ``compute_dtype``: "float32", "float16", "bfloat16", "float64" (or a numpy/torch
+        dtype): the dtype the activation runs in and the result's dtype; None: the input's.
+        ``amp``: run under autocast on the server; ``inplace``: use the in-place variant on
+        the server's copy (None for either: the server's default).
+        ``timeout``: seconds; the server's deadline for this request and the wait for it.
+        ``protocol``: override the client's wire format for this call.
+        """
+        return self._execute(self._core.activate_call(
+            name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace, timeout=timeout,
+            protocol=protocol, options=params))
+
+    def activate_many(self, name: str, xs: Iterable[Any], /, *, concurrency: int | None = None,
+                      compute_dtype: Any = None, amp: bool | None = False,
+                      inplace: bool | None = False, timeout: float | None = None,
+                      protocol: str | None = None, **params: Any) -> list[Any]:
+        """``activate`` for each of ``xs``, at most ``concurrency`` (default 8, capped at
+        ``max_connections``) in flight at once; results in the order of ``xs``. The first
+        error is raised once the requests already in flight have finished; requests not
+        yet started are dropped."""
+        items = list(xs)
+        if not items:
+            return []
+        workers = min(self._core.concurrency(concurrency), len(items))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="actserve-client")
+        try:
+            futures = [pool.submit(self.activate, name, x, compute_dtype=compute_dtype, amp=amp,
+                                   inplace=inplace, timeout=timeout, protocol=protocol, **params)
+                       for x in items]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def activations(self) -> dict[str, ActivationInfo]:
+        """The server's catalogue: activation name -> formula, parameters, in-place support."""
+        return self._execute(self._core.catalogue_call())
+
+    def stats(self) -> dict[str, Any]:
+        """The server's ``/v1/stats`` snapshot (latency percentiles, throughput, queue)."""
+        return self._execute(self._core.stats_call())
+
+    def health(self) -> bool:
+        """True when the server process answers its liveness probe; never raises."""
+        return self._execute(self._core.probe_call("/healthz"))
+
+    def ready(self) -> bool:
+        """True when the server accepts work (warmed up, not draining); never raises."""
+        return self._execute(self._core.probe_call("/readyz"))
+
+    def wait_until_ready(self, timeout: float = 30.0, *, interval: float = 0.1) -> None:
+        """Poll ``ready()`` until it is true; ``APITimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise APITimeoutError(f"{self.base_url} was not ready within {timeout:g} s")
+            time.sleep(min(interval, left))
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every pooled connection. The client cannot be used afterwards."""
+        self._http.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._http.is_closed
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r}, protocol={self._core.protocol!r})"
