@@ -1,0 +1,83 @@
+"""Short GPU benchmark: the executor's packed CUDA path against raw torch, per dtype, AMP
+and in-place, with peak memory. Prints a markdown table. Needs CUDA."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from service import dtypes
+from service.activations import Registry
+from service.compute import TORCH_DTYPES, DeviceCompute
+from service.job import Job, Mode
+
+N = 1 << 20  # elements per request
+REQUESTS = 16  # requests per batch
+REPEATS = 15
+
+
+def _bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
+    dev = torch.device("cuda:0")
+    print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    reg = Registry()
+    compute = DeviceCompute(dev)
+    rows = []
+    for name in ("relu", "gelu", "silu", "relu_sigmoid"):
+        act = reg.get(name)
+        params = act.parse_params({})
+        for wire, amp, inplace in [("float32", False, False), ("float16", False, False),
+                                   ("bfloat16", False, False), ("float32", True, False),
+                                   ("float32", False, True)]:
+            if inplace and not act.supports_inplace:
+                continue
+            mode = Mode(None, amp, None, inplace)
+            arrays = [dtypes.from_float(np.random.default_rng(i).standard_normal(N), wire)
+                      for i in range(REQUESTS)]
+            jobs = [Job(activation=act, params=params, array=a, wire_dtype=wire, mode=mode,
+                        deadline=float("inf")) for a in arrays]
+            torch.cuda.reset_peak_memory_stats(dev)
+            with torch.inference_mode():
+                t_exec = _bench(lambda: compute.run(jobs))
+            peak = torch.cuda.max_memory_allocated(dev)
+            x = torch.randn(N * REQUESTS, device=dev).to(TORCH_DTYPES[wire])
+
+            def raw():
+                with torch.inference_mode(), torch.autocast("cuda", enabled=amp):
+                    act.apply(x.clone() if inplace else x, inplace, params)
+
+            t_raw = _bench(raw)
+            host = torch.empty(N * REQUESTS, dtype=TORCH_DTYPES[wire], pin_memory=True)
+            t_copy = _bench(lambda: host.to(dev, non_blocking=True).to("cpu"))
+            elems = N * REQUESTS
+            rows.append((name, wire, amp, inplace, elems / t_exec / 1e9, elems / t_raw / 1e9,
+                         elems / t_copy / 1e9, peak / 2**20))
+    print("| activation | dtype | amp | inplace | executor Gelem/s (H2D+compute+D2H) | "
+          "raw torch Gelem/s (on device) | H2D+D2H copy Gelem/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | "
+              f"{r[7]:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

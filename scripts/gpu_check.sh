@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU check: the CUDA tests and a short GPU benchmark, in under 5 minutes on one GPU.
+# On the lent GPU machine (torch preinstalled, no internet) the other runtime packages
+# travel as wheels in .whl/ (see docs/gpu.md); elsewhere `make gpu-check` uses .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+elif [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+timeout 120 $PY scripts/gpu_bench.py | tee "${OUT:-/tmp}/gpu_bench.md"
