@@ -8,11 +8,11 @@ PORT ?= 8000
 
 .PHONY: install run test lint bench bench-quick loadtest soak gpu-check clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) numpy
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e ./clients/python
 	touch $@
 
 install: $(VENV)/.installed

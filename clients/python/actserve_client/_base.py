@@ -189,6 +189,10 @@ class ClientCore:
 
         def parse(headers: Mapping[str, str], content: bytes, _kind: Kind = kind) -> Any:
             result = _protocol.parse(protocol, headers, content)
+            if result.shape != wire.shape:  # activations are elementwise
+                raise MalformedResponseError(
+                    f"the server answered shape {list(result.shape)} for an input of shape "
+                    f"{list(wire.shape)}")
             return from_wire(result.storage, result.dtype, _kind)
 
         return Call(request, parse, request_id)
