@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     max_queue_requests: int = Field(1024, ge=1)
     default_timeout_s: float = Field(30.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_json_depth: int = Field(32, ge=1, le=256)
     torch_threads: int = Field(1, ge=1, le=256)
     default_compute_dtype: ComputeDtypeName | None = None
     default_amp: bool = False
