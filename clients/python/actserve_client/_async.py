@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ from ._base import (
     ClientCore,
 )
 from ._exceptions import APITimeoutError
-from ._retry import DEFAULT_MAX_RETRIES
+from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 
 
 class AsyncClient:
@@ -30,10 +30,12 @@ class AsyncClient:
                  max_retries: int = DEFAULT_MAX_RETRIES, api_key: str | None = None,
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
-                                connect_timeout=connect_timeout, max_connections=max_connections)
+                                connect_timeout=connect_timeout, max_connections=max_connections,
+                                retry_policy=retry_policy, headers=headers)
         self._http = httpx.AsyncClient(**self._core.http_options(), transport=transport)
 
     @property

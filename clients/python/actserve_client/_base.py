@@ -109,7 +109,8 @@ class ClientCore:
                  max_retries: int = DEFAULT_MAX_RETRIES, api_key: str | None = None,
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 retry_policy: RetryPolicy | None = None) -> None:
+                 retry_policy: RetryPolicy | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
@@ -125,12 +126,14 @@ class ClientCore:
         self.max_connections = max_connections
         self.retry = retry_policy or RetryPolicy(max_retries=max_retries)
         self._api_key = api_key
+        self._headers = dict(headers or {})
         self._rand = random.Random()
 
     # -- transport configuration ----------------------------------------------------------
     def http_options(self) -> dict[str, Any]:
         """Keyword arguments for ``httpx.Client`` / ``httpx.AsyncClient``."""
-        headers = {"User-Agent": f"actserve-client/{__version__}", "Accept-Encoding": "identity"}
+        headers = {"User-Agent": f"actserve-client/{__version__}", "Accept-Encoding": "identity",
+                   **self._headers}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return {

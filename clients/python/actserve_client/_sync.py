@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +19,7 @@ from ._base import (
     ClientCore,
 )
 from ._exceptions import APITimeoutError
-from ._retry import DEFAULT_MAX_RETRIES
+from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 
 
 class Client:
@@ -30,16 +30,21 @@ class Client:
     ``max_retries``: extra tries after a connection failure, 503 or 504.
     ``api_key``: sent as ``Authorization: Bearer <key>``.
     ``protocol``: "v2" (binary tensors, default), "v2-json", "native" or "native-json".
+    ``max_connections``: size of the connection pool.
+    ``retry_policy``: backoff details (overrides ``max_retries``); ``headers``: sent with
+    every request; ``transport``: an httpx transport (tests, proxies, ASGI apps).
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, timeout: float = DEFAULT_TIMEOUT_S,
                  max_retries: int = DEFAULT_MAX_RETRIES, api_key: str | None = None,
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
-                                connect_timeout=connect_timeout, max_connections=max_connections)
+                                connect_timeout=connect_timeout, max_connections=max_connections,
+                                retry_policy=retry_policy, headers=headers)
         self._http = httpx.Client(**self._core.http_options(), transport=transport)
 
     @property
