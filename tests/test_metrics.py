@@ -296,3 +296,22 @@ def test_metrics_off_keeps_timing_headers_and_says_so():
         text = c.get("/metrics").text
         assert "disabled" in text and "actserve_requests_total" not in text
         assert c.get("/v1/stats").json()["activations"] == {}
+
+
+def test_v2_requests_are_counted_under_their_api_label():
+    with serve() as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        body = {"inputs": [{"name": "input", "shape": [3], "datatype": "FP32",
+                            "data": [1.0, -1.0, 2.0]}]}
+        for _ in range(2):
+            r = c.post("/v2/models/relu/infer", json=body)
+            assert r.status_code == 200, r.text
+        assert c.post("/v2/models/relu/infer", json={"inputs": []}).status_code == 400
+        assert c.post("/v1/activations/relu", json={"data": [1.0]}).status_code == 200
+        m = scrape(c)
+    assert value(m, "actserve_requests_total", activation="relu", api="v2", status_class="2xx") == 2
+    assert value(m, "actserve_requests_total", activation="relu", api="v2", status_class="4xx") == 1
+    assert value(m, "actserve_requests_total", activation="relu", api="native",
+                 status_class="2xx") == 1
+    assert value(m, "actserve_decode_seconds_count", api="v2") == 2
+    assert value(m, "actserve_rejections_total", reason="invalid") == 1
+    assert value(m, "actserve_batch_size_elements_sum", activation="relu") == 3 + 3 + 1
