@@ -56,10 +56,10 @@ class WindowStats:
             out[name] = {
                 "requests": len(q),
                 "window_s": round(span, 3),
-                "requests_per_s": len(q) / span,
-                "elements_per_s": elements / span,
-                "mean_batch_requests": float(np.mean([s.batch_requests for s in q])),
-                "mean_batch_elements": float(np.mean([s.batch_elements for s in q])),
+                "requests_per_s": round(len(q) / span, 3),
+                "elements_per_s": round(elements / span, 3),
+                "mean_batch_requests": round(float(np.mean([s.batch_requests for s in q])), 3),
+                "mean_batch_elements": round(float(np.mean([s.batch_elements for s in q])), 3),
                 "inplace_saved_bytes": sum(s.inplace_saved for s in q),
                 "latency_ms": _percentiles(lat),
                 "queue_ms": _percentiles(que),
@@ -69,6 +69,7 @@ class WindowStats:
 
 
 def _percentiles(values: np.ndarray) -> dict:
+    """Milliseconds, to the microsecond."""
     p50, p90, p99 = np.percentile(values, [50, 90, 99]) * 1000
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99),
-            "max": float(values.max() * 1000)}
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3), "max": round(float(values.max() * 1000), 3)}
