@@ -1,0 +1,79 @@
+"""The performance bar: ratios of cells measured side by side in one run (medians)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+M = 1048576
+
+
+@dataclass(frozen=True)
+class Bar:
+    name: str
+    kind: str  # "ratio" (a / b >= limit), "p50_gap" (a - b <= limit ms), "tail" (p99/p50 <= limit)
+    a: tuple | None  # (server, protocol, size, concurrency)
+    b: tuple | None
+    limit: float
+
+
+BARS = (
+    Bar("native binary 1,024 el, 64 clients >= 0.65 x floor req/s", "ratio",
+        ("actserve", "native-binary", 1024, 64), ("floor", "native-binary", 1024, 64), 0.65),
+    Bar("v2 binary 1,024 el, 64 clients >= 0.60 x floor req/s", "ratio",
+        ("actserve", "v2-binary", 1024, 64), ("floor", "native-binary", 1024, 64), 0.60),
+    Bar("native JSON 1,024 el, 64 clients >= 2.5 x naive req/s", "ratio",
+        ("actserve", "native-json", 1024, 64), ("naive", "native-json", 1024, 64), 2.5),
+    Bar("binary 1,048,576 el, 8 clients >= 0.80 x floor req/s (same body)", "ratio",
+        ("actserve", "native-binary", M, 8), ("floor", "native-binary", M, 8), 0.80),
+    Bar("JSON 1,048,576 el, 8 clients >= 5 x naive req/s", "ratio",
+        ("actserve", "native-json", M, 8), ("naive", "native-json", M, 8), 5.0),
+    Bar("1 client, 1,024 el binary: p50 <= floor p50 + 0.5 ms", "p50_gap",
+        ("actserve", "native-binary", 1024, 1), ("floor", "native-binary", 1024, 1), 0.5),
+    Bar("64 clients, 1,024 el binary: p99 <= 2.5 x p50", "tail",
+        ("actserve", "native-binary", 1024, 64), None, 2.5),
+    Bar("executor path, 1,048,576 el per batch >= 0.7 x raw torch", "inprocess", None, None, 0.7),
+)
+
+
+def _find(cells: list[dict], key: tuple) -> dict | None:
+    for c in cells:
+        if (c["server"], c["protocol"], c["size"], c["concurrency"]) == key and not c["mode"]:
+            s = c["summary"]
+            return None if "error" in s else s
+    return None
+
+
+def evaluate(results: dict) -> list[dict]:
+    cells = results.get("cells", [])
+    out = []
+    for bar in BARS:
+        row = {"bar": bar.name, "limit": bar.limit, "value": None, "pass": None, "detail": ""}
+        if bar.kind == "inprocess":
+            ip = results.get("inprocess", {})
+            raw = ip.get("raw", {}).get(str(M), {}).get("elements_per_s")
+            ex = ip.get("executor", {}).get(str(M), {}).get("elements_per_s")
+            if raw and ex:
+                row["value"] = ex / raw
+                row["detail"] = f"{ex / 1e6:.0f} vs {raw / 1e6:.0f} M el/s"
+        else:
+            a = _find(cells, bar.a)
+            b = _find(cells, bar.b) if bar.b else None
+            if a is not None and (b is not None or bar.b is None):
+                if bar.kind == "ratio":
+                    row["value"] = a["rps"] / b["rps"] if b["rps"] else None
+                    row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
+                elif bar.kind == "p50_gap":
+                    row["value"] = a["p50_ms"] - b["p50_ms"]
+                    row["detail"] = f"{a['p50_ms']:.3f} vs {b['p50_ms']:.3f} ms"
+                elif bar.kind == "tail":
+                    row["value"] = a["p99_ms"] / a["p50_ms"] if a["p50_ms"] else None
+                    row["detail"] = f"p99 {a['p99_ms']:.2f} ms, p50 {a['p50_ms']:.2f} ms"
+        if row["value"] is not None:
+            if bar.kind in ("ratio", "inprocess"):
+                row["pass"] = row["value"] >= bar.limit
+            else:
+                row["pass"] = row["value"] <= bar.limit
+        else:
+            row["detail"] = "not measured in this run"
+        out.append(row)
+    return out

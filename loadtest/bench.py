@@ -1,0 +1,228 @@
+"""The benchmark sweep: ``actserve bench`` / ``make bench`` / ``python -m loadtest.bench``.
+
+Starts actserve (default, ``--no-metrics`` and ``max_batch_requests=1`` variants), the HTTP
+floor and the naive endpoint as child processes on 127.0.0.1, drives each cell with wrk
+(every answer compared with the reference), measures the in-process paths, and writes
+``results.json``, ``results.md`` and PNG plots into the output folder. ``--quick`` runs in
+well under a minute and is what CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import bars, inprocess, payloads, report, servers, sweep, wrk
+
+SEED = 20240611
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _post(url: str, req: payloads.Request, timeout: float = 120.0) -> tuple[int, dict, bytes]:
+    r = urllib.request.Request(url, data=req.body, headers=req.headers, method="POST")
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+class Bodies:
+    """One request body per case, its reference answer, and the server's checked answer."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+    def request(self, case: payloads.Case) -> tuple[payloads.Request, object]:
+        if case not in self._cache:
+            x = payloads.values(case, SEED)
+            self._cache[case] = (payloads.build(case, x), x)
+        return self._cache[case]
+
+
+def check_answer(cell: sweep.Cell, url: str, bodies: Bodies) -> tuple[bytes | None, str | None]:
+    """Send the cell's request once; return (the answer's bytes, problem or None). The answer
+    must equal the reference bit for bit (the floor's must be its constant)."""
+    req, x = bodies.request(cell.case)
+    status, headers, body = _post(url + req.path, req)
+    if status != 200:
+        return None, f"HTTP {status}: {body[:300]!r}"
+    if cell.server == "floor":
+        return body, None if body == b'{"ok":true}' else f"floor answered {body[:80]!r}"
+    try:
+        got = payloads.parse(cell.case, headers, body)
+    except (ValueError, KeyError) as exc:
+        return None, f"unreadable answer: {exc}"
+    problem = payloads.mismatch(cell.case, got, payloads.expected(cell.case, x))
+    return body, problem
+
+
+def run_cell(cell: sweep.Cell, url: str, bodies: Bodies, seconds: float) -> dict:
+    expect, problem = check_answer(cell, url, bodies)
+    if problem is not None:
+        return {"error": problem}
+    req, _ = bodies.request(cell.case)
+    res = wrk.run(url + req.path, req.body, req.headers, connections=cell.concurrency,
+                  seconds=seconds, expect=expect)
+    return res.as_dict()
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0].get("error", "no run") if runs else "no run"}
+    out = {k: statistics.median(r[k] for r in ok)
+           for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "mb_per_s")}
+    rps = [r["rps"] for r in ok]
+    out["runs"] = len(ok)
+    out["rps_min"], out["rps_max"] = min(rps), max(rps)
+    out["rps_spread_pct"] = (max(rps) - min(rps)) / out["rps"] * 100 if out["rps"] else 0.0
+    out["errors"] = sum(r["errors"] for r in ok)
+    out["mismatches"] = sum(r["mismatches"] for r in ok)
+    out["requests"] = sum(r["requests"] for r in ok)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def measure_inprocess(quick: bool) -> dict:
+    secs = 0.3 if quick else 2.0
+    big, small = 1 << 20, 1024
+    out: dict = {
+        "copy_dram": inprocess.copy_bandwidth(secs, 64 << 20),
+        "copy_cache": inprocess.copy_bandwidth(secs, big * 4),
+        "raw": {}, "executor": {},
+    }
+    for size in (small, big):
+        raws, execs = [], []
+        for _ in range(1 if quick else 3):  # interleaved repeats: the machine is shared
+            raws.append(inprocess.raw_torch("relu", size, secs))
+            execs.append(inprocess.executor_path("relu", size, 1, secs)["elements_per_s"])
+        out["raw"][str(size)] = {"elements_per_s": statistics.median(raws), "runs": raws}
+        out["executor"][str(size)] = {"elements_per_s": statistics.median(execs), "runs": execs,
+                                      "concurrency": 1}
+    if not quick:
+        eight = inprocess.executor_path("relu", big // 8, 8, secs)
+        out["executor"]["131072x8"] = {**eight, "concurrency": 8}
+    modes = {k: v for k, v in sweep.MODES.items()}
+    out["modes"] = inprocess.mode_costs(sweep.MODE_ACTIVATION, sweep.MODE_SIZE if not quick
+                                        else 4096, modes, secs)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="actserve bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a dozen 1-second cells (CI smoke test)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default loadtest/reports/bench-<time>)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per wrk run (default 3; 1 with --quick)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each cell the performance bar divides (median quoted)")
+    p.add_argument("--groups", default="grid,reference,batching,modes,metrics",
+                   help="comma-separated subset of grid,reference,batching,modes,metrics")
+    p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
+    p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
+    p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
+    p.add_argument("--no-inprocess", action="store_true", help="skip the in-process measurements")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if wrk.available() is None:
+        print(f"actserve bench: {wrk.INSTALL_HINT}", file=sys.stderr)
+        return 2
+    seconds = a.duration or (1.0 if a.quick else 3.0)
+    if a.quick:
+        plan = sweep.quick_plan()
+    else:
+        plan = sweep.full_plan(
+            max(1, a.repeats), sizes=[int(s) for s in a.sizes.split(",")],
+            concurrency=[int(c) for c in a.concurrency.split(",")],
+            protocols=a.protocols.split(","), groups=tuple(a.groups.split(",")))
+    out = a.out or ROOT / "loadtest" / "reports" / time.strftime("bench-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": a.quick, "seconds": seconds,
+        "repeats": max(1, a.repeats) if not a.quick else 1, "commit": git_commit(),
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "load_before": os.getloadavg(),
+        "wrk_threads": 1, "device": "cpu", "torch_threads": 1,
+    }
+    print(f"actserve bench: {len(plan.cells)} cells, {seconds:g}s each, "
+          f"{sum(c.repeats for c in plan.cells)} wrk runs -> {out}", flush=True)
+
+    children = []
+    for name in plan.servers():
+        if name in sweep.REFERENCES:
+            children.append(servers.start_reference(name, out / "logs"))
+        else:
+            children.append(servers.start_actserve(name, out / "logs", sweep.SERVERS[name]))
+    by_name = {c.name: c for c in children}
+    bodies = Bodies()
+    runs: dict[sweep.Cell, list[dict]] = {c: [] for c in plan.cells}
+    with servers.running(children):
+        for r, cells in enumerate(plan.rounds()):
+            for i, cell in enumerate(cells):
+                try:
+                    res = run_cell(cell, by_name[cell.server].url, bodies, seconds)
+                except RuntimeError as exc:
+                    res = {"error": str(exc)[:500]}
+                runs[cell].append(res)
+                shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
+                         f"p99 {res['p99_ms']:8.3f} ms" if "error" not in res
+                         else "ERROR " + res["error"][:200])
+                print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
+        peaks = {c.name: c.rss_peak_bytes() for c in children}
+    results_cells = []
+    for cell in plan.cells:
+        results_cells.append({
+            "key": cell.key, "group": cell.group, "server": cell.server,
+            "protocol": cell.case.protocol, "activation": cell.case.activation,
+            "size": cell.case.size, "concurrency": cell.concurrency, "mode": cell.mode,
+            "summary": summarise(runs[cell]), "runs": runs[cell],
+        })
+    results = {"meta": meta, "cells": results_cells, "server_rss_peak_bytes": peaks}
+    if not a.no_inprocess:
+        print("in-process: copy bandwidth, raw torch vs executor path, modes", flush=True)
+        results["inprocess"] = measure_inprocess(a.quick)
+    results["bars"] = bars.evaluate(results)
+    meta["load_after"] = os.getloadavg()
+    meta["wall_s"] = round(time.time() - started, 1)
+    if not a.no_plots:
+        results["plots"] = [Path(p).name for p in report.plots(results, out)]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(report.markdown(results))
+    print(report.bars_table(results["bars"]))
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}"
+          + (f" and {len(results.get('plots', []))} plots" if not a.no_plots else ""))
+    failed = [c["key"] for c in results_cells
+              if "error" in c["summary"] or c["summary"].get("mismatches")]
+    if failed:
+        print(f"actserve bench: {len(failed)} cells failed or answered wrongly: {failed[:5]}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

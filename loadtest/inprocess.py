@@ -1,0 +1,120 @@
+"""In-process measurements, no HTTP: raw torch versus our batcher + executor path (the
+overhead of our own machinery), memory copy bandwidth (the physical limit on this host),
+and the compute time and memory that dtype / amp / in-place cost per request.
+
+Torch work here runs with the server's default intra-op thread count (1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+
+def _best_rate(fn, elements: int, seconds: float, min_iters: int = 3) -> float:
+    """Elements per second: total elements over total time of repeated calls (after one
+    warm-up call), run for about ``seconds``."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n * elements / (time.perf_counter() - t0)
+
+
+def copy_bandwidth(seconds: float, nbytes: int = 64 << 20) -> dict:
+    """Main-memory copy bandwidth (bytes copied per second; a copy reads and writes each)."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    rate = _best_rate(lambda: np.copyto(dst, src), src.size, seconds)
+    return {"bytes": nbytes, "copy_GBps": rate * 4 / 1e9, "float32_elements_per_s": rate}
+
+
+def raw_torch(activation: str, size: int, seconds: float) -> float:
+    """Elements/s of the registry's activation called straight on a float32 tensor."""
+    import torch
+
+    from service.activations import Registry
+
+    torch.set_num_threads(1)
+    act = Registry().get(activation)
+    x = torch.from_numpy(np.random.default_rng(size).standard_normal(size).astype(np.float32))
+    params = act.parse_params({})
+    with torch.inference_mode():
+        return _best_rate(lambda: act.apply(x, False, params), size, seconds)
+
+
+def executor_path(activation: str, size: int, concurrency: int, seconds: float) -> dict:
+    """Elements/s through ``Runtime.run`` (job build, batcher, compute thread, result back on
+    the loop) with ``concurrency`` jobs of ``size`` elements in flight."""
+    from service.runtime import Runtime
+    from service.settings import Settings
+
+    async def main() -> dict:
+        rt = Runtime(Settings(metrics=False, access_log=False))
+        await rt.start()
+        try:
+            act = rt.registry.get(activation)
+            x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+            done = 0
+            batches: list[int] = []
+
+            async def one() -> None:
+                nonlocal done
+                job = rt.jobs.build(act, x, "float32", {}, {}, api="bench")
+                res = await rt.run(job)
+                batches.append(res.batch_elements)
+                done += size
+
+            async def worker(stop: float) -> None:
+                while time.perf_counter() < stop:
+                    await one()
+
+            await asyncio.gather(*[one() for _ in range(concurrency)])  # warm-up
+            done, batches[:] = 0, []
+            t0 = time.perf_counter()
+            await asyncio.gather(*[worker(t0 + seconds) for _ in range(concurrency)])
+            elapsed = time.perf_counter() - t0
+            return {"elements_per_s": done / elapsed,
+                    "mean_batch_elements": float(np.mean(batches)) if batches else 0.0}
+        finally:
+            await rt.stop()
+
+    return asyncio.run(main())
+
+
+def mode_costs(activation: str, size: int, modes: dict[str, dict], seconds: float) -> dict:
+    """Per mode: compute time of one ``size``-element request on the compute path, and the
+    bytes torch allocated for it (the profiler's CPU memory events)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from service.activations import Registry
+    from service.compute import DeviceCompute
+    from service.job import Job, JobResult, Mode
+
+    torch.set_num_threads(1)
+    reg = Registry()
+    dc = DeviceCompute(torch.device("cpu"))
+    x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    out = {}
+    for label, m in modes.items():
+        act = reg.get(activation)
+        mode = Mode(m.get("compute_dtype"), bool(m.get("amp")), None, bool(m.get("inplace")))
+        job = Job(activation=act, params=act.parse_params({}), array=x.copy(),
+                  wire_dtype="float32", mode=mode, deadline=float("inf"))
+        with torch.inference_mode():
+            first = dc.run([job])[0]
+            if not isinstance(first, JobResult):
+                out[label] = {"error": str(first)}
+                continue
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                dc.run([job])
+            allocated = sum(e.self_cpu_memory_usage for e in prof.key_averages()
+                            if e.self_cpu_memory_usage > 0)
+            rate = _best_rate(lambda job=job: dc.run([job]), size, seconds)
+        out[label] = {"ms_per_request": size / rate * 1e3, "allocated_bytes": int(allocated),
+                      "out_dtype": first.dtype}
+    return out

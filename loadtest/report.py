@@ -1,0 +1,215 @@
+"""The sweep's results as a markdown report and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SIZE_NAMES = {1024: "1K", 4096: "4K", 65536: "64K", 1048576: "1M"}
+
+
+def _size(n: int) -> str:
+    return SIZE_NAMES.get(n, str(n))
+
+
+def bars_table(rows: list[dict]) -> str:
+    lines = ["| performance bar | value | limit | result | measured |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        v = "—" if r["value"] is None else f"{r['value']:.2f}"
+        res = {True: "pass", False: "**MISSED**", None: "not measured"}[r["pass"]]
+        lines.append(f"| {r['bar']} | {v} | {r['limit']:g} | {res} | {r['detail']} |")
+    return "\n".join(lines)
+
+
+def _cell_rows(cells: list[dict]) -> list[str]:
+    lines = ["| cell | req/s (median) | spread | p50 ms | p99 ms | MB/s out | runs | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in cells:
+        s = c["summary"]
+        if "error" in s:
+            lines.append(f"| {c['key']} | error: {s['error'][:80]} | | | | | | |")
+            continue
+        spread = f"±{s['rps_spread_pct'] / 2:.0f}%" if s["runs"] > 1 else ""
+        errs = s["errors"] + s["mismatches"]
+        lines.append(f"| {c['key']} | {s['rps']:.0f} | {spread} | {s['p50_ms']:.3f} | "
+                     f"{s['p99_ms']:.3f} | {s['mb_per_s']:.1f} | {s['runs']} | {errs} |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    out = [
+        "# actserve benchmark results", "",
+        f"- commit `{meta.get('commit', '')}`, {meta['started']}, {meta['cpus']} CPUs, "
+        f"Python {meta['python']}, device {meta['device']}, torch threads "
+        f"{meta['torch_threads']}",
+        f"- {meta['seconds']:g} s per wrk run (1 wrk thread), bar cells repeated "
+        f"{meta['repeats']}x in rounds; load average before "
+        f"{', '.join(f'{x:.2f}' for x in meta['load_before'])}"
+        + (f", after {', '.join(f'{x:.2f}' for x in meta['load_after'])}"
+           if "load_after" in meta else ""),
+        "- every answer was compared with the reference bit for bit (errors column: non-2xx, "
+        "socket errors, timeouts and wrong answers)", "",
+        "## Performance bar", "", bars_table(results.get("bars", [])), "",
+    ]
+    groups = {}
+    for c in results["cells"]:
+        groups.setdefault(c["group"], []).append(c)
+    titles = {"reference": "References (HTTP floor, naive FastAPI)", "grid": "actserve grid",
+              "batching": "Batching off (max_batch_requests=1)",
+              "metrics": "Metrics off (--no-metrics)", "modes": "Compute modes"}
+    for g in ("reference", "grid", "batching", "metrics", "modes"):
+        if g in groups:
+            out += [f"## {titles[g]}", "", *_cell_rows(groups[g]), ""]
+    ip = results.get("inprocess")
+    if ip:
+        out += ["## In-process (no HTTP)", "",
+                "| measurement | value |", "| --- | ---: |",
+                f"| memory copy, 64 MiB buffers | {ip['copy_dram']['copy_GBps']:.2f} GB/s |",
+                f"| memory copy, 4 MiB buffers (cache) | {ip['copy_cache']['copy_GBps']:.2f} GB/s |"]
+        for size, r in ip["raw"].items():
+            e = ip["executor"].get(size, {})
+            ratio = e.get("elements_per_s", 0) / r["elements_per_s"] if r["elements_per_s"] else 0
+            out.append(f"| relu {_size(int(size))} el: raw torch / executor path | "
+                       f"{r['elements_per_s'] / 1e6:.0f} / {e.get('elements_per_s', 0) / 1e6:.0f}"
+                       f" M el/s ({ratio:.2f}x) |")
+        if "131072x8" in ip["executor"]:
+            e = ip["executor"]["131072x8"]
+            out.append(f"| executor path, 8 x 131,072 el in flight | "
+                       f"{e['elements_per_s'] / 1e6:.0f} M el/s |")
+        out += ["", "| mode (silu) | ms / request | bytes allocated | output dtype |",
+                "| --- | ---: | ---: | --- |"]
+        for mode, m in ip.get("modes", {}).items():
+            if "error" in m:
+                out.append(f"| {mode} | error: {m['error'][:60]} | | |")
+            else:
+                out.append(f"| {mode} | {m['ms_per_request']:.3f} | {m['allocated_bytes']:,} | "
+                           f"{m['out_dtype']} |")
+        out.append("")
+    peaks = results.get("server_rss_peak_bytes") or {}
+    if peaks:
+        out += ["Server peak RSS: " + ", ".join(
+            f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items() if v), ""]
+    for p in results.get("plots", []):
+        out.append(f"![{Path(p).stem}]({Path(p).name})")
+    return "\n".join(out) + "\n"
+
+
+def _ok(c: dict) -> bool:
+    return "error" not in c["summary"]
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    cells = [c for c in results["cells"] if _ok(c)]
+    plain = [c for c in cells if c["group"] in ("grid", "reference")]
+    sizes = sorted({c["size"] for c in plain})
+    if sizes:
+        fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.4), squeeze=False)
+        for ax, size in zip(axes[0], sizes, strict=True):
+            series: dict[str, list[dict]] = {}
+            for c in plain:
+                if c["size"] == size:
+                    name = {"floor": "HTTP floor", "naive": "naive FastAPI"}.get(c["server"],
+                                                                                 c["protocol"])
+                    series.setdefault(name, []).append(c)
+            for name, pts in sorted(series.items()):
+                pts.sort(key=lambda c: c["concurrency"])
+                xs = [p["summary"]["rps"] for p in pts]
+                ys = [p["summary"]["p50_ms"] for p in pts]
+                style = "--" if name in ("HTTP floor", "naive FastAPI") else "-"
+                ax.plot(xs, ys, style, marker="o", label=name)
+                for p, x, y in zip(pts, xs, ys, strict=True):
+                    ax.annotate(f"c{p['concurrency']}", (x, y), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{size:,} float32 elements")
+            ax.set_xlabel("throughput (requests/s)")
+            ax.set_ylabel("p50 latency (ms)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("Latency vs throughput (points: concurrent clients)")
+        fig.tight_layout()
+        written.append(_save(fig, out / "latency_throughput.png", plt))
+
+    modes = [c for c in cells if c["group"] == "modes"]
+    ip_modes = results.get("inprocess", {}).get("modes", {})
+    if modes or ip_modes:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for conc in sorted({c["concurrency"] for c in modes}):
+            pts = [c for c in modes if c["concurrency"] == conc]
+            axes[0].bar([f"{c['mode']}\nc{conc}" for c in pts],
+                        [c["summary"]["p50_ms"] for c in pts], label=f"{conc} clients")
+            axes[1].bar([f"{c['mode']}\nc{conc}" for c in pts],
+                        [c["summary"]["rps"] for c in pts], label=f"{conc} clients")
+        axes[0].set_ylabel("p50 latency over HTTP (ms)")
+        axes[1].set_ylabel("requests/s over HTTP")
+        for ax in axes[:2]:
+            ax.tick_params(axis="x", labelsize=7)
+            if modes:
+                ax.legend(fontsize=7)
+        names = [m for m, v in ip_modes.items() if "error" not in v]
+        axes[2].bar(names, [ip_modes[m]["allocated_bytes"] / 2**20 for m in names],
+                    color="tab:green")
+        axes[2].set_ylabel("MiB allocated per request (compute)")
+        fig.suptitle("Compute dtype, amp and in-place (silu)")
+        fig.tight_layout()
+        written.append(_save(fig, out / "modes.png", plt))
+
+    batch = [c for c in cells if c["group"] == "batching" or (
+        c["server"] == "actserve" and c["protocol"] == "native-binary" and not c["mode"])]
+    if any(c["group"] == "batching" for c in batch):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for (server, size) in sorted({(c["server"], c["size"]) for c in batch}):
+            pts = sorted([c for c in batch if c["server"] == server and c["size"] == size],
+                         key=lambda c: c["concurrency"])
+            if server == "actserve" and not any(
+                    b["size"] == size and b["group"] == "batching" for b in batch):
+                continue
+            label = ("batching off" if server == "actserve-batch1" else "default batching")
+            ax.plot([p["concurrency"] for p in pts], [p["summary"]["rps"] for p in pts],
+                    marker="o", linestyle="--" if server == "actserve-batch1" else "-",
+                    label=f"{label}, {size:,} el")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("requests/s (native binary)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title("Batching: max_batch_requests=1 vs default")
+        fig.tight_layout()
+        written.append(_save(fig, out / "batching.png", plt))
+
+    pairs = [c for c in cells if c["group"] == "metrics"]
+    if pairs:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        labels, on, off = [], [], []
+        for c in pairs:
+            twin = next((d for d in cells if d["server"] == "actserve" and not d["mode"]
+                         and (d["protocol"], d["size"], d["concurrency"])
+                         == (c["protocol"], c["size"], c["concurrency"])), None)
+            if twin is None:
+                continue
+            labels.append(f"{c['protocol']}\n{_size(c['size'])} c{c['concurrency']}")
+            on.append(twin["summary"]["rps"])
+            off.append(c["summary"]["rps"])
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], on, width=0.4, label="metrics on")
+        ax.bar([x + 0.2 for x in xs], off, width=0.4, label="metrics off")
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylabel("requests/s")
+        ax.legend(fontsize=7)
+        ax.set_title("Prometheus metrics on vs off")
+        fig.tight_layout()
+        written.append(_save(fig, out / "metrics.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
