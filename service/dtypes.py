@@ -54,7 +54,7 @@ def from_float(values: np.ndarray, name: str) -> np.ndarray:
     bits = f32.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     nan = np.isnan(f32)
-    out = rounded.astype(np.uint16)
+    out = np.asarray(rounded, dtype=np.uint16)  # an array even for 0-d input
     if nan.any():
         out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
     return out
