@@ -12,13 +12,11 @@ import json
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import actserve_client as ac
 import numpy as np
 import pytest
-
-import actserve_client as ac
 from actserve_client import AsyncClient, Client, RetryPolicy
 
 from .conftest import free_port, serve
@@ -103,7 +101,7 @@ class Scripted:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> Scripted:
         self.thread.start()
@@ -259,9 +257,8 @@ def test_per_call_timeout_reaches_the_server_as_its_deadline():
 
 def test_wait_until_ready_times_out_with_a_timeout_error():
     port = free_port()
-    with Client(f"http://127.0.0.1:{port}") as c:
-        with pytest.raises(ac.APITimeoutError, match="not ready"):
-            c.wait_until_ready(0.3, interval=0.05)
+    with Client(f"http://127.0.0.1:{port}") as c, pytest.raises(ac.APITimeoutError, match="not ready"):
+        c.wait_until_ready(0.3, interval=0.05)
 
 
 # -- the real server's answers, one per row of its error table ------------------------------
@@ -365,7 +362,7 @@ def test_local_validation_happens_before_sending():
     with Scripted([]) as srv, Client(srv.url) as c:
         with pytest.raises(ac.InvalidInputError, match="int64"):
             c.activate("relu", np.arange(4))
-        with pytest.raises(ac.InvalidInputError, match="ragged|rectangular"):
+        with pytest.raises(ac.InvalidInputError, match=r"ragged|rectangular"):
             c.activate("relu", [[1.0, 2.0], [3.0]])
         with pytest.raises(ac.InvalidInputError, match="numbers"):
             c.activate("relu", [1.0, None])

@@ -178,12 +178,12 @@ def storage_from_values(values: object, dtype: str, shape: list[int] | tuple[int
     if dtype != "bfloat16":
         return np.asarray(f64, dtype=STORAGE[dtype], order="C")
     f32 = np.asarray(f64, dtype=np.float32, order="C")
-    return (f32.view(np.uint32) >> 16).astype(STORAGE["bfloat16"])
+    return np.asarray(f32.view(np.uint32) >> 16, dtype=STORAGE["bfloat16"])  # 0-d stays an array
 
 
 def widen_bfloat16(storage: np.ndarray) -> np.ndarray:
     """bfloat16 storage -> float32 with exactly the same values."""
-    return (storage.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(storage.astype(np.uint32) << 16, dtype=np.uint32).view(np.float32)
 
 
 _BF16: list = []

@@ -82,9 +82,11 @@ def _loads(content: bytes | bytearray | memoryview, what: str) -> dict:
     return obj
 
 
-def _json_values(wire: Wire) -> list | float:
+def _json_values(wire: Wire) -> list:
+    """Flat (row-major) values; with the shape beside them this also carries empty
+    dimensions that nested lists cannot express ([[], []] for shape (2, 0, 3))."""
     values = widen_bfloat16(wire.storage) if wire.dtype == "bfloat16" else wire.storage
-    return values.tolist()
+    return values.reshape(-1).tolist()
 
 
 # -- KServe v2 ---------------------------------------------------------------------------
