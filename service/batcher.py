@@ -188,18 +188,31 @@ class Batcher:
         self._waiting = 0
         return jobs
 
-    # -- callbacks ----------------------------------------------------------------------
-    def _expire(self, job: Job) -> None:
+    def abandon(self, job: Job) -> None:
+        """The client went away: free its queue slot now and never compute it. A job
+        already dispatched finishes; its answer is dropped."""
+        if self._unqueue(job):
+            job.timer.cancel()
+        if job.future is not None and not job.future.done():
+            job.future.cancel()
+
+    def _unqueue(self, job: Job) -> bool:
         queues = self._levels.get(-job.priority)
         q = queues.get(job.key) if queues else None
         if q is None or job not in q:
-            return  # already dispatched: its answer is on the way
+            return False  # already dispatched (or never queued)
         q.remove(job)
         self._waiting -= 1
         if not q:
             del queues[job.key]
             if not queues:
                 del self._levels[-job.priority]
+        return True
+
+    # -- callbacks ----------------------------------------------------------------------
+    def _expire(self, job: Job) -> None:
+        if not self._unqueue(job):
+            return  # already dispatched: its answer is on the way
         self._reject("deadline", job)
         _resolve(job, error=DeadlineExceeded(
             "the request's deadline passed while it waited in the queue; it was not computed"

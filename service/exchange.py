@@ -53,7 +53,7 @@ async def handle(request: Request, api: str, activation: str | None,
         if rt.settings.fault_injection:
             job.fault = request.headers.get("x-actserve-fault")
         t_decoded = time.perf_counter()
-        result = await rt.run(job)
+        result = await rt.run(job, request.receive)
         t_computed = time.perf_counter()
         response = encode(job, result)
         t_end = time.perf_counter()

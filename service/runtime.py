@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import ClientDisconnect
 
 from .activations import Registry
 from .batcher import Batcher
@@ -62,13 +65,25 @@ class Runtime:
         return self.pool.ready and not self.batcher.draining
 
     # -- the request path ---------------------------------------------------------------
-    async def run(self, job: Job) -> JobResult:
+    async def run(self, job: Job, receive: Receive | None = None) -> JobResult:
+        """Queue ``job`` and wait for its answer. With the ASGI ``receive`` channel (the body
+        already read), a client that disconnects while waiting frees its queue slot at once
+        and its work is skipped if not yet started (``ClientDisconnect`` is raised)."""
         fut = self.batcher.submit(job)
+        watcher = None
+        if receive is not None:
+            watcher = asyncio.ensure_future(_until_disconnect(receive))
+            watcher.add_done_callback(lambda w: w.cancelled() or self.batcher.abandon(job))
         try:
             return await fut
         except asyncio.CancelledError:
-            fut.cancel()  # the batcher skips it if it has not started
+            self.batcher.abandon(job)  # the batcher skips it if it has not started
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise ClientDisconnect() from None
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     def request_started(self) -> None:
         """An activation request entered ``exchange.handle``; ``record`` ends it."""
@@ -126,3 +141,11 @@ class Runtime:
         # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
         compute = ok[0].compute_s if ok and device.startswith("cuda") else wall
         m.compute_seconds.labels(label, device).observe(compute)
+
+
+Receive = Callable[[], Awaitable[dict]]
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

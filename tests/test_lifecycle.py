@@ -30,10 +30,15 @@ def test_batches_larger_than_one_form_under_concurrency(server):
 
     rs = asyncio.run(run())
     sizes = [int(r.headers["x-batch-size"]) for r in rs]
-    assert max(sizes) >= 15  # all but the first rode in one batch
-    big = [r for r in rs if int(r.headers["x-batch-size"]) == max(sizes)]
-    assert int(big[0].headers["x-batch-elements"]) == sum(x.size for x in xs) - int(
-        rs[sizes.index(min(sizes))].headers["x-batch-elements"])
+    assert max(sizes) > 1
+    batches: dict[tuple[int, int], list[int]] = {}
+    for x, r in zip(xs, rs, strict=True):
+        key = (int(r.headers["x-batch-size"]), int(r.headers["x-batch-elements"]))
+        batches.setdefault(key, []).append(x.size)
+    for (n_requests, n_elements), members in batches.items():
+        assert len(members) == n_requests and sum(members) == n_elements
+    # the batch dispatched before the executor was held, then one batch of everything else
+    assert len(batches) <= 2 and max(sizes) >= len(xs) // 2
     for x, r in zip(xs, rs, strict=True):
         assert same_bits(np.frombuffer(r.content, "<f4"), reference("relu", x, "float32")[0])
 
@@ -53,7 +58,7 @@ def test_low_load_request_runs_at_once_unless_a_delay_is_configured():
             fast_q = [_queue_ms(_post_bin(c, "relu", x)) for _ in range(5)]
         with httpx.Client(base_url=slow.url) as c:
             slow_q = _queue_ms(_post_bin(c, "relu", x))
-    assert slow_q >= 300
+    assert slow_q >= 250  # held open ~300 ms (timer granularity aside)
     assert sorted(fast_q)[2] < 50  # the median lone request did not wait for a batch
 
 
