@@ -1,0 +1,181 @@
+"""Locust load test for actserve.
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000           # web UI
+    make loadtest                                                           # headless, bounded
+
+What each simulated client sends is chosen by weighted mixes given as Locust command-line
+options (also settable in the web UI): ``--act-sizes 1024:4,65536:1``,
+``--act-activations relu:4,gelu:2,...``, ``--act-protocols native-binary:3,...``,
+``--act-modes default:6,float16:1,...``; ``--act-seed`` makes every client's sequence and
+every payload the same from run to run. Each answer is compared bit for bit with the
+reference (the activation applied to that request alone); any difference is a Locust
+failure. The server's ``Server-Timing`` parts (decode, queue, compute, encode) are reported
+as their own entries (type ``server-timing``) so the report shows where the time goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+import threading
+from pathlib import Path
+
+from locust import FastHttpUser, events, task
+
+# Locust puts this file's folder on sys.path; the payloads live in the repository's package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loadtest import payloads  # noqa: E402
+
+DEFAULTS = {
+    "act_sizes": "1024:4,65536:1",
+    "act_activations": "relu:4,gelu:2,sigmoid:1,silu:1,leaky_relu:1",
+    "act_protocols": "native-binary:3,native-json:1,v2-binary:2",
+    "act_modes": "default:6,float16:1,bfloat16:1,amp:1,inplace:1",
+}
+MODES = {
+    "default": {},
+    "float16": {"compute_dtype": "float16"},
+    "bfloat16": {"compute_dtype": "bfloat16"},
+    "amp": {"amp": True},
+    "inplace": {"inplace": True},
+}
+PARAMS = {"leaky_relu": (("negative_slope", 0.1),)}
+NO_INPLACE = {"gelu", "sigmoid"}  # activations whose in-place variant the mix avoids
+TIMING_PARTS = ("decode", "queue", "compute", "encode")
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    add = parser.add_argument
+    add("--act-sizes", default=DEFAULTS["act_sizes"], include_in_web_ui=True,
+        help="elements:weight,... (e.g. 1024:4,65536:1)")
+    add("--act-activations", default=DEFAULTS["act_activations"], include_in_web_ui=True,
+        help="activation:weight,...")
+    add("--act-protocols", default=DEFAULTS["act_protocols"], include_in_web_ui=True,
+        help="weights over native-binary, native-json, v2-binary, v2-json")
+    add("--act-modes", default=DEFAULTS["act_modes"], include_in_web_ui=True,
+        help="weights over default, float16, bfloat16, amp, inplace")
+    add("--act-seed", type=int, default=1234, include_in_web_ui=True,
+        help="seed of every client's choices and of the payloads")
+    add("--act-variants", type=int, default=4, include_in_web_ui=True,
+        help="distinct payloads per request kind")
+
+
+def weighted(spec: str) -> tuple[list[str], list[float]]:
+    """``a:3,b:1`` -> (["a", "b"], [3.0, 1.0]); a missing weight is 1."""
+    names, weights = [], []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, _, w = part.strip().partition(":")
+        names.append(name.strip())
+        weights.append(float(w) if w else 1.0)
+    if not names or not any(weights):
+        raise ValueError(f"empty mix {spec!r}")
+    return names, weights
+
+
+class Mix:
+    """The parsed mixes, and the payload and reference answer of each request kind."""
+
+    def __init__(self, options) -> None:
+        self.sizes = weighted(options.act_sizes)
+        self.activations = weighted(options.act_activations)
+        self.protocols = weighted(options.act_protocols)
+        self.modes = weighted(options.act_modes)
+        for p in self.protocols[0]:
+            if p not in payloads.PROTOCOLS:
+                raise ValueError(f"unknown protocol {p!r}; use {', '.join(payloads.PROTOCOLS)}")
+        for m in self.modes[0]:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}; use {', '.join(MODES)}")
+        self.seed = options.act_seed
+        self.variants = max(1, options.act_variants)
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    def pick(self, rng: random.Random) -> tuple[payloads.Case, int]:
+        act = rng.choices(*self.activations)[0]
+        mode = rng.choices(*self.modes)[0]
+        proto = rng.choices(*self.protocols)[0]
+        if mode == "inplace" and act in NO_INPLACE:
+            mode = "default"
+        if proto == "v2-json" and mode in ("float16", "bfloat16"):
+            proto = "v2-binary"  # 16-bit outputs travel only as binary in v2
+        case = payloads.Case(act, int(rng.choices(*self.sizes)[0]), proto, PARAMS.get(act, ()),
+                             **MODES[mode])
+        return case, rng.randrange(self.variants)
+
+    def request(self, case: payloads.Case, variant: int):
+        key = (case, variant)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            x = payloads.values(case, self.seed * 1000 + variant)
+            hit = (payloads.build(case, x), payloads.expected(case, x))
+            with self._lock:
+                self._cache[key] = hit
+        return hit
+
+
+_MIX: list[Mix] = []
+_USER_IDS = itertools.count()
+
+
+@events.test_start.add_listener
+def _on_start(environment, **_kw) -> None:
+    _MIX.clear()
+    _MIX.append(Mix(environment.parsed_options))
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """``decode;dur=0.1, queue;dur=2`` -> {"decode": 0.1, "queue": 2.0} (milliseconds)."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        for attr in rest.split(";"):
+            k, _, v = attr.strip().partition("=")
+            if k == "dur":
+                try:
+                    out[name.strip()] = float(v)
+                except ValueError:
+                    pass
+    return out
+
+
+class ActivationUser(FastHttpUser):
+    """One client: a seeded sequence of requests from the configured mixes."""
+
+    def on_start(self) -> None:
+        if not _MIX:
+            _MIX.append(Mix(self.environment.parsed_options))
+        self.mix = _MIX[0]
+        self.rng = random.Random(self.mix.seed * 7919 + next(_USER_IDS))
+
+    @task
+    def activate(self) -> None:
+        case, variant = self.mix.pick(self.rng)
+        req, want = self.mix.request(case, variant)
+        name = f"{case.protocol} {case.size}"
+        with self.client.post(req.path, data=req.body, headers=req.headers, name=name,
+                              catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                got = payloads.parse(case, resp.headers, resp.content)
+            except (ValueError, KeyError, TypeError) as exc:
+                resp.failure(f"unreadable answer for {case.label}: {exc}")
+                return
+            problem = payloads.mismatch(case, got, want)
+            if problem:
+                resp.failure(f"wrong answer: {problem}")
+                return
+            resp.success()
+            timing = server_timing(resp.headers.get("server-timing"))
+        for part in TIMING_PARTS:
+            if part in timing:
+                events.request.fire(request_type="server-timing", name=part,
+                                    response_time=timing[part], response_length=0,
+                                    exception=None, context={})
