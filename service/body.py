@@ -8,14 +8,24 @@ small bomb cannot blow up in memory.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from starlette.requests import Request
 
-from .errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType, echo
+from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType, echo
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytearray:
+    """The whole (inflated) body, or an error: 413 over ``limit``, 408 when the client takes
+    longer than ``timeout_s`` to send it."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body was not received within {timeout_s:g} s") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

@@ -30,32 +30,15 @@ def load_settings(overrides: dict) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .server import DrainingServer, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
-    runtime = app.state.runtime
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new work at once
-            runtime.batcher.begin_drain()
-            super().handle_exit(sig, frame)
-            # A requested stop that drained cleanly is a success: exit 0 rather than
-            # re-raising the signal after shutdown (uvicorn's default).
-            self._captured_signals.clear()
-
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=False, timeout_keep_alive=settings.timeout_keep_alive_s,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http="auto",
-        lifespan="on",
-    )
-    server = DrainingServer(config)
+    server = DrainingServer(uvicorn_config(app, settings))
     server.run()
     return 0 if server.started else 1
 

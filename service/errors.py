@@ -5,6 +5,7 @@
     ActserveError                      (500 unless a subclass says otherwise)
     ├── InvalidRequest                 400  malformed body, shape/data mismatch, bad dtype/param
     ├── UnknownActivation              404
+    ├── RequestTimeout                 408  body not received within body_timeout_s
     ├── RequestTooLarge                413  body over max_request_bytes
     ├── UnsupportedMediaType           415
     ├── Unavailable                    503  + Retry-After
@@ -50,6 +51,11 @@ class InvalidRequest(ActserveError):
 class UnknownActivation(ActserveError):
     status = 404
     type = "not_found"
+
+
+class RequestTimeout(ActserveError):
+    status = 408
+    type = "request_timeout"
 
 
 class RequestTooLarge(ActserveError):
@@ -100,6 +106,7 @@ STATUS_TABLE: dict[type[ActserveError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
     UnknownActivation: 404,
+    RequestTimeout: 408,
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,
     QueueFull: 503,

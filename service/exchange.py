@@ -46,7 +46,7 @@ async def handle(request: Request, api: str, activation: str | None,
     status = 500
     t_decoded = t_computed = t0
     try:
-        body = await read_body(request, rt.settings.max_request_bytes)
+        body = await read_body(request, rt.settings.max_request_bytes, rt.settings.body_timeout_s)
         bytes_in = len(body)
         job = decode(body)
         job.request_id = ctx.get("request_id", "")

@@ -41,6 +41,7 @@ REASON_BY_TYPE = {
     "unavailable": "executor_lost",
     "deadline_exceeded": "deadline",
     "compute_error": "compute",
+    "request_timeout": "timeout",
 }
 REASON_BY_STATUS = {400: "invalid", 401: "unauthorized", 404: "not_found", 413: "too_large",
                     415: "unsupported_media", 503: "unavailable", 504: "deadline",
@@ -140,9 +141,20 @@ class Metrics:
         self.inplace_saved = Counter(
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
+        self._children: dict[tuple, object] = {}
         ProcessCollector(registry=r)  # process_cpu_seconds_total, RSS, open fds
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, memoised: label sets are bounded, and ``labels()``
+        (validation, a lock) would otherwise be most of the cost of a request's metrics.
+        Event loop only."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def activation_label(self, name: str | None) -> str:
         return name if name in self._known else "unknown"
@@ -155,7 +167,7 @@ class Metrics:
         self.registry.register(StateCollector(restarts, ready, gpu_memory))
 
     def reject(self, error_type: str, status: int) -> None:
-        self.rejections.labels(reject_reason(error_type, status)).inc()
+        self.child(self.rejections, reject_reason(error_type, status)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins; empty = CORS off")
     fault_injection: bool = Field(False, description="test-only compute fault hook")
     timeout_keep_alive_s: int = Field(5, ge=1)
+    header_timeout_s: float = Field(10.0, gt=0, description="time to send request headers")
+    body_timeout_s: float = Field(30.0, gt=0, description="time to send the request body")
     graceful_shutdown_s: int = Field(30, ge=1)
 
     @field_validator("device")

@@ -25,6 +25,7 @@ from service.activations import Registry
 from service.app import create_app
 from service.compute import apply_alone, tensor_storage, wire_tensor
 from service.job import Job, Mode
+from service.server import uvicorn_config
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +48,7 @@ class ThreadServer:
         self.runtime = self.app.state.runtime
         self.port = settings.port
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", access_log=False)
+        config = uvicorn_config(self.app, settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
