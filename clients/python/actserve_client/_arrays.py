@@ -160,9 +160,10 @@ def _tensor_to_wire(t, what: str) -> tuple[Wire, Kind]:
     return Wire(storage, name), Kind("torch", device)
 
 
-def storage_from_buffer(buf: bytearray | memoryview, dtype: str, shape: list[int] | tuple[int, ...],
+def storage_from_buffer(buf: bytes | memoryview, dtype: str, shape: list[int] | tuple[int, ...],
                         what: str = "output") -> np.ndarray:
-    """Raw little-endian bytes -> writable storage of ``dtype`` and ``shape``."""
+    """Raw little-endian bytes -> a read-only view of them as storage of ``dtype`` and
+    ``shape`` (possibly unaligned: ``from_wire`` copies it into its final home)."""
     if dtype not in STORAGE:
         raise ValueError(f"{what}: unknown dtype {dtype!r}")
     need = int(np.prod(shape, dtype=np.int64)) * STORAGE[dtype].itemsize
@@ -210,15 +211,17 @@ def from_wire(storage: np.ndarray, dtype: str, kind: Kind):
     if kind.name == "torch":
         import torch
 
-        if not storage.flags.writeable:
-            storage = storage.copy()
-        if dtype == "bfloat16":
-            t = torch.from_numpy(storage.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(storage)
+        # Copy into torch's own (64-byte aligned) memory: a tensor that is a view of an
+        # arbitrary offset in the response would be valid, but the BLAS kernels of a
+        # following layer may take another path for unaligned data and round differently.
+        t = torch.empty(storage.shape, dtype=getattr(torch, dtype))
+        dst = t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
+        np.copyto(dst, storage, casting="no")
         if kind.device is not None and kind.device.type != "cpu":
             t = t.to(kind.device)
         return t
+    if not (storage.flags.writeable and storage.flags.aligned):
+        storage = storage.copy()  # an ordinary, aligned, writable array of its own
     if dtype == "bfloat16":
         bf16 = numpy_bfloat16()
         values = widen_bfloat16(storage) if bf16 is None or kind.name in ("list", "number") \

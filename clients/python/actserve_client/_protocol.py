@@ -125,7 +125,7 @@ def build_v2(name: str, wire: Wire, settings: Mapping[str, Any], params: Mapping
 
 
 def parse_v2(headers: Mapping[str, str], content: bytes) -> Wire:
-    buf = bytearray(content)
+    buf = memoryview(content)
     declared = headers.get(V2_HEADER_LENGTH.lower())
     try:
         if declared is None:
@@ -135,7 +135,7 @@ def parse_v2(headers: Mapping[str, str], content: bytes) -> Wire:
             if not 0 < header_len <= len(buf):
                 raise ValueError(f"{V2_HEADER_LENGTH} {header_len} is outside the body "
                                  f"of {len(buf)} bytes")
-        obj = _loads(memoryview(buf)[:header_len], "v2 response header")
+        obj = _loads(buf[:header_len], "v2 response header")
         outputs = obj.get("outputs")
         if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
             raise ValueError("v2 response has no outputs")
@@ -155,7 +155,7 @@ def parse_v2(headers: Mapping[str, str], content: bytes) -> Wire:
         if not isinstance(size, int) or header_len + size != len(buf):
             raise ValueError(f"v2 output binary_data_size {size!r} does not match the "
                              f"{len(buf) - header_len} bytes after the header")
-        return Wire(storage_from_buffer(memoryview(buf)[header_len:], dtype, shape), dtype)
+        return Wire(storage_from_buffer(buf[header_len:], dtype, shape), dtype)
     except MalformedResponseError:
         raise
     except (ValueError, TypeError) as exc:
@@ -190,7 +190,7 @@ def parse_native(headers: Mapping[str, str], content: bytes) -> Wire:
         if dtype not in NAME_TO_V2 or text is None:
             raise ValueError("native binary response lacks X-Dtype or X-Shape")
         shape = [int(p) for p in text.split(",")] if text.strip() else []
-        return Wire(storage_from_buffer(bytearray(content), dtype, shape), dtype)
+        return Wire(storage_from_buffer(content, dtype, shape), dtype)
     except (ValueError, TypeError) as exc:
         raise MalformedResponseError(str(exc)) from None
 
