@@ -142,7 +142,7 @@ def test_retries_are_bounded_by_max_retries():
         assert srv.count == 1
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 413, 415, 422, 500])
+@pytest.mark.parametrize("status", [400, 401, 404, 408, 413, 415, 422, 500])
 def test_4xx_and_500_are_never_retried(status):
     with Scripted([err(status), ok_v2()]) as srv, Client(srv.url, retry_policy=FAST) as c:
         with pytest.raises(ac.APIStatusError) as info:

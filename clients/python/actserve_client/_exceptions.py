@@ -11,6 +11,7 @@
         ├── BadRequestError            400 invalid body, shape, dtype or parameter (also 405, 422)
         ├── AuthenticationError        401 missing or wrong API key
         ├── NotFoundError              404 unknown activation
+        ├── RequestTimeoutError        408 the request body arrived too slowly
         ├── RequestTooLargeError       413 body over the server's limit
         ├── UnsupportedMediaTypeError  415
         ├── ServerError                500 and other 5xx: compute failed for this request
@@ -84,6 +85,10 @@ class NotFoundError(APIStatusError):
     """404: no such activation (or route)."""
 
 
+class RequestTimeoutError(APIStatusError):
+    """408: the server gave up waiting for the request body (a slow or stalled upload)."""
+
+
 class RequestTooLargeError(APIStatusError):
     """413: the body, or the tensor's element count, is over the server's limit."""
 
@@ -116,6 +121,7 @@ STATUS_TO_ERROR: dict[int, type[APIStatusError]] = {
     401: AuthenticationError,
     404: NotFoundError,
     405: BadRequestError,
+    408: RequestTimeoutError,
     413: RequestTooLargeError,
     415: UnsupportedMediaTypeError,
     422: BadRequestError,
