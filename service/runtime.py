@@ -98,17 +98,18 @@ class Runtime:
         if m is None:
             return
         m.inflight.dec()
+        c = m.child
         label = m.activation_label(activation)
         cls = status_class(status)
-        m.requests.labels(label, api, cls).inc()
-        m.request_seconds.labels(label, api, cls).observe(total)
+        c(m.requests, label, api, cls).inc()
+        c(m.request_seconds, label, api, cls).observe(total)
         if job is not None:
-            m.decode_seconds.labels(api).observe(decode)
-        m.bytes_in.labels(api).inc(bytes_in)
+            c(m.decode_seconds, api).observe(decode)
+        c(m.bytes_in, api).inc(bytes_in)
         if result is not None:
-            m.encode_seconds.labels(api).observe(encode)
-            m.bytes_out.labels(api).inc(bytes_out)
-            m.queue_seconds.labels(label).observe(result.queue_s)
+            c(m.encode_seconds, api).observe(encode)
+            c(m.bytes_out, api).inc(bytes_out)
+            c(m.queue_seconds, label).observe(result.queue_s)
             saved = result.array.nbytes if job is not None and job.mode.inplace else 0
             if saved:
                 m.inplace_saved.inc(saved)
@@ -135,12 +136,13 @@ class Runtime:
         label = m.activation_label(jobs[0].activation.name)
         ok = [r for r in results if isinstance(r, JobResult)]
         device = ok[0].device if ok else "unknown"
-        m.batches.labels(label, device).inc()
-        m.batch_requests.labels(label).observe(len(jobs))
-        m.batch_elements.labels(label).observe(sum(j.numel for j in jobs))
+        c = m.child
+        c(m.batches, label, device).inc()
+        c(m.batch_requests, label).observe(len(jobs))
+        c(m.batch_elements, label).observe(sum(j.numel for j in jobs))
         # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
         compute = ok[0].compute_s if ok and device.startswith("cuda") else wall
-        m.compute_seconds.labels(label, device).observe(compute)
+        c(m.compute_seconds, label, device).observe(compute)
 
 
 Receive = Callable[[], Awaitable[dict]]
