@@ -15,6 +15,7 @@ as their own entries (type ``server-timing``) so the report shows where the time
 
 from __future__ import annotations
 
+import csv
 import itertools
 import random
 import sys
@@ -22,10 +23,12 @@ import threading
 from pathlib import Path
 
 from locust import FastHttpUser, events, task
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 # Locust puts this file's folder on sys.path; the payloads live in the repository's package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtest import payloads  # noqa: E402
+from loadtest.payloads import server_timing, weighted  # noqa: E402
 
 DEFAULTS = {
     "act_sizes": "1024:4,65536:1",
@@ -60,20 +63,6 @@ def _options(parser) -> None:
         help="seed of every client's choices and of the payloads")
     add("--act-variants", type=int, default=4, include_in_web_ui=True,
         help="distinct payloads per request kind")
-
-
-def weighted(spec: str) -> tuple[list[str], list[float]]:
-    """``a:3,b:1`` -> (["a", "b"], [3.0, 1.0]); a missing weight is 1."""
-    names, weights = [], []
-    for part in spec.split(","):
-        if not part.strip():
-            continue
-        name, _, w = part.strip().partition(":")
-        names.append(name.strip())
-        weights.append(float(w) if w else 1.0)
-    if not names or not any(weights):
-        raise ValueError(f"empty mix {spec!r}")
-    return names, weights
 
 
 class Mix:
@@ -129,19 +118,28 @@ def _on_start(environment, **_kw) -> None:
     _MIX.append(Mix(environment.parsed_options))
 
 
-def server_timing(header: str | None) -> dict[str, float]:
-    """``decode;dur=0.1, queue;dur=2`` -> {"decode": 0.1, "queue": 2.0} (milliseconds)."""
-    out = {}
-    for part in (header or "").split(","):
-        name, _, rest = part.strip().partition(";")
-        for attr in rest.split(";"):
-            k, _, v = attr.strip().partition("=")
-            if k == "dur":
-                try:
-                    out[name.strip()] = float(v)
-                except ValueError:
-                    pass
-    return out
+_ENV: list = []
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    _ENV[:] = [environment]
+
+
+@events.quit.add_listener
+def _final_csv(**_kw) -> None:
+    """Write the final statistics as ``<csv prefix>_final_{stats,failures}.csv``. Locust's own
+    periodic CSV writer may stop before the last requests are counted; these files are
+    written once every request has been."""
+    environment = _ENV[0] if _ENV else None
+    prefix = getattr(environment.parsed_options, "csv_prefix", None) if environment else None
+    if not prefix:
+        return
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    with open(f"{prefix}_final_stats.csv", "w", newline="") as fh:
+        writer.requests_csv(csv.writer(fh))
+    with open(f"{prefix}_final_failures.csv", "w", newline="") as fh:
+        writer.failures_csv(csv.writer(fh))
 
 
 class ActivationUser(FastHttpUser):

@@ -193,3 +193,33 @@ def mismatch(case: Case, got: tuple[np.ndarray, str], want: tuple[np.ndarray, st
         return (f"{case.label}: {diff.size} of {g.size} values differ from the reference "
                 f"(first at index {int(diff[0])})")
     return None
+
+
+# -- helpers shared with the Locust file (kept here: importing locust patches the stdlib) --
+def weighted(spec: str) -> tuple[list[str], list[float]]:
+    """``a:3,b:1`` -> (["a", "b"], [3.0, 1.0]); a missing weight is 1."""
+    names, weights = [], []
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, _, w = part.strip().partition(":")
+        names.append(name.strip())
+        weights.append(float(w) if w else 1.0)
+    if not names or not any(weights) or min(weights) < 0:
+        raise ValueError(f"{spec!r} is not a mix; write name:weight,... with weights >= 0")
+    return names, weights
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """``decode;dur=0.1, queue;dur=2`` -> {"decode": 0.1, "queue": 2.0} (milliseconds)."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        for attr in rest.split(";"):
+            k, _, v = attr.strip().partition("=")
+            if k == "dur":
+                try:
+                    out[name.strip()] = float(v)
+                except ValueError:
+                    pass
+    return out

@@ -1,8 +1,9 @@
 """``make loadtest``: a headless, time-bounded Locust run with CSV and HTML reports.
 
 Starts an actserve server on a free 127.0.0.1 port unless ``--host`` names one, runs Locust
-(``loadtest/locustfile.py``) headless for ``--run-time``, writes ``locust_*.csv`` and
-``report.html`` under ``loadtest/reports/<run>/``, and prints a summary: requests, failures,
+(``loadtest/locustfile.py``) headless for ``--run-time``, writes ``locust_*.csv``
+(``locust_final_*.csv`` hold the complete figures) and ``report.html`` under
+``loadtest/reports/<run>/``, and prints a summary: requests, failures,
 throughput and latency per request kind, and where the server's time went (Server-Timing).
 Exits non-zero when any request failed (an error status or a wrong answer).
 
@@ -57,7 +58,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 def summary(out: Path) -> tuple[str, int, int]:
     """A text summary of ``locust_stats.csv``; returns (text, requests, failures)."""
-    rows = _read_csv(out / "locust_stats.csv")
+    rows = _read_csv(out / "locust_final_stats.csv")
     lines = [f"{'type':<14} {'name':<22} {'reqs':>7} {'fails':>6} {'req/s':>8} "
              f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
     reqs = fails = 0
@@ -70,7 +71,7 @@ def summary(out: Path) -> tuple[str, int, int]:
         if r["Type"] != "server-timing":
             reqs += int(r["Request Count"])
             fails += int(r["Failure Count"])
-    failures = out / "locust_failures.csv"
+    failures = out / "locust_final_failures.csv"
     if failures.exists():
         for r in _read_csv(failures)[:5]:
             lines.append(f"failure x{r['Occurrences']}: {r['Name']}: {r['Error'][:160]}")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.TimeoutExpired:
         print(f"loadtest: Locust did not finish within {limit:.0f}s", file=sys.stderr)
         return 3
-    if not (out / "locust_stats.csv").exists():
+    if not (out / "locust_final_stats.csv").exists():
         print(f"loadtest: Locust wrote no statistics (exit {proc.returncode})", file=sys.stderr)
         return proc.returncode or 3
     text, reqs, fails = summary(out)

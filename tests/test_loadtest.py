@@ -1,0 +1,106 @@
+"""Load-test building blocks: the seeded payloads and their bit-exact check against a real
+server, and a bounded headless Locust run (Locust runs in a child process: importing it
+here would monkey-patch the test process)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from loadtest import payloads, servers
+
+from .conftest import ROOT
+
+CASES = [
+    payloads.Case("relu", 1024),
+    payloads.Case("gelu", 333, compute_dtype="bfloat16"),
+    payloads.Case("leaky_relu", 100, params=(("negative_slope", 0.1),), inplace=True),
+    payloads.Case("silu", 257, compute_dtype="float16"),
+    payloads.Case("sigmoid", 64, amp=True),
+]
+
+
+@pytest.mark.parametrize("protocol", payloads.PROTOCOLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_payloads_match_the_server_bit_for_bit(client, protocol, case):
+    case = payloads.Case(case.activation, case.size, protocol, case.params, case.compute_dtype,
+                         case.amp, case.inplace)
+    if protocol == "v2-json" and case.compute_dtype in ("float16", "bfloat16"):
+        pytest.skip("16-bit outputs travel only as binary in v2")
+    x = payloads.values(case, 5)
+    req = payloads.build(case, x)
+    r = client.post(req.path, content=req.body, headers=req.headers)
+    assert r.status_code == 200, r.text
+    got = payloads.parse(case, r.headers, r.content)
+    want = payloads.expected(case, x)
+    assert payloads.mismatch(case, got, want) is None
+    assert got[1] == (case.compute_dtype or "float32")
+
+
+def test_values_are_seeded_and_a_flipped_bit_is_a_mismatch():
+    case = payloads.Case(size=4096)
+    a, b = payloads.values(case, 1), payloads.values(case, 1)
+    assert a.tobytes() == b.tobytes()
+    assert payloads.values(case, 2).tobytes() != a.tobytes()
+    want = payloads.expected(case, a)
+    bad = want[0].copy()
+    bad.view(np.uint32)[77] ^= 1
+    msg = payloads.mismatch(case, (bad, "float32"), want)
+    assert msg is not None and "1 of 4096" in msg and "index 77" in msg
+    assert "dtype" in payloads.mismatch(case, (want[0], "float16"), want)
+
+
+def test_mix_and_server_timing_parsing():
+    assert payloads.weighted("a:3, b") == (["a", "b"], [3.0, 1.0])
+    with pytest.raises(ValueError):
+        payloads.weighted("a:0")
+    t = payloads.server_timing("decode;dur=0.125, queue;dur=2.5, compute;dur=x, total;dur=3")
+    assert t == {"decode": 0.125, "queue": 2.5, "total": 3.0}
+    assert payloads.server_timing(None) == {}
+
+
+def _locust(tmp_path, *args, timeout=150):
+    argv = [sys.executable, "-m", "loadtest.run_locust", "--out", str(tmp_path), "--users", "4",
+            "--spawn-rate", "4", *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_headless_locust_run_starts_a_server_and_checks_every_answer(tmp_path):
+    proc = _locust(tmp_path, "--run-time", "4s", "--",
+                   "--act-protocols", "native-binary:2,native-json:1,v2-binary:1,v2-json:1",
+                   "--act-sizes", "256:3,4096:1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(tmp_path / "locust_final_stats.csv")
+    posts = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "POST"}
+    assert sum(posts.values()) > 0
+    assert {n.split()[0] for n in posts} >= {"native-binary"}
+    assert all(int(r["Failure Count"]) == 0 for r in rows)
+    timing = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "server-timing"}
+    assert set(timing) == {"decode", "queue", "compute", "encode"}
+    assert min(timing.values()) > 0
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    assert "0 failures" in proc.stdout
+
+
+@pytest.mark.slow
+def test_locust_counts_answers_that_differ_as_failures(tmp_path):
+    floor = servers.start_reference("floor", tmp_path / "logs")  # answers {"ok":true} to all
+    with servers.running([floor]):
+        proc = _locust(tmp_path, "--host", floor.url, "--run-time", "2s")
+        assert httpx.get(floor.url + "/readyz").status_code == 200
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    rows = [r for r in _rows(tmp_path / "locust_final_stats.csv") if r["Type"] == "POST"]
+    total = sum(int(r["Request Count"]) for r in rows)
+    assert total > 0 and sum(int(r["Failure Count"]) for r in rows) == total
+    assert "unreadable answer" in (tmp_path / "locust_final_failures.csv").read_text()
