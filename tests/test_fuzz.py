@@ -1,0 +1,141 @@
+"""Fuzzing against a real server process: schemathesis over the served OpenAPI document,
+and hypothesis over raw bodies of the native binary/JSON paths and the v2 binary framing.
+No 5xx, no hang, the server stays ready, and its memory does not grow."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import subprocess_server
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def target():
+    env = {"ACTSERVE_MAX_REQUEST_BYTES": str(4 << 20), "ACTSERVE_MAX_BATCH_ELEMENTS": str(1 << 20)}
+    with subprocess_server(env) as (proc, url), httpx.Client(base_url=url, timeout=30) as c:
+        # warm every path once so that one-off allocations do not count as growth
+        c.post("/v1/activations/relu", json={"data": [1.0]})
+        c.post("/v2/models/relu/infer", json={"inputs": [
+            {"name": "INPUT0", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+        before = rss_kib(proc.pid)
+        yield proc, url, c
+        assert c.get("/readyz").status_code == 200, "the server stopped being ready"
+        grown = rss_kib(proc.pid) - before
+        assert grown < 64 * 1024, f"server RSS grew by {grown} KiB during fuzzing"
+
+
+@pytest.fixture(scope="module")
+def api_schema(target):
+    _, url, _ = target
+    return schemathesis.openapi.from_url(url + "/openapi.json")
+
+
+def test_every_openapi_operation_answers_without_5xx(api_schema):
+    """schemathesis generates cases for every operation of the served OpenAPI document."""
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def call(case):
+            response = case.call(timeout=30)
+            assert response.status_code < 500, (case.method, case.path, response.text[:300])
+
+        call()
+
+
+def _ok(r: httpx.Response) -> None:
+    assert r.status_code < 500, r.text[:300]
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+dims = st.one_of(st.integers(-5, 8), st.integers(2**31, 2**64), st.integers(-(2**63), -1))
+shape_text = st.one_of(
+    st.lists(dims, max_size=5).map(lambda d: ",".join(map(str, d))),
+    st.text(max_size=20),
+)
+
+
+@FUZZ
+@given(body=st.binary(max_size=512), shape=shape_text,
+       dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", "", "x" * 300]),
+       extra=st.dictionaries(st.sampled_from(["compute_dtype", "amp", "inplace", "timeout",
+                                              "negative_slope", "priority", "zzz"]),
+                             st.text(max_size=12), max_size=3))
+def test_native_binary_raw_bodies(target, body, shape, dtype, extra):
+    _, _, c = target
+    r = c.post("/v1/activations/leaky_relu", params={"shape": shape, "dtype": dtype, **extra},
+               content=body, headers={"content-type": "application/octet-stream"})
+    _ok(r)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.integers(), st.text(max_size=5)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children,
+                                                                        max_size=3),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(raw=st.one_of(
+    st.binary(max_size=256),
+    st.builds(lambda d: f'{{"data": {_nested(d)}}}'.encode(), st.integers(1, 5000)),
+    st.builds(lambda obj: json.dumps(obj).encode(),
+              st.dictionaries(st.sampled_from(["data", "shape", "dtype", "params", "amp",
+                                               "inplace", "compute_dtype", "timeout", "x"]),
+                              json_values, max_size=5)),
+    st.binary(max_size=64).map(lambda b: b'{"data": "' + b + b'"}'),  # non-UTF-8 inside JSON
+))
+def test_native_json_raw_bodies(target, raw):
+    _, _, c = target
+    _ok(c.post("/v1/activations/gelu", content=raw, headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(header=st.one_of(st.integers(-10, 400).map(str),
+                        st.text(alphabet="0123456789abcxyz-+.e", min_size=1, max_size=8)),
+       json_part=st.one_of(
+           st.binary(max_size=200),
+           st.builds(lambda shape, size, dt: json.dumps({"inputs": [{
+               "name": "INPUT0", "shape": shape, "datatype": dt,
+               "parameters": {"binary_data_size": size}}]}).encode(),
+               st.lists(st.integers(-3, 2**40), max_size=4), st.integers(-5, 64),
+               st.sampled_from(["FP32", "FP16", "BF16", "FP64", "INT8", "BYTES"]))),
+       tail=st.binary(max_size=64))
+def test_v2_binary_framing(target, header, json_part, tail):
+    _, _, c = target
+    r = c.post("/v2/models/sigmoid/infer", content=json_part + tail,
+               headers={"inference-header-content-length": header})
+    _ok(r)
+    if r.status_code >= 400:
+        assert isinstance(r.json()["error"], str)
+
+
+def test_fuzz_left_the_server_serving(target):
+    _, _, c = target
+    r = c.post("/v1/activations/relu", params={"shape": "2"}, content=struct.pack("<2f", -1, 3),
+               headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and struct.unpack("<2f", r.content) == (0.0, 3.0)
