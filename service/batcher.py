@@ -79,18 +79,24 @@ class Batcher:
         await self.pool.start(self._batch_done, self._batch_lost)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="actserve-batcher")
 
-    def submit(self, job: Job) -> asyncio.Future:
+    def admit(self) -> None:
+        """Raise what ``submit`` would raise for overload, before a body is even read, so
+        that refusals stay cheap when the server is busiest."""
         if self._draining or self._stopped:
-            self._reject("draining", job)
             raise Draining("the server is shutting down; retry on another replica")
         if not self.pool.ready:
-            self._reject("not_ready", job)
             raise NotReady("the server is not ready (warming up or restarting its executor)")
         if self._waiting >= self.settings.max_queue_requests:
-            self._reject("queue_full", job)
             raise QueueFull(
                 f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry"
             )
+
+    def submit(self, job: Job) -> asyncio.Future:
+        try:
+            self.admit()
+        except (Draining, NotReady, QueueFull) as exc:
+            self._reject(exc.type, job)
+            raise
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         job.seq = next(self._seq)

@@ -46,6 +46,7 @@ async def handle(request: Request, api: str, activation: str | None,
     status = 500
     t_decoded = t_computed = t0
     try:
+        rt.batcher.admit()  # overload is refused before the body is read
         body = await read_body(request, rt.settings.max_request_bytes, rt.settings.body_timeout_s)
         bytes_in = len(body)
         job = decode(body)
@@ -81,7 +82,12 @@ async def handle(request: Request, api: str, activation: str | None,
         # error responses carry the total too (the middleware adds the header)
         ctx["server_timing"] = f"total;dur={math.ceil((time.perf_counter() - t0) * 1e6) / 1000:.3f}"
         raise
-    except (asyncio.CancelledError, ClientDisconnect):
+    except ClientDisconnect:
+        # Nobody is listening: answer nothing useful, but end the request cleanly.
+        status = CLIENT_CLOSED
+        ctx["log"] = {"api": api, "activation": activation, "error": "client_closed"}
+        return Response(status_code=CLIENT_CLOSED)
+    except asyncio.CancelledError:
         status = CLIENT_CLOSED
         raise
     finally:
