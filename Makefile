@@ -30,5 +30,17 @@ test: install
 gpu-check: install
 	bash scripts/gpu_check.sh
 
+# Benchmarks and load tests (docs/benchmarks.md). wrk: `apt-get install -y wrk`.
+BENCH_ARGS ?=
+LOADTEST_ARGS ?=
+bench: install
+	$(PY) -m loadtest.bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(PY) -m loadtest.bench --quick $(BENCH_ARGS)
+
+loadtest: install
+	$(PY) -m loadtest.run_locust --run-time 30s $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -108,17 +108,23 @@ def measure_inprocess(quick: bool) -> dict:
         "copy_cache": inprocess.copy_bandwidth(secs, big * 4),
         "raw": {}, "executor": {},
     }
-    for size in (small, big):
-        raws, execs = [], []
-        for _ in range(1 if quick else 3):  # interleaved repeats: the machine is shared
-            raws.append(inprocess.raw_torch("relu", size, secs))
-            execs.append(inprocess.executor_path("relu", size, 1, secs)["elements_per_s"])
-        out["raw"][str(size)] = {"elements_per_s": statistics.median(raws), "runs": raws}
-        out["executor"][str(size)] = {"elements_per_s": statistics.median(execs), "runs": execs,
-                                      "concurrency": 1}
-    if not quick:
-        eight = inprocess.executor_path("relu", big // 8, 8, secs)
-        out["executor"]["131072x8"] = {**eight, "concurrency": 8}
+    repeats = 1 if quick else 3
+    loads = [(small, 1), (big, 1)] + ([] if quick else [(big // 8, 8)])
+    raws: dict[int, list[float]] = {small: [], big: []}
+    execs: dict[tuple, list[dict]] = {load: [] for load in loads}
+    for _ in range(repeats):  # interleaved repeats: the machine may be shared
+        for size in raws:
+            raws[size].append(inprocess.raw_torch("relu", size, secs))
+        for res in inprocess.executor_path("relu", loads, secs):
+            execs[(res["size"], res["concurrency"])].append(res)
+    for size, rates in raws.items():
+        out["raw"][str(size)] = {"elements_per_s": statistics.median(rates), "runs": rates}
+    for (size, conc), runs in execs.items():
+        key = str(size) if conc == 1 else f"{size}x{conc}"
+        rates = [r["elements_per_s"] for r in runs]
+        out["executor"][key] = {"elements_per_s": statistics.median(rates), "runs": rates,
+                                "concurrency": conc,
+                                "mean_batch_elements": runs[-1]["mean_batch_elements"]}
     modes = {k: v for k, v in sweep.MODES.items()}
     out["modes"] = inprocess.mode_costs(sweep.MODE_ACTIVATION, sweep.MODE_SIZE if not quick
                                         else 4096, modes, secs)
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = Bodies()
     runs: dict[sweep.Cell, list[dict]] = {c: [] for c in plan.cells}
     with servers.running(children):
+        meta["servers_ready_s"] = round(time.time() - started, 1)
         for r, cells in enumerate(plan.rounds()):
             for i, cell in enumerate(cells):
                 try:
@@ -204,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": meta, "cells": results_cells, "server_rss_peak_bytes": peaks}
     if not a.no_inprocess:
         print("in-process: copy bandwidth, raw torch vs executor path, modes", flush=True)
+        t_ip = time.time()
         results["inprocess"] = measure_inprocess(a.quick)
+        meta["inprocess_s"] = round(time.time() - t_ip, 1)
     results["bars"] = bars.evaluate(results)
     meta["load_after"] = os.getloadavg()
     meta["wall_s"] = round(time.time() - started, 1)

@@ -46,39 +46,42 @@ def raw_torch(activation: str, size: int, seconds: float) -> float:
         return _best_rate(lambda: act.apply(x, False, params), size, seconds)
 
 
-def executor_path(activation: str, size: int, concurrency: int, seconds: float) -> dict:
+def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float) -> list[dict]:
     """Elements/s through ``Runtime.run`` (job build, batcher, compute thread, result back on
-    the loop) with ``concurrency`` jobs of ``size`` elements in flight."""
+    the loop), for each ``(size, concurrency)`` in ``loads``: ``concurrency`` jobs of ``size``
+    elements kept in flight. One runtime serves every load."""
     from service.runtime import Runtime
     from service.settings import Settings
 
-    async def main() -> dict:
+    async def measure(rt, act, size: int, concurrency: int) -> dict:
+        x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+        done = 0
+        batches: list[int] = []
+
+        async def one() -> None:
+            nonlocal done
+            res = await rt.run(rt.jobs.build(act, x, "float32", {}, {}, api="bench"))
+            batches.append(res.batch_elements)
+            done += size
+
+        async def worker(stop: float) -> None:
+            while time.perf_counter() < stop:
+                await one()
+
+        await asyncio.gather(*[one() for _ in range(concurrency)])  # warm-up
+        done, batches[:] = 0, []
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(t0 + seconds) for _ in range(concurrency)])
+        elapsed = time.perf_counter() - t0
+        return {"size": size, "concurrency": concurrency, "elements_per_s": done / elapsed,
+                "mean_batch_elements": float(np.mean(batches)) if batches else 0.0}
+
+    async def main() -> list[dict]:
         rt = Runtime(Settings(metrics=False, access_log=False))
         await rt.start()
         try:
             act = rt.registry.get(activation)
-            x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
-            done = 0
-            batches: list[int] = []
-
-            async def one() -> None:
-                nonlocal done
-                job = rt.jobs.build(act, x, "float32", {}, {}, api="bench")
-                res = await rt.run(job)
-                batches.append(res.batch_elements)
-                done += size
-
-            async def worker(stop: float) -> None:
-                while time.perf_counter() < stop:
-                    await one()
-
-            await asyncio.gather(*[one() for _ in range(concurrency)])  # warm-up
-            done, batches[:] = 0, []
-            t0 = time.perf_counter()
-            await asyncio.gather(*[worker(t0 + seconds) for _ in range(concurrency)])
-            elapsed = time.perf_counter() - t0
-            return {"elements_per_s": done / elapsed,
-                    "mean_batch_elements": float(np.mean(batches)) if batches else 0.0}
+            return [await measure(rt, act, size, conc) for size, conc in loads]
         finally:
             await rt.stop()
 

@@ -1,0 +1,111 @@
+"""The benchmark sweep: wrk's answer check, the bar arithmetic, and the ``--quick`` sweep
+end to end (CI runs it once as a smoke test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loadtest import bars, bench, payloads, wrk
+
+from .conftest import ROOT
+
+NEED_WRK = pytest.mark.skipif(
+    wrk.available() is None and not os.environ.get("CI"),
+    reason="wrk is not installed (.ci/run installs it; `apt-get install -y wrk`)",
+)
+
+
+def test_wrk_summary_parsing():
+    line = ('WRKJSON {"requests":2000,"duration_us":2000000,"bytes":4000000,"connect":0,'
+            '"read":1,"write":0,"status":2,"timeout":0,"mismatches":3,"lat_mean_us":900.5,'
+            '"lat_max_us":5000,"p50_us":800,"p90_us":1500,"p99_us":3000,"p999_us":4500}')
+    r = wrk.parse("Running 2s test\n" + line + "\n")
+    assert r.rps == 1000 and r.p50_ms == 0.8 and r.p99_ms == 3.0 and r.errors == 3
+    assert r.mismatches == 3 and r.mb_per_s == 2.0
+    with pytest.raises(RuntimeError, match="no summary"):
+        wrk.parse("nothing here")
+
+
+@NEED_WRK
+def test_wrk_compares_every_answer(server):
+    case = payloads.Case(size=512)
+    req = payloads.build(case, payloads.values(case, 3))
+    url = server.url + req.path
+    status, _, good = bench._post(url, req)
+    assert status == 200
+    right = wrk.run(url, req.body, req.headers, connections=2, seconds=1, expect=good)
+    assert right.requests > 0 and right.mismatches == 0 and right.errors == 0
+    flipped = bytearray(good)
+    flipped[100] ^= 1
+    wrong = wrk.run(url, req.body, req.headers, connections=2, seconds=1, expect=bytes(flipped))
+    assert wrong.requests > 0 and wrong.mismatches == wrong.requests
+
+
+def test_missing_wrk_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(wrk, "available", lambda: None)
+    assert bench.main(["--quick"]) == 2
+    assert "apt-get install -y wrk" in capsys.readouterr().err
+
+
+def _cell(server, protocol, size, conc, rps, p50, p99):
+    return {"server": server, "protocol": protocol, "size": size, "concurrency": conc, "mode": "",
+            "summary": {"rps": rps, "p50_ms": p50, "p99_ms": p99}}
+
+
+def test_bars_are_ratios_of_cells_of_one_run():
+    m = 1048576
+    results = {"cells": [
+        _cell("floor", "native-binary", 1024, 64, 1000, 10, 20),
+        _cell("actserve", "native-binary", 1024, 64, 700, 10, 30),
+        _cell("actserve", "v2-binary", 1024, 64, 500, 12, 30),
+        _cell("naive", "native-json", 1024, 64, 100, 50, 60),
+        _cell("actserve", "native-json", 1024, 64, 300, 20, 30),
+        _cell("floor", "native-binary", 1024, 1, 3000, 0.30, 1),
+        _cell("actserve", "native-binary", 1024, 1, 2000, 0.90, 1),
+    ], "inprocess": {"raw": {str(m): {"elements_per_s": 10.0}},
+                     "executor": {str(m): {"elements_per_s": 8.0}}}}
+    rows = {r["bar"].split(" >=")[0].split(":")[0]: r for r in bars.evaluate(results)}
+    assert len(rows) == len(bars.BARS)
+    got = {k: (None if r["value"] is None else round(r["value"], 3), r["pass"]) for k, r in rows.items()}
+    assert got["native binary 1,024 el, 64 clients"] == (0.7, True)
+    assert got["v2 binary 1,024 el, 64 clients"] == (0.5, False)
+    assert got["native JSON 1,024 el, 64 clients"] == (3.0, True)
+    assert got["binary 1,048,576 el, 8 clients"] == (None, None)
+    assert got["1 client, 1,024 el binary"] == (0.6, False)
+    assert got["64 clients, 1,024 el binary"] == (3.0, False)
+    assert got["executor path, 1,048,576 el per batch"] == (0.8, True)
+
+
+@pytest.mark.slow
+@NEED_WRK
+def test_quick_sweep_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loadtest.bench", "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    cells = results["cells"]
+    assert len(cells) >= 10
+    assert {c["server"] for c in cells} == {"actserve", "actserve-nometrics", "actserve-batch1",
+                                            "floor", "naive"}
+    assert {c["protocol"] for c in cells if c["server"] == "actserve"} == set(payloads.PROTOCOLS)
+    for c in cells:
+        s = c["summary"]
+        assert "error" not in s, (c["key"], s)
+        assert s["rps"] > 0 and s["requests"] > 0 and s["mismatches"] == 0, c["key"]
+        assert s["p50_ms"] <= s["p99_ms"]
+    evaluated = [b for b in results["bars"] if b["value"] is not None]
+    assert len(evaluated) >= 6
+    ip = results["inprocess"]
+    assert ip["copy_dram"]["copy_GBps"] > 0 and ip["raw"]["1048576"]["elements_per_s"] > 0
+    assert ip["modes"]["inplace"]["allocated_bytes"] < ip["modes"]["float32"]["allocated_bytes"]
+    assert sorted(results["plots"]) == ["batching.png", "latency_throughput.png", "metrics.png",
+                                        "modes.png"]
+    for name in results["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "results.md").read_text()
+    assert "## Performance bar" in md and "![modes](modes.png)" in md
