@@ -43,6 +43,47 @@ def _ready(rt: Runtime) -> None:
         raise NotReady(f"the server is not ready ({reason})")
 
 
+# -- inference (declared first: the hot path is matched before the other routes) ------------
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor extension)")
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    rt = _runtime(request)
+    known = name in rt.registry
+    decoded: list[v2.V2Request] = []
+    compression = v2.accepted_encoding(request.headers.get("accept-encoding"))
+
+    def decode(body: bytearray) -> Job:
+        act = _model(rt, name, version)
+        req = v2.decode(body, request.headers.get(v2.HEADER), rt.settings.max_batch_elements)
+        job = rt.jobs.build(act, req.array, req.wire, req.settings, req.params, api="v2",
+                            timeout_unit_s=1e-6, where="parameters")
+        if not req.binary_output and not job.mode.amp:
+            # The output dtype is known before compute: refuse now, not after.
+            problem = v2.json_output_problem(job.compute_dtype)
+            if problem:
+                raise InvalidRequest(problem)
+        decoded.append(req)
+        return job
+
+    def encode(job: Job, result: JobResult) -> Response:
+        body, headers = v2.encode(name, decoded[0], result.array, result.dtype)
+        if compression is not None:
+            body = v2.compress(body, compression)
+            headers["Content-Encoding"] = compression
+        media = headers.pop("Content-Type")
+        return Response(body, status_code=200, media_type=media, headers=headers)
+
+    return await handle(request, "v2", name if known else None, decode, encode)
+
+
 # -- server --------------------------------------------------------------------------------
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
@@ -120,45 +161,3 @@ async def model_version_ready(name: str, version: str, request: Request) -> dict
     act = _model(rt, name, version)
     _ready(rt)
     return {"name": act.name, "ready": True}
-
-
-# -- inference ------------------------------------------------------------------------------
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor extension)")
-async def infer(name: str, request: Request) -> Response:
-    return await _infer(request, name, None)
-
-
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a model version")
-async def infer_version(name: str, version: str, request: Request) -> Response:
-    return await _infer(request, name, version)
-
-
-async def _infer(request: Request, name: str, version: str | None) -> Response:
-    rt = _runtime(request)
-    known = name in rt.registry
-    decoded: list[v2.V2Request] = []
-    compression = v2.accepted_encoding(request.headers.get("accept-encoding"))
-
-    def decode(body: bytearray) -> Job:
-        act = _model(rt, name, version)
-        req = v2.decode(body, request.headers.get(v2.HEADER), rt.settings.max_batch_elements)
-        job = rt.jobs.build(act, req.array, req.wire, req.settings, req.params, api="v2",
-                            timeout_unit_s=1e-6, where="parameters")
-        if not req.binary_output and not job.mode.amp:
-            # The output dtype is known before compute: refuse now, not after.
-            problem = v2.json_output_problem(job.compute_dtype)
-            if problem:
-                raise InvalidRequest(problem)
-        decoded.append(req)
-        return job
-
-    def encode(job: Job, result: JobResult) -> Response:
-        body, headers = v2.encode(name, decoded[0], result.array, result.dtype)
-        if compression is not None:
-            body = v2.compress(body, compression)
-            headers["Content-Encoding"] = compression
-        media = headers.pop("Content-Type")
-        return Response(body, status_code=200, media_type=media, headers=headers)
-
-    return await handle(request, "v2", name if known else None, decode, encode)
-
