@@ -4,6 +4,7 @@ a real server on 127.0.0.1. Every result equals the reference bit for bit."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import ml_dtypes
 import numpy as np
@@ -215,3 +216,23 @@ def test_aio_client(server):
     assert same_bits(bf16.as_numpy("output").view(np.uint16), expected_bf16)
     assert stats["model_stats"][0]["inference_stats"]["success"]["count"] >= 2
     assert unknown.status() == "404"
+
+
+def test_client_priority_and_timeout_reach_the_batcher(server, tc):
+    seen: list[tuple[int, float]] = []
+    observer = server.runtime.batcher.on_batch
+
+    def spy(jobs, results, wall):
+        seen.extend((j.priority, j.deadline) for j in jobs)
+        observer(jobs, results, wall)
+
+    server.runtime.batcher.on_batch = spy
+    try:
+        # the client's timeout is in microseconds: 5 s here, far below the 30 s default
+        tc.infer("relu", [make_input(sample(np.float32), "FP32")], priority=3, timeout=5_000_000)
+    finally:
+        server.runtime.batcher.on_batch = observer
+    [(priority, deadline)] = seen
+    assert priority == 3
+    remaining = deadline - time.monotonic()
+    assert 0 < remaining <= 5.0
