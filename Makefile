@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint bench bench-quick loadtest soak gpu-check clean
+.PHONY: install run test lint bench bench-quick loadtest soak audit gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ bench-quick: install
 
 loadtest: install
 	$(PY) -m loadtest.run_locust --run-time 30s $(LOADTEST_ARGS)
+
+# Reliability (docs/reliability.md): a 10-minute soak (not in CI) and a dependency audit.
+SOAK_ARGS ?=
+soak: install
+	$(PY) scripts/soak.py --duration 600 $(SOAK_ARGS)
+
+audit: install
+	$(PY) -m pip install -q pip-audit==2.10.1
+	$(PY) -m pip freeze --exclude-editable > .audit-requirements.txt
+	$(VENV)/bin/pip-audit -r .audit-requirements.txt --no-deps --disable-pip --progress-spinner off
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -19,10 +19,24 @@ from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, Unsupported
 async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytearray:
     """The whole (inflated) body, or an error: 413 over ``limit``, 408 when the client takes
     longer than ``timeout_s`` to send it."""
+    task = asyncio.current_task()
+    fired = []
+
+    def too_slow() -> None:
+        fired.append(True)
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, too_slow)  # no extra task
     try:
-        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
-    except asyncio.TimeoutError:
+        return await _read_body(request, limit)
+    except asyncio.CancelledError:
+        if not fired:
+            raise
+        if hasattr(task, "uncancel"):
+            task.uncancel()
         raise RequestTimeout(f"the request body was not received within {timeout_s:g} s") from None
+    finally:
+        timer.cancel()
 
 
 async def _read_body(request: Request, limit: int) -> bytearray:
