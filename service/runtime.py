@@ -24,6 +24,9 @@ from .stats import Sample, WindowStats
 
 log = logging.getLogger("actserve")
 
+Receive = Callable[[], Awaitable[dict]]
+WATCH_AFTER_S = 0.05  # a job waiting longer than this gets a disconnect watcher
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -67,23 +70,31 @@ class Runtime:
     # -- the request path ---------------------------------------------------------------
     async def run(self, job: Job, receive: Receive | None = None) -> JobResult:
         """Queue ``job`` and wait for its answer. With the ASGI ``receive`` channel (the body
-        already read), a client that disconnects while waiting frees its queue slot at once
-        and its work is skipped if not yet started (``ClientDisconnect`` is raised)."""
+        already read), a client that disconnects while its job waits frees its queue slot at
+        once and its work is skipped if not yet started (``ClientDisconnect`` is raised).
+        The disconnect watcher starts only once a job has waited ``WATCH_AFTER_S``: most
+        answers come sooner, and then no watcher task is ever created."""
         fut = self.batcher.submit(job)
-        watcher = None
-        if receive is not None:
-            watcher = asyncio.ensure_future(_until_disconnect(receive))
-            watcher.add_done_callback(lambda w: w.cancelled() or self.batcher.abandon(job))
+        watch: list[asyncio.Task] = []
+
+        def start_watch() -> None:
+            w = asyncio.ensure_future(_until_disconnect(receive))
+            w.add_done_callback(lambda t: t.cancelled() or self.batcher.abandon(job))
+            watch.append(w)
+
+        timer = self.loop.call_later(WATCH_AFTER_S, start_watch) if receive is not None else None
         try:
             return await fut
         except asyncio.CancelledError:
             self.batcher.abandon(job)  # the batcher skips it if it has not started
-            if watcher is not None and watcher.done() and not watcher.cancelled():
+            if watch and watch[0].done() and not watch[0].cancelled():
                 raise ClientDisconnect() from None
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if timer is not None:
+                timer.cancel()
+            if watch:
+                watch[0].cancel()
 
     def request_started(self) -> None:
         """An activation request entered ``exchange.handle``; ``record`` ends it."""
@@ -143,9 +154,6 @@ class Runtime:
         # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
         compute = ok[0].compute_s if ok and device.startswith("cuda") else wall
         c(m.compute_seconds, label, device).observe(compute)
-
-
-Receive = Callable[[], Awaitable[dict]]
 
 
 async def _until_disconnect(receive: Receive) -> None:
