@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+COLORS = {"native-binary": "tab:blue", "native-json": "tab:orange", "v2-binary": "tab:green",
+          "v2-json": "tab:red", "HTTP floor": "black", "naive FastAPI": "tab:gray"}
 SIZE_NAMES = {1024: "1K", 4096: "4K", 65536: "64K", 1048576: "1M"}
 
 
@@ -122,7 +124,7 @@ def plots(results: dict, out: Path) -> list[str]:
                 xs = [p["summary"]["rps"] for p in pts]
                 ys = [p["summary"]["p50_ms"] for p in pts]
                 style = "--" if name in ("HTTP floor", "naive FastAPI") else "-"
-                ax.plot(xs, ys, style, marker="o", label=name)
+                ax.plot(xs, ys, style, marker="o", label=name, color=COLORS.get(name))
                 for p, x, y in zip(pts, xs, ys, strict=True):
                     ax.annotate(f"c{p['concurrency']}", (x, y), fontsize=7,
                                 textcoords="offset points", xytext=(3, 3))
