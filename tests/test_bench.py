@@ -109,3 +109,16 @@ def test_quick_sweep_end_to_end(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "results.md").read_text()
     assert "## Performance bar" in md and "![modes](modes.png)" in md
+
+
+def test_profile_summary_folds_py_spy_stacks():
+    from loadtest.profile_summary import fold
+
+    raw = ["Runner.run (asyncio/runners.py:118);handle (service/exchange.py:40);"
+           "decode (service/codecs/native.py:60) 3\n",
+           "Runner.run (asyncio/runners.py:118);handle (service/exchange.py:41) 1\n",
+           "Thread.run (threading.py:982);_main (service/executor.py:93) 5\n"]
+    n, totals = fold(raw, "Runner.run")
+    assert n == 4
+    assert totals["handle [exchange.py]"] == 4 and totals["decode [native.py]"] == 3
+    assert fold(raw)[0] == 9
