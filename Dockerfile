@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# actserve images, two variants chosen by build target:
+# actserve images, chosen by build target (docs/deployment.md):
 #
-#   docker build --target cpu  -t actserve:cpu  .    # python:3.11-slim + PyTorch CPU wheels
-#   docker build --target cuda -t actserve:cuda .    # NVIDIA CUDA runtime + PyTorch CUDA wheels
+#   docker build -t actserve:cpu .                        # target cpu (the default, last stage):
+#                                                         #   python:3.11-slim + PyTorch CPU wheels
+#   docker build --target cuda -t actserve:cuda .         # NVIDIA CUDA runtime + PyTorch CUDA wheels
+#   docker build --target loadtest -t actserve:loadtest . # Locust + loadtest/ (compose "load")
 #
 # Both variants install with scripts/container_install.sh and start with
 # scripts/container_entrypoint.sh; CI runs those same two scripts outside a container
