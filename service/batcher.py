@@ -64,7 +64,6 @@ class Batcher:
         self._draining = False
         self._stopped = False
         self.on_batch: BatchObserver | None = None
-        self.on_reject: Callable[[str, Job | None], None] | None = None
 
     # -- public -----------------------------------------------------------------------
     @property
@@ -92,18 +91,13 @@ class Batcher:
             )
 
     def submit(self, job: Job) -> asyncio.Future:
-        try:
-            self.admit()
-        except (Draining, NotReady, QueueFull) as exc:
-            self._reject(exc.type, job)
-            raise
+        self.admit()
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         job.seq = next(self._seq)
         job.t_enqueue = time.perf_counter()
         delay = job.deadline - time.monotonic()
         if delay <= 0:
-            self._reject("deadline", job)
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         job.timer = loop.call_later(delay, self._expire, job)
         self._levels.setdefault(-job.priority, {}).setdefault(job.key, deque()).append(job)
@@ -219,7 +213,6 @@ class Batcher:
     def _expire(self, job: Job) -> None:
         if not self._unqueue(job):
             return  # already dispatched: its answer is on the way
-        self._reject("deadline", job)
         _resolve(job, error=DeadlineExceeded(
             "the request's deadline passed while it waited in the queue; it was not computed"
         ))
@@ -244,7 +237,3 @@ class Batcher:
             for job in self._pop_all():
                 _resolve(job, error=Unavailable("the compute executor is restarting; retry"))
         self._wakeup.set()
-
-    def _reject(self, reason: str, job: Job | None) -> None:
-        if self.on_reject is not None:
-            self.on_reject(reason, job)

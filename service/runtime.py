@@ -27,6 +27,7 @@ log = logging.getLogger("actserve")
 Receive = Callable[[], Awaitable[dict]]
 WATCH_AFTER_S = 0.05  # a job waiting longer than this gets a disconnect watcher
 
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -44,11 +45,11 @@ class Runtime:
         self.model_stats = ModelStats(self.registry.names())  # v2 statistics extension
         self.batcher.on_batch = self._observe_batch
         self.started = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         if self.metrics is not None:
             self.metrics.track_queue_depth(lambda: self.batcher.waiting)
             self.metrics.track_state(lambda: self.pool.restarts, lambda: self.ready,
                                      self._gpu_memory)
-            self.batcher.on_batch = self._observe_batch
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
