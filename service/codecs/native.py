@@ -5,6 +5,7 @@ Torch-free. Decoding validates everything a request says before it is queued.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -14,6 +15,7 @@ from ..errors import InvalidRequest, echo
 from ..options import SETTING_NAMES, check_shape, parse_shape_text
 from .jsonio import array_from_json, dumps, loads_object
 
+ZERO_COPY_BYTES = 64 * 1024
 JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
 
 
@@ -63,7 +65,7 @@ class NativeBinary:
             )
         shape = parse_shape_text(query["shape"], "shape", max_elements)
         wire = dtypes.check_name(query.get("dtype", "float32"), "dtype")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtypes.itemsize(wire)
+        expected = math.prod(shape) * dtypes.itemsize(wire)  # python ints: exact
         if len(body) != expected:
             raise InvalidRequest(
                 f"body has {len(body)} bytes but shape {list(shape)} of {wire} needs {expected}"
@@ -75,6 +77,10 @@ class NativeBinary:
         return array, wire, settings, params
 
     @staticmethod
-    def encode(array: np.ndarray, dtype: str) -> tuple[bytes, dict[str, str]]:
-        headers = {"X-Shape": ",".join(str(d) for d in array.shape), "X-Dtype": dtype}
+    def encode(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dict[str, str]]:
+        """The raw bytes and the headers. A large C-contiguous array goes out as a zero-copy
+        view (a 4 MiB copy costs about 0.4 ms); a small one is copied (cheaper than a view)."""
+        headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": dtype}
+        if array.nbytes >= ZERO_COPY_BYTES and array.flags.c_contiguous:
+            return memoryview(array.reshape(-1).view(np.uint8)), headers
         return array.tobytes(), headers
