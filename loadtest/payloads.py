@@ -195,6 +195,19 @@ def mismatch(case: Case, got: tuple[np.ndarray, str], want: tuple[np.ndarray, st
     return None
 
 
+def close(got: tuple[np.ndarray, str], want: tuple[np.ndarray, str]) -> bool:
+    """Whether two answers of one dtype agree to that dtype's precision (another device)."""
+    from service import dtypes
+
+    (g, dtype), (w, _) = got, want
+    if g.shape != w.shape:
+        return False
+    tol = {"float16": 2e-3, "bfloat16": 1.6e-2}.get(dtype, 1e-5)
+    return bool(np.allclose(dtypes.to_float(g, dtype).astype(np.float64),
+                            dtypes.to_float(w, dtype).astype(np.float64),
+                            rtol=tol, atol=tol, equal_nan=True))
+
+
 # -- helpers shared with the Locust file (kept here: importing locust patches the stdlib) --
 def weighted(spec: str) -> tuple[list[str], list[float]]:
     """``a:3,b:1`` -> (["a", "b"], [3.0, 1.0]); a missing weight is 1."""
