@@ -10,9 +10,9 @@ TARGET=${1:-/v1/activations/relu?shape=1024}
 CLIENTS=${2:-64}
 SECONDS_=${3:-8}
 command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install -y wrk" >&2; exit 2; }
-"$PY" -m py_spy --version >/dev/null 2>&1 || command -v py-spy >/dev/null ||
+SPY="$(dirname "$PY")/py-spy"
+[ -x "$SPY" ] || SPY=$(command -v py-spy) ||
     { echo "py-spy is not installed: $PY -m pip install -e '.[profile]'" >&2; exit 2; }
-SPY=$(command -v py-spy || echo "$(dirname "$PY")/py-spy")
 OUT=${OUT:-loadtest/reports/profile-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
