@@ -5,7 +5,10 @@ Locust load (loadtest/locustfile.py, which checks every answer bit for bit).
 Mid-run one replica is stopped, SIGKILL (it dies holding requests) or SIGTERM (it drains).
 No request may be lost: nginx sends a POST whose replica failed to the other one, which is
 safe because activations are pure functions of the request (``non_idempotent`` in the
-template's ``proxy_next_upstream``).
+template's ``proxy_next_upstream``). The exception is an answer the killed replica had
+already begun to send: nginx has passed its status line on and cannot retry, so that client
+sees a cut-off body. The test allows exactly as many of those as nginx logged (rare: the
+window is between a response's first and last write) and nothing else.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ RUN_TIME_LIMIT_S = 150  # Locust's own bound; the test stops it sooner (SIGTERM)
 USERS = 12
 WARM_REQUESTS = 40  # each replica serves this many before one is stopped, and the survivor
                     # this many more after it
+CUT_OFF = re.compile(r"while reading upstream,")  # the answer had begun: nginx cannot retry
 SERVED = re.compile(r'^actserve_requests_total\{[^}]*status_class="2xx"[^}]*\}\s+([0-9.eE+]+)$',
                     re.M)
 
@@ -128,6 +132,21 @@ def locust_cmd(host: str, out: Path) -> list[str]:
             "--act-sizes", "256:3,4096:1", "--act-seed", "7"]
 
 
+def locust_problems(tmp: Path) -> str:
+    """Locust's log without its statistics tables, and its exceptions report."""
+    table = re.compile(r"^(\s|-|Type |POST |GET |server-timing |Response time|\s*Aggregated)")
+    lines = [ln for ln in (tmp / "locust.log").read_text().splitlines()
+             if ln.strip() and not table.match(ln)]
+    exceptions = tmp / "locust" / "locust_exceptions.csv"
+    report = exceptions.read_text() if exceptions.exists() else "(no exceptions report)"
+    return "\n".join(lines[-60:]) + "\n" + report[-3000:]
+
+
+def locust_exception_count(tmp: Path) -> int:
+    """Exceptions raised in Locust tasks, from its log (its exceptions CSV can lag)."""
+    return len(re.findall(r"/ERROR/locust\.user\.task: ", (tmp / "locust.log").read_text()))
+
+
 def locust_totals(out: Path) -> tuple[int, int, str]:
     from loadtest.run_locust import summary
 
@@ -193,14 +212,22 @@ def test_two_replicas_behind_nginx_lose_no_request(tmp_path, stop):
     # $upstream_addr lists every replica tried: "a, b" means a failed and b answered.
     retried = [line for line in posts if ", " in line.split('"')[1]]
     print(f"\n{stop}: {requests} requests through nginx, {failures} failed; replica B served "
-          f"{served_b} before it stopped, A served {after} after; {len(retried)} retried by nginx\n"
+          f"{served_b} before it stopped, A served {after} after; {len(retried)} retried by nginx; "
+          f"{len(CUT_OFF.findall(errors))} answers cut off mid-body\n"
           + text)
 
-    assert failures == 0, text + "\n" + (tmp_path / "locust.log").read_text()[-3000:]
-    assert code == 0, (tmp_path / "locust.log").read_text()[-3000:]
+    # The one loss nginx cannot prevent: a replica killed after it had started sending its
+    # answer. nginx has passed the status line on and cannot retry; it logs "... while
+    # reading upstream" and the client gets a cut-off body (Locust: an exception in the task,
+    # not a request). Everything else must succeed.
+    cut_off = len(CUT_OFF.findall(errors))
+    exceptions = locust_exception_count(tmp_path)
+    assert failures == 0, text + "\n" + locust_problems(tmp_path)
+    assert exceptions <= cut_off, locust_problems(tmp_path) + "\n" + errors[-3000:]
+    assert code == (1 if exceptions else 0), f"Locust exited {code}\n" + locust_problems(tmp_path)
     assert requests >= 4 * WARM_REQUESTS
     # Every request Locust sent went through nginx, and every one was answered 200.
-    assert len(posts) == requests
+    assert len(posts) == requests + exceptions
     assert all(line.split()[2] == "200" for line in posts), [p for p in posts if " 200 " not in p]
     # The survivor took the work after the stop, and some requests were sent twice: the
     # first try at the stopped replica failed and nginx retried it on the other one.
@@ -210,9 +237,11 @@ def test_two_replicas_behind_nginx_lose_no_request(tmp_path, stop):
                for line in retried)
     if stop == "sigterm":
         assert code_b == 0  # drained and exited cleanly
+        assert cut_off == 0 and exceptions == 0  # a drain finishes every answer it started
     else:
         assert code_b == -signal.SIGKILL
         # At least one request was already at the killed replica (the POST had been sent)
         # when it died, and still succeeded: the non_idempotent retry.
-        assert re.search(r"(prematurely closed|reset by peer|broken pipe).*upstream", errors,
-                         re.I), errors[-2000:]
+        assert re.search(r"(prematurely closed|reset by peer|broken pipe).* while (reading "
+                         r"response header from|sending request to) upstream", errors, re.I), \
+            errors[-2000:]
