@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -52,15 +53,22 @@ def main(argv: list[str] | None = None) -> int:
                              help=f"overrides ACTSERVE_{name.upper()}")
     p_serve.add_argument("--no-metrics", dest="metrics", action="store_const", const=False,
                          default=None, help="disable Prometheus metrics and /v1/stats")
-    p_bench = sub.add_parser("bench", help="run the benchmark sweep (see loadtest/)")
+    p_bench = sub.add_parser("bench", help="run the benchmark sweep (see loadtest/)",
+                             add_help=False)  # --help goes to the sweep's own parser
     p_bench.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # bench's options belong to the sweep
+    if args.command == "serve" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         overrides = {k: getattr(args, k) for k in [*FLAGS, "metrics"]}
         return serve(load_settings(overrides))
-    from loadtest.bench import main as bench_main  # optional: only in a source checkout
+    # loadtest/ is not installed with the package: it lives beside service/ in a checkout.
+    checkout = str(Path(__file__).resolve().parents[1])
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    from loadtest.bench import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(unknown + args.rest)
 
 
 if __name__ == "__main__":

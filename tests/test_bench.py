@@ -122,3 +122,12 @@ def test_profile_summary_folds_py_spy_stacks():
     assert n == 4
     assert totals["handle [exchange.py]"] == 4 and totals["decode [native.py]"] == 3
     assert fold(raw)[0] == 9
+
+
+def test_actserve_bench_cli_reaches_the_sweep_from_anywhere(tmp_path):
+    exe = ROOT / ".venv" / "bin" / "actserve"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "service"]
+    proc = subprocess.run([*argv, "bench", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--device" in proc.stdout
