@@ -137,6 +137,13 @@ def measure_inprocess(quick: bool) -> dict:
         out["executor"][key] = {"elements_per_s": statistics.median(rates), "runs": rates,
                                 "concurrency": conc,
                                 "mean_batch_elements": runs[-1]["mean_batch_elements"]}
+    # relu is nearly free, so its ratio is all fixed cost; activations with real work:
+    out["heavier"] = {}
+    for act in ([] if quick else ["gelu", "sigmoid"]):
+        raw = inprocess.raw_torch(act, big, secs)
+        ex = inprocess.executor_path(act, [(big, 1)], secs)[0]["elements_per_s"]
+        out["heavier"][act] = {"raw_elements_per_s": raw, "executor_elements_per_s": ex,
+                               "ratio": ex / raw}
     modes = {k: v for k, v in sweep.MODES.items()}
     out["modes"] = inprocess.mode_costs(sweep.MODE_ACTIVATION, sweep.MODE_SIZE if not quick
                                         else 4096, modes, secs)

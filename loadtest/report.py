@@ -74,6 +74,10 @@ def markdown(results: dict) -> str:
             out.append(f"| relu {_size(int(size))} el: raw torch / executor path | "
                        f"{r['elements_per_s'] / 1e6:.0f} / {e.get('elements_per_s', 0) / 1e6:.0f}"
                        f" M el/s ({ratio:.2f}x) |")
+        for act, h in ip.get("heavier", {}).items():
+            out.append(f"| {act} 1M el: raw torch / executor path | "
+                       f"{h['raw_elements_per_s'] / 1e6:.0f} / {h['executor_elements_per_s'] / 1e6:.0f}"
+                       f" M el/s ({h['ratio']:.2f}x) |")
         if "131072x8" in ip["executor"]:
             e = ip["executor"]["131072x8"]
             out.append(f"| executor path, 8 x 131,072 el in flight | "
