@@ -8,9 +8,12 @@ import logging
 from fastapi import FastAPI
 
 from . import __version__, http_errors
+from .fastpath import FastPath
 from .middleware import RequestContext
+from .routes_native import activate
 from .routes_native import router as native_router
 from .routes_ops import router as ops_router
+from .routes_v2 import infer, infer_version
 from .routes_v2 import router as v2_router
 from .runtime import Runtime
 from .settings import Settings
@@ -46,6 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
+    # Innermost first: the fast path sits inside the request context (ids, auth, logs).
+    app.add_middleware(FastPath, routes=[
+        (r"/v1/activations/(?P<name>[^/]+)", activate),
+        (r"/v2/models/(?P<name>[^/]+)/infer", infer),
+        (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
+    ])
     app.add_middleware(RequestContext, log_requests=settings.access_log,
                        api_keys=settings.api_key_list)
     if settings.cors_origin_list:
