@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType, echo
 
@@ -51,10 +51,16 @@ async def _read_body(request: Request, limit: int) -> bytearray:
                 f"body of {size} bytes is over the server's max_request_bytes={limit}"
             )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    receive = request.receive  # the ASGI channel itself: no stream wrapper per request
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
         if len(body) > limit:
             raise RequestTooLarge(f"body is over the server's max_request_bytes={limit}")
+        if not message.get("more_body", False):
+            break
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body

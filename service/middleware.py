@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import re
 import time
@@ -34,6 +35,10 @@ class RequestContext:
         self.app = app
         self.log_requests = log_requests
         self.api_keys = [k.encode() for k in api_keys]
+        # Generated ids: a random per-process prefix and a counter (unique, and cheaper
+        # than a uuid4 per request).
+        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._ids = itertools.count(1)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -45,7 +50,7 @@ class RequestContext:
                 text = value.decode("latin-1")
                 rid = text if _ID_RE.match(text) else None
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or f"{self._id_prefix}{next(self._ids):x}"
         ctx = {"request_id": rid, "log": {}}
         scope["actserve"] = ctx
         status_box = [500]

@@ -33,9 +33,11 @@ def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
             raise InvalidRequest(f"{where}: shape dimensions must be integers >= 0, got {echo(raw)}")
         dims.append(d)
         total *= d  # python ints: no overflow
-    if total > max_elements:
+    # every dimension is bounded too: (0, 2**64) has no elements but no array can hold it
+    if total > max_elements or any(d > max_elements for d in dims):
+        what = f"{total} elements" if total > max_elements else f"a dimension of {max(dims)}"
         raise RequestTooLarge(
-            f"{where}: shape {echo(raw)} has {total} elements, over the server's "
+            f"{where}: shape {echo(raw)} has {what}, over the server's "
             f"max_batch_elements={max_elements}"
         )
     return tuple(dims)

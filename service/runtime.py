@@ -46,8 +46,10 @@ class Runtime:
         self.batcher.on_batch = self._observe_batch
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self.inflight = 0  # activation requests being handled
         if self.metrics is not None:
             self.metrics.track_queue_depth(lambda: self.batcher.waiting)
+            self.metrics.inflight.set_function(lambda: self.inflight)
             self.metrics.track_state(lambda: self.pool.restarts, lambda: self.ready,
                                      self._gpu_memory)
 
@@ -98,18 +100,18 @@ class Runtime:
                 watch[0].cancel()
 
     def request_started(self) -> None:
-        """An activation request entered ``exchange.handle``; ``record`` ends it."""
-        if self.metrics is not None:
-            self.metrics.inflight.inc()
+        """An activation request entered ``exchange.handle``; ``record`` ends it. A plain
+        int read at scrape time: no lock on the request path."""
+        self.inflight += 1
 
     def record(self, api: str, activation: str | None, status: int, *, total: float,
                decode: float = 0.0, encode: float = 0.0, job: Job | None = None,
                result: JobResult | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
         self.model_stats.request(activation, status, total, result)
+        self.inflight -= 1
         m = self.metrics
         if m is None:
             return
-        m.inflight.dec()
         c = m.child
         label = m.activation_label(activation)
         cls = status_class(status)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -91,20 +92,29 @@ def client(server) -> Iterator[httpx.Client]:
         yield c
 
 
+SUBPROCESS_LOGS: list[Path] = []
+
+
 @contextmanager
 def subprocess_server(env_overrides: dict | None = None, port: int | None = None):
     """``python -m service serve`` as a child process; yields (process, url)."""
     port = port or free_port()
     env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_HOST": "127.0.0.1",
            "ACTSERVE_ACCESS_LOG": "false", **(env_overrides or {})}
+    # The server's output goes to a file (a pipe nobody reads could fill and stall it);
+    # SUBPROCESS_LOGS lists the files so a failing test can show them.
+    log_path = Path(tempfile.mkstemp(prefix=f"actserve-{port}-", suffix=".log")[1])
+    SUBPROCESS_LOGS.append(log_path)
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path  # the server's output so far: proc.log_path.read_text()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
@@ -118,7 +128,7 @@ def subprocess_server(env_overrides: dict | None = None, port: int | None = None
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        proc.stdout.close()
+        log.close()
 
 
 # -- the reference ----------------------------------------------------------------------

@@ -118,6 +118,14 @@ def test_413_shape_over_batch_limit_refused_before_allocation(client, server):
     _err(r, 413, "max_batch_elements")
 
 
+@pytest.mark.parametrize("shape", ["0,18446744073709551616", "9223372036854775808,0"])
+def test_413_empty_shape_with_a_huge_dimension(client, shape):
+    """No elements, but no array could hold that dimension: refused, never a 500 (found by
+    tests/test_fuzz.py)."""
+    r = client.post("/v1/activations/relu", params={"shape": shape}, content=b"", headers=BIN)
+    _err(r, 413, "a dimension of")
+
+
 def test_gzip_body_and_inflate_limit():
     import gzip
 
