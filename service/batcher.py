@@ -36,6 +36,9 @@ from .job import Job, JobResult
 from .pool import ExecutorPool
 from .settings import Settings
 
+SWEEP_S = 0.005  # deadline resolution: a job is answered 504 at most this late
+_EXPIRED = "the request's deadline passed while it waited in the queue; it was not computed"
+
 BatchObserver = Callable[[list[Job], list, float], None]
 
 
@@ -61,6 +64,7 @@ class Batcher:
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self._draining = False
         self._stopped = False
         self.on_batch: BatchObserver | None = None
@@ -96,10 +100,10 @@ class Batcher:
         job.future = loop.create_future()
         job.seq = next(self._seq)
         job.t_enqueue = time.perf_counter()
-        delay = job.deadline - time.monotonic()
-        if delay <= 0:
+        if job.deadline <= time.monotonic():
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
-        job.timer = loop.call_later(delay, self._expire, job)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         self._levels.setdefault(-job.priority, {}).setdefault(job.key, deque()).append(job)
         self._waiting += 1
         self.submitted += 1
@@ -126,6 +130,9 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for job in self._pop_all():
             _resolve(job, error=Unavailable("the server stopped before computing this request"))
         await self.pool.stop()
@@ -148,6 +155,7 @@ class Batcher:
     def _take(self) -> list[Job]:
         """Pop the head job (highest priority, oldest) and its compatible followers."""
         s = self.settings
+        now = time.monotonic()
         while self._levels:
             level = min(self._levels)
             queues = self._levels[level]
@@ -161,8 +169,10 @@ class Batcher:
                     break
                 q.popleft()
                 self._waiting -= 1
-                job.timer.cancel()
                 if job.future.done():  # cancelled by its client: skip, never compute
+                    continue
+                if job.deadline <= now:  # expired since the last sweep: never compute
+                    _resolve(job, error=DeadlineExceeded(_EXPIRED))
                     continue
                 batch.append(job)
                 elements += job.numel
@@ -182,8 +192,6 @@ class Batcher:
 
     def _pop_all(self) -> list[Job]:
         jobs = [j for queues in self._levels.values() for q in queues.values() for j in q]
-        for j in jobs:
-            j.timer.cancel()
         self._levels.clear()
         self._waiting = 0
         return jobs
@@ -191,8 +199,7 @@ class Batcher:
     def abandon(self, job: Job) -> None:
         """The client went away: free its queue slot now and never compute it. A job
         already dispatched finishes; its answer is dropped."""
-        if self._unqueue(job):
-            job.timer.cancel()
+        self._unqueue(job)
         if job.future is not None and not job.future.done():
             job.future.cancel()
 
@@ -210,12 +217,27 @@ class Batcher:
         return True
 
     # -- callbacks ----------------------------------------------------------------------
-    def _expire(self, job: Job) -> None:
-        if not self._unqueue(job):
-            return  # already dispatched: its answer is on the way
-        _resolve(job, error=DeadlineExceeded(
-            "the request's deadline passed while it waited in the queue; it was not computed"
-        ))
+    def _sweep(self) -> None:
+        """Answer 504 to every waiting job whose deadline has passed. One timer for the
+        whole queue, every ``SWEEP_S`` while jobs wait (no timer per job); ``_take`` also
+        drops jobs that expired since the last sweep, so none is computed late."""
+        self._sweeper = None
+        now = time.monotonic()
+        for level in list(self._levels):
+            queues = self._levels[level]
+            for key in list(queues):
+                q = queues[key]
+                expired = [j for j in q if j.deadline <= now]
+                for job in expired:
+                    q.remove(job)
+                    self._waiting -= 1
+                    _resolve(job, error=DeadlineExceeded(_EXPIRED))
+                if not q:
+                    del queues[key]
+            if not queues:
+                del self._levels[level]
+        if self._waiting:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
 
     def _batch_done(self, ex: Executor, jobs: list[Job], results: list, wall: float) -> None:
         for job, res in zip(jobs, results, strict=True):

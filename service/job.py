@@ -35,7 +35,6 @@ class Job:
     seq: int = 0
     t_enqueue: float = 0.0
     t_dispatch: float = 0.0
-    timer: asyncio.TimerHandle | None = None
     # fault injection for tests (only honoured when the server enables it)
     fault: str | None = None
 

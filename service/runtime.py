@@ -25,7 +25,7 @@ from .stats import Sample, WindowStats
 log = logging.getLogger("actserve")
 
 Receive = Callable[[], Awaitable[dict]]
-WATCH_AFTER_S = 0.05  # a job waiting longer than this gets a disconnect watcher
+WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
 
 
 class Runtime:
