@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .loop_metrics import LoopCounter, LoopHistogram
 
 # Tens of microseconds up to seconds.
 LATENCY_BUCKETS = (
@@ -100,45 +102,45 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._known = set(activations)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "actserve_requests_total", "Activation requests answered",
             ["activation", "api", "status_class"], registry=r)
-        self.request_seconds = Histogram(
+        self.request_seconds = LoopHistogram(
             "actserve_request_duration_seconds", "Request time from body read to response",
             ["activation", "api", "status_class"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_seconds = Histogram(
+        self.queue_seconds = LoopHistogram(
             "actserve_queue_wait_seconds", "Time a request waited for its batch to start",
             ["activation"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram(
+        self.compute_seconds = LoopHistogram(
             "actserve_compute_seconds", "Compute time of a batch (CUDA events on GPU)",
             ["activation", "device"], buckets=LATENCY_BUCKETS, registry=r)
-        self.decode_seconds = Histogram(
+        self.decode_seconds = LoopHistogram(
             "actserve_decode_seconds", "Body read, decode and validation time of requests "
             "that decoded", ["api"], buckets=LATENCY_BUCKETS, registry=r)
-        self.encode_seconds = Histogram(
+        self.encode_seconds = LoopHistogram(
             "actserve_encode_seconds", "Response encode time",
             ["api"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_requests = Histogram(
+        self.batch_requests = LoopHistogram(
             "actserve_batch_size_requests", "Requests per executed batch",
             ["activation"], buckets=REQUEST_BUCKETS, registry=r)
-        self.batch_elements = Histogram(
+        self.batch_elements = LoopHistogram(
             "actserve_batch_size_elements", "Elements per executed batch",
             ["activation"], buckets=ELEMENT_BUCKETS, registry=r)
-        self.batches = Counter(
+        self.batches = LoopCounter(
             "actserve_batches_total", "Batches executed", ["activation", "device"], registry=r)
         self.queue_depth = Gauge(
             "actserve_queue_depth", "Requests waiting for a batch", registry=r)
         self.inflight = Gauge(
             "actserve_inflight_requests", "Activation requests being handled", registry=r)
-        self.bytes_in = Counter(
+        self.bytes_in = LoopCounter(
             "actserve_request_bytes_total", "Request body bytes (after Content-Encoding)",
             ["api"], registry=r)
-        self.bytes_out = Counter(
+        self.bytes_out = LoopCounter(
             "actserve_response_bytes_total", "Response body bytes of answered requests",
             ["api"], registry=r)
-        self.rejections = Counter(
+        self.rejections = LoopCounter(
             "actserve_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
-        self.inplace_saved = Counter(
+        self.inplace_saved = LoopCounter(
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
         self._children: dict[tuple, object] = {}

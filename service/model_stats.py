@@ -29,7 +29,8 @@ class Duration:
 
     def add(self, seconds: float) -> None:
         self.count += 1
-        self.ns += max(0, round(seconds * NS))
+        if seconds > 0:
+            self.ns += int(seconds * NS + 0.5)
 
     def asdict(self) -> dict:
         return {"count": self.count, "ns": self.ns}
