@@ -1,6 +1,6 @@
 """One compute thread per device: the only place torch runs.
 
-The thread takes work from a plain ``queue.Queue`` and hands results back to the event loop
+The thread takes work from a plain ``queue.SimpleQueue`` and hands results back to the event loop
 with ``loop.call_soon_threadsafe``; it never touches any other asyncio object. If the thread
 dies (an exception escapes the loop below), ``on_death`` is scheduled on the event loop with
 the batch it was holding, so the loop side can answer those waiters and start a new
@@ -40,7 +40,7 @@ class Executor:
         self.index = index
         self.torch_threads = torch_threads
         self.fault_injection = fault_injection
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # C-level put/get: a cheaper hop
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: BatchDone | None = None
