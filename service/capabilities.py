@@ -16,7 +16,6 @@ from .job import Mode
 class Capabilities:
     def __init__(self) -> None:
         self._failures: dict[tuple, str] = {}
-        self.probed = False
 
     @staticmethod
     def key(name: str, compute_dtype: str, mode: Mode) -> tuple:
@@ -24,7 +23,6 @@ class Capabilities:
 
     def record(self, failures: dict[tuple, str]) -> None:
         self._failures.update(failures)
-        self.probed = True
 
     def check(self, activation: Activation, compute_dtype: str, mode: Mode) -> None:
         if mode.inplace and not activation.supports_inplace:

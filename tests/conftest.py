@@ -95,6 +95,23 @@ def client(server) -> Iterator[httpx.Client]:
 SUBPROCESS_LOGS: list[Path] = []
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str,
+               output=lambda: "") -> None:
+    """Poll ``url`` until it answers 200; fail with the child's output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {output()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become ready at {url}")
+        time.sleep(0.05)
+
+
 @contextmanager
 def subprocess_server(env_overrides: dict | None = None, port: int | None = None):
     """``python -m service serve`` as a child process; yields (process, url)."""
@@ -111,18 +128,7 @@ def subprocess_server(env_overrides: dict | None = None, port: int | None = None
     proc.log_path = log_path  # the server's output so far: proc.log_path.read_text()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.05)
+        wait_ready(proc, url + "/readyz", 90, "actserve", lambda: log_path.read_text())
         yield proc, url
     finally:
         if proc.poll() is None:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ROOT, free_port, serve
+from .conftest import ROOT, free_port, serve, wait_ready
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
@@ -120,16 +120,8 @@ def prometheus(tmp_path: Path, target: str):
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            try:
-                if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.05)
+        wait_ready(proc, url + "/-/ready", 60, "prometheus",
+                   lambda: (tmp_path / "prometheus.log").read_text())
         yield url
     finally:
         proc.terminate()

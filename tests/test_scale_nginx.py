@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, free_port, subprocess_server
+from .conftest import ROOT, free_port, subprocess_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -86,18 +86,7 @@ def nginx(tmp: Path, upstreams: list[str]):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/lb/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start listening")
-            time.sleep(0.05)
+        wait_ready(proc, url + "/lb/healthz", 30, "nginx", lambda: proc.stderr.read().decode())
         yield url
     finally:
         proc.terminate()
