@@ -46,10 +46,11 @@ def raw_torch(activation: str, size: int, seconds: float) -> float:
         return _best_rate(lambda: act.apply(x, False, params), size, seconds)
 
 
-def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float) -> list[dict]:
+def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float,
+                  device: str = "cpu") -> list[dict]:
     """Elements/s through ``Runtime.run`` (job build, batcher, compute thread, result back on
     the loop), for each ``(size, concurrency)`` in ``loads``: ``concurrency`` jobs of ``size``
-    elements kept in flight. One runtime serves every load."""
+    elements kept in flight. One runtime on ``device`` serves every load."""
     from service.runtime import Runtime
     from service.settings import Settings
 
@@ -77,7 +78,7 @@ def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float)
                 "mean_batch_elements": float(np.mean(batches)) if batches else 0.0}
 
     async def main() -> list[dict]:
-        rt = Runtime(Settings(metrics=False, access_log=False))
+        rt = Runtime(Settings(metrics=False, access_log=False, device=device))
         await rt.start()
         try:
             act = rt.registry.get(activation)

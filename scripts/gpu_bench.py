@@ -10,10 +10,13 @@ import time
 import numpy as np
 import torch
 
-from service import dtypes
-from service.activations import Registry
-from service.compute import TORCH_DTYPES, DeviceCompute
-from service.job import Job, Mode
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from loadtest import inprocess  # noqa: E402
+from service import dtypes  # noqa: E402
+from service.activations import Registry  # noqa: E402
+from service.compute import TORCH_DTYPES, DeviceCompute  # noqa: E402
+from service.job import Job, Mode  # noqa: E402
 
 N = 1 << 20  # elements per request
 REQUESTS = 16  # requests per batch
@@ -66,7 +69,8 @@ def main() -> int:
 
             t_raw = _bench(raw)
             host = torch.empty(N * REQUESTS, dtype=TORCH_DTYPES[wire], pin_memory=True)
-            t_copy = _bench(lambda: host.to(dev, non_blocking=True).to("cpu"))
+            back = torch.empty_like(host, pin_memory=True)  # pinned both ways, as the executor
+            t_copy = _bench(lambda: back.copy_(host.to(dev, non_blocking=True), non_blocking=True))
             elems = N * REQUESTS
             rows.append((name, wire, amp, inplace, elems / t_exec / 1e9, elems / t_raw / 1e9,
                          elems / t_copy / 1e9, peak / 2**20))
@@ -76,7 +80,35 @@ def main() -> int:
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | "
               f"{r[7]:.0f} |")
+    runtime_path(dev, reg)
     return 0
+
+
+def runtime_path(dev: torch.device, reg: Registry) -> None:
+    """The whole in-process path (job build, batcher, compute thread, CUDA, result back on the
+    event loop) against raw torch doing the same host -> device -> activation -> host trip."""
+    print()
+    print("| activation | elements per request | in flight | Runtime.run Gelem/s | "
+          "raw torch H2D+act+D2H Gelem/s | ratio | mean batch elements |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("relu", "gelu"):
+        act = reg.get(name)
+        params = act.parse_params({})
+        loads = [(1 << 20, 1), (1 << 20, 8), (1 << 16, 64)]
+        for res in inprocess.executor_path(name, loads, 1.5, device=str(dev)):
+            size = res["size"]
+            host = torch.from_numpy(np.random.default_rng(size).standard_normal(size)
+                                    .astype(np.float32))
+
+            def raw(host=host):
+                with torch.inference_mode():
+                    return act.apply(host.to(dev), False, params).cpu()
+
+            t_raw = _bench(raw)
+            raw_rate = size / t_raw / 1e9
+            ex = res["elements_per_s"] / 1e9
+            print(f"| {name} | {size:,} | {res['concurrency']} | {ex:.2f} | {raw_rate:.2f} | "
+                  f"{ex / raw_rate:.2f} | {res['mean_batch_elements']:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,5 +15,10 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-timeout 120 $PY scripts/gpu_bench.py | tee "${OUT:-/tmp}/gpu_bench.md"
+OUTDIR=${OUT:-/tmp}
+status=0  # every step runs even when an earlier one fails: one GPU run should tell all
+timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  | tee "$OUTDIR/gpu_tests.log" || status=1
+timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
+timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
+exit $status
