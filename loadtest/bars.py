@@ -55,6 +55,11 @@ def evaluate(results: dict) -> list[dict]:
             if raw and ex:
                 row["value"] = ex / raw
                 row["detail"] = f"{ex / 1e6:.0f} vs {raw / 1e6:.0f} M el/s"
+                held = ip.get("raw_held", {}).get(str(M), {}).get("elements_per_s")
+                ex4 = ip.get("executor", {}).get(f"{M}x4", {}).get("elements_per_s")
+                if held and ex4:
+                    row["detail"] += (f"; 4 in flight {ex4 / 1e6:.0f}; raw with outputs held "
+                                      f"{held / 1e6:.0f} ({ex4 / held:.2f}x)")
         else:
             a = _find(cells, bar.a)
             b = _find(cells, bar.b) if bar.b else None

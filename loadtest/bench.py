@@ -121,16 +121,19 @@ def measure_inprocess(quick: bool) -> dict:
         "raw": {}, "executor": {},
     }
     repeats = 1 if quick else 3
-    loads = [(small, 1), (big, 1)] + ([] if quick else [(big // 8, 8)])
+    loads = [(small, 1), (big, 1)] + ([] if quick else [(big // 8, 8), (big, 4)])
     raws: dict[int, list[float]] = {small: [], big: []}
+    held: list[float] = []
     execs: dict[tuple, list[dict]] = {load: [] for load in loads}
     for _ in range(repeats):  # interleaved repeats: the machine may be shared
         for size in raws:
             raws[size].append(inprocess.raw_torch("relu", size, secs))
+        held.append(inprocess.raw_torch("relu", big, secs, held=True))
         for res in inprocess.executor_path("relu", loads, secs):
             execs[(res["size"], res["concurrency"])].append(res)
     for size, rates in raws.items():
         out["raw"][str(size)] = {"elements_per_s": statistics.median(rates), "runs": rates}
+    out["raw_held"] = {str(big): {"elements_per_s": statistics.median(held), "runs": held}}
     for (size, conc), runs in execs.items():
         key = str(size) if conc == 1 else f"{size}x{conc}"
         rates = [r["elements_per_s"] for r in runs]

@@ -32,8 +32,13 @@ def copy_bandwidth(seconds: float, nbytes: int = 64 << 20) -> dict:
     return {"bytes": nbytes, "copy_GBps": rate * 4 / 1e9, "float32_elements_per_s": rate}
 
 
-def raw_torch(activation: str, size: int, seconds: float) -> float:
-    """Elements/s of the registry's activation called straight on a float32 tensor."""
+def raw_torch(activation: str, size: int, seconds: float, held: bool = False) -> float:
+    """Elements/s of the registry's activation called straight on a float32 tensor.
+
+    A tight loop drops each output before the next call, so the allocator hands the same,
+    cache-hot buffer back every time. With ``held`` each output lives until the next one
+    exists (as a server's answer does until it is sent), so outputs alternate between two
+    buffers: the cost of fresh output memory, still without any serving machinery."""
     import torch
 
     from service.activations import Registry
@@ -42,7 +47,14 @@ def raw_torch(activation: str, size: int, seconds: float) -> float:
     act = Registry().get(activation)
     x = torch.from_numpy(np.random.default_rng(size).standard_normal(size).astype(np.float32))
     params = act.parse_params({})
+    last: list = [None]
+
+    def call_held() -> None:
+        last[0] = act.apply(x, False, params)  # the previous output is freed only now
+
     with torch.inference_mode():
+        if held:
+            return _best_rate(call_held, size, seconds)
         return _best_rate(lambda: act.apply(x, False, params), size, seconds)
 
 

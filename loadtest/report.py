@@ -78,10 +78,15 @@ def markdown(results: dict) -> str:
             out.append(f"| {act} 1M el: raw torch / executor path | "
                        f"{h['raw_elements_per_s'] / 1e6:.0f} / {h['executor_elements_per_s'] / 1e6:.0f}"
                        f" M el/s ({h['ratio']:.2f}x) |")
-        if "131072x8" in ip["executor"]:
-            e = ip["executor"]["131072x8"]
-            out.append(f"| executor path, 8 x 131,072 el in flight | "
-                       f"{e['elements_per_s'] / 1e6:.0f} M el/s |")
+        held = ip.get("raw_held", {}).get(str(1 << 20))
+        if held:
+            out.append(f"| relu 1M el: raw torch, each output held until the next exists | "
+                       f"{held['elements_per_s'] / 1e6:.0f} M el/s |")
+        for key, label in (("131072x8", "8 x 131,072 el"), ("1048576x4", "4 x 1,048,576 el")):
+            if key in ip["executor"]:
+                e = ip["executor"][key]
+                out.append(f"| executor path, {label} in flight | "
+                           f"{e['elements_per_s'] / 1e6:.0f} M el/s |")
         out += ["", "| mode (silu) | ms / request | bytes allocated | output dtype |",
                 "| --- | ---: | ---: | --- |"]
         for mode, m in ip.get("modes", {}).items():

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from . import dtypes
-from .codecs.native import NativeBinary, NativeJson
+from .codecs.native import NativeBinary, NativeJson, parse_query
 from .errors import UnsupportedMediaType, echo
 from .exchange import handle
 from .job import Job, JobResult
@@ -58,7 +58,8 @@ async def activate(name: str, request: Request) -> Response:
     if ctype in BINARY_TYPES:
         def decode(body: bytearray) -> Job:
             act = rt.registry.get(name)
-            array, wire, settings, params = NativeBinary.decode(body, request.query_params, max_el)
+            query = parse_query(request.scope["query_string"])
+            array, wire, settings, params = NativeBinary.decode(body, query, max_el)
             return rt.jobs.build(act, array, wire, settings, params, api="native")
 
         def encode(job: Job, result: JobResult) -> Response:

@@ -212,6 +212,12 @@ def test_cors_is_off_by_default_and_on_when_listed(client):
         r = httpx.options(srv.url + "/v1/activations/relu",
                           headers={**pre, "origin": "https://app.example"})
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+        # the hot routes' fast path sits inside CORS too: the answer itself carries it
+        r = httpx.post(srv.url + "/v1/activations/relu", params={"shape": "2"},
+                       content=np.ones(2, "<f4").tobytes(),
+                       headers={**BIN, "origin": "https://app.example"})
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_error_messages_echo_only_a_bounded_slice_of_input(client):

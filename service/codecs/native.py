@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -16,6 +17,22 @@ from ..options import SETTING_NAMES, check_shape, parse_shape_text
 from .jsonio import array_from_json, dumps, loads_object
 
 ZERO_COPY_BYTES = 64 * 1024
+
+
+def parse_query(raw: bytes) -> dict[str, str]:
+    """An ASGI ``query_string`` as a dict, the last value of a repeated name winning: the
+    same mapping as Starlette's ``request.query_params``. Plain ``a=1&b=2`` strings (the
+    usual case) are split directly; anything escaped goes through ``parse_qsl``."""
+    text = raw.decode("latin-1")
+    if "%" in text or "+" in text:
+        return dict(parse_qsl(text, keep_blank_values=True))
+    out = {}
+    for part in text.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            out[name] = value
+    return out
+
 JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
 
 
