@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One answered request (the window keeps it as a plain tuple, see ``add``)."""
+
     t: float
     latency: float
     queue: float
@@ -30,14 +31,18 @@ class WindowStats:
     def __init__(self, window_s: float, max_samples: int = 50_000) -> None:
         self.window_s = window_s
         self.max_samples = max_samples
-        self._samples: dict[str, deque[Sample]] = {}
+        self._samples: dict[str, deque[tuple]] = {}
         self.started = time.monotonic()
 
     def add(self, activation: str, sample: Sample) -> None:
         q = self._samples.get(activation)
         if q is None:
             q = self._samples[activation] = deque(maxlen=self.max_samples)
-        q.append(sample)
+        # A plain tuple of numbers: the garbage collector stops tracking it at its first
+        # collection, so a full window (up to max_samples per activation) adds nothing to
+        # the full collections' walk. Kept as Sample objects (tracked), 50,000 of them made
+        # every gen-2 pause longer and metrics-on serving ~10 % slower.
+        q.append(tuple(sample))
 
     def snapshot(self) -> dict:
         now = time.monotonic()
@@ -45,22 +50,23 @@ class WindowStats:
         span = min(self.window_s, now - self.started) or 1e-9
         out = {}
         for name, q in self._samples.items():
-            while q and q[0].t < horizon:
+            while q and q[0][0] < horizon:
                 q.popleft()
             if not q:
                 continue
-            lat = np.fromiter((s.latency for s in q), float, len(q))
-            que = np.fromiter((s.queue for s in q), float, len(q))
-            comp = np.fromiter((s.compute for s in q), float, len(q))
-            elements = sum(s.elements for s in q)
+            rows = [Sample(*row) for row in q]
+            lat = np.fromiter((s.latency for s in rows), float, len(rows))
+            que = np.fromiter((s.queue for s in rows), float, len(rows))
+            comp = np.fromiter((s.compute for s in rows), float, len(rows))
+            elements = sum(s.elements for s in rows)
             out[name] = {
-                "requests": len(q),
+                "requests": len(rows),
                 "window_s": round(span, 3),
-                "requests_per_s": round(len(q) / span, 3),
+                "requests_per_s": round(len(rows) / span, 3),
                 "elements_per_s": round(elements / span, 3),
-                "mean_batch_requests": round(float(np.mean([s.batch_requests for s in q])), 3),
-                "mean_batch_elements": round(float(np.mean([s.batch_elements for s in q])), 3),
-                "inplace_saved_bytes": sum(s.inplace_saved for s in q),
+                "mean_batch_requests": round(float(np.mean([s.batch_requests for s in rows])), 3),
+                "mean_batch_elements": round(float(np.mean([s.batch_elements for s in rows])), 3),
+                "inplace_saved_bytes": sum(s.inplace_saved for s in rows),
                 "latency_ms": _percentiles(lat),
                 "queue_ms": _percentiles(que),
                 "compute_ms": _percentiles(comp),

@@ -333,3 +333,18 @@ def test_gpu_memory_and_cuda_event_compute_are_exported():
     assert value(m, "actserve_gpu_memory_allocated_bytes", device="cuda:0") >= 0
     assert (value(m, "actserve_gpu_memory_peak_bytes", device="cuda:0")
             >= value(m, "actserve_gpu_memory_allocated_bytes", device="cuda:0"))
+
+
+def test_stats_window_adds_nothing_to_the_garbage_collectors_walk():
+    """A full /v1/stats window holds up to 50,000 samples per activation; kept as tracked
+    objects they lengthened every full collection (and the latency tail)."""
+    import gc
+
+    from service.stats import Sample, WindowStats
+
+    window = WindowStats(60)
+    for i in range(2000):
+        window.add("relu", Sample(time.monotonic(), i / 1000, 0.0, 0.0, 1024, 1, 0, 1024))
+    gc.collect()
+    assert not any(gc.is_tracked(s) for s in window._samples["relu"])
+    assert window.snapshot()["relu"]["requests"] == 2000
