@@ -67,6 +67,10 @@ def evaluate(results: dict) -> list[dict]:
                 if bar.kind == "ratio":
                     row["value"] = a["rps"] / b["rps"] if b["rps"] else None
                     row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
+                    echo = _find(cells, ("echo", *bar.b[1:]))
+                    if echo is not None and echo["rps"]:
+                        row["detail"] += (f"; echo (same bytes back) {echo['rps']:.0f} req/s, "
+                                          f"actserve {a['rps'] / echo['rps']:.2f}x of it")
                 elif bar.kind == "p50_gap":
                     row["value"] = a["p50_ms"] - b["p50_ms"]
                     row["detail"] = f"{a['p50_ms']:.3f} vs {b['p50_ms']:.3f} ms"

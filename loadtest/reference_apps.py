@@ -5,8 +5,11 @@
   figure is divided by.
 * ``naive``: the FastAPI endpoint one writes first: a pydantic model with a list of floats,
   one torch call per request, the list sent back.
+* ``echo``: reads the body and sends it back unchanged: the same bytes each way as a binary
+  activation answer, with no work at all. For large tensors it shows how much of the gap to
+  the floor is only the answer's size.
 
-Run one with ``python -m loadtest.reference_apps floor|naive --port N``.
+Run one with ``python -m loadtest.reference_apps floor|naive|echo --port N``.
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations.
 """
@@ -29,6 +32,20 @@ def floor_app():
         body = await request.body()
         return Response(CONSTANT, media_type="application/json",
                         headers={"X-Body-Bytes": str(len(body))})
+
+    @app.get("/readyz")
+    async def ready() -> dict:
+        return {"status": "ready"}
+
+    return app
+
+
+def echo_app():
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/{path:path}")
+    async def echo(path: str, request: Request) -> Response:
+        return Response(await request.body(), media_type="application/octet-stream")
 
     @app.get("/readyz")
     async def ready() -> dict:
@@ -61,7 +78,7 @@ def naive_app():
     return app
 
 
-APPS = {"floor": floor_app, "naive": naive_app}
+APPS = {"floor": floor_app, "naive": naive_app, "echo": echo_app}
 
 
 def main(argv: list[str] | None = None) -> int:

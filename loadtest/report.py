@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 COLORS = {"native-binary": "tab:blue", "native-json": "tab:orange", "v2-binary": "tab:green",
-          "v2-json": "tab:red", "HTTP floor": "black", "naive FastAPI": "tab:gray"}
+          "v2-json": "tab:red", "HTTP floor": "black", "naive FastAPI": "tab:gray",
+          "HTTP echo": "tab:brown"}
+REFERENCE_NAMES = {"floor": "HTTP floor", "naive": "naive FastAPI", "echo": "HTTP echo"}
 SIZE_NAMES = {1024: "1K", 4096: "4K", 65536: "64K", 1048576: "1M"}
 
 
@@ -56,7 +58,7 @@ def markdown(results: dict) -> str:
     groups = {}
     for c in results["cells"]:
         groups.setdefault(c["group"], []).append(c)
-    titles = {"reference": "References (HTTP floor, naive FastAPI)", "grid": "actserve grid",
+    titles = {"reference": "References (HTTP floor, HTTP echo, naive FastAPI)", "grid": "actserve grid",
               "batching": "Batching off (max_batch_requests=1)",
               "metrics": "Metrics off (--no-metrics)", "modes": "Compute modes"}
     for g in ("reference", "grid", "batching", "metrics", "modes"):
@@ -125,14 +127,13 @@ def plots(results: dict, out: Path) -> list[str]:
             series: dict[str, list[dict]] = {}
             for c in plain:
                 if c["size"] == size:
-                    name = {"floor": "HTTP floor", "naive": "naive FastAPI"}.get(c["server"],
-                                                                                 c["protocol"])
+                    name = REFERENCE_NAMES.get(c["server"], c["protocol"])
                     series.setdefault(name, []).append(c)
             for name, pts in sorted(series.items()):
                 pts.sort(key=lambda c: c["concurrency"])
                 xs = [p["summary"]["rps"] for p in pts]
                 ys = [p["summary"]["p50_ms"] for p in pts]
-                style = "--" if name in ("HTTP floor", "naive FastAPI") else "-"
+                style = "--" if name in REFERENCE_NAMES.values() else "-"
                 ax.plot(xs, ys, style, marker="o", label=name, color=COLORS.get(name))
                 for p, x, y in zip(pts, xs, ys, strict=True):
                     ax.annotate(f"c{p['concurrency']}", (x, y), fontsize=7,

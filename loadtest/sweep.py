@@ -39,7 +39,8 @@ SERVERS = {
     "actserve-nometrics": {"metrics": False},
     "actserve-batch1": {"max_batch_requests": 1},
 }
-REFERENCES = ("floor", "naive")
+REFERENCES = ("floor", "naive", "echo")
+ECHO_FROM = 65536  # the echo reference runs for sizes where the answer's size matters
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class Cell:
     @property
     def key(self) -> str:
         c = self.case
-        proto = {"floor": "floor-binary", "naive": "naive-json"}.get(self.server, c.protocol)
+        proto = {"floor": "floor-binary", "naive": "naive-json",
+                 "echo": "echo-binary"}.get(self.server, c.protocol)
         server = "" if self.server in ("actserve", *REFERENCES) else f"[{self.server}] "
         mode = f" {self.mode}" if self.mode else ""
         act = f" {c.activation}" if self.group == "modes" else ""
@@ -86,6 +88,7 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         ("actserve", "native-binary", 1048576, 8), ("naive", "native-json", 1048576, 8),
         ("actserve", "native-json", 1048576, 8), ("floor", "native-binary", 1024, 1),
         ("actserve", "native-binary", 1024, 1), ("actserve-nometrics", "native-binary", 1024, 64),
+        ("echo", "native-binary", 1048576, 8),
     }
 
 
@@ -105,6 +108,8 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
         for conc in concurrency:
             if "reference" in groups:
                 plan.cells.append(cell("reference", "floor", Case(size=size), conc))
+                if size >= ECHO_FROM:
+                    plan.cells.append(cell("reference", "echo", Case(size=size), conc))
                 if allowed("native-json", size, conc):
                     plan.cells.append(cell("reference", "naive",
                                            Case(size=size, protocol="native-json"), conc))
@@ -143,6 +148,7 @@ def quick_plan() -> Plan:
         c("grid", "actserve", Case(size=small, protocol="v2-json"), 8),
         c("reference", "naive", Case(size=small, protocol="native-json"), 64),
         c("grid", "actserve", Case(size=65536), 8), c("reference", "floor", Case(size=65536), 8),
+        c("reference", "echo", Case(size=65536), 8),
         c("metrics", "actserve-nometrics", Case(size=small), 64),
         c("batching", "actserve-batch1", Case(size=small), 64),
         c("modes", "actserve", Case(MODE_ACTIVATION, 4096, compute_dtype="bfloat16"), 8,

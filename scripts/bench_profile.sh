@@ -2,6 +2,7 @@
 # Profile actserve's event loop under wrk load with py-spy, and print where the time goes.
 #   scripts/bench_profile.sh [URL-PATH-AND-QUERY] [CLIENTS] [SECONDS]
 # e.g. scripts/bench_profile.sh "/v1/activations/relu?shape=1024" 64 8
+#      PROTOCOL=v2-binary SIZE=1024 scripts/bench_profile.sh "" 64 8   (the sweep's request)
 # Needs wrk (apt-get install -y wrk) and py-spy (pip install -e '.[profile]').
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +25,30 @@ for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
     sleep 0.1
 done
-N=$(echo "$TARGET" | sed -n 's/.*shape=\([0-9]*\).*/\1/p')
-"$PY" -c "import numpy as np,sys; np.linspace(-5,5,int(sys.argv[1]),dtype='<f4').tofile(sys.argv[2])" \
-    "${N:-1024}" "$OUT/body.bin"
+if [ -n "${PROTOCOL:-}" ]; then
+    # PROTOCOL=v2-binary|native-json|... SIZE=N: the request the sweep sends (loadtest/payloads.py)
+    TARGET=$("$PY" - "$PROTOCOL" "${SIZE:-1024}" "$OUT" <<'PY'
+import sys
+from loadtest import payloads
+case = payloads.Case(size=int(sys.argv[2]), protocol=sys.argv[1])
+req = payloads.build(case, payloads.values(case, 0))
+open(f"{sys.argv[3]}/body.bin", "wb").write(req.body)
+with open(f"{sys.argv[3]}/headers.lua", "w") as f:
+    for k, v in req.headers.items():
+        f.write(f'wrk.headers["{k}"] = "{v}"\n')
+print(req.path)
+PY
+)
+else
+    N=$(echo "$TARGET" | sed -n 's/.*shape=\([0-9]*\).*/\1/p')
+    "$PY" -c "import numpy as np,sys; np.linspace(-5,5,int(sys.argv[1]),dtype='<f4').tofile(sys.argv[2])" \
+        "${N:-1024}" "$OUT/body.bin"
+    echo 'wrk.headers["Content-Type"] = "application/octet-stream"' >"$OUT/headers.lua"
+fi
 cat >"$OUT/post.lua" <<LUA
 wrk.method = "POST"
 local f = io.open("$OUT/body.bin", "rb"); wrk.body = f:read("*a"); f:close()
-wrk.headers["Content-Type"] = "application/octet-stream"
+$(cat "$OUT/headers.lua")
 LUA
 wrk -t1 -c"$CLIENTS" -d"$((SECONDS_ + 2))s" -s "$OUT/post.lua" "http://127.0.0.1:$PORT$TARGET" \
     >"$OUT/wrk.txt" &

@@ -97,6 +97,21 @@ class StateCollector:
         yield from (restarts, ready, allocated, peak)
 
 
+class AnsweredSeries:
+    """The children one answered request updates, resolved once per label set."""
+
+    __slots__ = ("bytes_in", "bytes_out", "decode", "encode", "queue", "requests", "seconds")
+
+    def __init__(self, m: Metrics, activation: str, api: str, status_class: str) -> None:
+        self.requests = m.requests.labels(activation, api, status_class)
+        self.seconds = m.request_seconds.labels(activation, api, status_class)
+        self.decode = m.decode_seconds.labels(api)
+        self.encode = m.encode_seconds.labels(api)
+        self.bytes_in = m.bytes_in.labels(api)
+        self.bytes_out = m.bytes_out.labels(api)
+        self.queue = m.queue_seconds.labels(activation)
+
+
 class Metrics:
     def __init__(self, activations: list[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -144,6 +159,7 @@ class Metrics:
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
         self._children: dict[tuple, object] = {}
+        self._answered: dict[tuple[str, str, int], AnsweredSeries] = {}
         ProcessCollector(registry=r)  # process_cpu_seconds_total, RSS, open fds
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
@@ -156,6 +172,16 @@ class Metrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
+        return found
+
+    def answered(self, activation: str, api: str, status: int) -> AnsweredSeries:
+        """The series of a request that got a result, memoised by label set (bounded:
+        activations × APIs × statuses). Event loop only."""
+        key = (activation, api, status)
+        found = self._answered.get(key)
+        if found is None:
+            found = self._answered[key] = AnsweredSeries(self, activation, api,
+                                                         status_class(status))
         return found
 
     def activation_label(self, name: str | None) -> str:

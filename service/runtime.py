@@ -20,7 +20,7 @@ from .model_stats import ModelStats
 from .options import JobFactory
 from .pool import ExecutorPool
 from .settings import Settings
-from .stats import Sample, WindowStats
+from .stats import WindowStats
 
 log = logging.getLogger("actserve")
 
@@ -112,24 +112,32 @@ class Runtime:
         m = self.metrics
         if m is None:
             return
-        c = m.child
         label = m.activation_label(activation)
-        cls = status_class(status)
-        c(m.requests, label, api, cls).inc()
-        c(m.request_seconds, label, api, cls).observe(total)
+        if result is None:  # refused or failed: fewer series, looked up one by one
+            c = m.child
+            cls = status_class(status)
+            c(m.requests, label, api, cls).inc()
+            c(m.request_seconds, label, api, cls).observe(total)
+            if job is not None:
+                c(m.decode_seconds, api).observe(decode)
+            c(m.bytes_in, api).inc(bytes_in)
+            return
+        s = m.answered(label, api, status)  # the hot path: one lookup for seven series
+        s.requests.inc()
+        s.seconds.observe(total)
         if job is not None:
-            c(m.decode_seconds, api).observe(decode)
-        c(m.bytes_in, api).inc(bytes_in)
-        if result is not None:
-            c(m.encode_seconds, api).observe(encode)
-            c(m.bytes_out, api).inc(bytes_out)
-            c(m.queue_seconds, label).observe(result.queue_s)
-            saved = result.array.nbytes if job is not None and job.mode.inplace else 0
-            if saved:
-                m.inplace_saved.inc(saved)
-            self.stats.add(label, Sample(time.monotonic(), total, result.queue_s,
-                                         result.compute_s, job.numel if job else 0,
-                                         result.batch_requests, saved, result.batch_elements))
+            s.decode.observe(decode)
+        s.bytes_in.inc(bytes_in)
+        s.encode.observe(encode)
+        s.bytes_out.inc(bytes_out)
+        s.queue.observe(result.queue_s)
+        saved = result.array.nbytes if job is not None and job.mode.inplace else 0
+        if saved:
+            m.inplace_saved.inc(saved)
+        # a plain tuple in Sample's field order (see WindowStats.add)
+        self.stats.add(label, (time.monotonic(), total, result.queue_s, result.compute_s,
+                               job.numel if job else 0, result.batch_requests, saved,
+                               result.batch_elements))
 
     def reject(self, error: ActserveError) -> None:
         """Count a refused request, once, by reason (every refusal reaches the caller of
@@ -148,14 +156,16 @@ class Runtime:
         if m is None or not jobs:
             return
         label = m.activation_label(jobs[0].activation.name)
-        ok = [r for r in results if isinstance(r, JobResult)]
-        device = ok[0].device if ok else "unknown"
+        ok = next((r for r in results if isinstance(r, JobResult)), None)
+        device = ok.device if ok is not None else "unknown"
         c = m.child
         c(m.batches, label, device).inc()
         c(m.batch_requests, label).observe(len(jobs))
-        c(m.batch_elements, label).observe(sum(j.numel for j in jobs))
+        # every result of a batch carries the batch's element count
+        elements = ok.batch_elements if ok is not None else sum(j.numel for j in jobs)
+        c(m.batch_elements, label).observe(elements)
         # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
-        compute = ok[0].compute_s if ok and device.startswith("cuda") else wall
+        compute = ok.compute_s if ok is not None and device.startswith("cuda") else wall
         c(m.compute_seconds, label, device).observe(compute)
 
 

@@ -34,7 +34,8 @@ class WindowStats:
         self._samples: dict[str, deque[tuple]] = {}
         self.started = time.monotonic()
 
-    def add(self, activation: str, sample: Sample) -> None:
+    def add(self, activation: str, sample: tuple) -> None:
+        """``sample``: a ``Sample`` or a plain tuple in its field order."""
         q = self._samples.get(activation)
         if q is None:
             q = self._samples[activation] = deque(maxlen=self.max_samples)

@@ -81,6 +81,16 @@ def test_bars_are_ratios_of_cells_of_one_run():
     assert got["executor path, 1,048,576 el per batch"] == (0.8, True)
 
 
+def test_large_body_bar_also_reports_the_echo_reference():
+    m = 1048576
+    results = {"cells": [_cell("floor", "native-binary", m, 8, 200, 40, 60),
+                         _cell("actserve", "native-binary", m, 8, 100, 80, 120),
+                         _cell("echo", "native-binary", m, 8, 125, 64, 90)]}
+    row = next(r for r in bars.evaluate(results) if r["bar"].startswith("binary 1,048,576"))
+    assert row["value"] == 0.5 and row["pass"] is False
+    assert "echo (same bytes back) 125 req/s, actserve 0.80x of it" in row["detail"]
+
+
 @pytest.mark.slow
 @NEED_WRK
 def test_quick_sweep_end_to_end(tmp_path):
@@ -91,7 +101,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     cells = results["cells"]
     assert len(cells) >= 10
     assert {c["server"] for c in cells} == {"actserve", "actserve-nometrics", "actserve-batch1",
-                                            "floor", "naive"}
+                                            "floor", "naive", "echo"}
     assert {c["protocol"] for c in cells if c["server"] == "actserve"} == set(payloads.PROTOCOLS)
     for c in cells:
         s = c["summary"]
