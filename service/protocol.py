@@ -3,6 +3,11 @@
 else the connection is closed. Uvicorn has a keep-alive timeout but none for headers, so a
 slow-loris client could otherwise hold a connection for ever. The body has its own deadline
 (``body_timeout_s``, enforced in ``service.body``).
+
+No timer per request: connections waiting for headers are kept in one dict with their
+deadlines, and one sweep, every quarter of the timeout (at most 1 s) while any connection
+waits, closes the late ones. A late connection is closed within ``header_timeout_s`` plus
+one sweep period.
 """
 
 from __future__ import annotations
@@ -13,22 +18,31 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 def header_timeout_protocol(timeout_s: float) -> type:
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
+    """A protocol class for one server (one event loop)."""
+    period = min(1.0, max(0.01, timeout_s / 4))
+    waiting: dict[HttpToolsProtocol, float] = {}  # connection -> deadline (loop clock)
+    sweeper: list[asyncio.TimerHandle | None] = [None]
 
+    def sweep(loop: asyncio.AbstractEventLoop) -> None:
+        sweeper[0] = None
+        now = loop.time()
+        late = [conn for conn, deadline in waiting.items() if deadline <= now]
+        for conn in late:
+            del waiting[conn]
+            if not conn.transport.is_closing():
+                conn.transport.close()
+        if waiting:
+            sweeper[0] = loop.call_later(period, sweep, loop)
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
         def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+            if self not in waiting:
+                waiting[self] = self.loop.time() + timeout_s
+                if sweeper[0] is None:
+                    sweeper[0] = self.loop.call_later(period, sweep, self.loop)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
+            waiting.pop(self, None)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

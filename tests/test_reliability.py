@@ -92,6 +92,24 @@ def test_slow_headers_are_cut_off_and_others_are_served():
         slow.close()
 
 
+def test_header_deadline_spares_connections_that_finish_their_headers():
+    """A kept-alive connection idle for longer than the header timeout between requests,
+    and one whose headers arrive in pieces inside it, are both served."""
+    with serve(header_timeout_s=0.5) as srv, httpx.Client(base_url=srv.url) as c:
+        assert c.post("/v1/activations/relu", json={"data": [1.0]}).status_code == 200
+        time.sleep(1.0)  # the scenario: idle between requests, longer than header_timeout_s
+        assert c.post("/v1/activations/relu", json={"data": [-1.0]}).json()["data"] == [0.0]
+        body = b'{"data": [3.0]}'
+        s = _connect(srv.url)
+        s.sendall(b"POST /v1/activations/relu HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)  # the scenario: headers in two pieces, inside the deadline
+        s.sendall(b"Content-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        s.settimeout(10)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.close()
+
+
 def test_slow_body_gets_408():
     with serve(body_timeout_s=0.5) as srv:
         s = _connect(srv.url)

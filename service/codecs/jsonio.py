@@ -8,6 +8,7 @@ module instead (which reads and writes those tokens, as Triton does).
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import orjson
@@ -89,7 +90,7 @@ def array_from_json(data, shape, wire: str, where: str, max_elements: int) -> np
             f"{max_elements}"
         )
     if shape is not None:
-        need = int(np.prod(shape, dtype=np.int64))
+        need = math.prod(shape)  # a checked shape of python ints
         if values.size != need or (values.ndim > 1 and values.shape != tuple(shape)):
             raise InvalidRequest(
                 f"{where} has {values.size} values in shape {list(values.shape)} but shape "
