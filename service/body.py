@@ -41,7 +41,10 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
 
 async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length")
-    if declared is not None:
+    receive = request.receive  # the ASGI channel itself: no stream wrapper per request
+    if declared is None:
+        body = await _read_chunked(receive, limit)
+    else:
         try:
             size = int(declared)
         except ValueError:
@@ -50,17 +53,7 @@ async def _read_body(request: Request, limit: int) -> bytearray:
             raise RequestTooLarge(
                 f"body of {size} bytes is over the server's max_request_bytes={limit}"
             )
-    body = bytearray()
-    receive = request.receive  # the ASGI channel itself: no stream wrapper per request
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise RequestTooLarge(f"body is over the server's max_request_bytes={limit}")
-        if not message.get("more_body", False):
-            break
+        body = await _read_sized(receive, max(size, 0))
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -71,6 +64,37 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     raise UnsupportedMediaType(
         f"Content-Encoding {echo(encoding)} is not supported; use gzip, deflate or none"
     )
+
+
+async def _read_sized(receive, size: int) -> bytearray:
+    """A body of a declared size. The HTTP parser frames the body by its Content-Length,
+    so more or fewer bytes mean a broken client."""
+    body = await _read_chunked(receive, size, declared=True)
+    if len(body) != size:
+        raise InvalidRequest(f"the body has {len(body)} bytes but Content-Length says {size}")
+    return body
+
+
+async def _read_chunked(receive, limit: int, declared: bool = False) -> bytearray:
+    """The body's pieces, counted against ``limit`` as they arrive, then joined with one
+    copy. (Appending to a bytearray grows it by about an eighth at a time, so a 4 MiB body
+    arriving in 64 KiB pieces was copied about eight times over; a zero-filled buffer of
+    the declared size costs a full extra pass over fresh pages.)"""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            if declared:
+                raise InvalidRequest(f"the body is longer than its Content-Length ({limit})")
+            raise RequestTooLarge(f"body is over the server's max_request_bytes={limit}")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return bytearray().join(chunks)
 
 
 def _inflate(data: bytearray, wbits: int, limit: int, name: str) -> bytearray:
