@@ -58,7 +58,7 @@ async def handle(request: Request, api: str, activation: str | None,
         t_computed = time.perf_counter()
         response = encode(job, result)
         t_end = time.perf_counter()
-        bytes_out = len(response.body)
+        bytes_out = getattr(response, "nbytes", None) or len(response.body)
         total = t_end - t0
         response.headers["Server-Timing"] = server_timing(
             t_decoded - t0, result.queue_s, result.compute_s, t_end - t_computed, total)

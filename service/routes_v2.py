@@ -16,6 +16,7 @@ from .codecs import v2
 from .errors import InvalidRequest, NotReady, UnknownActivation, echo
 from .exchange import handle
 from .job import Job, JobResult
+from .parts_response import PartsResponse
 from .runtime import Runtime
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -75,10 +76,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
     def encode(job: Job, result: JobResult) -> Response:
         body, headers = v2.encode(name, decoded[0], result.array, result.dtype)
+        media = headers.pop("Content-Type")
         if compression is not None:
+            if isinstance(body, list):
+                body = b"".join(body)
             body = v2.compress(body, compression)
             headers["Content-Encoding"] = compression
-        media = headers.pop("Content-Type")
+        if isinstance(body, list):
+            return PartsResponse(body, media_type=media, headers=headers)
         return Response(body, status_code=200, media_type=media, headers=headers)
 
     return await handle(request, "v2", name if known else None, decode, encode)

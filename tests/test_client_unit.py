@@ -190,6 +190,8 @@ def test_v2_binary_request_decodes_on_the_server_and_its_answer_parses(dtype, sh
                                 "timeout": 250_000}
     assert decoded.params == {"negative_slope": 0.5}
     body, headers = server_v2.encode("leaky_relu", decoded, decoded.array, dtype)
+    if isinstance(body, list):  # a large answer leaves in pieces: the wire joins them
+        body = b"".join(body)
     lower = {k.lower(): v for k, v in headers.items()}
     back = _protocol.parse("v2", lower, body)
     assert back.dtype == dtype and same_bits(back.storage, wire.storage)

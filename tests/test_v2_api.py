@@ -47,6 +47,31 @@ def test_json_nested_and_flat_data_row_major(client):
         assert same_bits(np.asarray(out["data"], dtype=np.float32).reshape(3, 4), expected)
 
 
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_large_binary_answer_in_pieces_is_exact_and_framed(client, encoding):
+    """Answers of 64 KiB or more leave as the JSON header and a zero-copy view of the
+    tensor, never joined; the framing (Content-Length, Inference-Header-Content-Length)
+    must still describe one body, plain or compressed."""
+    x = np.random.default_rng(7).standard_normal(70_001).astype("<f4")
+    head = json.dumps({"inputs": [{"name": "input", "shape": [x.size], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "output",
+                                    "parameters": {"binary_data": True}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)),
+               "content-type": "application/octet-stream"}
+    headers["accept-encoding"] = encoding or "identity"  # httpx asks for gzip by default
+    r = client.post("/v2/models/silu/infer", content=head + x.tobytes(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers.get("content-encoding") == encoding
+    if encoding is None:
+        assert int(r.headers["content-length"]) == len(r.content)
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - n
+    want, _ = reference("silu", x, "float32")
+    assert same_bits(np.frombuffer(r.content[n:], "<f4"), want)
+
+
 def test_versioned_routes(client):
     r = client.post("/v2/models/relu/versions/1/infer", json=v2_json())
     assert r.status_code == 200 and r.json()["model_version"] == "1"

@@ -260,9 +260,14 @@ def json_output_problem(dtype: str) -> str | None:
 
 
 # -- responses -----------------------------------------------------------------------------
+ZERO_COPY_BYTES = 64 * 1024
+
+
 def encode(model: str, request: V2Request, array: np.ndarray,
-           dtype: str) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers (Content-Type, Inference-Header-Content-Length)."""
+           dtype: str) -> tuple[bytes | list, dict[str, str]]:
+    """The response body and its headers (Content-Type, Inference-Header-Content-Length).
+    A binary answer of ``ZERO_COPY_BYTES`` or more is ``[header, zero-copy view of the
+    tensor]``, to be sent in pieces; anything else is one ``bytes``."""
     out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": dtypes.NAME_TO_V2[dtype],
                            "shape": list(array.shape)}
     payload: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
@@ -270,11 +275,14 @@ def encode(model: str, request: V2Request, array: np.ndarray,
         payload["id"] = request.id
     payload["outputs"] = [out]
     if request.binary_output:
-        raw = np.ascontiguousarray(array).tobytes()
-        out["parameters"] = {"binary_data_size": len(raw)}
+        flat = np.ascontiguousarray(array).reshape(-1)
+        out["parameters"] = {"binary_data_size": flat.nbytes}
         head = orjson.dumps(payload)  # strings and ints only: no numeric payload to check
-        return head + raw, {"Content-Type": "application/octet-stream",
-                            "Inference-Header-Content-Length": str(len(head))}
+        headers = {"Content-Type": "application/octet-stream",
+                   "Inference-Header-Content-Length": str(len(head))}
+        if flat.nbytes >= ZERO_COPY_BYTES:
+            return [head, memoryview(flat.view(np.uint8))], headers
+        return head + flat.tobytes(), headers
     problem = json_output_problem(dtype)
     if problem:
         raise InvalidRequest(problem)

@@ -1,0 +1,28 @@
+"""A response whose body leaves as several pieces, never joined: the v2 binary answer is a
+JSON header followed by the tensor's bytes, and joining them would copy the whole tensor
+(4 MiB for a million float32 values) only to send it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.responses import Response
+
+
+class PartsResponse(Response):
+    def __init__(self, parts: Sequence[bytes | memoryview], *, status_code: int = 200,
+                 headers: dict[str, str] | None = None, media_type: str | None = None) -> None:
+        self.parts = list(parts)
+        self.nbytes = sum(memoryview(p).nbytes for p in self.parts)
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.body = b""  # the pieces are the body; Content-Length counts them
+        self.init_headers({**(headers or {}), "Content-Length": str(self.nbytes)})
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
