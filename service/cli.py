@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from . import malloc_tuning
 from .settings import Settings
 
 FLAGS = {
@@ -35,6 +36,7 @@ def serve(settings: Settings) -> int:
     from .server import DrainingServer, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    malloc_tuning.tune(settings.malloc_keep_mib)  # before the first large buffer
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="time to send request headers")
     body_timeout_s: float = Field(30.0, gt=0, description="time to send the request body")
     graceful_shutdown_s: int = Field(30, ge=1)
+    malloc_keep_mib: int = Field(
+        128, ge=0, le=4096,
+        description="freed memory glibc keeps for reuse (0: glibc defaults); see malloc_tuning")
 
     @field_validator("device")
     @classmethod

@@ -53,3 +53,39 @@ def test_cuda_device_without_cuda_stops_startup():
     proc = subprocess.run([sys.executable, "-m", "service", "serve", "--device", "cuda"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+
+
+_MALLOC_PROBE = """
+import resource, sys
+from service import malloc_tuning
+applied = malloc_tuning.tune(int(sys.argv[1]))
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def burst():  # eight 4 MiB buffers alive at once, then all freed: a busy server's pattern
+    bufs = [bytearray(4 << 20) for _ in range(8)]
+    del bufs
+for _ in range(3):
+    burst()
+before = faults()
+for _ in range(10):
+    burst()
+print(applied, (faults() - before) / 80)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_malloc_keep_mib_reuses_warm_pages_for_large_buffers():
+    """With the default setting a 4 MiB buffer reuses freed pages (no page faults); with
+    0 (glibc's own defaults) the freed heap is trimmed and each buffer faults ~1,000 pages."""
+    def probe(keep: int) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, str(keep)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        applied, per_buffer = out.split()
+        return applied, float(per_buffer)
+
+    applied, tuned = probe(Settings().malloc_keep_mib)
+    if applied != "True":
+        pytest.skip("no glibc mallopt here")
+    assert tuned < 10
+    untouched, faulting = probe(0)
+    assert untouched == "False" and faulting > 500
