@@ -1,0 +1,89 @@
+"""Where a lone small request's time goes on the GPU path: each step of the packed CUDA path
+timed on the host (medians of 300), then Runtime.run round trips on cuda and cpu.
+
+    python scripts/gpu_latency_probe.py [--size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest import inprocess  # noqa: E402
+from service.activations import Registry  # noqa: E402
+from service.compute import DeviceCompute, apply_alone  # noqa: E402
+from service.job import Job, Mode  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=1024)
+    a = p.parse_args(argv)
+    dev = torch.device("cuda:0")
+    act = Registry().get("gelu")
+    x = np.random.default_rng(0).standard_normal(a.size).astype(np.float32)
+    job = Job(activation=act, params=act.parse_params({}), array=x, wire_dtype="float32",
+              mode=Mode(None, False, None, False), deadline=float("inf"))
+    stream = torch.cuda.Stream(device=dev)
+    steps: dict[str, list[float]] = {}
+
+    def lap(name: str, t0: float) -> float:
+        t = time.perf_counter()
+        steps.setdefault(name, []).append((t - t0) * 1e6)
+        return t
+
+    with torch.inference_mode():
+        for i in range(330):
+            t = time.perf_counter()
+            host_in = torch.empty(a.size, dtype=torch.float32, pin_memory=True)
+            t = lap("pinned alloc in", t)
+            host_in.numpy()[:] = x
+            t = lap("staging copy", t)
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            t = lap("4 events", t)
+            with torch.cuda.stream(stream):
+                ev[0].record(stream)
+                d = host_in.to(dev, non_blocking=True)
+                ev[1].record(stream)
+                t = lap("H2D issue", t)
+                y = apply_alone(job, d)
+                ev[2].record(stream)
+                t = lap("kernel issue", t)
+                host_out = torch.empty(y.numel(), dtype=y.dtype, pin_memory=True)
+                t = lap("pinned alloc out", t)
+                host_out.copy_(y, non_blocking=True)
+                ev[3].record(stream)
+                t = lap("D2H issue", t)
+            ev[3].synchronize()
+            t = lap("event sync", t)
+            ev[1].elapsed_time(ev[2])
+            lap("elapsed", t)
+            if i == 29:
+                steps.clear()  # warm-up
+        print(f"packed CUDA path, one {a.size}-element gelu request, host-side medians (us):")
+        for name, vals in steps.items():
+            print(f"  {name:18s} {statistics.median(vals):8.1f}")
+        dc = DeviceCompute(dev)
+        times = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            dc.run([job])
+            times.append((time.perf_counter() - t0) * 1e6)
+        print(f"  DeviceCompute.run  {statistics.median(times[30:]):8.1f}")
+    for device in ("cuda:0", "cpu"):
+        r = inprocess.executor_path("gelu", [(a.size, 1)], 1.5, device=device)[0]
+        print(f"Runtime.run lone {a.size}-element job on {device}: "
+              f"{a.size / r['elements_per_s'] * 1e6:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
