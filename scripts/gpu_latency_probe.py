@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,10 +79,46 @@ def main(argv: list[str] | None = None) -> int:
             dc.run([job])
             times.append((time.perf_counter() - t0) * 1e6)
         print(f"  DeviceCompute.run  {statistics.median(times[30:]):8.1f}")
+    reads = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        torch.cuda.memory_allocated(dev)
+        torch.cuda.max_memory_allocated(dev)
+        reads.append((time.perf_counter() - t0) * 1e6)
+    print(f"  memory_allocated + max_memory_allocated {statistics.median(reads):8.1f}")
+    in_thread: list[float] = []
+
+    def other_thread() -> None:
+        dc2 = DeviceCompute(dev)
+        with torch.inference_mode():
+            for _ in range(300):
+                t0 = time.perf_counter()
+                dc2.run([job])
+                in_thread.append((time.perf_counter() - t0) * 1e6)
+
+    th = threading.Thread(target=other_thread)
+    th.start()
+    th.join()
+    print(f"  DeviceCompute.run in a second thread {statistics.median(in_thread[30:]):8.1f}")
+    # The compute thread's own wall time per batch, inside Runtime.run.
+    walls: list[float] = []
+    original = DeviceCompute.run
+
+    def timed(self, jobs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, jobs)
+        finally:
+            walls.append((time.perf_counter() - t0) * 1e6)
+
+    DeviceCompute.run = timed
     for device in ("cuda:0", "cpu"):
+        walls.clear()
         r = inprocess.executor_path("gelu", [(a.size, 1)], 1.5, device=device)[0]
         print(f"Runtime.run lone {a.size}-element job on {device}: "
-              f"{a.size / r['elements_per_s'] * 1e6:.0f} us")
+              f"{a.size / r['elements_per_s'] * 1e6:.0f} us; compute thread wall per batch "
+              f"{statistics.median(walls[len(walls) // 10:]):.0f} us")
+    DeviceCompute.run = original
     return 0
 
 

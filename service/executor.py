@@ -25,6 +25,7 @@ BatchDone = Callable[["Executor", list[Job], list[JobResult | Exception], float]
 Death = Callable[["Executor", list[Job], BaseException], None]
 
 _STOP = object()
+MEMORY_READ_S = 0.25  # CUDA memory gauges: read at most this often (see _main)
 
 
 class Executor:
@@ -85,6 +86,7 @@ class Executor:
     # -- compute thread ---------------------------------------------------------------
     def _main(self) -> None:
         holding: list[Job] = []
+        next_memory_read = 0.0
         try:
             torch.set_num_threads(self.torch_threads)
             compute = DeviceCompute(torch.device(self.device), self.fault_injection)
@@ -105,7 +107,12 @@ class Executor:
                     t0 = time.perf_counter()
                     results = compute.run(holding)
                     wall = time.perf_counter() - t0
-                    if compute.is_cuda:
+                    if compute.is_cuda and t0 >= next_memory_read:
+                        # torch.cuda.memory_allocated builds the allocator's whole statistics
+                        # dict (hundreds of microseconds): read it at most every
+                        # MEMORY_READ_S, not per batch. The peak is the allocator's own
+                        # running maximum, so a later read still sees it.
+                        next_memory_read = t0 + MEMORY_READ_S
                         self.memory_allocated = torch.cuda.memory_allocated(compute.device)
                         self.memory_peak = torch.cuda.max_memory_allocated(compute.device)
                     done, holding = holding, []
