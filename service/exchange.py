@@ -35,6 +35,16 @@ def server_timing(decode: float, queue: float, compute: float, encode: float,
     return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
+def _body_claim(request: Request, limit: int) -> int:
+    """The bytes a body will hold, for the body budget: its Content-Length, or the limit
+    when the size is unknown (chunked); 0 for one that ``read_body`` refuses at once."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return limit
+    size = int(declared) if declared.isdigit() else 0
+    return size if size <= limit else 0
+
+
 async def handle(request: Request, api: str, activation: str | None,
                  decode: Decoder, encode: Encoder) -> Response:
     rt: Runtime = request.app.state.runtime
@@ -45,8 +55,10 @@ async def handle(request: Request, api: str, activation: str | None,
     bytes_in = bytes_out = 0
     status = 500
     t_decoded = t_computed = t0
+    granted = 0
     try:
         rt.batcher.admit()  # overload is refused before the body is read
+        granted = await rt.bodies.acquire(_body_claim(request, rt.settings.max_request_bytes))
         body = await read_body(request, rt.settings.max_request_bytes, rt.settings.body_timeout_s)
         bytes_in = len(body)
         job = decode(body)
@@ -91,6 +103,7 @@ async def handle(request: Request, api: str, activation: str | None,
         status = CLIENT_CLOSED
         raise
     finally:
+        rt.bodies.release(granted)
         now = time.perf_counter()
         rt.record(api, activation, status, total=now - t0, decode=t_decoded - t0,
                   encode=now - t_computed if result is not None else 0.0, job=job,

@@ -147,6 +147,12 @@ class Metrics:
             "actserve_queue_depth", "Requests waiting for a batch", registry=r)
         self.inflight = Gauge(
             "actserve_inflight_requests", "Activation requests being handled", registry=r)
+        self.body_bytes = Gauge(
+            "actserve_body_bytes_in_flight",
+            "Bytes of large request bodies admitted and not yet answered", registry=r)
+        self.body_waiting = Gauge(
+            "actserve_body_waiting_requests",
+            "Requests whose large body waits, unread, for the body byte budget", registry=r)
         self.bytes_in = LoopCounter(
             "actserve_request_bytes_total", "Request body bytes (after Content-Encoding)",
             ["api"], registry=r)
@@ -189,6 +195,10 @@ class Metrics:
 
     def track_queue_depth(self, fn: Callable[[], int]) -> None:
         self.queue_depth.set_function(fn)
+
+    def track_bodies(self, held: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.body_bytes.set_function(held)
+        self.body_waiting.set_function(waiting)
 
     def track_state(self, restarts: Callable[[], int], ready: Callable[[], bool],
                     gpu_memory: GpuMemory) -> None:

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 
 from .activations import Registry
 from .batcher import Batcher
+from .body_budget import BodyBudget
 from .capabilities import Capabilities
 from .errors import ActserveError
 from .executor import executors_for, resolve_devices
@@ -40,6 +41,7 @@ class Runtime:
         )
         self.batcher = Batcher(settings, self.pool)
         self.jobs = JobFactory(settings, self.capabilities)
+        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
         self.metrics = Metrics(self.registry.names()) if settings.metrics else None
         self.stats = WindowStats(settings.metrics_window_s)
         self.model_stats = ModelStats(self.registry.names())  # v2 statistics extension
@@ -49,6 +51,7 @@ class Runtime:
         self.inflight = 0  # activation requests being handled
         if self.metrics is not None:
             self.metrics.track_queue_depth(lambda: self.batcher.waiting)
+            self.metrics.track_bodies(lambda: self.bodies.held, lambda: self.bodies.waiting)
             self.metrics.inflight.set_function(lambda: self.inflight)
             self.metrics.track_state(lambda: self.pool.restarts, lambda: self.ready,
                                      self._gpu_memory)

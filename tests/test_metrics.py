@@ -208,6 +208,8 @@ def test_every_metric_of_the_issue_is_exported_with_units_and_bounded_labels(cli
         "actserve_batches": "counter",
         "actserve_queue_depth": "gauge",
         "actserve_inflight_requests": "gauge",
+        "actserve_body_bytes_in_flight": "gauge",
+        "actserve_body_waiting_requests": "gauge",
         "actserve_request_bytes": "counter",
         "actserve_response_bytes": "counter",
         "actserve_rejections": "counter",
