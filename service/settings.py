@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(30.0, gt=0)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_body_bytes_in_flight: int = Field(
-        256 * 1024 * 1024, ge=1,
+        64 * 1024 * 1024, ge=1,
         description="bytes of large request bodies read and not yet answered; the rest wait "
                     "their turn, unread (service/body_budget.py)")
     torch_threads: int = Field(1, ge=1, le=256)
