@@ -117,6 +117,11 @@ class DeviceCompute:
                         if self.is_cuda and STAGE_THREADS > 1 else None)
 
     # -- public -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the staging threads (when the compute thread ends or is replaced)."""
+        if self.stagers is not None:
+            self.stagers.shutdown(wait=False)
+
     def run(self, jobs: Sequence[Job]) -> list[JobResult | Exception]:
         """Results in job order; a batch that fails is split so only a job that fails
         alone gets a ``ComputeError``."""

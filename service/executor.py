@@ -87,6 +87,7 @@ class Executor:
     def _main(self) -> None:
         holding: list[Job] = []
         next_memory_read = 0.0
+        compute: DeviceCompute | None = None
         try:
             torch.set_num_threads(self.torch_threads)
             compute = DeviceCompute(torch.device(self.device), self.fault_injection)
@@ -122,6 +123,9 @@ class Executor:
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._on_death, self, holding, exc)
             self._fail_pending_calls(exc)
+        finally:
+            if compute is not None:
+                compute.close()
 
     def _fail_pending_calls(self, exc: BaseException) -> None:
         while True:
