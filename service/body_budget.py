@@ -6,7 +6,9 @@ bodies arrive interleaved, every one of them finishes late. With it, a large bod
 only once its bytes fit in the budget; the others wait, unread, in their sockets (TCP holds
 the sender back), and are taken first come, first served. Bodies under ``SMALL_BYTES`` skip
 the budget (the queue limit already bounds them); a body larger than the whole budget is
-admitted when it can run alone.
+admitted when it can run alone. A request that waits longer than ``timeout_s`` (the body
+deadline: a slow sender holds its share at most that long) is refused with 503 and
+``Retry-After``, so every waiter gets an answer.
 
 Event loop only.
 """
@@ -16,7 +18,18 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from .errors import QueueFull
+
 SMALL_BYTES = 64 * 1024
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 class BodyBudget:
@@ -32,20 +45,22 @@ class BodyBudget:
     def _fits(self, size: int) -> bool:
         return self.held + size <= self.total or self.held == 0
 
-    async def acquire(self, size: int) -> int:
+    async def acquire(self, size: int, timeout_s: float = 30.0) -> int:
         """Wait until ``size`` bytes may be read; returns the bytes to ``release`` later
-        (0 for a small body)."""
+        (0 for a small body). ``QueueFull`` (503) after ``timeout_s`` of waiting."""
         if size < SMALL_BYTES:
             return 0
         if not self._waiters and self._fits(size):
             self.held += size
             return size
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._waiters.append((size, fut))
+        timer = loop.call_later(timeout_s, _expire, fut)
         try:
             await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+        except (asyncio.CancelledError, _Expired) as exc:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(size)  # granted just as the waiter went away
             else:
                 try:
@@ -53,7 +68,12 @@ class BodyBudget:
                 except ValueError:
                     pass  # already taken off by _grant
                 self._grant()  # it may have been the head that held the others back
+            if isinstance(exc, _Expired):
+                raise QueueFull(f"too many large request bodies in flight (waited "
+                                f"{timeout_s:g} s for {size} bytes); retry") from None
             raise
+        finally:
+            timer.cancel()
         return size
 
     def release(self, size: int) -> None:

@@ -58,7 +58,8 @@ async def handle(request: Request, api: str, activation: str | None,
     granted = 0
     try:
         rt.batcher.admit()  # overload is refused before the body is read
-        granted = await rt.bodies.acquire(_body_claim(request, rt.settings.max_request_bytes))
+        granted = await rt.bodies.acquire(_body_claim(request, rt.settings.max_request_bytes),
+                                          rt.settings.body_timeout_s)
         body = await read_body(request, rt.settings.max_request_bytes, rt.settings.body_timeout_s)
         bytes_in = len(body)
         job = decode(body)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.body_budget import SMALL_BYTES, BodyBudget
+from service.errors import QueueFull
 
 from .conftest import reference, same_bits, serve
 from .gates import block_executor, wait_for
@@ -67,6 +68,20 @@ def test_a_waiter_that_goes_away_frees_its_turn():
             await gone
         budget.release(first)
         assert await behind == SMALL_BYTES and budget.held == SMALL_BYTES and budget.waiting == 0
+
+    asyncio.run(run())
+
+
+def test_a_waiter_past_its_deadline_gets_503_and_the_queue_moves_on():
+    async def run():
+        budget = BodyBudget(MB)
+        first = await budget.acquire(MB)
+        with pytest.raises(QueueFull) as info:
+            await budget.acquire(MB, timeout_s=0.01)
+        assert info.value.status == 503 and "retry" in str(info.value)
+        assert budget.waiting == 0 and budget.held == MB
+        budget.release(first)
+        assert await budget.acquire(MB, timeout_s=0.01) == MB
 
     asyncio.run(run())
 
