@@ -1,4 +1,4 @@
-"""Start and stop the servers a load run talks to: actserve and the two references.
+"""Start and stop the servers a load run talks to: actserve and the reference servers.
 
 Each runs as a child process on 127.0.0.1 on a free port; ``stop`` ends exactly that child
 (by its PID) and waits for it.
@@ -44,13 +44,18 @@ class Child:
         return None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM this child (and only it), wait ``grace_s`` for it to drain, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def _wait_ready(child: Child, timeout: float) -> None:

@@ -3,7 +3,8 @@ server, started side by side, with a threaded Python load generator (no wrk need
 
 Prints a markdown table: requests/s, p50/p99 latency, and the server's own queue and
 compute medians (from ``Server-Timing``), per device, wire dtype, AMP, size and clients.
-Each cell runs ``--seconds`` (default 2). Servers listen on 127.0.0.1 and are stopped by PID.
+Each cell runs ``--seconds`` (default 2). Servers are ``loadtest.servers`` children on
+127.0.0.1, stopped by PID.
 
     python scripts/gpu_http_bench.py                 # cuda:0 vs cpu
     python scripts/gpu_http_bench.py --devices cpu   # a dry run without a GPU
@@ -12,10 +13,7 @@ Each cell runs ``--seconds`` (default 2). Servers listen on 127.0.0.1 and are st
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,39 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest import servers  # noqa: E402
 from service import dtypes  # noqa: E402
 
 ACTIVATION = "gelu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(device: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
-           "ACTSERVE_DEVICE": device, "ACTSERVE_ACCESS_LOG": "false"}
-    log = Path(tempfile.mkstemp(prefix=f"actserve-{device}-", suffix=".log")[1])
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{device} server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{device} server not ready: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
 
 
 def _timing(header: str) -> dict[str, float]:
@@ -138,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(c) for c in a.clients.split(",")]
     cases = [(1024, "float32", False), (1 << 20, "float32", False), (1 << 20, "float16", False),
              (1 << 20, "bfloat16", False), (1 << 20, "float32", True)]
-    procs = {}
-    try:
-        for dev in devices:
-            procs[dev] = start_server(dev)
+    logs = Path(tempfile.mkdtemp(prefix="actserve-gpu-http-"))
+    children = [servers.start_actserve(dev, logs, {"device": dev}) for dev in devices]
+    with servers.running(children):
+        urls = {c.name: c.url for c in children}
         print(f"activation {ACTIVATION}, binary native API, {a.seconds:g} s per cell, "
               f"Python threaded clients; queue/compute are the server's Server-Timing medians")
         print("| device | size | wire dtype | amp | clients | req/s | MB/s in | p50 ms | p99 ms "
@@ -152,20 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                 if dev == "cpu" and (wire != "float32" or amp) and size > 1024:
                     continue  # the CPU's dtype/amp costs are in the main sweep
                 for n in clients:
-                    r = run_cell(procs[dev][1], size, wire, amp, n, a.seconds)
+                    r = run_cell(urls[dev], size, wire, amp, n, a.seconds)
                     if "error" in r:
                         print(f"| {dev} | {size:,} | {wire} | {amp} | {n} | error: {r['error']} |")
                         continue
                     print(f"| {dev} | {size:,} | {wire} | {amp} | {n} | {r['rps']:.0f} | "
                           f"{r['MBps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                           f"{r['queue_ms']:.3f} | {r['compute_ms']:.3f} |", flush=True)
-    finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     return 0
 
 

@@ -164,20 +164,27 @@ def test_least_loaded_choice():
         assert on_loop(srv, probe) == [0, 1, 2, None, None, 1]
 
 
+def spread_over_two(srv, inputs: list[np.ndarray], workers: int,
+                    timeout: float) -> tuple[list[httpx.Response], list[int]]:
+    """Post every input concurrently while executor 0 is held until executor 1 has taken
+    work, so both executors serve; returns the answers and the executors dispatched to."""
+    dispatched = record_dispatch(srv.runtime)
+    gate = hold(srv.runtime.pool.executors[0])
+    with httpx.Client(limits=httpx.Limits(max_connections=workers)) as client, \
+            ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(post_relu, srv.url, x, client) for x in inputs]
+        while 1 not in dispatched:
+            threading.Event().wait(0.005)
+        gate.set()
+        return [f.result(timeout) for f in futures], dispatched
+
+
 def test_both_executors_serve_concurrent_traffic_bit_exact():
     rng = np.random.default_rng(11)
     inputs = [rng.standard_normal(int(rng.integers(1, 5000))).astype(np.float32)
               for _ in range(120)]
     with serve(device="cpu,cpu") as srv:
-        dispatched = record_dispatch(srv.runtime)
-        gate = hold(srv.runtime.pool.executors[0])  # guarantees executor 1 gets work too
-        with httpx.Client(limits=httpx.Limits(max_connections=16)) as client, \
-                ThreadPoolExecutor(16) as workers:
-            futures = [workers.submit(post_relu, srv.url, x, client) for x in inputs]
-            while 1 not in dispatched:
-                threading.Event().wait(0.005)
-            gate.set()
-            answers = [f.result(60) for f in futures]
+        answers, dispatched = spread_over_two(srv, inputs, 16, 60)
     for x, r in zip(inputs, answers, strict=True):
         assert r.status_code == 200, r.text
         expected, _ = reference("relu", x, "float32")
@@ -213,14 +220,7 @@ def test_two_cuda_executors_share_the_queue():
     inputs = [rng.standard_normal(int(rng.integers(1, 50_000))).astype(np.float32)
               for _ in range(64)]
     with serve(device=devices) as srv:
-        dispatched = record_dispatch(srv.runtime)
-        gate = hold(srv.runtime.pool.executors[0])
-        with httpx.Client() as client, ThreadPoolExecutor(8) as workers:
-            futures = [workers.submit(post_relu, srv.url, x, client) for x in inputs]
-            while 1 not in dispatched:
-                threading.Event().wait(0.005)
-            gate.set()
-            answers = [f.result(120) for f in futures]
+        answers, dispatched = spread_over_two(srv, inputs, 8, 120)
     for x, r in zip(inputs, answers, strict=True):
         assert r.status_code == 200, r.text
         assert same_bits(np.frombuffer(r.content, dtype="<f4"), np.maximum(x, np.float32(0)))

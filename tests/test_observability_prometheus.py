@@ -22,6 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.servers import stop_process
+
 from .conftest import ROOT, free_port, serve, wait_ready
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -124,12 +126,7 @@ def prometheus(tmp_path: Path, target: str):
                    lambda: (tmp_path / "prometheus.log").read_text())
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
         log.close()
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.servers import stop_process
+
 from .conftest import ROOT, free_port, subprocess_server, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -89,12 +91,7 @@ def nginx(tmp: Path, upstreams: list[str]):
         wait_ready(proc, url + "/lb/healthz", 30, "nginx", lambda: proc.stderr.read().decode())
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         proc.stderr.close()
 
 
