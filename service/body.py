@@ -16,9 +16,25 @@ from starlette.requests import ClientDisconnect, Request
 from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType, echo
 
 
-async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytearray:
-    """The whole (inflated) body, or an error: 413 over ``limit``, 408 when the client takes
-    longer than ``timeout_s`` to send it."""
+def declared_size(request: Request, limit: int) -> int | None:
+    """The body's Content-Length (None when chunked), checked: 400 when it is not a
+    number, 413 over ``limit``: refused before a byte is read."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    try:
+        size = int(declared)
+    except ValueError:
+        raise InvalidRequest(f"Content-Length {echo(declared)} is not a number") from None
+    if size > limit:
+        raise RequestTooLarge(f"body of {size} bytes is over the server's max_request_bytes={limit}")
+    return max(size, 0)
+
+
+async def read_body(request: Request, size: int | None, limit: int,
+                    timeout_s: float = 30.0) -> bytearray:
+    """The whole (inflated) body of ``declared_size`` ``size``, or an error: 413 over
+    ``limit``, 408 when the client takes longer than ``timeout_s`` to send it."""
     task = asyncio.current_task()
     fired = []
 
@@ -28,7 +44,7 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
 
     timer = asyncio.get_running_loop().call_later(timeout_s, too_slow)  # no extra task
     try:
-        return await _read_body(request, limit)
+        return await _read_body(request, size, limit)
     except asyncio.CancelledError:
         if not fired:
             raise
@@ -39,21 +55,12 @@ async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> by
         timer.cancel()
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    declared = request.headers.get("content-length")
+async def _read_body(request: Request, size: int | None, limit: int) -> bytearray:
     receive = request.receive  # the ASGI channel itself: no stream wrapper per request
-    if declared is None:
+    if size is None:
         body = await _read_chunked(receive, limit)
     else:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InvalidRequest(f"Content-Length {echo(declared)} is not a number") from None
-        if size > limit:
-            raise RequestTooLarge(
-                f"body of {size} bytes is over the server's max_request_bytes={limit}"
-            )
-        body = await _read_sized(receive, max(size, 0))
+        body = await _read_sized(receive, size)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .body import read_body
+from .body import declared_size, read_body
 from .errors import ActserveError
 from .job import Job, JobResult
 from .runtime import Runtime
@@ -35,16 +35,6 @@ def server_timing(decode: float, queue: float, compute: float, encode: float,
     return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
-def _body_claim(request: Request, limit: int) -> int:
-    """The bytes a body will hold, for the body budget: its Content-Length, or the limit
-    when the size is unknown (chunked); 0 for one that ``read_body`` refuses at once."""
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return limit
-    size = int(declared) if declared.isdigit() else 0
-    return size if size <= limit else 0
-
-
 async def handle(request: Request, api: str, activation: str | None,
                  decode: Decoder, encode: Encoder) -> Response:
     rt: Runtime = request.app.state.runtime
@@ -58,9 +48,12 @@ async def handle(request: Request, api: str, activation: str | None,
     granted = 0
     try:
         rt.batcher.admit()  # overload is refused before the body is read
-        granted = await rt.bodies.acquire(_body_claim(request, rt.settings.max_request_bytes),
+        limit = rt.settings.max_request_bytes
+        size = declared_size(request, limit)  # refused here if it cannot be read at all
+        # unknown (chunked) size: claim the limit
+        granted = await rt.bodies.acquire(limit if size is None else size,
                                           rt.settings.body_timeout_s)
-        body = await read_body(request, rt.settings.max_request_bytes, rt.settings.body_timeout_s)
+        body = await read_body(request, size, limit, rt.settings.body_timeout_s)
         bytes_in = len(body)
         job = decode(body)
         job.request_id = ctx.get("request_id", "")

@@ -55,22 +55,18 @@ class WindowStats:
                 q.popleft()
             if not q:
                 continue
-            rows = [Sample(*row) for row in q]
-            lat = np.fromiter((s.latency for s in rows), float, len(rows))
-            que = np.fromiter((s.queue for s in rows), float, len(rows))
-            comp = np.fromiter((s.compute for s in rows), float, len(rows))
-            elements = sum(s.elements for s in rows)
+            col = dict(zip(Sample._fields, np.array(q, dtype=np.float64).T, strict=True))
             out[name] = {
-                "requests": len(rows),
+                "requests": len(q),
                 "window_s": round(span, 3),
-                "requests_per_s": round(len(rows) / span, 3),
-                "elements_per_s": round(elements / span, 3),
-                "mean_batch_requests": round(float(np.mean([s.batch_requests for s in rows])), 3),
-                "mean_batch_elements": round(float(np.mean([s.batch_elements for s in rows])), 3),
-                "inplace_saved_bytes": sum(s.inplace_saved for s in rows),
-                "latency_ms": _percentiles(lat),
-                "queue_ms": _percentiles(que),
-                "compute_ms": _percentiles(comp),
+                "requests_per_s": round(len(q) / span, 3),
+                "elements_per_s": round(float(col["elements"].sum()) / span, 3),
+                "mean_batch_requests": round(float(col["batch_requests"].mean()), 3),
+                "mean_batch_elements": round(float(col["batch_elements"].mean()), 3),
+                "inplace_saved_bytes": int(col["inplace_saved"].sum()),
+                "latency_ms": _percentiles(col["latency"]),
+                "queue_ms": _percentiles(col["queue"]),
+                "compute_ms": _percentiles(col["compute"]),
             }
         return out
 
