@@ -41,7 +41,7 @@ def raw_torch(activation: str, size: int, seconds: float, held: bool = False) ->
     buffers: the cost of fresh output memory, still without any serving machinery."""
     import torch
 
-    from service.activations import Registry
+    from service.engine.activations import Registry
 
     torch.set_num_threads(1)
     act = Registry().get(activation)
@@ -63,7 +63,7 @@ def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float,
     """Elements/s through ``Runtime.run`` (job build, batcher, compute thread, result back on
     the loop), for each ``(size, concurrency)`` in ``loads``: ``concurrency`` jobs of ``size``
     elements kept in flight. One runtime on ``device`` serves every load."""
-    from service.runtime import Runtime
+    from service.engine.runtime import Runtime
     from service.settings import Settings
 
     async def measure(rt, act, size: int, concurrency: int) -> dict:
@@ -107,9 +107,9 @@ def mode_costs(activation: str, size: int, modes: dict[str, dict], seconds: floa
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from service.activations import Registry
-    from service.compute import DeviceCompute
-    from service.job import Job, JobResult, Mode
+    from service.engine.activations import Registry
+    from service.engine.compute import DeviceCompute
+    from service.engine.job import Job, JobResult, Mode
 
     torch.set_num_threads(1)
     reg = Registry()

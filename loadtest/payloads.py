@@ -4,7 +4,7 @@ Used by the Locust file and by the benchmark sweep. A ``Case`` says what is aske
 params, compute dtype, amp, in-place, element count, protocol); ``values(case, seed)`` makes
 the same float32 input for the same seed on every machine; ``build`` turns it into the
 request's path, body and headers; ``parse`` reads the answer back into wire storage, and
-``expected`` is the bit-exact reference (``service.compute.apply_alone`` on this request
+``expected`` is the bit-exact reference (``service.engine.compute.apply_alone`` on this request
 alone, on CPU, with the server's intra-op thread count), so any difference is a failure.
 
 Torch is imported only by ``expected``.
@@ -156,9 +156,9 @@ def expected(case: Case, x: np.ndarray, torch_threads: int = 1) -> tuple[np.ndar
     """The reference answer: the activation applied to this request alone, on CPU."""
     import torch
 
-    from service.activations import Registry
-    from service.compute import apply_alone, tensor_storage, wire_tensor
-    from service.job import Job, Mode
+    from service.engine.activations import Registry
+    from service.engine.compute import apply_alone, tensor_storage, wire_tensor
+    from service.engine.job import Job, Mode
 
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)

@@ -14,9 +14,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from loadtest import inprocess  # noqa: E402
 from service import dtypes  # noqa: E402
-from service.activations import Registry  # noqa: E402
-from service.compute import TORCH_DTYPES, DeviceCompute  # noqa: E402
-from service.job import Job, Mode  # noqa: E402
+from service.engine.activations import Registry  # noqa: E402
+from service.engine.compute import TORCH_DTYPES, DeviceCompute  # noqa: E402
+from service.engine.job import Job, Mode  # noqa: E402
 
 N = 1 << 20  # elements per request
 REQUESTS = 16  # requests per batch

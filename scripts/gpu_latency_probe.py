@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest import inprocess  # noqa: E402
-from service.activations import Registry  # noqa: E402
-from service.compute import DeviceCompute, apply_alone  # noqa: E402
-from service.job import Job, Mode  # noqa: E402
+from service.engine.activations import Registry  # noqa: E402
+from service.engine.compute import DeviceCompute, apply_alone  # noqa: E402
+from service.engine.job import Job, Mode  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

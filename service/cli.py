@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import malloc_tuning
-from .settings import Settings
+from service import malloc_tuning
+from service.settings import Settings
 
 FLAGS = {
     "host": str, "port": int, "device": str, "max_batch_elements": int,
@@ -32,8 +32,8 @@ def load_settings(overrides: dict) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    from .app import create_app
-    from .server import DrainingServer, uvicorn_config
+    from service.http.app import create_app
+    from service.http.server import DrainingServer, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
     malloc_tuning.tune(settings.malloc_keep_mib)  # before the first large buffer

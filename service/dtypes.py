@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from .errors import InvalidRequest, echo
+from service.errors import InvalidRequest, echo
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise RuntimeError("actserve assumes a little-endian host: the wire format is little-endian")

@@ -16,7 +16,7 @@
     ├── Unauthorized                   401  missing or wrong bearer token
     └── ComputeError                   500  compute failed for this request alone
 
-Routes and codecs raise these; ``service.http_errors`` turns them into the native body
+Routes and codecs raise these; ``service.http.error_responses`` turns them into the native body
 ``{"error": {"type", "message"}}`` or the v2 body ``{"error": "message"}``.
 """
 

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_body_bytes_in_flight: int = Field(
         64 * 1024 * 1024, ge=1,
         description="bytes of large request bodies read and not yet answered; the rest wait "
-                    "their turn, unread (service/body_budget.py)")
+                    "their turn, unread (service/http/body_budget.py)")
     torch_threads: int = Field(1, ge=1, le=256)
     default_compute_dtype: ComputeDtypeName | None = None
     default_amp: bool = False

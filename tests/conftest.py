@@ -22,11 +22,11 @@ import torch
 import uvicorn
 
 from service import dtypes
-from service.activations import Registry
-from service.app import create_app
-from service.compute import apply_alone, tensor_storage, wire_tensor
-from service.job import Job, Mode
-from service.server import uvicorn_config
+from service.engine.activations import Registry
+from service.engine.compute import apply_alone, tensor_storage, wire_tensor
+from service.engine.job import Job, Mode
+from service.http.app import create_app
+from service.http.server import uvicorn_config
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -124,10 +124,10 @@ def test_quick_sweep_end_to_end(tmp_path):
 def test_profile_summary_folds_py_spy_stacks():
     from loadtest.profile_summary import fold
 
-    raw = ["Runner.run (asyncio/runners.py:118);handle (service/exchange.py:40);"
+    raw = ["Runner.run (asyncio/runners.py:118);handle (service/http/exchange.py:40);"
            "decode (service/codecs/native.py:60) 3\n",
-           "Runner.run (asyncio/runners.py:118);handle (service/exchange.py:41) 1\n",
-           "Thread.run (threading.py:982);_main (service/executor.py:93) 5\n"]
+           "Runner.run (asyncio/runners.py:118);handle (service/http/exchange.py:41) 1\n",
+           "Thread.run (threading.py:982);_main (service/engine/executor.py:93) 5\n"]
     n, totals = fold(raw, "Runner.run")
     assert n == 4
     assert totals["handle [exchange.py]"] == 4 and totals["decode [native.py]"] == 3

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.body_budget import SMALL_BYTES, BodyBudget
 from service.errors import QueueFull
+from service.http.body_budget import SMALL_BYTES, BodyBudget
 
 from .conftest import reference, same_bits, serve
 from .gates import block_executor, wait_for

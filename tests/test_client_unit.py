@@ -21,7 +21,7 @@ from actserve_client._retry import RetryPolicy, parse_retry_after
 from service import errors as server_errors
 from service.codecs import v2 as server_v2
 from service.codecs.native import NativeBinary, NativeJson
-from service.http_errors import from_error
+from service.http.error_responses import from_error
 
 from .conftest import same_bits
 

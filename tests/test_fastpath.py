@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from starlette.datastructures import QueryParams
 
 from service.codecs.native import parse_query
-from service.fastpath import FastPath
+from service.http.fastpath import FastPath
 
 QUERY = st.text(alphabet="ab=&%+2F0,.-_", max_size=40)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from service import dtypes
-from service.compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
-from service.job import Job, JobResult, Mode
+from service.engine.compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
+from service.engine.job import Job, JobResult, Mode
 
 from .conftest import REGISTRY, same_bits, serve
 

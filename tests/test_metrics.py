@@ -14,7 +14,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import LATENCY_BUCKETS, REJECT_REASONS
+from service.observability.metrics import LATENCY_BUCKETS, REJECT_REASONS
 
 from .conftest import serve
 
@@ -342,7 +342,7 @@ def test_stats_window_adds_nothing_to_the_garbage_collectors_walk():
     objects they lengthened every full collection (and the latency tail)."""
     import gc
 
-    from service.stats import Sample, WindowStats
+    from service.observability.stats import Sample, WindowStats
 
     window = WindowStats(60)
     for i in range(2000):

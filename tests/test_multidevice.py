@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.executor import resolve_devices
+from service.engine.executor import resolve_devices
 from service.settings import Settings
 
 from .conftest import reference, same_bits, serve, subprocess_server

@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service import compute, dtypes
-from service.compute import ALIGN, stage
-from service.job import Job, Mode
+from service import dtypes
+from service.engine import compute
+from service.engine.compute import ALIGN, stage
+from service.engine.job import Job, Mode
 
 from .conftest import REGISTRY
 

@@ -13,8 +13,8 @@ import math
 import numpy as np
 import orjson
 
-from .. import dtypes
-from ..errors import InvalidRequest, RequestTooLarge, echo
+from service import dtypes
+from service.errors import InvalidRequest, RequestTooLarge, echo
 
 MAX_DIMS = 32
 

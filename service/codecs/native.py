@@ -11,9 +11,10 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from .. import dtypes
-from ..errors import InvalidRequest, echo
-from ..options import SETTING_NAMES, check_shape, parse_shape_text
+from service import dtypes
+from service.engine.jobs import SETTING_NAMES, check_shape, parse_shape_text
+from service.errors import InvalidRequest, echo
+
 from .jsonio import array_from_json, dumps, loads_object
 
 ZERO_COPY_BYTES = 64 * 1024

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .. import dtypes
-from ..errors import InvalidRequest, echo
-from ..options import SETTING_NAMES, check_shape
+from service import dtypes
+from service.engine.jobs import SETTING_NAMES, check_shape
+from service.errors import InvalidRequest, echo
+
 from .jsonio import array_from_json, dumps, loads_object
 
 INPUT_NAME = "input"

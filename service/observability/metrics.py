@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .loop_metrics import LoopCounter, LoopHistogram
+from service.observability.loop_metrics import LoopCounter, LoopHistogram
 
 # Tens of microseconds up to seconds.
 LATENCY_BUCKETS = (

@@ -21,8 +21,8 @@ import uuid
 
 import orjson
 
-from .errors import Unauthorized
-from .http_errors import error_response
+from service.errors import Unauthorized
+from service.http.error_responses import error_response
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")

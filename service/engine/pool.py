@@ -8,12 +8,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from .activations import Registry
-from .capabilities import Capabilities
-from .errors import Unavailable
-from .executor import Executor
-from .job import Job, JobResult
-from .selftest import probe, self_test
+from service.engine.activations import Registry
+from service.engine.capabilities import Capabilities
+from service.engine.executor import Executor
+from service.engine.job import Job, JobResult
+from service.engine.selftest import probe, self_test
+from service.errors import Unavailable
 
 log = logging.getLogger("actserve.pool")
 

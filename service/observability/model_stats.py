@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .job import Job, JobResult
+from service.engine.job import Job, JobResult
 
 NS = 1_000_000_000
 

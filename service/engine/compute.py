@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import ComputeError
-from .job import Job, JobResult
+from service.engine.job import Job, JobResult
+from service.errors import ComputeError
 
 TORCH_DTYPES = {
     "float16": torch.float16,

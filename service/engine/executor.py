@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .compute import DeviceCompute
-from .job import Job, JobResult
+from service.engine.compute import DeviceCompute
+from service.engine.job import Job, JobResult
 
 BatchDone = Callable[["Executor", list[Job], list[JobResult | Exception], float], None]
 Death = Callable[["Executor", list[Job], BaseException], None]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .errors import QueueFull
+from service.errors import QueueFull
 
 SMALL_BYTES = 64 * 1024
 

@@ -8,9 +8,9 @@ naming why, before anything is queued, and never a 500.
 
 from __future__ import annotations
 
-from .activations import Activation
-from .errors import InvalidRequest
-from .job import Mode
+from service.engine.activations import Activation
+from service.engine.job import Mode
+from service.errors import InvalidRequest
 
 
 class Capabilities:

@@ -13,7 +13,7 @@ import zlib
 
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType, echo
+from service.errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType, echo
 
 
 def declared_size(request: Request, limit: int) -> int | None:

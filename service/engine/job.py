@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .activations import Activation
+from service.engine.activations import Activation
 
 
 @dataclass(frozen=True, slots=True)

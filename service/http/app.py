@@ -9,16 +9,17 @@ import logging
 
 from fastapi import FastAPI
 
-from . import __version__, http_errors
-from .fastpath import FastPath
-from .middleware import RequestContext
-from .routes_native import activate
-from .routes_native import router as native_router
-from .routes_ops import router as ops_router
-from .routes_v2 import infer, infer_version
-from .routes_v2 import router as v2_router
-from .runtime import Runtime
-from .settings import Settings
+from service import __version__
+from service.engine.runtime import Runtime
+from service.http import error_responses
+from service.http.fastpath import FastPath
+from service.http.middleware import RequestContext
+from service.http.routes_native import activate
+from service.http.routes_native import router as native_router
+from service.http.routes_ops import router as ops_router
+from service.http.routes_v2 import infer, infer_version
+from service.http.routes_v2 import router as v2_router
+from service.settings import Settings
 
 log = logging.getLogger("actserve")
 
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.settings = settings
-    http_errors.install(app)
+    error_responses.install(app)
     app.include_router(native_router)
     app.include_router(ops_router)
     app.include_router(v2_router)

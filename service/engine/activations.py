@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidRequest, UnknownActivation, echo
-from .params import ChoiceParam, FloatParam, Param
+from service.engine.params import ChoiceParam, FloatParam, Param
+from service.errors import InvalidRequest, UnknownActivation, echo
 
 Fn = Callable[..., torch.Tensor]
 

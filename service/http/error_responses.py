@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import ActserveError
+from service.errors import ActserveError
 
 
 def is_v2(path: str) -> bool:

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import dtypes
-from .activations import Activation
-from .capabilities import Capabilities
-from .errors import InvalidRequest, RequestTooLarge, echo
-from .job import Job, Mode
-from .params import parse_bool
-from .settings import Settings
+from service import dtypes
+from service.engine.activations import Activation
+from service.engine.capabilities import Capabilities
+from service.engine.job import Job, Mode
+from service.engine.params import parse_bool
+from service.errors import InvalidRequest, RequestTooLarge, echo
+from service.settings import Settings
 
 SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
 MAX_DIMS = 32

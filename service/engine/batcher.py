@@ -23,7 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .errors import (
+from service.engine.executor import Executor
+from service.engine.job import Job, JobResult
+from service.engine.pool import ExecutorPool
+from service.errors import (
     ActserveError,
     DeadlineExceeded,
     Draining,
@@ -31,10 +34,7 @@ from .errors import (
     QueueFull,
     Unavailable,
 )
-from .executor import Executor
-from .job import Job, JobResult
-from .pool import ExecutorPool
-from .settings import Settings
+from service.settings import Settings
 
 SWEEP_S = 0.005  # deadline resolution: a job is answered 504 at most this late
 _EXPIRED = "the request's deadline passed while it waited in the queue; it was not computed"

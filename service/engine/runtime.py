@@ -9,19 +9,19 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import ClientDisconnect
 
-from .activations import Registry
-from .batcher import Batcher
-from .body_budget import BodyBudget
-from .capabilities import Capabilities
-from .errors import ActserveError
-from .executor import executors_for, resolve_devices
-from .job import Job, JobResult
-from .metrics import Metrics, status_class
-from .model_stats import ModelStats
-from .options import JobFactory
-from .pool import ExecutorPool
-from .settings import Settings
-from .stats import WindowStats
+from service.engine.activations import Registry
+from service.engine.batcher import Batcher
+from service.engine.capabilities import Capabilities
+from service.engine.executor import executors_for, resolve_devices
+from service.engine.job import Job, JobResult
+from service.engine.jobs import JobFactory
+from service.engine.pool import ExecutorPool
+from service.errors import ActserveError
+from service.http.body_budget import BodyBudget
+from service.observability.metrics import Metrics, status_class
+from service.observability.model_stats import ModelStats
+from service.observability.stats import WindowStats
+from service.settings import Settings
 
 log = logging.getLogger("actserve")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import uvicorn
 from fastapi import FastAPI
 
-from .settings import Settings
+from service.settings import Settings
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
     http: object = "auto"
     try:
-        from .protocol import header_timeout_protocol
+        from service.http.header_timeout import header_timeout_protocol
 
         http = header_timeout_protocol(settings.header_timeout_s)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout

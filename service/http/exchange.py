@@ -13,10 +13,10 @@ from collections.abc import Callable
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .body import declared_size, read_body
-from .errors import ActserveError
-from .job import Job, JobResult
-from .runtime import Runtime
+from service.engine.job import Job, JobResult
+from service.engine.runtime import Runtime
+from service.errors import ActserveError
+from service.http.body import declared_size, read_body
 
 Decoder = Callable[[bytearray], Job]
 Encoder = Callable[[Job, JobResult], Response]

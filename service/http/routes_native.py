@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import dtypes
-from .codecs.native import NativeBinary, NativeJson, parse_query
-from .errors import UnsupportedMediaType, echo
-from .exchange import handle
-from .job import Job, JobResult
+from service import dtypes
+from service.codecs.native import NativeBinary, NativeJson, parse_query
+from service.engine.job import Job, JobResult
+from service.errors import UnsupportedMediaType, echo
+from service.http.exchange import handle
 
 router = APIRouter(tags=["native"])
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import __version__
-from .errors import NotReady
+from service import __version__
+from service.errors import NotReady
 
 router = APIRouter(tags=["ops"])
 

@@ -5,7 +5,7 @@ here with one regular expression each and handed straight to their handlers, ski
 FastAPI's route table walk and dependency solving (about a sixth of the event loop's time
 per small request, measured with py-spy; see docs/benchmarks.md). The routes stay declared
 on the FastAPI app, so the OpenAPI document and every other route are unchanged; domain
-errors become responses through the same ``http_errors`` table.
+errors become responses through the same ``error_responses`` table.
 
 It sits outside the framework's middlewares (their error middleware included), so it
 answers an unexpected exception itself: a logged 500 in the API's error format, as the
@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import ActserveError
-from .http_errors import error_response, from_error
+from service.errors import ActserveError
+from service.http.error_responses import error_response, from_error
 
 log = logging.getLogger("actserve")
 

@@ -3,7 +3,7 @@ with one version (``1``), one input (``input``) and one output (``output``) of a
 
 Inference goes through ``exchange.handle`` like the native API, so both share the batcher,
 the metrics (api label ``v2``) and the statistics. Errors are ``{"error": "<message>"}``
-(``service.http_errors``); success is exactly 200.
+(``service.http.error_responses``); success is exactly 200.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import __version__
-from .codecs import v2
-from .errors import InvalidRequest, NotReady, UnknownActivation, echo
-from .exchange import handle
-from .job import Job, JobResult
-from .parts_response import PartsResponse
-from .runtime import Runtime
+from service import __version__
+from service.codecs import v2
+from service.engine.job import Job, JobResult
+from service.engine.runtime import Runtime
+from service.errors import InvalidRequest, NotReady, UnknownActivation, echo
+from service.http.exchange import handle
+from service.http.parts_response import PartsResponse
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 

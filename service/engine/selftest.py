@@ -14,11 +14,11 @@ import itertools
 import numpy as np
 import torch
 
-from . import dtypes
-from .activations import Registry
-from .capabilities import Capabilities
-from .compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
-from .job import Job, JobResult, Mode
+from service import dtypes
+from service.engine.activations import Registry
+from service.engine.capabilities import Capabilities
+from service.engine.compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
+from service.engine.job import Job, JobResult, Mode
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0,
             3.0, -3.0, 20.0, -20.0, 100.0, -100.0]
