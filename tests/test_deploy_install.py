@@ -74,7 +74,7 @@ def healthcheck(env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_container_install_and_entrypoint_outside_a_container(tmp_path):
     src = stage_context(tmp_path / "src")
-    assert (src / "pyproject.toml").is_file() and (src / "service" / "app.py").is_file()
+    assert (src / "pyproject.toml").is_file() and (src / "service" / "http" / "app.py").is_file()
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PYTHON=sys.executable, PIP_NO_COMPILE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
