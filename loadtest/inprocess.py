@@ -60,10 +60,10 @@ def raw_torch(activation: str, size: int, seconds: float, held: bool = False) ->
 
 def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float,
                   device: str = "cpu") -> list[dict]:
-    """Elements/s through ``Runtime.run`` (job build, batcher, compute thread, result back on
-    the loop), for each ``(size, concurrency)`` in ``loads``: ``concurrency`` jobs of ``size``
-    elements kept in flight. One runtime on ``device`` serves every load."""
-    from service.engine.runtime import Runtime
+    """Elements/s through ``Engine.submit`` (job build, batcher, compute thread, result back
+    on the loop), for each ``(size, concurrency)`` in ``loads``: ``concurrency`` jobs of
+    ``size`` elements kept in flight. One engine on ``device`` serves every load."""
+    from service.engine.engine import Engine
     from service.settings import Settings
 
     async def measure(rt, act, size: int, concurrency: int) -> dict:
@@ -73,7 +73,7 @@ def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float,
 
         async def one() -> None:
             nonlocal done
-            res = await rt.run(rt.jobs.build(act, x, "float32", {}, {}, api="bench"))
+            res = await rt.submit(rt.jobs.build(act, x, "float32", {}, {}, api="bench"))
             batches.append(res.batch_elements)
             done += size
 
@@ -90,7 +90,7 @@ def executor_path(activation: str, loads: list[tuple[int, int]], seconds: float,
                 "mean_batch_elements": float(np.mean(batches)) if batches else 0.0}
 
     async def main() -> list[dict]:
-        rt = Runtime(Settings(metrics=False, access_log=False, device=device))
+        rt = Engine(Settings(metrics=False, access_log=False, device=device))
         await rt.start()
         try:
             act = rt.registry.get(activation)

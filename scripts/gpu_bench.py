@@ -80,15 +80,15 @@ def main() -> int:
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | "
               f"{r[7]:.0f} |")
-    runtime_path(dev, reg)
+    engine_path(dev, reg)
     return 0
 
 
-def runtime_path(dev: torch.device, reg: Registry) -> None:
+def engine_path(dev: torch.device, reg: Registry) -> None:
     """The whole in-process path (job build, batcher, compute thread, CUDA, result back on the
     event loop) against raw torch doing the same host -> device -> activation -> host trip."""
     print()
-    print("| activation | elements per request | in flight | Runtime.run Gelem/s | "
+    print("| activation | elements per request | in flight | Engine.submit Gelem/s | "
           "raw torch H2D+act+D2H Gelem/s | ratio | mean batch elements |")
     print("|---|---|---|---|---|---|---|")
     for name in ("relu", "gelu"):

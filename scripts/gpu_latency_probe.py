@@ -1,5 +1,5 @@
 """Where a lone small request's time goes on the GPU path: each step of the packed CUDA path
-timed on the host (medians of 300), then Runtime.run round trips on cuda and cpu.
+timed on the host (medians of 300), then Engine.submit round trips on cuda and cpu.
 
     python scripts/gpu_latency_probe.py [--size 1024]
 """
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     th.start()
     th.join()
     print(f"  DeviceCompute.run in a second thread {statistics.median(in_thread[30:]):8.1f}")
-    # The compute thread's own wall time per batch, inside Runtime.run.
+    # The compute thread's own wall time per batch, inside Engine.submit.
     walls: list[float] = []
     original = DeviceCompute.run
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for device in ("cuda:0", "cpu"):
         walls.clear()
         r = inprocess.executor_path("gelu", [(a.size, 1)], 1.5, device=device)[0]
-        print(f"Runtime.run lone {a.size}-element job on {device}: "
+        print(f"Engine.submit lone {a.size}-element job on {device}: "
               f"{a.size / r['elements_per_s'] * 1e6:.0f} us; compute thread wall per batch "
               f"{statistics.median(walls[len(walls) // 10:]):.0f} us")
     DeviceCompute.run = original

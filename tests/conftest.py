@@ -46,7 +46,8 @@ class ThreadServer:
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
-        self.runtime = self.app.state.runtime
+        self.services = self.app.state.services
+        self.engine = self.services.engine
         self.port = settings.port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn_config(self.app, settings, log_level="warning")
@@ -68,7 +69,7 @@ class ThreadServer:
 
     @property
     def loop(self):
-        return self.runtime.loop
+        return self.engine.pool.loop
 
 
 @contextmanager

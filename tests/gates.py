@@ -6,10 +6,38 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from contextlib import asynccontextmanager
 
 
-def block_executor(runtime, index: int = 0):
+class Submissions:
+    """Counts the jobs an engine's batcher accepted, by wrapping that instance's ``submit``
+    (test side only; the production classes carry no counters for tests)."""
+
+    def __init__(self, engine) -> None:
+        self.count = 0
+        inner = engine.batcher.submit
+
+        def submit(job):
+            future = inner(job)  # raises when refused: not counted
+            self.count += 1
+            return future
+
+        engine.batcher.submit = submit
+
+
+_SUBMISSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def submissions(engine) -> Submissions:
+    """The one counter of ``engine`` (installed on first use)."""
+    counter = _SUBMISSIONS.get(engine.batcher)
+    if counter is None:
+        counter = _SUBMISSIONS[engine.batcher] = Submissions(engine)
+    return counter
+
+
+def block_executor(engine, index: int = 0):
     """Occupy executor ``index``'s compute thread until the returned event is set."""
     gate = threading.Event()
     started = threading.Event()
@@ -18,7 +46,7 @@ def block_executor(runtime, index: int = 0):
         started.set()
         gate.wait(60)
 
-    runtime.pool.executors[index].call(hold)
+    engine.pool.executors[index].call(hold)
     if not started.wait(30):
         raise RuntimeError("compute thread did not pick up the gate")
     return gate
@@ -34,13 +62,14 @@ async def wait_for(predicate, timeout: float = 30.0) -> None:
 
 
 @asynccontextmanager
-async def held(runtime, expected_jobs: int, index: int = 0):
+async def held(engine, expected_jobs: int, index: int = 0):
     """Inside the block, start requests; on exit the gate opens once ``expected_jobs`` more
     jobs have reached the batcher."""
-    base = runtime.batcher.submitted
-    gate = block_executor(runtime, index)
+    counter = submissions(engine)
+    base = counter.count
+    gate = block_executor(engine, index)
     try:
         yield
-        await wait_for(lambda: runtime.batcher.submitted - base >= expected_jobs)
+        await wait_for(lambda: counter.count - base >= expected_jobs)
     finally:
         gate.set()

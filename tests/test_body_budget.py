@@ -14,7 +14,7 @@ from service.errors import QueueFull
 from service.http.body_budget import SMALL_BYTES, BodyBudget
 
 from .conftest import reference, same_bits, serve
-from .gates import block_executor, wait_for
+from .gates import block_executor, submissions, wait_for
 
 MB = 1 << 20
 
@@ -90,8 +90,8 @@ def test_bodies_beyond_the_budget_wait_unread_then_all_are_answered():
     n = 65_536  # 256 KiB bodies; the budget holds one at a time
     xs = [np.full(n, i - 1.5, dtype="<f4") for i in range(3)]
     with serve(max_body_bytes_in_flight=300_000) as srv:
-        rt = srv.runtime
-        base = rt.batcher.submitted
+        rt = srv.engine
+        base = submissions(rt).count
 
         async def run():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
@@ -101,9 +101,9 @@ def test_bodies_beyond_the_budget_wait_unread_then_all_are_answered():
                         "/v1/activations/relu", params={"shape": str(n)}, content=x.tobytes(),
                         headers={"content-type": "application/octet-stream"})) for x in xs]
                     # one body read and queued; the other two wait for the budget, unread
-                    await wait_for(lambda: rt.batcher.submitted - base == 1 and
-                                   rt.bodies.waiting == 2)
-                    assert rt.bodies.held == n * 4
+                    await wait_for(lambda: submissions(rt).count - base == 1 and
+                                   srv.services.bodies.waiting == 2)
+                    assert srv.services.bodies.held == n * 4
                     metrics = (await c.get("/metrics")).text
                     assert "actserve_body_waiting_requests 2.0" in metrics
                 finally:
@@ -111,7 +111,7 @@ def test_bodies_beyond_the_budget_wait_unread_then_all_are_answered():
                 return await asyncio.gather(*tasks)
 
         rs = asyncio.run(run())
-        assert rt.bodies.held == 0 and rt.bodies.waiting == 0
+        assert srv.services.bodies.held == 0 and srv.services.bodies.waiting == 0
     for x, r in zip(xs, rs, strict=True):
         assert r.status_code == 200, r.text
         assert same_bits(np.frombuffer(r.content, "<f4"), reference("relu", x, "float32")[0])

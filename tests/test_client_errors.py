@@ -20,7 +20,7 @@ import pytest
 from actserve_client import AsyncClient, Client, RetryPolicy
 
 from .conftest import free_port, serve
-from .gates import held, wait_for
+from .gates import held, submissions, wait_for
 
 FAST = RetryPolicy(max_retries=2, initial_backoff=0.001, max_backoff=0.002)
 X = np.array([-1.0, 1.0], dtype=np.float32)
@@ -314,18 +314,19 @@ def test_413_too_large():
 
 def test_500_compute_failure():
     with serve(fault_injection=True) as srv:
+        counter = submissions(srv.engine)
         with Client(srv.url, headers={"x-actserve-fault": "compute"}, retry_policy=FAST) as c:
             with pytest.raises(ac.ServerError) as info:
                 c.activate("tanh", X)
             assert info.value.status == 500 and "compute" in info.value.message
-        assert srv.runtime.batcher.submitted == 1  # not retried
+        assert counter.count == 1  # not retried
 
 
 def test_503_draining_and_readiness():
     with serve() as srv, Client(srv.url, max_retries=0) as c:
         c.wait_until_ready(30)
         assert c.ready() and c.health()
-        srv.loop.call_soon_threadsafe(srv.runtime.batcher.begin_drain)
+        srv.loop.call_soon_threadsafe(srv.engine.begin_drain)
         deadline = time.monotonic() + 10
         while c.ready():
             assert time.monotonic() < deadline
@@ -341,13 +342,13 @@ def test_503_draining_and_readiness():
 
 def test_504_deadline_exceeded_from_the_server():
     with serve() as srv:
-        rt = srv.runtime
+        rt = srv.engine
 
         async def run():
             async with AsyncClient(srv.url, max_retries=0) as c:
                 async with held(rt, 2):
                     filler = asyncio.ensure_future(c.activate("relu", [1.0]))
-                    await wait_for(lambda: rt.batcher.submitted >= 1 and not rt.batcher.waiting)
+                    await wait_for(lambda: submissions(rt).count >= 1 and not rt.batcher.waiting)
                     with pytest.raises(ac.DeadlineExceededError) as info:
                         # expires in the queue while the compute thread is held
                         await c.activate("softsign", X, timeout=0.05)

@@ -20,7 +20,7 @@ from actserve_client._retry import RetryPolicy, parse_retry_after
 
 from service import errors as server_errors
 from service.codecs import v2 as server_v2
-from service.codecs.native import NativeBinary, NativeJson
+from service.codecs.native import read_binary, read_json, write_binary, write_json
 from service.http.error_responses import from_error
 
 from .conftest import same_bits
@@ -217,19 +217,19 @@ def test_native_requests_decode_on_the_server_and_answers_parse(dtype, shape):
     wire = _wire(shape, dtype, 2)
     settings = {"amp": False, "timeout": 1.5}
     req = _protocol.build("native", "elu", wire, settings, {"alpha": 0.25}, "id")
-    array, wdtype, s, params = NativeBinary.decode(bytearray(req.content), req.params, 10**6)
+    array, wdtype, s, params = read_binary(bytearray(req.content), req.params, 10**6)
     assert wdtype == dtype and same_bits(array, wire.storage)
     assert s == {"amp": "false", "timeout": "1.5"} and params == {"alpha": "0.25"}
-    payload, headers = NativeBinary.encode(array, dtype)
+    payload, headers = write_binary(array, dtype)
     back = _protocol.parse("native", {k.lower(): v for k, v in headers.items()}, payload)
     assert same_bits(back.storage, wire.storage)
 
     req = _protocol.build("native-json", "elu", wire, settings, {"alpha": 0.25}, "id")
-    array, wdtype, s, params = NativeJson.decode(req.content, 10**6)
+    array, wdtype, s, params = read_json(req.content, 10**6)
     assert wdtype == dtype and same_bits(array, wire.storage)
     assert s == settings and params == {"alpha": 0.25}
     back = _protocol.parse("native-json", {"content-type": "application/json"},
-                           NativeJson.encode("elu", array, dtype))
+                           write_json("elu", array, dtype))
     assert same_bits(back.storage, wire.storage)
 
 
@@ -237,7 +237,7 @@ def test_non_finite_values_travel_in_json():
     wire = _arrays.Wire(np.array([np.nan, np.inf, -np.inf, -0.0], dtype="<f4"), "float32")
     req = _protocol.build("native-json", "relu", wire, {}, {}, "id")
     assert b"NaN" in req.content and b"-Infinity" in req.content
-    array, *_ = NativeJson.decode(req.content, 100)
+    array, *_ = read_json(req.content, 100)
     assert same_bits(array, wire.storage)
 
 

@@ -114,7 +114,7 @@ def test_shared_batch_of_mixed_sizes_is_bit_exact(server, spec, sizes):
     requests = [_binary_request(s, v) for s, v in zip(specs, values, strict=True)]
 
     async def run():
-        async with held(server.runtime, len(requests)):
+        async with held(server.engine, len(requests)):
             tasks = [asyncio.ensure_future(_send_all(server.url, [r])) for r in requests]
         return [(await t)[0] for t in tasks]
 

@@ -13,7 +13,7 @@ import pytest
 from service.errors import STATUS_TABLE
 
 from .conftest import reference, same_bits, serve
-from .gates import block_executor, held, wait_for
+from .gates import block_executor, held, submissions, wait_for
 
 BIN = {"content-type": "application/octet-stream"}
 
@@ -112,7 +112,7 @@ def test_413_body_over_limit_declared_and_streamed():
 
 
 def test_413_shape_over_batch_limit_refused_before_allocation(client, server):
-    limit = server.runtime.settings.max_batch_elements
+    limit = server.engine.settings.max_batch_elements
     r = client.post("/v1/activations/relu", params={"shape": f"{limit},{limit}"}, content=b"",
                     headers=BIN)
     _err(r, 413, "max_batch_elements")
@@ -144,15 +144,15 @@ def test_503_queue_full_at_once_with_retry_after():
     with serve(max_queue_requests=2, max_batch_requests=1) as srv:
         async def overflow():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
-                base = srv.runtime.batcher.submitted
-                gate = block_executor(srv.runtime)
+                base = submissions(srv.engine).count
+                gate = block_executor(srv.engine)
                 try:
                     post = lambda: c.post("/v1/activations/relu", json={"data": [1.0]})  # noqa: E731
-                    rt = srv.runtime
+                    rt = srv.engine
                     tasks = [asyncio.ensure_future(post())]  # dispatched to the held executor
-                    await wait_for(lambda: rt.batcher.submitted - base >= 1 and not rt.batcher.waiting)
+                    await wait_for(lambda: submissions(rt).count - base >= 1 and not rt.batcher.waiting)
                     tasks += [asyncio.ensure_future(post()) for _ in range(2)]  # fill the queue
-                    await wait_for(lambda: rt.batcher.submitted - base >= 3)
+                    await wait_for(lambda: submissions(rt).count - base >= 3)
                     t0 = time.perf_counter()
                     r = await c.post("/v1/activations/relu", json={"data": [1.0]})
                     elapsed = time.perf_counter() - t0
@@ -172,10 +172,10 @@ def test_504_deadline_passed_while_waiting_never_computed():
     with serve() as srv:
         async def run():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
-                rt = srv.runtime
+                rt = srv.engine
                 async with held(rt, 2):
                     filler = asyncio.ensure_future(c.post("/v1/activations/relu", json={"data": [1.0]}))
-                    await wait_for(lambda: rt.batcher.submitted >= 1 and not rt.batcher.waiting)
+                    await wait_for(lambda: submissions(rt).count >= 1 and not rt.batcher.waiting)
                     late = asyncio.ensure_future(c.post(
                         "/v1/activations/softsign", json={"data": [1.0], "timeout": 0.05}))
                     # the gate stays closed until the late request's deadline has passed
@@ -201,7 +201,7 @@ def _count(srv, metric: str, label: str) -> float:
 def test_503_draining_and_readiness():
     with serve() as srv, httpx.Client(base_url=srv.url) as c:
         assert c.get("/readyz").status_code == 200
-        srv.loop.call_soon_threadsafe(srv.runtime.batcher.begin_drain)
+        srv.loop.call_soon_threadsafe(srv.engine.begin_drain)
         deadline = time.monotonic() + 10
         while c.get("/readyz").status_code == 200 and time.monotonic() < deadline:
             pass
@@ -218,7 +218,7 @@ def test_500_compute_failure_of_one_request_alone():
 
         async def run():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
-                async with held(srv.runtime, len(xs)):
+                async with held(srv.engine, len(xs)):
                     tasks = [asyncio.ensure_future(c.post(
                         "/v1/activations/tanh", params={"shape": str(x.size)},
                         content=x.tobytes(),
@@ -241,7 +241,7 @@ def test_bad_requests_among_good_ones_harm_none(server):
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            async with held(server.runtime, len(good)):
+            async with held(server.engine, len(good)):
                 tasks = []
                 for i, x in enumerate(good):
                     tasks.append(c.post("/v1/activations/sigmoid", params={"shape": str(x.size)},

@@ -24,7 +24,7 @@ def test_batches_larger_than_one_form_under_concurrency(server):
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            async with held(server.runtime, len(xs)):
+            async with held(server.engine, len(xs)):
                 tasks = [asyncio.ensure_future(_post_bin(c, "relu", x)) for x in xs]
             return await asyncio.gather(*tasks)
 
@@ -65,18 +65,18 @@ def test_low_load_request_runs_at_once_unless_a_delay_is_configured():
 def test_killed_compute_thread_is_detected_restarted_and_service_resumes():
     with serve(fault_injection=True) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         transitions: list[bool] = []
-        srv.runtime.pool.on_readiness_change = transitions.append
+        srv.engine.pool.on_readiness_change = transitions.append
         x = np.linspace(-2, 2, 9, dtype="<f4")
         r = _post_bin(c, "tanh", x, **{"x-actserve-fault": "kill"})
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"]
 
         async def ready_again():
-            await wait_for(lambda: srv.runtime.pool.ready, timeout=60)
+            await wait_for(lambda: srv.engine.pool.ready, timeout=60)
 
         asyncio.run(ready_again())
         assert transitions[0] is False and transitions[-1] is True
-        assert srv.runtime.pool.restarts == 1
+        assert srv.engine.pool.restarts == 1
         ok = _post_bin(c, "tanh", x)
         assert ok.status_code == 200
         assert same_bits(np.frombuffer(ok.content, "<f4"), reference("tanh", x, "float32")[0])

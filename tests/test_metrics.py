@@ -54,7 +54,7 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
-def hold_executor(runtime) -> threading.Event:
+def hold_executor(engine) -> threading.Event:
     """Occupy the compute thread until the returned event is set."""
     gate, started = threading.Event(), threading.Event()
 
@@ -62,7 +62,7 @@ def hold_executor(runtime) -> threading.Event:
         started.set()
         gate.wait(60)
 
-    runtime.pool.executors[0].call(hold)
+    engine.pool.executors[0].call(hold)
     assert started.wait(30), "the compute thread did not pick up the gate"
     return gate
 
@@ -75,7 +75,7 @@ def json_body(values, **extra) -> bytes:
 def test_counters_and_histograms_equal_a_known_mix():
     with serve(max_queue_requests=2, max_batch_requests=2, max_request_bytes=4096) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c, ThreadPoolExecutor(4) as pool:
-        rt = srv.runtime
+        rt = srv.engine
         sent_in = 0  # request body bytes the server read
         sent_out = 0  # response body bytes of answered requests
 
@@ -240,7 +240,7 @@ def test_executor_restart_and_compute_failure_are_counted():
         r = c.post("/v1/activations/relu", json={"data": [1.0]},
                    headers={"x-actserve-fault": "kill"})
         assert r.status_code == 503, r.text
-        wait_until(lambda: srv.runtime.ready)
+        wait_until(lambda: srv.engine.ready)
         r = c.post("/v1/activations/relu", json={"data": [1.0]},
                    headers={"x-actserve-fault": "compute"})
         assert r.status_code == 500, r.text

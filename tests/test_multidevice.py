@@ -26,10 +26,10 @@ def post_relu(url: str, values: np.ndarray, client: httpx.Client | None = None) 
                   timeout=60)
 
 
-def record_dispatch(runtime) -> list[int]:
+def record_dispatch(engine) -> list[int]:
     """Wrap each executor's ``submit`` (called on the event loop) to log its index."""
     log: list[int] = []
-    for ex in runtime.pool.executors:
+    for ex in engine.pool.executors:
         original = ex.submit
 
         def submit(batch, _orig=original, _index=ex.index):
@@ -90,7 +90,7 @@ def test_cuda_devices_where_there_is_none_fail_at_start_with_a_clear_message():
 # -- dispatch -----------------------------------------------------------------------------
 def test_two_executors_have_their_own_compute_threads():
     with serve(device="cpu,cpu") as srv:
-        pool = srv.runtime.pool
+        pool = srv.engine.pool
         assert [ex.device for ex in pool.executors] == ["cpu", "cpu"]
         assert [ex.index for ex in pool.executors] == [0, 1]
         names = [ex._thread.name for ex in pool.executors]
@@ -104,8 +104,8 @@ def test_idle_executor_takes_the_work_while_the_other_is_busy():
     goes to executor 1 and is answered while executor 0 is still held."""
     rng = np.random.default_rng(3)
     with serve(device="cpu,cpu") as srv:
-        ex0 = srv.runtime.pool.executors[0]
-        dispatched = record_dispatch(srv.runtime)
+        ex0 = srv.engine.pool.executors[0]
+        dispatched = record_dispatch(srv.engine)
         gate = hold(ex0)
         try:
             with ThreadPoolExecutor(1) as background:
@@ -138,7 +138,7 @@ def test_idle_executor_takes_the_work_while_the_other_is_busy():
 def test_least_loaded_choice():
     """``idle()``: only ready executors with no batch in flight; the lightest one first."""
     with serve(device="cpu,cpu,cpu") as srv:
-        pool = srv.runtime.pool
+        pool = srv.engine.pool
         ex0, ex1, ex2 = pool.executors
 
         def probe():
@@ -168,8 +168,8 @@ def spread_over_two(srv, inputs: list[np.ndarray], workers: int,
                     timeout: float) -> tuple[list[httpx.Response], list[int]]:
     """Post every input concurrently while executor 0 is held until executor 1 has taken
     work, so both executors serve; returns the answers and the executors dispatched to."""
-    dispatched = record_dispatch(srv.runtime)
-    gate = hold(srv.runtime.pool.executors[0])
+    dispatched = record_dispatch(srv.engine)
+    gate = hold(srv.engine.pool.executors[0])
     with httpx.Client(limits=httpx.Limits(max_connections=workers)) as client, \
             ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(post_relu, srv.url, x, client) for x in inputs]
@@ -196,7 +196,7 @@ def test_one_executor_dying_leaves_the_process_ready():
     """The thread of one executor dies; the other keeps the server ready and answering
     while the dead one is restarted."""
     with serve(device="cpu,cpu", fault_injection=True, executor_restart_limit=2) as srv:
-        pool = srv.runtime.pool
+        pool = srv.engine.pool
         changes: list[bool] = []
         on_loop(srv, lambda: setattr(pool, "on_readiness_change", changes.append))
         x = np.linspace(-2, 2, 16, dtype=np.float32)

@@ -82,7 +82,7 @@ def test_queue_time_grows_while_the_executor_is_busy():
     hold_s = 0.2
     with serve() as srv, httpx.Client(base_url=srv.url, timeout=60) as c, \
             ThreadPoolExecutor(2) as pool:
-        rt = srv.runtime
+        rt = srv.engine
         idle = [timing(c.post("/v1/activations/relu", json={"data": [1.0]}))["queue"]
                 for _ in range(5)]
         gate = hold_executor(rt)
@@ -115,7 +115,7 @@ def test_queue_time_grows_while_the_executor_is_busy():
 def test_batch_headers_name_the_batch_a_request_rode_in():
     with serve() as srv, httpx.Client(base_url=srv.url, timeout=60) as c, \
             ThreadPoolExecutor(4) as pool:
-        rt = srv.runtime
+        rt = srv.engine
         gate = hold_executor(rt)
         try:
             lone = pool.submit(c.post, "/v1/activations/elu", json={"data": [1.0]})

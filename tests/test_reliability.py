@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from .conftest import ROOT, reference, same_bits, serve, subprocess_server
-from .gates import block_executor, held, wait_for
+from .gates import block_executor, held, submissions, wait_for
 from .test_fuzz import rss_kib
 
 BIN = {"content-type": "application/octet-stream"}
@@ -122,7 +122,7 @@ def test_slow_body_gets_408():
 # -- disconnects -------------------------------------------------------------------------
 def test_client_that_disconnects_frees_its_slot_and_is_never_computed():
     with serve() as srv:
-        rt = srv.runtime
+        rt = srv.engine
 
         def batches(name: str) -> float:
             text = httpx.get(srv.url + "/metrics").text
@@ -135,7 +135,7 @@ def test_client_that_disconnects_frees_its_slot_and_is_never_computed():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
                 async with held(rt, 2):
                     filler = asyncio.ensure_future(c.post("/v1/activations/relu", json={"data": [1]}))
-                    await wait_for(lambda: rt.batcher.submitted >= 1 and not rt.batcher.waiting)
+                    await wait_for(lambda: submissions(rt).count >= 1 and not rt.batcher.waiting)
                     s = _connect(srv.url)
                     body = b'{"data": [1.0]}'
                     s.sendall(b"POST /v1/activations/softsign HTTP/1.1\r\nHost: x\r\n"
@@ -270,7 +270,7 @@ def test_no_endpoint_evaluates_code_or_unpickles():
 def test_blocked_executor_does_not_stop_health_endpoints(path):
     """Liveness and readiness answer from the event loop even while compute is stuck."""
     with serve() as srv:
-        gate = block_executor(srv.runtime)
+        gate = block_executor(srv.engine)
         try:
             assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
             assert httpx.get(srv.url + "/readyz", timeout=5).status_code == 200

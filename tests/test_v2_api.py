@@ -156,11 +156,11 @@ def test_server_timing_on_v2(client):
 
 # -- scheduling, with the compute thread held by the test -------------------------------------
 @contextmanager
-def held_executor(runtime):
+def held_executor(engine):
     """Occupy the compute thread until the block ends; yields a spy on executed batches."""
     gate, started = threading.Event(), threading.Event()
     batches: list[list[tuple[str, int]]] = []
-    observer = runtime.batcher.on_batch
+    observer = engine.batcher.on_batch
 
     def spy(jobs, results, wall):
         batches.append([(j.api, j.priority) for j in jobs])
@@ -171,14 +171,14 @@ def held_executor(runtime):
         started.set()
         gate.wait(60)
 
-    runtime.batcher.on_batch = spy
-    runtime.pool.executors[0].call(hold)
+    engine.batcher.on_batch = spy
+    engine.pool.executors[0].call(hold)
     assert started.wait(30), "compute thread did not pick up the gate"
     try:
         yield gate, batches
     finally:
         gate.set()
-        runtime.batcher.on_batch = observer
+        engine.batcher.on_batch = observer
 
 
 def until(predicate, timeout: float = 30.0) -> None:
@@ -196,7 +196,7 @@ def own_server():
 
 
 def test_priority_higher_first_and_timeout_in_microseconds(own_server):
-    rt = own_server.runtime
+    rt = own_server.engine
     ex = rt.pool.executors[0]
     with httpx.Client(base_url=own_server.url, timeout=60) as http, ThreadPoolExecutor(4) as pool, \
             held_executor(rt) as (gate, batches):
@@ -217,7 +217,7 @@ def test_priority_higher_first_and_timeout_in_microseconds(own_server):
 
 
 def test_v2_and_native_share_a_batch(own_server):
-    rt = own_server.runtime
+    rt = own_server.engine
     ex = rt.pool.executors[0]
     x = np.linspace(-3, 3, 11, dtype=np.float32)
     expected, _ = reference("leaky_relu", x, "float32", params={"negative_slope": 0.2})
@@ -247,12 +247,12 @@ def test_v2_and_native_share_a_batch(own_server):
 
 def test_not_ready_while_draining(own_server):
     with httpx.Client(base_url=own_server.url, timeout=60) as client:
-        check_draining(client, own_server.runtime)
+        check_draining(client, own_server.engine)
 
 
-def check_draining(client, runtime):
+def check_draining(client, engine):
     assert client.get("/v2/health/ready").status_code == 200
-    runtime.batcher.begin_drain()
+    engine.batcher.begin_drain()
     assert client.get("/v2/health/live").status_code == 200
     for path in ("/v2/health/ready", "/v2/models/relu/ready"):
         r = client.get(path)

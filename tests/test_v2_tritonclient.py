@@ -220,18 +220,18 @@ def test_aio_client(server):
 
 def test_client_priority_and_timeout_reach_the_batcher(server, tc):
     seen: list[tuple[int, float]] = []
-    observer = server.runtime.batcher.on_batch
+    observer = server.engine.batcher.on_batch
 
     def spy(jobs, results, wall):
         seen.extend((j.priority, j.deadline) for j in jobs)
         observer(jobs, results, wall)
 
-    server.runtime.batcher.on_batch = spy
+    server.engine.batcher.on_batch = spy
     try:
         # the client's timeout is in microseconds: 5 s here, far below the 30 s default
         tc.infer("relu", [make_input(sample(np.float32), "FP32")], priority=3, timeout=5_000_000)
     finally:
-        server.runtime.batcher.on_batch = observer
+        server.engine.batcher.on_batch = observer
     [(priority, deadline)] = seen
     assert priority == 3
     remaining = deadline - time.monotonic()

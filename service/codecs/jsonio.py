@@ -14,9 +14,8 @@ import numpy as np
 import orjson
 
 from service import dtypes
+from service.codecs.fields import MAX_DIMS
 from service.errors import InvalidRequest, RequestTooLarge, echo
-
-MAX_DIMS = 32
 
 
 def loads_object(body: bytes | bytearray) -> dict:

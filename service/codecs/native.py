@@ -1,21 +1,30 @@
 """Native wire format (``/v1/activations/{name}``): JSON and raw little-endian bytes.
 
-Torch-free. Decoding validates everything a request says before it is queued.
+Torch-free. ``read_*`` and ``write_*`` are the formats; ``NativeJson`` and ``NativeBinary``
+are their codecs (``service.codecs.base``). Decoding validates everything a request says
+before it is queued.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import numpy as np
 
 from service import dtypes
-from service.engine.jobs import SETTING_NAMES, check_shape, parse_shape_text
-from service.errors import InvalidRequest, echo
+from service.codecs.base import Encoded, Wire
+from service.codecs.fields import SETTING_NAMES, check_shape, parse_shape_text
+from service.errors import InvalidRequest, UnsupportedMediaType, echo
 
-from .jsonio import array_from_json, dumps, loads_object
+if TYPE_CHECKING:
+    from service.engine.activations import Activation
+    from service.engine.job import Job, JobResult
+    from service.engine.jobs import JobFactory
+
+from service.codecs.jsonio import array_from_json, dumps, loads_object
 
 ZERO_COPY_BYTES = 64 * 1024
 
@@ -37,68 +46,120 @@ def parse_query(raw: bytes) -> dict[str, str]:
 JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
 
 
-class NativeJson:
+# -- the formats -------------------------------------------------------------------------
+def read_json(body: bytes | bytearray, max_elements: int):
     """``{"data", "shape"?, "dtype"?, "params"?, <settings>}`` -> (array, dtype, settings,
     params)."""
+    obj = loads_object(body)
+    unknown = [k for k in obj if k not in JSON_FIELDS]
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field {echo(unknown[0])}; allowed fields: {', '.join(JSON_FIELDS)}"
+        )
+    if "data" not in obj:
+        raise InvalidRequest("missing field 'data' (a number or a nested list of numbers)")
+    wire = dtypes.check_name(obj.get("dtype", "float32"), "dtype")
+    shape = None
+    if obj.get("shape") is not None:
+        shape = check_shape(obj["shape"], "shape", max_elements)
+    array = array_from_json(obj["data"], shape, wire, "data", max_elements)
+    params = obj.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("params must be an object, e.g. {\"negative_slope\": 0.1}")
+    settings = {k: obj[k] for k in SETTING_NAMES if obj.get(k) is not None}
+    return array, wire, settings, params
 
-    @staticmethod
-    def decode(body: bytes | bytearray, max_elements: int):
-        obj = loads_object(body)
-        unknown = [k for k in obj if k not in JSON_FIELDS]
-        if unknown:
-            raise InvalidRequest(
-                f"unknown field {echo(unknown[0])}; allowed fields: {', '.join(JSON_FIELDS)}"
-            )
-        if "data" not in obj:
-            raise InvalidRequest("missing field 'data' (a number or a nested list of numbers)")
-        wire = dtypes.check_name(obj.get("dtype", "float32"), "dtype")
-        shape = None
-        if obj.get("shape") is not None:
-            shape = check_shape(obj["shape"], "shape", max_elements)
-        array = array_from_json(obj["data"], shape, wire, "data", max_elements)
-        params = obj.get("params") or {}
-        if not isinstance(params, dict):
-            raise InvalidRequest("params must be an object, e.g. {\"negative_slope\": 0.1}")
-        settings = {k: obj[k] for k in SETTING_NAMES if obj.get(k) is not None}
-        return array, wire, settings, params
 
-    @staticmethod
-    def encode(activation: str, array: np.ndarray, dtype: str) -> bytes:
-        return dumps({
-            "activation": activation,
-            "shape": list(array.shape),
-            "dtype": dtype,
-            "data": dtypes.to_float(array, dtype),
-        })
+def write_json(activation: str, array: np.ndarray, dtype: str) -> bytes:
+    return dumps({
+        "activation": activation,
+        "shape": list(array.shape),
+        "dtype": dtype,
+        "data": dtypes.to_float(array, dtype),
+    })
+
+
+def read_binary(body: bytearray, query: Mapping[str, str], max_elements: int):
+    """Raw little-endian bytes; shape, dtype, settings and params in the query string."""
+    if "shape" not in query:
+        raise InvalidRequest(
+            "binary requests need ?shape=... (comma-separated, empty for a 0-d scalar)"
+        )
+    shape = parse_shape_text(query["shape"], "shape", max_elements)
+    wire = dtypes.check_name(query.get("dtype", "float32"), "dtype")
+    expected = math.prod(shape) * dtypes.itemsize(wire)  # python ints: exact
+    if len(body) != expected:
+        raise InvalidRequest(
+            f"body has {len(body)} bytes but shape {list(shape)} of {wire} needs {expected}"
+        )
+    array = np.frombuffer(body, dtype=dtypes.STORAGE[wire]).reshape(shape)
+    settings = {k: query[k] for k in SETTING_NAMES if k in query}
+    params = {k: v for k, v in query.items() if k not in SETTING_NAMES
+              and k not in ("shape", "dtype")}
+    return array, wire, settings, params
+
+
+def write_binary(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dict[str, str]]:
+    """The raw bytes and the headers. A large C-contiguous array goes out as a zero-copy
+    view (a 4 MiB copy costs about 0.4 ms); a small one is copied (cheaper than a view)."""
+    headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": dtype}
+    if array.nbytes >= ZERO_COPY_BYTES and array.flags.c_contiguous:
+        return memoryview(array.reshape(-1).view(np.uint8)), headers
+    return array.tobytes(), headers
+
+
+# -- the codecs --------------------------------------------------------------------------
+class NativeJson:
+    api = "native"
+
+    def decode(self, body: bytearray, wire: Wire, activation: Activation,
+               jobs: JobFactory) -> tuple[Job, None]:
+        array, dtype, settings, params = read_json(body, jobs.settings.max_batch_elements)
+        return jobs.build(activation, array, dtype, settings, params, api=self.api), None
+
+    def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
+        return Encoded(write_json(job.activation.name, result.array, result.dtype),
+                       "application/json")
 
 
 class NativeBinary:
-    """Raw little-endian bytes; shape, dtype, settings and params in the query string."""
+    api = "native"
 
-    @staticmethod
-    def decode(body: bytearray, query: Mapping[str, str], max_elements: int):
-        if "shape" not in query:
-            raise InvalidRequest(
-                "binary requests need ?shape=... (comma-separated, empty for a 0-d scalar)"
-            )
-        shape = parse_shape_text(query["shape"], "shape", max_elements)
-        wire = dtypes.check_name(query.get("dtype", "float32"), "dtype")
-        expected = math.prod(shape) * dtypes.itemsize(wire)  # python ints: exact
-        if len(body) != expected:
-            raise InvalidRequest(
-                f"body has {len(body)} bytes but shape {list(shape)} of {wire} needs {expected}"
-            )
-        array = np.frombuffer(body, dtype=dtypes.STORAGE[wire]).reshape(shape)
-        settings = {k: query[k] for k in SETTING_NAMES if k in query}
-        params = {k: v for k, v in query.items() if k not in SETTING_NAMES
-                  and k not in ("shape", "dtype")}
-        return array, wire, settings, params
+    def decode(self, body: bytearray, wire: Wire, activation: Activation,
+               jobs: JobFactory) -> tuple[Job, None]:
+        array, dtype, settings, params = read_binary(
+            body, parse_query(wire.query), jobs.settings.max_batch_elements)
+        return jobs.build(activation, array, dtype, settings, params, api=self.api), None
 
-    @staticmethod
-    def encode(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dict[str, str]]:
-        """The raw bytes and the headers. A large C-contiguous array goes out as a zero-copy
-        view (a 4 MiB copy costs about 0.4 ms); a small one is copied (cheaper than a view)."""
-        headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": dtype}
-        if array.nbytes >= ZERO_COPY_BYTES and array.flags.c_contiguous:
-            return memoryview(array.reshape(-1).view(np.uint8)), headers
-        return array.tobytes(), headers
+    def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
+        payload, headers = write_binary(result.array, result.dtype)
+        return Encoded(payload, "application/octet-stream", headers)
+
+
+class Unsupported:
+    """A content type no native codec reads: refused (415) once the request is admitted."""
+
+    api = "native"
+
+    def __init__(self, content_type: str) -> None:
+        self.content_type = content_type
+
+    def decode(self, body: bytearray, wire: Wire, activation: Activation,
+               jobs: JobFactory) -> tuple[Job, None]:
+        raise UnsupportedMediaType(
+            f"Content-Type {echo(self.content_type)} is not supported; use application/json "
+            "or application/octet-stream"
+        )
+
+    def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
+        raise AssertionError("decode always refuses")
+
+
+JSON = NativeJson()
+BINARY = NativeBinary()
+BY_CONTENT_TYPE = {"application/json": JSON, "": JSON, "application/octet-stream": BINARY}
+
+
+def for_content_type(header: str) -> NativeJson | NativeBinary | Unsupported:
+    ctype = header.split(";")[0].strip().lower()
+    return BY_CONTENT_TYPE.get(ctype) or Unsupported(ctype)

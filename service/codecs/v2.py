@@ -11,7 +11,8 @@ up exactly. Without the header the whole body is JSON. Each activation is a mode
 input (``input``) and one output (``output``) of any shape.
 
 Decoding validates everything before anything is queued; every problem is an
-``InvalidRequest`` (400) whose message names the field or input at fault.
+``InvalidRequest`` (400) whose message names the field or input at fault. ``decode`` and
+``encode`` are the format; ``V2Codec`` is its codec (``service.codecs.base``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from service import dtypes
-from service.engine.jobs import SETTING_NAMES, check_shape
-from service.errors import InvalidRequest, echo
+from service.codecs.base import Encoded, Wire
+from service.codecs.fields import SETTING_NAMES, check_shape
+from service.codecs.jsonio import array_from_json, dumps, loads_object
+from service.errors import InvalidRequest, UnknownActivation, echo
 
-from .jsonio import array_from_json, dumps, loads_object
+if TYPE_CHECKING:
+    from service.engine.activations import Activation
+    from service.engine.job import Job, JobResult
+    from service.engine.jobs import JobFactory
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -317,3 +323,42 @@ def compress(data: bytes, encoding: str) -> bytes:
     wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS
     c = zlib.compressobj(1, zlib.DEFLATED, wbits)
     return c.compress(data) + c.flush()
+
+
+# -- the codec -------------------------------------------------------------------------------
+V2Answer = tuple[V2Request, "str | None"]  # the decoded request, the response's compression
+
+
+class V2Codec:
+    api = "v2"
+
+    def decode(self, body: bytearray, wire: Wire, activation: Activation,
+               jobs: JobFactory) -> tuple[Job, V2Answer]:
+        if wire.version is not None and wire.version != MODEL_VERSION:
+            raise UnknownActivation(
+                f"model {activation.name!r} has no version {echo(wire.version)}; its one "
+                f"version is {MODEL_VERSION!r}"
+            )
+        req = decode(body, wire.header_length, jobs.settings.max_batch_elements)
+        job = jobs.build(activation, req.array, req.wire, req.settings, req.params,
+                         api=self.api, timeout_unit_s=1e-6, where="parameters")
+        if not req.binary_output and not job.mode.amp:
+            # The output dtype is known before compute: refuse now, not after.
+            problem = json_output_problem(job.compute_dtype)
+            if problem:
+                raise InvalidRequest(problem)
+        return job, (req, accepted_encoding(wire.accept_encoding))
+
+    def encode(self, job: Job, answer: V2Answer, result: JobResult) -> Encoded:
+        req, compression = answer
+        body, headers = encode(job.activation.name, req, result.array, result.dtype)
+        media = headers.pop("Content-Type")
+        if compression is not None:
+            if isinstance(body, list):
+                body = b"".join(body)
+            body = compress(body, compression)
+            headers["Content-Encoding"] = compression
+        return Encoded(body, media, headers)
+
+
+CODEC = V2Codec()

@@ -176,6 +176,9 @@ class Registry:
                 f"unknown activation {echo(name)}; see GET /v1/activations for the list"
             ) from None
 
+    def find(self, name: str) -> Activation | None:
+        return self._by_name.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 

@@ -1,16 +1,20 @@
 """Which (activation, compute dtype, amp, in-place) combinations run on the configured
 devices.
 
-The table is filled once at start-up by the executors' probe (``Executor.probe``), in the
-compute thread; the event loop only looks it up, so an unsupported combination is a 400
-naming why, before anything is queued, and never a 500.
+The table is filled once at start-up by the probe (``selftest.probe``, run by the pool in
+each executor's compute thread); the event loop only looks it up, so an unsupported
+combination is a 400 naming why, before anything is queued, and never a 500.
 """
 
 from __future__ import annotations
 
-from service.engine.activations import Activation
+from typing import TYPE_CHECKING
+
 from service.engine.job import Mode
 from service.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from service.engine.activations import Activation
 
 
 class Capabilities:

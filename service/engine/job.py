@@ -1,13 +1,16 @@
-"""What travels from a codec through the batcher to the executor and back. Torch-free."""
+"""What travels from a codec through the batcher to the executor and back. Torch-free: the
+activation type is only named for type checkers."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine.activations import Activation
+if TYPE_CHECKING:
+    from service.engine.activations import Activation
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """Per-request settings shared by every API: compute dtype, amp, in-place, timeout, priority,
-activation params. Validated here, before anything is queued. Torch-free.
+activation params. Validated here, before anything is queued. Torch-free (the activation
+and capability types are only named for type checkers).
 """
 
 from __future__ import annotations
@@ -7,55 +8,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service import dtypes
-from service.engine.activations import Activation
-from service.engine.capabilities import Capabilities
 from service.engine.job import Job, Mode
 from service.engine.params import parse_bool
-from service.errors import InvalidRequest, RequestTooLarge, echo
+from service.errors import InvalidRequest, echo
 from service.settings import Settings
 
-SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
-MAX_DIMS = 32
-
-
-def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
-    """A shape is a list of non-negative ints; its product may not exceed the batch limit."""
-    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_DIMS:
-        raise InvalidRequest(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
-    dims = []
-    total = 1
-    for d in raw:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise InvalidRequest(f"{where}: shape dimensions must be integers >= 0, got {echo(raw)}")
-        dims.append(d)
-        total *= d  # python ints: no overflow
-    # every dimension is bounded too: (0, 2**64) has no elements but no array can hold it
-    if total > max_elements or any(d > max_elements for d in dims):
-        what = f"{total} elements" if total > max_elements else f"a dimension of {max(dims)}"
-        raise RequestTooLarge(
-            f"{where}: shape {echo(raw)} has {what}, over the server's "
-            f"max_batch_elements={max_elements}"
-        )
-    return tuple(dims)
-
-
-def parse_shape_text(text: str, where: str, max_elements: int) -> tuple[int, ...]:
-    """``"2,3"`` -> (2, 3); ``""`` -> () for a 0-d scalar."""
-    text = text.strip()
-    if not text:
-        return ()
-    try:
-        raw = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise InvalidRequest(
-            f"{where}: shape {echo(text)} must be comma-separated integers, e.g. 2,3"
-        ) from None
-    return check_shape(raw, where, max_elements)
-
+if TYPE_CHECKING:
+    from service.engine.activations import Activation
+    from service.engine.capabilities import Capabilities
 
 class JobFactory:
     """Turns decoded arrays and raw settings into validated ``Job`` objects."""
@@ -73,7 +38,6 @@ class JobFactory:
         params: Mapping[str, object],
         *,
         api: str,
-        request_id: str = "",
         timeout_unit_s: float = 1.0,
         where: str = "request",
     ) -> Job:
@@ -112,7 +76,6 @@ class JobFactory:
             deadline=time.monotonic() + timeout_s,
             priority=int(priority),
             api=api,
-            request_id=request_id,
         )
 
 

@@ -36,7 +36,7 @@ class ExecutorPool:
         self.restart_limit = restart_limit
         self.restarts = 0
         self.selftest_problems: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._free = asyncio.Event()
         self._on_done: DoneHook | None = None
         self._on_lost: DeathHook | None = None
@@ -46,13 +46,13 @@ class ExecutorPool:
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self, on_done: DoneHook, on_lost: DeathHook) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._on_done, self._on_lost = on_done, on_lost
         for ex in self.executors:
             await self._start_one(ex)
 
     async def _start_one(self, ex: Executor) -> None:
-        ex.start(self._loop, self._batch_done, self._executor_died)
+        ex.start(self.loop, self._batch_done, self._executor_died)
         failures = await asyncio.wrap_future(ex.call(lambda c: probe(c, self.registry)))
         self.capabilities.record(failures)
         problems = await asyncio.wrap_future(
@@ -130,6 +130,6 @@ class ExecutorPool:
         fresh = Executor(ex.device, index=ex.index, torch_threads=ex.torch_threads,
                          fault_injection=ex.fault_injection)
         self.executors[self.executors.index(ex)] = fresh
-        task = self._loop.create_task(self._start_one(fresh))
+        task = self.loop.create_task(self._start_one(fresh))
         self._restarting.add(task)
         task.add_done_callback(self._restarting.discard)

@@ -10,8 +10,9 @@ import logging
 from fastapi import FastAPI
 
 from service import __version__
-from service.engine.runtime import Runtime
+from service.engine.engine import Engine
 from service.http import error_responses
+from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.middleware import RequestContext
 from service.http.routes_native import activate
@@ -19,6 +20,8 @@ from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
+from service.http.services import Services
+from service.observability.recorder import Recorder
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
@@ -35,22 +38,30 @@ def _no_framework_telemetry() -> dict:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    runtime = Runtime(settings)
+    engine = Engine(settings)
+    recorder = Recorder(engine.registry.names(), metrics=settings.metrics,
+                        window_s=settings.metrics_window_s)
+    bodies = BodyBudget(settings.max_body_bytes_in_flight)
+    engine.on_batch = recorder.observe_batch
+    recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
+                   bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
+                   ready=lambda: engine.ready, gpu_memory=engine.gpu_memory)
+    services = Services(settings, engine, recorder, bodies)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await runtime.start()
+        await engine.start()
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
         # walk only the objects requests create (shorter GC pauses, a shorter tail).
         gc.collect()
         gc.freeze()
-        log.info("actserve ready=%s on %s", runtime.ready, runtime.devices)
+        log.info("actserve ready=%s on %s", engine.ready, engine.devices)
         try:
             yield
         finally:
-            await runtime.drain()
-            await runtime.stop()
+            await engine.drain()
+            await engine.stop()
 
     app = FastAPI(
         title="actserve",
@@ -61,8 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         **_no_framework_telemetry(),
     )
-    app.state.runtime = runtime
-    app.state.settings = settings
+    app.state.services = services
     error_responses.install(app)
     app.include_router(native_router)
     app.include_router(ops_router)
@@ -77,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
         ]),
-        log_requests=settings.access_log, api_keys=settings.api_key_list,
+        log_requests=settings.access_log, api_keys=settings.api_key_list, recorder=recorder,
     )
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

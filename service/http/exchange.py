@@ -1,6 +1,11 @@
-"""One activation request's path through the server, shared by the native and v2 routes:
-time each phase with locals, run the job, build the timing headers, record metrics and the
-access-log fields, and count refusals. Routes supply only decoding and encoding.
+"""One activation request's path through the server, in one direction, shared by the
+native and v2 routes (a route only picks the codec):
+
+    admit -> read the body (within the body budget) -> codec.decode -> engine.submit
+    -> wait (watching for a disconnect) -> codec.encode -> send; recorder.record once
+
+Each phase is timed with locals; ``Server-Timing`` and the batch headers go on the answer,
+the access-log fields into the request context, and every refusal is counted once.
 """
 
 from __future__ import annotations
@@ -8,21 +13,20 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from service.codecs.base import Codec, Encoded, Wire
+from service.engine.engine import Engine
 from service.engine.job import Job, JobResult
-from service.engine.runtime import Runtime
 from service.errors import ActserveError
 from service.http.body import declared_size, read_body
-
-Decoder = Callable[[bytearray], Job]
-Encoder = Callable[[Job, JobResult], Response]
-
+from service.http.parts_response import PartsResponse
+from service.http.services import Services
 
 CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
+WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
 
 
 def server_timing(decode: float, queue: float, compute: float, encode: float,
@@ -35,36 +39,48 @@ def server_timing(decode: float, queue: float, compute: float, encode: float,
     return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
-async def handle(request: Request, api: str, activation: str | None,
-                 decode: Decoder, encode: Encoder) -> Response:
-    rt: Runtime = request.app.state.runtime
+def to_response(answer: Encoded) -> Response:
+    if isinstance(answer.body, list):
+        return PartsResponse(answer.body, media_type=answer.media_type, headers=answer.headers)
+    return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
+
+
+async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Response:
+    svc: Services = request.app.state.services
+    engine, recorder, settings = svc.engine, svc.recorder, svc.settings
     ctx = request.scope.get("actserve", {})
+    api = codec.api
+    activation = engine.registry.find(name)
+    label = activation.name if activation is not None else None
     t0 = time.perf_counter()
-    rt.request_started()
+    recorder.request_started()
     job = result = None
     bytes_in = bytes_out = 0
     status = 500
     t_decoded = t_computed = t0
     granted = 0
     try:
-        rt.batcher.admit()  # overload is refused before the body is read
-        limit = rt.settings.max_request_bytes
+        engine.admit()  # overload is refused before the body is read
+        limit = settings.max_request_bytes
         size = declared_size(request, limit)  # refused here if it cannot be read at all
         # unknown (chunked) size: claim the limit
-        granted = await rt.bodies.acquire(limit if size is None else size,
-                                          rt.settings.body_timeout_s)
-        body = await read_body(request, size, limit, rt.settings.body_timeout_s)
+        granted = await svc.bodies.acquire(limit if size is None else size,
+                                           settings.body_timeout_s)
+        body = await read_body(request, size, limit, settings.body_timeout_s)
         bytes_in = len(body)
-        job = decode(body)
+        if activation is None:
+            activation = engine.registry.get(name)  # raises UnknownActivation
+        job, answer = codec.decode(body, wire, activation, engine.jobs)
         job.request_id = ctx.get("request_id", "")
-        if rt.settings.fault_injection:
+        if settings.fault_injection:
             job.fault = request.headers.get("x-actserve-fault")
         t_decoded = time.perf_counter()
-        result = await rt.run(job, request.receive)
+        result = await _wait(engine, job, request.receive)
         t_computed = time.perf_counter()
-        response = encode(job, result)
+        encoded = codec.encode(job, answer, result)
+        response = to_response(encoded)
         t_end = time.perf_counter()
-        bytes_out = getattr(response, "nbytes", None) or len(response.body)
+        bytes_out = encoded.nbytes
         total = t_end - t0
         response.headers["Server-Timing"] = server_timing(
             t_decoded - t0, result.queue_s, result.compute_s, t_end - t_computed, total)
@@ -72,7 +88,7 @@ async def handle(request: Request, api: str, activation: str | None,
         response.headers["X-Batch-Elements"] = str(result.batch_elements)
         status = response.status_code
         ctx["log"] = {
-            "api": api, "activation": activation, "shape": list(job.array.shape),
+            "api": api, "activation": label, "shape": list(job.array.shape),
             "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype, "out_dtype": result.dtype,
             "amp": job.mode.amp, "inplace": job.mode.inplace, "batch": result.batch_requests,
             "decode_ms": round((t_decoded - t0) * 1000, 3),
@@ -83,22 +99,54 @@ async def handle(request: Request, api: str, activation: str | None,
         return response
     except ActserveError as exc:
         status = exc.status
-        rt.reject(exc)
-        ctx["log"] = {"api": api, "activation": activation, "error": exc.type}
+        recorder.reject(exc)
+        ctx["log"] = {"api": api, "activation": label, "error": exc.type}
         # error responses carry the total too (the middleware adds the header)
         ctx["server_timing"] = f"total;dur={math.ceil((time.perf_counter() - t0) * 1e6) / 1000:.3f}"
         raise
     except ClientDisconnect:
         # Nobody is listening: answer nothing useful, but end the request cleanly.
         status = CLIENT_CLOSED
-        ctx["log"] = {"api": api, "activation": activation, "error": "client_closed"}
+        ctx["log"] = {"api": api, "activation": label, "error": "client_closed"}
         return Response(status_code=CLIENT_CLOSED)
     except asyncio.CancelledError:
         status = CLIENT_CLOSED
         raise
     finally:
-        rt.bodies.release(granted)
+        svc.bodies.release(granted)
         now = time.perf_counter()
-        rt.record(api, activation, status, total=now - t0, decode=t_decoded - t0,
-                  encode=now - t_computed if result is not None else 0.0, job=job,
-                  result=result, bytes_in=bytes_in, bytes_out=bytes_out)
+        recorder.record(api, label, status, total=now - t0, decode=t_decoded - t0,
+                        encode=now - t_computed if result is not None else 0.0, job=job,
+                        result=result, bytes_in=bytes_in, bytes_out=bytes_out)
+
+
+async def _wait(engine: Engine, job: Job, receive) -> JobResult:
+    """Queue ``job`` and wait for its answer. A client that disconnects while its job waits
+    frees its queue slot at once and its work is skipped if not yet started
+    (``ClientDisconnect`` is raised). The disconnect watcher starts only once a job has
+    waited ``WATCH_AFTER_S``: most answers come sooner, and then no watcher task is made."""
+    fut = engine.submit(job)
+    watch: list[asyncio.Task] = []
+
+    def start_watch() -> None:
+        w = asyncio.ensure_future(_until_disconnect(receive))
+        w.add_done_callback(lambda t: t.cancelled() or engine.abandon(job))
+        watch.append(w)
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        engine.abandon(job)  # the batcher skips it if it has not started
+        if watch and watch[0].done() and not watch[0].cancelled():
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        timer.cancel()
+        if watch:
+            watch[0].cancel()
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -23,6 +23,7 @@ import orjson
 
 from service.errors import Unauthorized
 from service.http.error_responses import error_response
+from service.observability.recorder import Recorder
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
@@ -31,8 +32,10 @@ access_log = logging.getLogger("actserve.access")
 
 
 class RequestContext:
-    def __init__(self, app, *, log_requests: bool, api_keys: list[str]) -> None:
+    def __init__(self, app, *, log_requests: bool, api_keys: list[str],
+                 recorder: Recorder | None = None) -> None:
         self.app = app
+        self.recorder = recorder
         self.log_requests = log_requests
         self.api_keys = [k.encode() for k in api_keys]
         # Generated ids: a random per-process prefix and a counter (unique, and cheaper
@@ -71,9 +74,8 @@ class RequestContext:
                 resp = error_response(scope["path"], 401, "unauthorized",
                                       "missing or invalid bearer token (Authorization: Bearer ...)")
                 resp.headers["WWW-Authenticate"] = "Bearer"
-                runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
-                if runtime is not None:
-                    runtime.reject(Unauthorized("unauthorized"))
+                if self.recorder is not None:
+                    self.recorder.reject(Unauthorized("unauthorized"))
                 await resp(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)

@@ -6,25 +6,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import dtypes
-from service.codecs.native import NativeBinary, NativeJson, parse_query
-from service.engine.job import Job, JobResult
-from service.errors import UnsupportedMediaType, echo
+from service.codecs import native
+from service.codecs.base import Wire
 from service.http.exchange import handle
 
 router = APIRouter(tags=["native"])
 
-JSON_TYPES = ("application/json", "")
-BINARY_TYPES = ("application/octet-stream",)
-
 
 @router.get("/v1/activations", summary="The activation catalogue")
 async def catalogue(request: Request) -> dict:
-    rt = request.app.state.runtime
+    engine = request.app.state.services.engine
     return {
-        "activations": [a.describe() for a in rt.registry],
+        "activations": [a.describe() for a in engine.registry],
         "dtypes": list(dtypes.NAMES),
-        "devices": rt.devices,
-        "unsupported": rt.capabilities.unsupported(),
+        "devices": engine.devices,
+        "unsupported": engine.capabilities.unsupported(),
         "settings": {
             "compute_dtype": "float32 | float16 | bfloat16 | float64 (default: the input's)",
             "amp": "run under torch.autocast (bf16 on CPU, fp16 on CUDA unless amp_dtype)",
@@ -50,36 +46,5 @@ async def catalogue(request: Request) -> dict:
     }, "required": True}},
 )
 async def activate(name: str, request: Request) -> Response:
-    rt = request.app.state.runtime
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    max_el = rt.settings.max_batch_elements
-    activation = rt.registry.get(name) if name in rt.registry else None
-
-    if ctype in BINARY_TYPES:
-        def decode(body: bytearray) -> Job:
-            act = rt.registry.get(name)
-            query = parse_query(request.scope["query_string"])
-            array, wire, settings, params = NativeBinary.decode(body, query, max_el)
-            return rt.jobs.build(act, array, wire, settings, params, api="native")
-
-        def encode(job: Job, result: JobResult) -> Response:
-            payload, headers = NativeBinary.encode(result.array, result.dtype)
-            return Response(payload, media_type="application/octet-stream", headers=headers)
-    elif ctype in JSON_TYPES:
-        def decode(body: bytearray) -> Job:
-            act = rt.registry.get(name)
-            array, wire, settings, params = NativeJson.decode(body, max_el)
-            return rt.jobs.build(act, array, wire, settings, params, api="native")
-
-        def encode(job: Job, result: JobResult) -> Response:
-            return Response(NativeJson.encode(name, result.array, result.dtype),
-                            media_type="application/json")
-    else:
-        def decode(body: bytearray) -> Job:
-            raise UnsupportedMediaType(
-                f"Content-Type {echo(ctype)} is not supported; use application/json or "
-                "application/octet-stream"
-            )
-
-        encode = None  # never reached
-    return await handle(request, "native", activation.name if activation else None, decode, encode)
+    codec = native.for_content_type(request.headers.get("content-type", ""))
+    return await handle(request, codec, name, Wire(query=request.scope["query_string"]))

@@ -21,37 +21,32 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness (warm-up self-test passed, not draining)")
 async def readyz(request: Request) -> Response:
-    rt = request.app.state.runtime
-    if rt.ready:
-        return JSONResponse({"status": "ready", "devices": rt.devices})
-    if rt.batcher.draining:
-        reason = "draining"
-    elif rt.pool.selftest_problems:
-        reason = "self-test failed: " + "; ".join(rt.pool.selftest_problems[:5])
-    else:
-        reason = "warming up or restarting the compute executor"
-    raise NotReady(f"not ready: {reason}")
+    engine = request.app.state.services.engine
+    if engine.ready:
+        return JSONResponse({"status": "ready", "devices": engine.devices})
+    raise NotReady(f"not ready: {engine.not_ready_reason()}")
 
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    rt = request.app.state.runtime
-    if rt.metrics is None:
+    recorder = request.app.state.services.recorder
+    if recorder.metrics is None:
         return Response("# metrics are disabled (ACTSERVE_METRICS=false)\n",
                         media_type=CONTENT_TYPE_LATEST)
-    return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(recorder.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/stats", summary="Latency percentiles and throughput per activation")
 async def stats(request: Request) -> dict:
-    rt = request.app.state.runtime
+    svc = request.app.state.services
+    engine, recorder = svc.engine, svc.recorder
     return {
         "version": __version__,
-        "uptime_s": round(time.time() - rt.started, 3),
-        "devices": rt.devices,
-        "ready": rt.ready,
-        "queue_depth": rt.batcher.waiting,
-        "executor_restarts": rt.pool.restarts,
-        "window_s": rt.settings.metrics_window_s,
-        "activations": rt.stats.snapshot(),
+        "uptime_s": round(time.time() - recorder.started, 3),
+        "devices": engine.devices,
+        "ready": engine.ready,
+        "queue_depth": engine.waiting,
+        "executor_restarts": engine.restarts,
+        "window_s": svc.settings.metrics_window_s,
+        "activations": recorder.stats.snapshot(),
     }

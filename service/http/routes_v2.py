@@ -1,8 +1,8 @@
 """The KServe v2 / Open Inference Protocol API. Each activation is a model of that name,
 with one version (``1``), one input (``input``) and one output (``output``) of any shape.
 
-Inference goes through ``exchange.handle`` like the native API, so both share the batcher,
-the metrics (api label ``v2``) and the statistics. Errors are ``{"error": "<message>"}``
+Inference goes through ``exchange.handle`` with the v2 codec, like the native API, so both
+share the batcher, the metrics (api label ``v2``) and the statistics. Errors are ``{"error": "<message>"}``
 (``service.http.error_responses``); success is exactly 200.
 """
 
@@ -13,23 +13,23 @@ from fastapi.responses import Response
 
 from service import __version__
 from service.codecs import v2
-from service.engine.job import Job, JobResult
-from service.engine.runtime import Runtime
-from service.errors import InvalidRequest, NotReady, UnknownActivation, echo
+from service.codecs.base import Wire
+from service.engine.activations import Activation
+from service.engine.engine import Engine
+from service.errors import NotReady, UnknownActivation, echo
 from service.http.exchange import handle
-from service.http.parts_response import PartsResponse
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 EXTENSIONS = ["binary_tensor_data", "parameters", "statistics"]
 
 
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+def _engine(request: Request) -> Engine:
+    return request.app.state.services.engine
 
 
-def _model(rt: Runtime, name: str, version: str | None = None):
-    activation = rt.registry.get(name)
+def _model(engine: Engine, name: str, version: str | None = None) -> Activation:
+    activation = engine.registry.get(name)
     if version is not None and version != v2.MODEL_VERSION:
         raise UnknownActivation(
             f"model {name!r} has no version {echo(version)}; its one version is "
@@ -38,10 +38,9 @@ def _model(rt: Runtime, name: str, version: str | None = None):
     return activation
 
 
-def _ready(rt: Runtime) -> None:
-    if not rt.ready:
-        reason = "draining" if rt.batcher.draining else "warming up or restarting"
-        raise NotReady(f"the server is not ready ({reason})")
+def _ready(engine: Engine) -> None:
+    if not engine.ready:
+        raise NotReady(f"the server is not ready ({engine.not_ready_reason()})")
 
 
 # -- inference (declared first: the hot path is matched before the other routes) ------------
@@ -56,37 +55,10 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
-    rt = _runtime(request)
-    known = name in rt.registry
-    decoded: list[v2.V2Request] = []
-    compression = v2.accepted_encoding(request.headers.get("accept-encoding"))
-
-    def decode(body: bytearray) -> Job:
-        act = _model(rt, name, version)
-        req = v2.decode(body, request.headers.get(v2.HEADER), rt.settings.max_batch_elements)
-        job = rt.jobs.build(act, req.array, req.wire, req.settings, req.params, api="v2",
-                            timeout_unit_s=1e-6, where="parameters")
-        if not req.binary_output and not job.mode.amp:
-            # The output dtype is known before compute: refuse now, not after.
-            problem = v2.json_output_problem(job.compute_dtype)
-            if problem:
-                raise InvalidRequest(problem)
-        decoded.append(req)
-        return job
-
-    def encode(job: Job, result: JobResult) -> Response:
-        body, headers = v2.encode(name, decoded[0], result.array, result.dtype)
-        media = headers.pop("Content-Type")
-        if compression is not None:
-            if isinstance(body, list):
-                body = b"".join(body)
-            body = v2.compress(body, compression)
-            headers["Content-Encoding"] = compression
-        if isinstance(body, list):
-            return PartsResponse(body, media_type=media, headers=headers)
-        return Response(body, status_code=200, media_type=media, headers=headers)
-
-    return await handle(request, "v2", name if known else None, decode, encode)
+    headers = request.headers
+    wire = Wire(header_length=headers.get(v2.HEADER),
+                accept_encoding=headers.get("accept-encoding"), version=version)
+    return await handle(request, v2.CODEC, name, wire)
 
 
 # -- server --------------------------------------------------------------------------------
@@ -102,31 +74,31 @@ async def live() -> dict:
 
 @router.get("/health/ready", summary="Readiness")
 async def ready(request: Request) -> dict:
-    _ready(_runtime(request))
+    _ready(_engine(request))
     return {"ready": True}
 
 
 # -- statistics (declared before /models/{name} so "stats" is not taken for a model) --------
 @router.get("/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> dict:
-    return _runtime(request).model_stats.snapshot()
+    return request.app.state.services.recorder.model_stats.snapshot()
 
 
 @router.get("/models/{name}/stats", summary="Statistics of one model")
 async def model_stats(name: str, request: Request) -> dict:
-    rt = _runtime(request)
-    return rt.model_stats.snapshot(_model(rt, name).name)
+    stats = request.app.state.services.recorder.model_stats
+    return stats.snapshot(_model(_engine(request), name).name)
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one model version")
 async def model_version_stats(name: str, version: str, request: Request) -> dict:
-    rt = _runtime(request)
-    return rt.model_stats.snapshot(_model(rt, name, version).name)
+    stats = request.app.state.services.recorder.model_stats
+    return stats.snapshot(_model(_engine(request), name, version).name)
 
 
 # -- model metadata and readiness -----------------------------------------------------------
-def _metadata(rt: Runtime, name: str, version: str | None) -> dict:
-    act = _model(rt, name, version)
+def _metadata(engine: Engine, name: str, version: str | None) -> dict:
+    act = _model(engine, name, version)
     datatypes = ",".join(v2.DATATYPES)
     params: dict[str, object] = {"formula": act.formula, "inplace_supported": act.supports_inplace}
     params.update({p.name: p.default for p in act.params})
@@ -144,25 +116,25 @@ def _metadata(rt: Runtime, name: str, version: str | None) -> dict:
 
 @router.get("/models/{name}", summary="Model metadata")
 async def model_metadata(name: str, request: Request) -> dict:
-    return _metadata(_runtime(request), name, None)
+    return _metadata(_engine(request), name, None)
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
 async def model_version_metadata(name: str, version: str, request: Request) -> dict:
-    return _metadata(_runtime(request), name, version)
+    return _metadata(_engine(request), name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
 async def model_ready(name: str, request: Request) -> dict:
-    rt = _runtime(request)
-    act = _model(rt, name)
-    _ready(rt)
+    engine = _engine(request)
+    act = _model(engine, name)
+    _ready(engine)
     return {"name": act.name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
 async def model_version_ready(name: str, version: str, request: Request) -> dict:
-    rt = _runtime(request)
-    act = _model(rt, name, version)
-    _ready(rt)
+    engine = _engine(request)
+    act = _model(engine, name, version)
+    _ready(engine)
     return {"name": act.name, "ready": True}

@@ -32,6 +32,6 @@ class DrainingServer(uvicorn.Server):
     cleanly is a success; uvicorn would otherwise re-raise the signal after shutdown)."""
 
     def handle_exit(self, sig, frame):
-        self.config.app.state.runtime.batcher.begin_drain()
+        self.config.app.state.services.engine.begin_drain()
         super().handle_exit(sig, frame)
         self._captured_signals.clear()

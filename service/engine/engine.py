@@ -1,0 +1,107 @@
+"""The engine of one server process: the activation registry, the capability table, the
+executors of its devices, the batcher that feeds them, and the factory that turns decoded
+requests into jobs. Built from ``Settings``; knows nothing of HTTP or metrics.
+
+The HTTP layer uses it through a handful of calls: ``jobs.build`` (validate), ``admit``
+(cheap overload check before a body is read), ``submit`` (queue; a future), ``abandon``
+(the client went away), ``begin_drain``/``drain``/``stop``, and the read-only state below.
+Observers subscribe to finished batches with ``on_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.engine.activations import Registry
+from service.engine.batcher import Batcher, BatchObserver
+from service.engine.capabilities import Capabilities
+from service.engine.executor import Executor, executors_for, resolve_devices
+from service.engine.job import Job
+from service.engine.jobs import JobFactory
+from service.engine.pool import ExecutorPool
+from service.settings import Settings
+
+log = logging.getLogger("actserve")
+
+
+class Engine:
+    def __init__(self, settings: Settings, executors: list[Executor] | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry()
+        self.capabilities = Capabilities()
+        self.devices = resolve_devices(settings.device)
+        if executors is None:
+            executors = executors_for(self.devices, settings.torch_threads,
+                                      settings.fault_injection)
+        self.pool = ExecutorPool(executors, self.registry, self.capabilities,
+                                 restart_limit=settings.executor_restart_limit)
+        self.batcher = Batcher(settings, self.pool)
+        self.jobs = JobFactory(settings, self.capabilities)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.batcher.start()
+        if not self.pool.ready:
+            log.error("not ready after warm-up: %s", self.pool.selftest_problems)
+
+    async def drain(self) -> None:
+        await self.batcher.drain()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (503); accepted work still completes."""
+        self.batcher.begin_drain()
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.pool.ready and not self.batcher.draining
+
+    @property
+    def draining(self) -> bool:
+        return self.batcher.draining
+
+    def not_ready_reason(self) -> str:
+        if self.batcher.draining:
+            return "draining"
+        if self.pool.selftest_problems:
+            return "self-test failed: " + "; ".join(self.pool.selftest_problems[:5])
+        return "warming up or restarting the compute executor"
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not yet dispatched."""
+        return self.batcher.waiting
+
+    @property
+    def restarts(self) -> int:
+        return self.pool.restarts
+
+    def gpu_memory(self) -> list[tuple[str, int, int]]:
+        """(device, bytes allocated, peak bytes) of each CUDA executor."""
+        return [(ex.device, ex.memory_allocated, ex.memory_peak)
+                for ex in self.pool.executors if ex.device.startswith("cuda")]
+
+    @property
+    def on_batch(self) -> BatchObserver | None:
+        return self.batcher.on_batch
+
+    @on_batch.setter
+    def on_batch(self, observer: BatchObserver | None) -> None:
+        self.batcher.on_batch = observer
+
+    # -- the request path ---------------------------------------------------------------
+    def admit(self) -> None:
+        """Raise what ``submit`` would raise for overload, before a body is read."""
+        self.batcher.admit()
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue ``job``; the future resolves exactly once (see ``Batcher``)."""
+        return self.batcher.submit(job)
+
+    def abandon(self, job: Job) -> None:
+        """The client went away: never compute ``job`` if it has not started."""
+        self.batcher.abandon(job)

@@ -1,0 +1,21 @@
+"""What the HTTP layer talks to: one object per app, built by ``create_app`` and kept on
+``app.state.services``. Routes use its parts' public calls, never their insides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.engine.engine import Engine
+from service.http.body_budget import BodyBudget
+from service.observability.recorder import Recorder
+from service.settings import Settings
+
+
+@dataclass(slots=True)
+class Services:
+    """What the HTTP layer talks to, built once by ``create_app`` (``app.state.services``)."""
+
+    settings: Settings
+    engine: Engine
+    recorder: Recorder
+    bodies: BodyBudget
