@@ -5,19 +5,20 @@ requests into jobs. Built from ``Settings``; knows nothing of HTTP or metrics.
 The HTTP layer uses it through a handful of calls: ``jobs.build`` (validate), ``admit``
 (cheap overload check before a body is read), ``submit`` (queue; a future), ``abandon``
 (the client went away), ``begin_drain``/``drain``/``stop``, and the read-only state below.
-Observers subscribe to finished batches with ``on_batch``.
+Observers subscribe to finished batches with ``observe_batches``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from service.engine.activations import Registry
-from service.engine.batcher import Batcher, BatchObserver
+from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
 from service.engine.executor import Executor, executors_for, resolve_devices
-from service.engine.job import Job
+from service.engine.job import BatchReport, Job
 from service.engine.jobs import JobFactory
 from service.engine.pool import ExecutorPool
 from service.settings import Settings
@@ -85,13 +86,10 @@ class Engine:
         return [(ex.device, ex.memory_allocated, ex.memory_peak)
                 for ex in self.pool.executors if ex.device.startswith("cuda")]
 
-    @property
-    def on_batch(self) -> BatchObserver | None:
-        return self.batcher.on_batch
-
-    @on_batch.setter
-    def on_batch(self, observer: BatchObserver | None) -> None:
-        self.batcher.on_batch = observer
+    def observe_batches(self, observer: Callable[[BatchReport], None]) -> None:
+        """Call ``observer`` on the event loop after every executed batch."""
+        self.batcher.on_batch = lambda jobs, results, wall: (
+            observer(BatchReport.of(jobs, results, wall)) if jobs else None)
 
     # -- the request path ---------------------------------------------------------------
     def admit(self) -> None:

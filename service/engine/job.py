@@ -64,3 +64,29 @@ class JobResult:
     device: str
     queue_s: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What observers learn of one executed batch (metrics, v2 batch statistics)."""
+
+    activation: str
+    requests: int
+    elements: int
+    device: str  # "unknown" when no request of the batch succeeded
+    wall_s: float  # the compute thread's wall time for the batch
+    compute_s: float  # CUDA: the batch's event-timed kernel time; CPU: the wall time
+    h2d_s: float = 0.0
+    d2h_s: float = 0.0
+
+    @classmethod
+    def of(cls, jobs: list[Job], results: list, wall: float) -> BatchReport:
+        ok = next((r for r in results if isinstance(r, JobResult)), None)
+        device = ok.device if ok is not None else "unknown"
+        gpu = device.startswith("cuda")
+        # every result of a batch carries the batch's element count
+        elements = ok.batch_elements if ok is not None else sum(j.numel for j in jobs)
+        return cls(jobs[0].activation.name, len(jobs), elements, device, wall,
+                   ok.compute_s if gpu else wall,
+                   ok.extra.get("h2d", 0.0) if gpu else 0.0,
+                   ok.extra.get("d2h", 0.0) if gpu else 0.0)

@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder = Recorder(engine.registry.names(), metrics=settings.metrics,
                         window_s=settings.metrics_window_s)
     bodies = BodyBudget(settings.max_body_bytes_in_flight)
-    engine.on_batch = recorder.observe_batch
+    engine.observe_batches(recorder.observe_batch)
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
                    ready=lambda: engine.ready, gpu_memory=engine.gpu_memory)

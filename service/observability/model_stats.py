@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.engine.job import Job, JobResult
+from service.engine.job import BatchReport, JobResult
 
 NS = 1_000_000_000
 
@@ -79,25 +79,18 @@ class ModelStats:
         m.compute_infer.add(result.compute_s)
         m.compute_output.add(result.extra.get("d2h", 0.0))
 
-    def batch(self, jobs: list[Job], results: list, wall: float) -> None:
-        """One executed batch (the batcher's ``on_batch`` observer)."""
-        if not jobs:
-            return
-        m = self._models.get(jobs[0].activation.name)
+    def batch(self, report: BatchReport) -> None:
+        """One executed batch."""
+        m = self._models.get(report.activation)
         if m is None:
             return
         m.execution_count += 1
-        ok = next((r for r in results if isinstance(r, JobResult)), None)
-        gpu = ok is not None and ok.device.startswith("cuda")
-        stat = m.batches.get(len(jobs))
+        stat = m.batches.get(report.requests)
         if stat is None:
-            stat = m.batches[len(jobs)] = BatchStat()
-        stat.compute_input.add(ok.extra.get("h2d", 0.0) if gpu else 0.0)
-        stat.compute_infer.add(ok.compute_s if gpu else wall)
-        stat.compute_output.add(ok.extra.get("d2h", 0.0) if gpu else 0.0)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._models
+            stat = m.batches[report.requests] = BatchStat()
+        stat.compute_input.add(report.h2d_s)
+        stat.compute_infer.add(report.compute_s)
+        stat.compute_output.add(report.d2h_s)
 
     def snapshot(self, name: str | None = None) -> dict:
         names = [name] if name is not None else list(self._models)

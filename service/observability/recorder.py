@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from service.engine.job import Job, JobResult
+from service.engine.job import BatchReport, Job, JobResult
 from service.errors import ActserveError
 from service.observability.metrics import Metrics, status_class
 from service.observability.model_stats import ModelStats
@@ -81,20 +81,14 @@ class Recorder:
         if self.metrics is not None:
             self.metrics.reject(error.type, error.status)
 
-    def observe_batch(self, jobs: list[Job], results: list, wall: float) -> None:
-        self.model_stats.batch(jobs, results, wall)
+    def observe_batch(self, report: BatchReport) -> None:
+        self.model_stats.batch(report)
         m = self.metrics
-        if m is None or not jobs:
+        if m is None:
             return
-        label = m.activation_label(jobs[0].activation.name)
-        ok = next((r for r in results if isinstance(r, JobResult)), None)
-        device = ok.device if ok is not None else "unknown"
+        label = m.activation_label(report.activation)
         c = m.child
-        c(m.batches, label, device).inc()
-        c(m.batch_requests, label).observe(len(jobs))
-        # every result of a batch carries the batch's element count
-        elements = ok.batch_elements if ok is not None else sum(j.numel for j in jobs)
-        c(m.batch_elements, label).observe(elements)
-        # CUDA: the batch's CUDA-event time; CPU: the compute thread's wall time.
-        compute = ok.compute_s if ok is not None and device.startswith("cuda") else wall
-        c(m.compute_seconds, label, device).observe(compute)
+        c(m.batches, label, report.device).inc()
+        c(m.batch_requests, label).observe(report.requests)
+        c(m.batch_elements, label).observe(report.elements)
+        c(m.compute_seconds, label, report.device).observe(report.compute_s)
