@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     malloc_keep_mib: int = Field(
         128, ge=0, le=4096,
         description="freed memory glibc keeps for reuse (0: glibc defaults); see malloc_tuning")
+    engine: Literal["auto", "inline", "process"] = Field(
+        "auto", description="inline: a compute thread in each server process; process: one "
+                            "engine process owns the devices and batches every worker's "
+                            "requests; auto: process on CUDA, inline on CPU")
+    shm_arena_mib: int = Field(
+        256, ge=1, le=1 << 20,
+        description="engine=process: shared memory per server process for request and "
+                    "answer tensors (reserved in /dev/shm at start)")
 
     @field_validator("device")
     @classmethod

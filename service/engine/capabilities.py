@@ -28,6 +28,10 @@ class Capabilities:
     def record(self, failures: dict[tuple, str]) -> None:
         self._failures.update(failures)
 
+    def failures(self) -> dict[tuple, str]:
+        """Every refused combination (key as in ``key``) and why."""
+        return dict(self._failures)
+
     def check(self, activation: Activation, compute_dtype: str, mode: Mode) -> None:
         if mode.inplace and not activation.supports_inplace:
             raise InvalidRequest(

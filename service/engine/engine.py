@@ -86,10 +86,11 @@ class Engine:
         return [(ex.device, ex.memory_allocated, ex.memory_peak)
                 for ex in self.pool.executors if ex.device.startswith("cuda")]
 
-    def observe_batches(self, observer: Callable[[BatchReport], None]) -> None:
-        """Call ``observer`` on the event loop after every executed batch."""
+    def observe_batches(self, observer: Callable[[BatchReport, list[Job]], None]) -> None:
+        """Call ``observer(report, jobs)`` on the event loop after every executed batch,
+        before the batch's futures' callbacks run."""
         self.batcher.on_batch = lambda jobs, results, wall: (
-            observer(BatchReport.of(jobs, results, wall)) if jobs else None)
+            observer(BatchReport.of(jobs, results, wall), jobs) if jobs else None)
 
     # -- the request path ---------------------------------------------------------------
     def admit(self) -> None:

@@ -4,6 +4,7 @@ activation type is only named for type checkers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,9 @@ class Job:
     t_dispatch: float = 0.0
     # fault injection for tests (only honoured when the server enables it)
     fault: str | None = None
+    # where the answer's bytes go, when the caller provides room (the engine process: a
+    # shared-memory slot); the compute thread copies the result there
+    out: np.ndarray | None = None
 
     @property
     def numel(self) -> int:
@@ -64,6 +68,8 @@ class JobResult:
     device: str
     queue_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    # called once the answer has been sent, when ``array`` lives in memory lent for it
+    release: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)

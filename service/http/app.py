@@ -10,7 +10,7 @@ import logging
 from fastapi import FastAPI
 
 from service import __version__
-from service.engine.engine import Engine
+from service.engine.factory import build_engine
 from service.http import error_responses
 from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
@@ -38,7 +38,7 @@ def _no_framework_telemetry() -> dict:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = Engine(settings)
+    engine = build_engine(settings)
     recorder = Recorder(engine.registry.names(), metrics=settings.metrics,
                         window_s=settings.metrics_window_s)
     bodies = BodyBudget(settings.max_body_bytes_in_flight)

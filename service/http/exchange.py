@@ -39,9 +39,13 @@ def server_timing(decode: float, queue: float, compute: float, encode: float,
     return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
-def to_response(answer: Encoded) -> Response:
-    if isinstance(answer.body, list):
-        return PartsResponse(answer.body, media_type=answer.media_type, headers=answer.headers)
+def to_response(answer: Encoded, release=None) -> Response:
+    """The answer as a response; ``release`` (memory lent for the answer) runs after the
+    last byte is sent."""
+    if isinstance(answer.body, list) or release is not None:
+        parts = answer.body if isinstance(answer.body, list) else [answer.body]
+        return PartsResponse(parts, media_type=answer.media_type, headers=answer.headers,
+                             release=release)
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 
@@ -78,7 +82,8 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
         result = await _wait(engine, job, request.receive)
         t_computed = time.perf_counter()
         encoded = codec.encode(job, answer, result)
-        response = to_response(encoded)
+        response = to_response(encoded, result.release)
+        result.release = None  # the response owns it now
         t_end = time.perf_counter()
         bytes_out = encoded.nbytes
         total = t_end - t0
@@ -113,6 +118,8 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
         status = CLIENT_CLOSED
         raise
     finally:
+        if result is not None:
+            _release(result)  # no response took the lent memory
         svc.bodies.release(granted)
         now = time.perf_counter()
         recorder.record(api, label, status, total=now - t0, decode=t_decoded - t0,
@@ -138,6 +145,8 @@ async def _wait(engine: Engine, job: Job, receive) -> JobResult:
         return await fut
     except asyncio.CancelledError:
         engine.abandon(job)  # the batcher skips it if it has not started
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            _release(fut.result())  # answered, but nobody will send it
         if watch and watch[0].done() and not watch[0].cancelled():
             raise ClientDisconnect() from None
         raise
@@ -145,6 +154,12 @@ async def _wait(engine: Engine, job: Job, receive) -> JobResult:
         timer.cancel()
         if watch:
             watch[0].cancel()
+
+
+def _release(result: JobResult) -> None:
+    if result.release is not None:
+        result.release()
+        result.release = None
 
 
 async def _until_disconnect(receive) -> None:

@@ -81,7 +81,7 @@ class Recorder:
         if self.metrics is not None:
             self.metrics.reject(error.type, error.status)
 
-    def observe_batch(self, report: BatchReport) -> None:
+    def observe_batch(self, report: BatchReport, jobs: object = None) -> None:
         self.model_stats.batch(report)
         m = self.metrics
         if m is None:

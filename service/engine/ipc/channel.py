@@ -1,0 +1,52 @@
+"""Control messages between workers and the engine process: one Unix stream socket per
+worker, each message a 4-byte little-endian length and an orjson array whose first item
+names it. Only plain numbers, strings and lists travel here; tensors stay in the arenas.
+
+Worker -> engine::
+
+    ["hello", pid, arena_name]
+    ["job", id, activation, params, wire_dtype, shape, in_offset, out_offset, out_capacity,
+     compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault]
+    ["cancel", id]
+
+Engine -> worker (every job gets exactly one of done/error/cancelled)::
+
+    ["state", ready, reason, devices, capability_failures, restarts, waiting]
+    ["done", id, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
+     extra, batch]          # batch: the BatchReport fields, on the batch's first job only
+    ["error", id, error_type, message, batch]
+    ["cancelled", id]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import orjson
+
+from service.errors import STATUS_TABLE, ActserveError, Unavailable
+
+HEAD = struct.Struct("<I")
+MAX_MESSAGE = 1 << 20
+
+ERRORS: dict[str, type[ActserveError]] = {cls.type: cls for cls in STATUS_TABLE}
+ERRORS[Unavailable.type] = Unavailable
+ERRORS[ActserveError.type] = ActserveError
+
+
+def pack(message: list) -> bytes:
+    body = orjson.dumps(message)
+    return HEAD.pack(len(body)) + body
+
+
+async def receive(reader: asyncio.StreamReader) -> list:
+    """The next message; ``asyncio.IncompleteReadError`` when the peer has gone."""
+    (size,) = HEAD.unpack(await reader.readexactly(HEAD.size))
+    if size > MAX_MESSAGE:
+        raise ConnectionError(f"control message of {size} bytes is over the limit")
+    return orjson.loads(await reader.readexactly(size))
+
+
+def error_from(error_type: str, message: str) -> ActserveError:
+    return ERRORS.get(error_type, ActserveError)(message)

@@ -1,0 +1,224 @@
+"""The engine process: ``python -m service.engine.ipc.host SOCKET``.
+
+It owns the devices (one ``Engine``: executors, batcher, self-test) and serves workers on
+a Unix socket. Each worker says hello with its shared-memory arena; its jobs arrive as
+descriptors naming slots in that arena, are batched with every other worker's jobs, and
+the compute thread writes each answer straight into the slot the worker reserved. The
+engine sends exactly one final message per job (done, error or cancelled), after which
+it never touches that job's slots again, so the worker may reuse them.
+
+Settings come from the parent as JSON in ``ACTSERVE_ENGINE_SETTINGS``. The parent holds
+the engine's standard input: when it closes it (or dies), the engine drains (accepted
+jobs finish) and exits 0. SIGINT and SIGTERM are ignored: a Ctrl-C or a signal sent to
+the whole process group must not stop the engine under workers that are still draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from service import dtypes
+from service.engine.engine import Engine
+from service.engine.ipc import channel
+from service.engine.ipc.arena import Arena, sweep_stale
+from service.engine.job import BatchReport, Job, JobResult, Mode
+from service.errors import ActserveError, InvalidRequest
+from service.settings import Settings
+
+log = logging.getLogger("actserve.engine")
+SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"
+
+
+class Worker:
+    """One connected worker: its stream, its arena, its jobs in the engine."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.pid = 0
+        self.arena: Arena | None = None
+        self.jobs: dict[int, Job] = {}
+        self.closed = False
+
+    def send(self, message: list) -> None:
+        if not self.closed:
+            self.writer.write(channel.pack(message))
+
+
+class EngineHost:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        self.workers: set[Worker] = set()
+        self.connections: set[asyncio.Task] = set()
+        self.reports: dict[Job, BatchReport] = {}
+        self.engine.observe_batches(self._batch_done)
+        self.engine.pool.on_readiness_change = lambda _ready: self._broadcast_state()
+
+    # -- state ---------------------------------------------------------------------------
+    def _state(self) -> list:
+        e = self.engine
+        failures = [[list(k), v] for k, v in e.capabilities.failures().items()]
+        return ["state", e.ready, "" if e.ready else e.not_ready_reason(), e.devices,
+                failures, e.restarts, e.waiting]
+
+    def _broadcast_state(self) -> None:
+        state = self._state()
+        for w in self.workers:
+            w.send(state)
+
+    # -- a worker's connection ------------------------------------------------------------
+    async def serve_worker(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        worker = Worker(writer)
+        self.workers.add(worker)
+        task = asyncio.current_task()
+        self.connections.add(task)
+        try:
+            while True:
+                message = await channel.receive(reader)
+                kind = message[0]
+                if kind == "job":
+                    self._job(worker, message)
+                elif kind == "cancel":
+                    self._cancel(worker, message[1])
+                elif kind == "hello":
+                    worker.pid = int(message[1])
+                    worker.arena = Arena.attach(message[2])
+                    worker.send(self._state())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker went away (or is stopping)
+        except Exception:
+            log.exception("engine: bad control message; dropping the worker's connection")
+        finally:
+            self._worker_gone(worker)
+            self.connections.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _worker_gone(self, worker: Worker) -> None:
+        worker.closed = True
+        self.workers.discard(worker)
+        for job in list(worker.jobs.values()):
+            if job.t_dispatch == 0:  # never started: nobody will want it
+                self.engine.abandon(job)
+        self._maybe_release(worker)
+
+    def _maybe_release(self, worker: Worker) -> None:
+        """Unmap a departed worker's arena once no job of it is computing."""
+        if worker.closed and not worker.jobs and worker.arena is not None:
+            worker.arena.close()
+            worker.arena = None
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _job(self, worker: Worker, m: list) -> None:
+        (_, jid, name, params, wire, shape, in_off, out_off, out_cap, compute, amp, amp_dtype,
+         inplace, deadline, priority, api, request_id, fault) = m
+        try:
+            if worker.arena is None:
+                raise InvalidRequest("job before hello")
+            storage = dtypes.STORAGE[wire]
+            job = Job(self.engine.registry.get(name), tuple(map(tuple, params)),
+                      worker.arena.array(in_off, storage, tuple(shape)), wire,
+                      Mode(compute, amp, amp_dtype, inplace), deadline, priority, api,
+                      request_id, fault=fault, out=worker.arena.view(out_off, out_cap))
+            future = self.engine.submit(job)
+        except ActserveError as exc:
+            worker.send(["error", jid, exc.type, exc.message, None])
+            return
+        except (KeyError, ValueError, TypeError) as exc:
+            worker.send(["error", jid, "internal_error", f"bad job descriptor: {exc}", None])
+            return
+        worker.jobs[jid] = job
+        future.add_done_callback(lambda f: self._finish(worker, jid, job, f))
+
+    def _cancel(self, worker: Worker, jid: int) -> None:
+        job = worker.jobs.get(jid)
+        # A job already handed to the compute thread runs to the end (it writes into the
+        # worker's slot); the worker hears "done" and frees the slots then.
+        if job is not None and job.t_dispatch == 0:
+            self.engine.abandon(job)
+
+    def _finish(self, worker: Worker, jid: int, job: Job, future: asyncio.Future) -> None:
+        worker.jobs.pop(jid, None)
+        report = self.reports.pop(job, None)
+        batch = None
+        if report is not None:
+            batch = [report.activation, report.requests, report.elements, report.device,
+                     report.wall_s, report.compute_s, report.h2d_s, report.d2h_s]
+        if future.cancelled():
+            worker.send(["cancelled", jid])
+        elif future.exception() is not None:
+            exc = future.exception()
+            err = exc if isinstance(exc, ActserveError) else ActserveError(str(exc))
+            worker.send(["error", jid, err.type, err.message, batch])
+        else:
+            r: JobResult = future.result()
+            worker.send(["done", jid, r.dtype, list(r.array.shape), r.compute_s,
+                         r.batch_requests, r.batch_elements, r.device, r.queue_s, r.extra,
+                         batch])
+        self._maybe_release(worker)
+
+    def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:
+        """Runs before the batch's futures' callbacks: the report rides on the first job
+        of the batch that will be answered, so summing over workers counts it once."""
+        for job in jobs:
+            if job.future is not None and not job.future.cancelled():
+                self.reports[job] = report
+                return
+
+
+async def serve(socket_path: str, settings: Settings) -> int:
+    sweep_stale()
+    host = EngineHost(settings)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = await asyncio.start_unix_server(host.serve_worker, path=socket_path)
+    os.chmod(socket_path, 0o600)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    parent_gone = await _until_stdin_closes()
+    await host.engine.start()
+    host._broadcast_state()
+    log.info("engine ready=%s on %s", host.engine.ready, host.engine.devices)
+    await parent_gone
+    host.engine.begin_drain()
+    host._broadcast_state()
+    await host.engine.drain()
+    server.close()
+    for w in list(host.workers):
+        w.writer.close()  # their readers see the end and return
+    await asyncio.gather(*host.connections, return_exceptions=True)
+    await host.engine.stop()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    return 0
+
+
+async def _until_stdin_closes() -> asyncio.Future:
+    """A future that completes when standard input reaches its end (the parent closed it,
+    or died)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    class Watch(asyncio.Protocol):
+        def connection_lost(self, exc) -> None:
+            if not done.done():
+                done.set_result(None)
+
+    await loop.connect_read_pipe(Watch, sys.stdin)
+    return done
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    return asyncio.run(serve(argv[0], settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

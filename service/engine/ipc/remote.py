@@ -1,0 +1,347 @@
+"""``RemoteEngine``: the engine as a server process sees it when one engine process owns
+the devices (``--engine process``). It has ``Engine``'s interface, so the HTTP layer does
+not know which one it talks to.
+
+Jobs are validated here (the registry and the engine's capability table are local), the
+input is copied into a slot of this process's shared-memory arena, a descriptor goes to
+the engine, and the answer comes back as a view of another slot, which is freed once the
+answer has been sent (``JobResult.release``). The engine sends exactly one final message
+per job; slots are freed only then, so the engine never writes into a reused slot.
+
+If the engine process goes away, every job waiting on it is answered 503 at once,
+readiness turns false, and the connection is retried until the engine (restarted by
+whoever started it) is back and says it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service import dtypes
+from service.engine.activations import Registry
+from service.engine.capabilities import Capabilities
+from service.engine.ipc import channel
+from service.engine.ipc.arena import Arena, ArenaFull, sweep_stale
+from service.engine.ipc.process import EngineProcess
+from service.engine.job import BatchReport, Job, JobResult
+from service.engine.jobs import JobFactory
+from service.errors import (
+    DeadlineExceeded,
+    Draining,
+    NotReady,
+    QueueFull,
+    RequestTooLarge,
+    Unavailable,
+)
+from service.settings import Settings
+
+log = logging.getLogger("actserve.engine")
+SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engine itself
+RECONNECT_S = (0.02, 0.5)  # first and longest pause between connection attempts
+_GONE = "the engine process went away while holding this request; retry"
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    job: Job
+    future: asyncio.Future
+    in_off: int
+    in_bytes: int
+    out_off: int
+    out_bytes: int
+    sent: bool = False
+
+
+class RemoteEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry()
+        self.capabilities = Capabilities()
+        self.jobs = JobFactory(settings, self.capabilities)
+        self.devices: list[str] = []
+        self.restarts = 0
+        self.engine_waiting = 0
+        self._ready = False
+        self._reason = "connecting to the engine process"
+        self._draining = False
+        self._stopped = False
+        self._observer: Callable[[BatchReport, list], None] | None = None
+        self._arena: Arena | None = None
+        self._process: EngineProcess | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._by_job: dict[Job, int] = {}
+        self._backlog: deque[int] = deque()  # waiting for arena space, in order
+        self._ids = itertools.count(1)
+        self._idle = asyncio.Event()
+        self._first_state = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        sweep_stale()
+        self._arena = Arena.create(self.settings.shm_arena_mib << 20)
+        path = os.environ.get(SOCKET_ENV)
+        if path is None:
+            self._process = EngineProcess(self.settings)
+            await self._process.start()
+            path = self._process.path
+        self._task = asyncio.get_running_loop().create_task(self._connection_loop(path))
+        # The engine probes and self-tests its devices before it says it is ready.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ready_event(), 300)
+        if not self._ready:
+            log.error("engine not ready after warm-up: %s", self._reason)
+
+    async def _ready_event(self) -> None:
+        while not self._ready:
+            self._first_state.clear()
+            await self._first_state.wait()
+
+    async def drain(self) -> None:
+        self._draining = True
+        while self._pending:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        self._draining = self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_all(Unavailable("the server stopped before computing this request"))
+        if self._process is not None:
+            await self._process.stop()
+        if self._arena is not None:
+            self._arena.close()
+
+    def begin_drain(self) -> None:
+        self._draining = True
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def not_ready_reason(self) -> str:
+        return "draining" if self._draining else self._reason
+
+    @property
+    def waiting(self) -> int:
+        """This process's jobs at the engine (queued or computing) and waiting for room."""
+        return len(self._pending)
+
+    def gpu_memory(self) -> list[tuple[str, int, int]]:
+        return []  # the engine process owns the devices and their memory
+
+    def observe_batches(self, observer: Callable[[BatchReport, list], None]) -> None:
+        """``observer(report, [])`` for every batch whose report the engine attached to one
+        of this process's jobs: summed over processes, each batch counts once."""
+        self._observer = observer
+
+    # -- the request path ---------------------------------------------------------------
+    def admit(self) -> None:
+        if self._draining or self._stopped:
+            raise Draining("the server is shutting down; retry on another replica")
+        if not self._ready:
+            raise NotReady(f"the server is not ready ({self._reason})")
+        if len(self._pending) >= self.settings.max_queue_requests:
+            raise QueueFull(
+                f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry")
+
+    def submit(self, job: Job) -> asyncio.Future:
+        self.admit()
+        out_bytes = job.numel * _answer_itemsize(job)
+        need = job.array.nbytes + out_bytes
+        if need > self._arena.size:
+            raise RequestTooLarge(
+                f"the request needs {need} bytes of shared memory for its input and answer; "
+                f"the server has {self._arena.size} (ACTSERVE_SHM_ARENA_MIB)")
+        jid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        job.future = future
+        p = _Pending(job, future, -1, job.array.nbytes, -1, out_bytes)
+        self._pending[jid] = p
+        self._by_job[job] = jid
+        if self._backlog or not self._place(jid, p):
+            self._backlog.append(jid)
+        return future
+
+    def abandon(self, job: Job) -> None:
+        jid = self._by_job.get(job)
+        if jid is None:
+            return
+        p = self._pending[jid]
+        if p.future.done():
+            return  # answered: whoever holds the answer releases its slots
+        p.future.cancel()
+        if p.sent:
+            self._send(["cancel", jid])  # the slots are freed when the engine answers
+        else:
+            self._forget(jid)  # never left this process
+
+    # -- internals ---------------------------------------------------------------------
+    def _place(self, jid: int, p: _Pending) -> bool:
+        """Copy the input into a slot and send the job; False when the arena is full."""
+        arena = self._arena
+        try:
+            p.in_off = arena.alloc(p.in_bytes)
+        except ArenaFull:
+            return False
+        try:
+            p.out_off = arena.alloc(p.out_bytes)
+        except ArenaFull:
+            arena.free(p.in_off, p.in_bytes)
+            p.in_off = -1
+            return False
+        job = p.job
+        arena.view(p.in_off, p.in_bytes)[:] = job.array.reshape(-1).view("u1")
+        m = job.mode
+        p.sent = self._send([
+            "job", jid, job.activation.name, list(job.params), job.wire_dtype,
+            list(job.array.shape), p.in_off, p.out_off, p.out_bytes, m.compute_dtype, m.amp,
+            m.amp_dtype, m.inplace, job.deadline, job.priority, job.api, job.request_id,
+            job.fault])
+        if not p.sent:
+            self._resolve(jid, error=Unavailable(_GONE))
+        return True
+
+    def _drain_backlog(self) -> None:
+        now = time.monotonic()
+        while self._backlog:
+            jid = self._backlog[0]
+            p = self._pending.get(jid)
+            if p is None or p.future.done():
+                self._backlog.popleft()
+                if p is not None:
+                    self._forget(jid)
+                continue
+            if p.job.deadline <= now:
+                self._backlog.popleft()
+                self._resolve(jid, error=DeadlineExceeded(
+                    "the request's deadline passed while it waited for shared memory; it was "
+                    "not computed"))
+                continue
+            if not self._place(jid, p):
+                return
+            self._backlog.popleft()
+
+    def _send(self, message: list) -> bool:
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(channel.pack(message))
+        return True
+
+    def _forget(self, jid: int) -> None:
+        """Drop a job and give its slots back (the engine is done with them)."""
+        p = self._pending.pop(jid, None)
+        if p is None:
+            return
+        self._by_job.pop(p.job, None)
+        if p.in_off >= 0:
+            self._arena.free(p.in_off, p.in_bytes)
+        if p.out_off >= 0:
+            self._arena.free(p.out_off, p.out_bytes)
+        if not self._pending:
+            self._idle.set()
+        if self._backlog:
+            self._drain_backlog()
+
+    def _resolve(self, jid: int, result: JobResult | None = None,
+                 error: Exception | None = None) -> None:
+        p = self._pending.get(jid)
+        if p is None:
+            return
+        if result is not None and not p.future.done():
+            # the slots stay lent until the answer has been sent
+            result.release = lambda: self._forget(jid)
+            p.future.set_result(result)
+            return
+        if error is not None and not p.future.done():
+            p.future.set_exception(error)
+        self._forget(jid)
+
+    def _fail_all(self, error: Exception) -> None:
+        self._backlog.clear()
+        for jid in list(self._pending):
+            self._resolve(jid, error=error)
+
+    # -- the connection ----------------------------------------------------------------
+    async def _connection_loop(self, path: str) -> None:
+        pause = RECONNECT_S[0]
+        while not self._stopped:
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+            except OSError:
+                await asyncio.sleep(pause)  # the engine is (re)starting
+                pause = min(pause * 2, RECONNECT_S[1])
+                continue
+            pause = RECONNECT_S[0]
+            self._writer = writer
+            writer.write(channel.pack(["hello", os.getpid(), self._arena.name]))
+            try:
+                while True:
+                    self._on_message(await channel.receive(reader))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                self._writer = None
+                writer.close()
+            if self._stopped:
+                return
+            self._ready = False
+            self._reason = "the engine process is restarting"
+            log.error("lost the engine process; failing %d waiting requests", len(self._pending))
+            self._fail_all(Unavailable(_GONE))
+            self._first_state.set()
+
+    def _on_message(self, m: list) -> None:
+        kind = m[0]
+        if kind == "done":
+            (_, jid, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
+             extra, batch) = m
+            p = self._pending.get(jid)
+            if p is not None:
+                array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], tuple(shape))
+                self._report(batch)
+                self._resolve(jid, JobResult(array, dtype, compute_s, batch_requests,
+                                             batch_elements, device, queue_s, extra))
+        elif kind == "error":
+            _, jid, error_type, message, batch = m
+            self._report(batch)
+            self._resolve(jid, error=channel.error_from(error_type, message))
+        elif kind == "cancelled":
+            self._forget(m[1])
+        elif kind == "state":
+            _, ready, reason, devices, failures, restarts, waiting = m
+            self.capabilities.record({tuple(k): v for k, v in failures})
+            self.devices = devices
+            self.restarts = restarts + (self._process.restarts if self._process else 0)
+            self.engine_waiting = waiting
+            self._ready = bool(ready)
+            self._reason = reason or "ready"
+            self._first_state.set()
+
+    def _report(self, batch: list | None) -> None:
+        if batch is not None and self._observer is not None:
+            self._observer(BatchReport(*batch), [])
+
+
+def _answer_itemsize(job: Job) -> int:
+    """Bytes per element the answer may need: its dtype is the compute dtype, or with
+    autocast whatever the op returns (the autocast dtype or float32)."""
+    size = dtypes.itemsize(job.compute_dtype)
+    return max(size, 4) if job.mode.amp else size
