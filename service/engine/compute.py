@@ -108,13 +108,14 @@ def apply_alone(job_like: Job, x: torch.Tensor) -> torch.Tensor:
 def _deliver(job: Job, result: JobResult) -> JobResult | ComputeError:
     """Copy the answer into the room its caller lent (``job.out``, bytes) and point the
     result at it, here in the compute thread, so nobody copies it on an event loop."""
-    src = np.ascontiguousarray(result.array)
+    shape = result.array.shape
+    src = np.ascontiguousarray(result.array)  # (1-d for a 0-d array: shape kept above)
     if src.nbytes > job.out.nbytes:
         return ComputeError(f"the answer ({src.nbytes} bytes) is larger than the "
                             f"{job.out.nbytes} bytes reserved for it")
     dst = job.out[:src.nbytes]
     dst[:] = src.reshape(-1).view(np.uint8)
-    result.array = dst.view(src.dtype).reshape(src.shape)
+    result.array = dst.view(src.dtype).reshape(shape)
     return result
 
 

@@ -1,0 +1,172 @@
+"""The shared engine process (``engine=process``): the whole IPC path on CPU. Requests go
+from the server process through a shared-memory arena and a Unix socket to the engine
+process and back; answers must be exactly what the inline engine gives."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.engine.ipc import arena as arena_mod
+from service.engine.ipc.remote import RemoteEngine
+
+from .conftest import serve
+from .test_correctness import _binary_request, _check_binary, _send_all, _values, request_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def proc_server():
+    with serve(engine="process") as srv:
+        yield srv
+
+
+def _engine_pid(srv) -> int:
+    engine = srv.engine
+    assert isinstance(engine, RemoteEngine)
+    return engine._process.pid
+
+
+def _arena_path(srv) -> Path:
+    return arena_mod.SHM_DIR / srv.engine._arena.name
+
+
+def _wait(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs=st.lists(request_spec(), min_size=1, max_size=8))
+def test_answers_equal_the_lone_reference_bit_for_bit(proc_server, specs):
+    values = [_values(np.random.default_rng(s["seed"]), int(np.prod(s["shape"])), s["wire"])
+              for s in specs]
+    requests = [_binary_request(s, v) for s, v in zip(specs, values, strict=True)]
+    responses = asyncio.run(_send_all(proc_server.url, requests))
+    for s, v, r in zip(specs, values, responses, strict=True):
+        _check_binary(s, v, r)
+    assert proc_server.engine.waiting == 0  # every slot given back
+
+
+def test_json_v2_and_errors_through_the_engine(proc_server):
+    with httpx.Client(base_url=proc_server.url, timeout=60) as c:
+        r = c.post("/v1/activations/leaky_relu", json={"data": [-2, 0, 3],
+                                                        "params": {"negative_slope": 0.5}})
+        assert r.status_code == 200 and r.json()["data"] == [-1.0, 0.0, 3.0]
+        r = c.post("/v2/models/relu/infer", json={"inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [2], "data": [-1.5, 2.5]}]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [0.0, 2.5]
+        # validation happens in the server process, before anything reaches the engine
+        r = c.post("/v1/activations/gelu", json={"data": [1.0], "inplace": True})
+        assert r.status_code == 400 and "in-place" in r.json()["error"]["message"]
+        assert c.get("/readyz").json()["devices"] == ["cpu"]
+        # the capability table came from the engine's probe
+        assert isinstance(c.get("/v1/activations").json()["unsupported"], list)
+
+
+def test_batches_form_in_the_engine():
+    """With the engine holding batches open, concurrent requests share one batch there."""
+    with serve(engine="process", max_delay_us=1_000_000, max_batch_requests=4) as srv:
+        xs = [np.full(1000 + i, i, dtype=np.float32) for i in range(4)]
+        requests = [dict(url="/v1/activations/relu", params={"shape": str(x.size)},
+                         content=x.tobytes(),
+                         headers={"content-type": "application/octet-stream"}) for x in xs]
+        responses = asyncio.run(_send_all(srv.url, requests))
+        assert all(r.status_code == 200 for r in responses)
+        assert {r.headers["x-batch-size"] for r in responses} == {"4"}
+        assert {r.headers["x-batch-elements"] for r in responses} == {str(sum(x.size for x in xs))}
+        for x, r in zip(xs, responses, strict=True):
+            assert np.array_equal(np.frombuffer(r.content, np.float32), x)
+        # the batch is counted once in the v2 statistics
+        stats = httpx.get(srv.url + "/v2/models/relu/stats").json()["model_stats"][0]
+        assert stats["execution_count"] == 1 and stats["batch_stats"][0]["batch_size"] == 4
+
+
+def test_deadline_queue_limit_and_compute_fault():
+    with serve(engine="process", max_delay_us=300_000, fault_injection=True) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/activations/relu", json={"data": [1.0], "timeout": 0.05})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded"
+        r = c.post("/v1/activations/tanh", json={"data": [1.0]},
+                   headers={"x-actserve-fault": "compute"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "compute_error"
+        r = c.post("/v1/activations/tanh", json={"data": [0.0]})
+        assert r.status_code == 200 and r.json()["data"] == [0.0]
+
+
+def test_arena_too_small_for_a_request_is_413_and_a_full_arena_waits():
+    with serve(engine="process", shm_arena_mib=1, max_delay_us=200_000) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        big = np.ones(200_000, dtype=np.float32)  # 800 kB in + 800 kB out > 1 MiB
+        r = c.post("/v1/activations/relu", params={"shape": str(big.size)}, content=big.tobytes(),
+                   headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 413 and "SHM_ARENA" in r.json()["error"]["message"]
+        # three requests that fit one at a time: the later ones wait for room, then run
+        xs = [np.full(100_000, i, dtype=np.float32) for i in range(3)]
+        requests = [dict(url="/v1/activations/relu", params={"shape": str(x.size)},
+                         content=x.tobytes(),
+                         headers={"content-type": "application/octet-stream"}) for x in xs]
+        responses = asyncio.run(_send_all(srv.url, requests))
+        for x, resp in zip(xs, responses, strict=True):
+            assert resp.status_code == 200
+            assert np.array_equal(np.frombuffer(resp.content, np.float32), x)
+        assert srv.engine._arena.used == 0
+
+
+def test_engine_killed_answers_every_waiting_request_then_comes_back():
+    with serve(engine="process") as srv:
+        url = srv.url
+        pid = _engine_pid(srv)
+        os.kill(pid, signal.SIGSTOP)  # the engine computes nothing from here on
+        results: list[int] = []
+        done = threading.Event()
+
+        def send(i: int) -> None:
+            r = httpx.post(url + "/v1/activations/relu", json={"data": [float(i)]}, timeout=60)
+            results.append(r.status_code)
+            if len(results) == 3:
+                done.set()
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        _wait(lambda: srv.engine.waiting == 3)  # all three sent to the stopped engine
+        os.kill(pid, signal.SIGKILL)
+        assert done.wait(30), "a request hung after the engine died"
+        for t in threads:
+            t.join()
+        assert results == [503, 503, 503]
+        # readiness drops while the engine restarts (self-test included), then returns
+        _wait(lambda: httpx.get(url + "/readyz").status_code == 200)
+        r = httpx.post(url + "/v1/activations/relu", json={"data": [-1.0, 2.0]}, timeout=60)
+        assert r.status_code == 200 and r.json()["data"] == [0.0, 2.0]
+        assert srv.engine.restarts >= 1
+        assert srv.engine._arena.used == 0
+
+
+def test_shared_memory_is_cleaned_on_shutdown_and_stale_segments_on_start():
+    stale = arena_mod.SHM_DIR / "actserve-999999999-0badcafe"  # no such process
+    stale.write_bytes(b"\0" * 64)
+    with serve(engine="process") as srv:
+        assert not stale.exists()
+        path = _arena_path(srv)
+        assert path.exists()
+        pid = _engine_pid(srv)
+        r = httpx.post(srv.url + "/v1/activations/relu", json={"data": [1.0]}, timeout=60)
+        assert r.status_code == 200
+    assert not path.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the engine process is gone too
