@@ -32,6 +32,9 @@ BARS = (
     Bar("64 clients, 1,024 el binary: p99 <= 2.5 x p50", "tail",
         ("actserve", "native-binary", 1024, 64), None, 2.5),
     Bar("executor path, 1,048,576 el per batch >= 0.7 x raw torch", "inprocess", None, None, 0.7),
+    Bar("engine process, 1 client, 1,024 el binary: p50 <= inline p50 + 0.3 ms", "p50_gap",
+        ("actserve-engine", "native-binary", 1024, 1), ("actserve", "native-binary", 1024, 1),
+        0.3),
 )
 
 
