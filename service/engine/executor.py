@@ -78,9 +78,6 @@ class Executor:
             self._thread.join(timeout)
         self.alive = False
 
-    def thread_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # -- compute thread ---------------------------------------------------------------
     def _main(self) -> None:
         holding: list[Job] = []

@@ -58,8 +58,9 @@ class _Model:
 
 
 class ModelStats:
-    def __init__(self, names: list[str], version: str = "1") -> None:
-        self.version = version
+    VERSION = "1"  # every model's one version (service/codecs/v2.py MODEL_VERSION)
+
+    def __init__(self, names: list[str]) -> None:
         self._models = {name: _Model() for name in names}
 
     def request(self, name: str | None, status: int, total_s: float,
@@ -96,9 +97,6 @@ class ModelStats:
         stat.compute_infer.add(ok.compute_s if gpu else wall)
         stat.compute_output.add(ok.extra.get("d2h", 0.0) if gpu else 0.0)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._models
-
     def snapshot(self, name: str | None = None) -> dict:
         names = [name] if name is not None else list(self._models)
         return {"model_stats": [self._one(n, self._models[n]) for n in names]}
@@ -106,7 +104,7 @@ class ModelStats:
     def _one(self, name: str, m: _Model) -> dict:
         return {
             "name": name,
-            "version": self.version,
+            "version": self.VERSION,
             "last_inference": m.last_inference_ms,
             "inference_count": m.inference_count,
             "execution_count": m.execution_count,
