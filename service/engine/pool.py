@@ -12,12 +12,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from service.engine import selftest
 from service.engine.activations import Registry
 from service.engine.capabilities import Capabilities
 from service.engine.executor import replacement
 from service.engine.executor_protocol import ExecutorFactory, ExecutorLike
 from service.engine.job import Job, JobResult
-from service.engine.selftest import probe, self_test
 from service.errors import Unavailable
 
 log = logging.getLogger("actserve.pool")
@@ -38,8 +38,8 @@ class ExecutorPool:
         *,
         restart_limit: int = 5,
         new_executor: ExecutorFactory = replacement,
-        probe: Probe = probe,
-        self_test: SelfTest = self_test,
+        probe: Probe = selftest.probe,
+        self_test: SelfTest = selftest.self_test,
     ) -> None:
         self.executors = executors
         self.new_executor = new_executor
