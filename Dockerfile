@@ -63,7 +63,9 @@ RUN TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
     && useradd --system --uid 10001 --gid actserve --home-dir /nonexistent --no-create-home \
        --shell /usr/sbin/nologin actserve
 COPY loadtest /opt/loadtest/loadtest
+# PYTHONPATH: the locustfile imports its payloads from the loadtest package
 ENV PATH=/opt/actserve/bin:$PATH \
+    PYTHONPATH=/opt/loadtest \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001

@@ -109,7 +109,8 @@ def mode_costs(activation: str, size: int, modes: dict[str, dict], seconds: floa
 
     from service.engine.activations import Registry
     from service.engine.compute import DeviceCompute
-    from service.engine.job import Job, JobResult, Mode
+    from service.engine.job import JobResult, Mode
+    from service.engine.reference import lone_job
 
     torch.set_num_threads(1)
     reg = Registry()
@@ -119,8 +120,7 @@ def mode_costs(activation: str, size: int, modes: dict[str, dict], seconds: floa
     for label, m in modes.items():
         act = reg.get(activation)
         mode = Mode(m.get("compute_dtype"), bool(m.get("amp")), None, bool(m.get("inplace")))
-        job = Job(activation=act, params=act.parse_params({}), array=x.copy(),
-                  wire_dtype="float32", mode=mode, deadline=float("inf"))
+        job = lone_job(act, act.parse_params({}), x.copy(), "float32", mode)
         with torch.inference_mode():
             first = dc.run([job])[0]
             if not isinstance(first, JobResult):

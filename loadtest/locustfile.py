@@ -1,6 +1,6 @@
 """Locust load test for actserve.
 
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000           # web UI
+    python -m locust -f loadtest/locustfile.py --host http://127.0.0.1:8000  # web UI
     make loadtest                                                           # headless, bounded
 
 What each simulated client sends is chosen by weighted mixes given as Locust command-line
@@ -18,17 +18,16 @@ from __future__ import annotations
 import csv
 import itertools
 import random
-import sys
 import threading
-from pathlib import Path
 
 from locust import FastHttpUser, events, task
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-# Locust puts this file's folder on sys.path; the payloads live in the repository's package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadtest import payloads  # noqa: E402
-from loadtest.payloads import server_timing, weighted  # noqa: E402
+# The payloads live in the repository's ``loadtest`` package: the folder that holds it must
+# be on the import path (``python -m locust`` run from the checkout, as run_locust.py does,
+# or PYTHONPATH, as the loadtest image sets).
+from loadtest import payloads
+from loadtest.payloads import server_timing, weighted
 
 DEFAULTS = {
     "act_sizes": "1024:4,65536:1",

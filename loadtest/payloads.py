@@ -4,7 +4,7 @@ Used by the Locust file and by the benchmark sweep. A ``Case`` says what is aske
 params, compute dtype, amp, in-place, element count, protocol); ``values(case, seed)`` makes
 the same float32 input for the same seed on every machine; ``build`` turns it into the
 request's path, body and headers; ``parse`` reads the answer back into wire storage, and
-``expected`` is the bit-exact reference (``service.engine.compute.apply_alone`` on this request
+``expected`` is the bit-exact reference (``service.engine.reference.reference`` on this request
 alone, on CPU, with the server's intra-op thread count), so any difference is a failure.
 
 Torch is imported only by ``expected``.
@@ -157,18 +157,15 @@ def expected(case: Case, x: np.ndarray, torch_threads: int = 1) -> tuple[np.ndar
     import torch
 
     from service.engine.activations import Registry
-    from service.engine.compute import apply_alone, tensor_storage, wire_tensor
-    from service.engine.job import Job, Mode
+    from service.engine.job import Mode
+    from service.engine.reference import reference
 
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     act = _registry(Registry).get(case.activation)
-    job = Job(activation=act, params=act.parse_params(dict(case.params)), array=x.copy(),
-              wire_dtype="float32", mode=Mode(case.compute_dtype, case.amp, None, case.inplace),
-              deadline=float("inf"))
-    with torch.inference_mode():
-        y = apply_alone(job, wire_tensor(job.array, "float32"))
-        return tensor_storage(y.contiguous()).reshape(-1).copy(), str(y.dtype).removeprefix("torch.")
+    out, dtype = reference(act, act.parse_params(dict(case.params)), x, "float32",
+                           Mode(case.compute_dtype, case.amp, None, case.inplace))
+    return out.reshape(-1), dtype
 
 
 _REGISTRY: list = []

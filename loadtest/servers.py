@@ -1,7 +1,10 @@
-"""Start and stop the servers a load run talks to: actserve and the reference servers.
+"""Start and stop child servers: actserve and the reference servers, for load runs, the
+benchmark, the GPU scripts and the tests (the one way this repository starts a server in a
+child process).
 
-Each runs as a child process on 127.0.0.1 on a free port; ``stop`` ends exactly that child
-(by its PID) and waits for it.
+Each runs as a child process on 127.0.0.1 on a free port, its output in a log file (a pipe
+nobody reads could fill and stall it); ``stop`` ends exactly that child (by its PID) and
+waits for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +47,12 @@ class Child:
             return None
         return None
 
-    def stop(self) -> None:
-        stop_process(self.proc)
+    def stop(self, grace_s: float = 15.0) -> None:
+        stop_process(self.proc, grace_s)
+
+    def output(self) -> str:
+        """What the child wrote so far (stdout and stderr)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
@@ -58,22 +66,31 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             proc.wait(10)
 
 
-def _wait_ready(child: Child, timeout: float) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str,
+               output: Callable[[], str] = lambda: "") -> None:
+    """Poll ``url`` until it answers 200; fail with the child's output if it exits first,
+    or when ``timeout`` passes (the child is left running: the caller stops it)."""
     deadline = time.monotonic() + timeout
     while True:
-        if child.proc.poll() is not None:
-            tail = child.log.read_text(errors="replace")[-2000:] if child.log.exists() else ""
-            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}: {tail}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {output()[-2000:]}")
         try:
-            with urllib.request.urlopen(child.url + "/readyz", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            child.stop()
-            raise RuntimeError(f"{child.name} did not become ready within {timeout:.0f}s")
-        time.sleep(0.1)
+            raise RuntimeError(f"{what} did not become ready at {url} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _wait_ready(child: Child, timeout: float) -> None:
+    try:
+        wait_ready(child.proc, child.url + "/readyz", timeout, child.name, child.output)
+    except RuntimeError:
+        child.stop()
+        raise
 
 
 def _spawn(name: str, argv: list[str], env: dict, log_dir: Path, port: int) -> Child:
@@ -85,14 +102,18 @@ def _spawn(name: str, argv: list[str], env: dict, log_dir: Path, port: int) -> C
     return Child(name, f"http://127.0.0.1:{port}", proc, log)
 
 
-def start_actserve(name: str, log_dir: Path, settings: dict | None = None) -> Child:
-    """``python -m service serve`` with ``ACTSERVE_*`` settings (access log off)."""
-    port = free_port()
-    env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
-           "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning"}
+def start_actserve(name: str, log_dir: Path, settings: dict | None = None, *,
+                   env: dict | None = None, port: int | None = None) -> Child:
+    """``python -m service serve`` with ``ACTSERVE_*`` settings (access log off, log level
+    warning unless ``settings`` say otherwise); ``env`` (raw variables) is applied last.
+    Not yet ready: pass it to ``running`` (or ``wait_ready``)."""
+    port = port or free_port()
+    child_env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
+                 "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning"}
     for k, v in (settings or {}).items():
-        env[f"ACTSERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
-    return _spawn(name, [sys.executable, "-m", "service", "serve"], env, log_dir, port)
+        child_env[f"ACTSERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
+    child_env.update(env or {})
+    return _spawn(name, [sys.executable, "-m", "service", "serve"], child_env, log_dir, port)
 
 
 def start_reference(app: str, log_dir: Path) -> Child:

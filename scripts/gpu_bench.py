@@ -16,7 +16,8 @@ from loadtest import inprocess  # noqa: E402
 from service import dtypes  # noqa: E402
 from service.engine.activations import Registry  # noqa: E402
 from service.engine.compute import TORCH_DTYPES, DeviceCompute  # noqa: E402
-from service.engine.job import Job, Mode  # noqa: E402
+from service.engine.job import Mode  # noqa: E402
+from service.engine.reference import lone_job  # noqa: E402
 
 N = 1 << 20  # elements per request
 REQUESTS = 16  # requests per batch
@@ -55,8 +56,7 @@ def main() -> int:
             mode = Mode(None, amp, None, inplace)
             arrays = [dtypes.from_float(np.random.default_rng(i).standard_normal(N), wire)
                       for i in range(REQUESTS)]
-            jobs = [Job(activation=act, params=params, array=a, wire_dtype=wire, mode=mode,
-                        deadline=float("inf")) for a in arrays]
+            jobs = [lone_job(act, params, a, wire, mode) for a in arrays]
             torch.cuda.reset_peak_memory_stats(dev)
             with torch.inference_mode():
                 t_exec = _bench(lambda: compute.run(jobs))

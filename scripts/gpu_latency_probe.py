@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtest import inprocess  # noqa: E402
 from service.engine.activations import Registry  # noqa: E402
 from service.engine.compute import DeviceCompute, apply_alone  # noqa: E402
-from service.engine.job import Job, Mode  # noqa: E402
+from service.engine.reference import lone_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda:0")
     act = Registry().get("gelu")
     x = np.random.default_rng(0).standard_normal(a.size).astype(np.float32)
-    job = Job(activation=act, params=act.parse_params({}), array=x, wire_dtype="float32",
-              mode=Mode(None, False, None, False), deadline=float("inf"))
+    job = lone_job(act, act.parse_params({}), x, "float32")
     stream = torch.cuda.Stream(device=dev)
     steps: dict[str, list[float]] = {}
 

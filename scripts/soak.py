@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,10 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages beside it
+
+from loadtest import servers  # noqa: E402
+
 PAYLOADS = [(name, n) for name in ("relu", "gelu", "silu", "sigmoid", "leaky_relu")
             for n in (1024, 16_384, 131_072)]
 
@@ -33,22 +36,16 @@ def proc_figures(pid: int) -> dict:
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_ACCESS_LOG": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+def start_server() -> servers.Child:
+    logs = Path(tempfile.mkdtemp(prefix="actserve-soak-"))
+    child = servers.start_actserve("actserve", logs)
+    try:
+        servers.wait_ready(child.proc, child.url + "/readyz", 60, "actserve", child.output)
+    except RuntimeError as exc:
+        child.stop()
+        raise SystemExit(str(exc)) from exc
+    print(f"server log: {child.log}")
+    return child
 
 
 async def worker(c: httpx.AsyncClient, stop: float, seed: int, stats: dict) -> None:
@@ -100,18 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int)
     p.add_argument("--max-rss-growth-mib", type=float, default=64.0)
     args = p.parse_args(argv)
-    proc = None
+    child = None
     if args.url:
         url, pid = args.url, args.pid
     else:
-        proc, url = start_server()
-        pid = proc.pid
+        child = start_server()
+        url, pid = child.url, child.proc.pid
     try:
         result = asyncio.run(soak(url, pid, args.duration, args.clients, args.sample))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if child is not None:
+            child.stop(grace_s=60)
     stats, samples = result["stats"], result["samples"]
     warm = samples[min(1, len(samples) - 1)][1]  # after the first interval: caches warm
     last = samples[-1][1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -64,13 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         overrides = {k: getattr(args, k) for k in [*FLAGS, "metrics"]}
         return serve(load_settings(overrides))
-    # loadtest/ is not installed with the package: it lives beside service/ in a checkout.
-    checkout = str(Path(__file__).resolve().parents[1])
-    if checkout not in sys.path:
-        sys.path.insert(0, checkout)
-    from loadtest.bench import main as bench_main
+    return _bench_main()(unknown + args.rest)
 
-    return bench_main(unknown + args.rest)
+
+def _bench_main():
+    """``loadtest.bench.main``. loadtest/ is not installed with the package: it lives beside
+    service/ in a checkout, and is imported from there by its path (sys.path untouched)."""
+    try:
+        return importlib.import_module("loadtest.bench").main
+    except ModuleNotFoundError as exc:
+        if exc.name != "loadtest":
+            raise
+    folder = Path(__file__).resolve().parents[1] / "loadtest"
+    if not (folder / "__init__.py").is_file():
+        raise SystemExit("actserve bench runs from a checkout (loadtest/ beside service/)")
+    spec = importlib.util.spec_from_file_location("loadtest", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["loadtest"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("loadtest.bench").main
 
 
 if __name__ == "__main__":

@@ -4,10 +4,6 @@ and the reference computation the server's answers are compared with, bit for bi
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,10 +17,11 @@ import pytest
 import torch
 import uvicorn
 
+from loadtest.servers import free_port, start_actserve, wait_ready
 from service import dtypes
 from service.engine.activations import Registry
-from service.engine.compute import apply_alone, tensor_storage, wire_tensor
-from service.engine.job import Job, Mode
+from service.engine.job import Mode
+from service.engine.reference import reference as lone_reference
 from service.http.app import create_app
 from service.http.server import uvicorn_config
 from service.settings import Settings
@@ -33,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_THREADS = 1  # the server's default; the reference must use the same count
 torch.set_num_threads(TORCH_THREADS)
 REGISTRY = Registry()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ThreadServer:
@@ -93,64 +84,32 @@ def client(server) -> Iterator[httpx.Client]:
         yield c
 
 
-SUBPROCESS_LOGS: list[Path] = []
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str,
-               output=lambda: "") -> None:
-    """Poll ``url`` until it answers 200; fail with the child's output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited: {output()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not become ready at {url}")
-        time.sleep(0.05)
-
-
 @contextmanager
 def subprocess_server(env_overrides: dict | None = None, port: int | None = None):
-    """``python -m service serve`` as a child process; yields (process, url)."""
-    port = port or free_port()
-    env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_HOST": "127.0.0.1",
-           "ACTSERVE_ACCESS_LOG": "false", **(env_overrides or {})}
-    # The server's output goes to a file (a pipe nobody reads could fill and stall it);
-    # SUBPROCESS_LOGS lists the files so a failing test can show them.
-    log_path = Path(tempfile.mkstemp(prefix=f"actserve-{port}-", suffix=".log")[1])
-    SUBPROCESS_LOGS.append(log_path)
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    proc.log_path = log_path  # the server's output so far: proc.log_path.read_text()
-    url = f"http://127.0.0.1:{port}"
+    """``python -m service serve`` as a child process (``loadtest.servers.start_actserve``,
+    log level info as by default); yields (process, url) once it is ready. The server's
+    output so far: ``proc.log_path.read_text()``."""
+    log_dir = Path(tempfile.mkdtemp(prefix="actserve-test-"))
+    child = start_actserve("actserve", log_dir, port=port,
+                           env={"ACTSERVE_LOG_LEVEL": "info", **(env_overrides or {})})
+    child.proc.log_path = child.log
     try:
-        wait_ready(proc, url + "/readyz", 90, "actserve", lambda: log_path.read_text())
-        yield proc, url
+        wait_ready(child.proc, child.url + "/readyz", 90, "actserve", child.output)
+        yield child.proc, child.url
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        child.stop(grace_s=5)
 
 
 # -- the reference ----------------------------------------------------------------------
 def reference(name: str, values: np.ndarray, wire: str, *, params: dict | None = None,
               compute_dtype: str | None = None, amp: bool = False, amp_dtype: str | None = None,
               inplace: bool = False) -> tuple[np.ndarray, str]:
-    """``torch.nn.functional`` (through the registry) applied to this request alone, on CPU.
-    ``values`` is wire storage; returns (output storage, output dtype name)."""
+    """``torch.nn.functional`` (through the registry) applied to this request alone, on CPU
+    (``service.engine.reference``). ``values`` is wire storage; returns (output storage,
+    output dtype name)."""
     act = REGISTRY.get(name)
-    job = Job(activation=act, params=act.parse_params(params or {}), array=values.copy(),
-              wire_dtype=wire, mode=Mode(compute_dtype, amp, amp_dtype, inplace),
-              deadline=float("inf"))
-    with torch.inference_mode():
-        y = apply_alone(job, wire_tensor(job.array, wire))
-        return tensor_storage(y.contiguous()).copy(), str(y.dtype).removeprefix("torch.")
+    return lone_reference(act, act.parse_params(params or {}), values, wire,
+                          Mode(compute_dtype, amp, amp_dtype, inplace))
 
 
 def wire_values(values, wire: str) -> np.ndarray:

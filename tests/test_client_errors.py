@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from actserve_client import AsyncClient, Client, RetryPolicy
 
-from .conftest import free_port, serve
+from loadtest.servers import free_port
+
+from .conftest import serve
 from .gates import held, submissions, wait_for
 
 FAST = RetryPolicy(max_retries=2, initial_backoff=0.001, max_backoff=0.002)

@@ -16,7 +16,7 @@ import torch
 from actserve_client import _arrays, _protocol
 from actserve_client._base import Call, ClientCore, Outcome
 from actserve_client._exceptions import error_class
-from actserve_client._retry import RetryPolicy, parse_retry_after
+from actserve_client._retry import RetryPolicy, parse_retry_after, response_date
 
 from service import errors as server_errors
 from service.codecs import v2 as server_v2
@@ -40,6 +40,9 @@ def test_parse_retry_after():
     date = email.utils.formatdate(now + 10, usegmt=True)
     assert parse_retry_after(date, now=now) == pytest.approx(10, abs=1)
     assert parse_retry_after(email.utils.formatdate(now - 10, usegmt=True), now=now) == 0.0
+    assert parse_retry_after(date) is None  # a date needs a reference time: the core has no clock
+    assert response_date(email.utils.formatdate(now, usegmt=True)) == now
+    assert response_date("yesterday") is None and response_date(None) is None
 
 
 def _overloaded(retry_after=None):
@@ -133,6 +136,17 @@ def test_server_error_bodies_become_client_errors(path, server_cls):
         assert error.error_type == server_cls.type
     if resp.status_code == 503:
         assert error.retry_after == float(server_cls.retry_after)
+
+
+def test_a_retry_after_date_counts_from_the_servers_date_not_the_clients_clock():
+    core = ClientCore("http://127.0.0.1:1")
+    sent = 1_700_000_000.0  # long past: a client clock would make the hint 0
+    headers = httpx.Headers({"date": email.utils.formatdate(sent, usegmt=True),
+                             "retry-after": email.utils.formatdate(sent + 7, usegmt=True)})
+    e = core.status_error(503, headers, b'{"error": {"type": "queue_full", "message": "x"}}', None)
+    assert isinstance(e, ac.OverloadedError) and e.retry_after == 7.0
+    no_date = httpx.Headers({"retry-after": headers["retry-after"]})
+    assert core.status_error(503, no_date, b"", None).retry_after is None
 
 
 def test_error_bodies_that_are_not_json():

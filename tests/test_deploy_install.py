@@ -24,7 +24,9 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import ROOT, free_port
+from loadtest.servers import free_port
+
+from .conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -332,7 +332,6 @@ def test_gpu_memory_and_cuda_event_compute_are_exported():
     assert value(m, "actserve_batches_total", activation="gelu", device="cuda:0") == 3
     assert value(m, "actserve_compute_seconds_count", activation="gelu", device="cuda:0") == 3
     assert value(m, "actserve_gpu_memory_peak_bytes", device="cuda:0") >= 2 * n * 4
-    assert value(m, "actserve_gpu_memory_allocated_bytes", device="cuda:0") >= 0
     assert (value(m, "actserve_gpu_memory_peak_bytes", device="cuda:0")
             >= value(m, "actserve_gpu_memory_allocated_bytes", device="cuda:0"))
 

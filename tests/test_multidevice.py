@@ -94,7 +94,7 @@ def test_two_executors_have_their_own_compute_threads():
         assert [ex.device for ex in pool.executors] == ["cpu", "cpu"]
         assert [ex.index for ex in pool.executors] == [0, 1]
         names = [ex._thread.name for ex in pool.executors]
-        assert len(set(names)) == 2 and all(ex.thread_alive() for ex in pool.executors)
+        assert len(set(names)) == 2 and all(ex._thread.is_alive() for ex in pool.executors)
         ready = httpx.get(srv.url + "/readyz", timeout=10).json()
         assert ready["devices"] == ["cpu", "cpu"]
 

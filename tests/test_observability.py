@@ -33,7 +33,9 @@ def timing(response: httpx.Response) -> dict[str, float]:
 def check_parts(response: httpx.Response) -> dict[str, float]:
     t = timing(response)
     assert tuple(t) == PARTS, response.headers["server-timing"]
-    assert all(v >= 0 for v in t.values()), t
+    # decoding, computing and encoding take time (microsecond resolution); waiting may not
+    assert t["decode"] > 0 and t["compute"] > 0 and t["encode"] > 0, t
+    assert 0 <= t["queue"] < t["total"], t
     parts = t["decode"] + t["queue"] + t["compute"] + t["encode"]
     # the header rounds parts down and the total up, to the microsecond
     assert parts <= t["total"] + 1e-9, t
@@ -170,8 +172,9 @@ def test_access_log_is_one_json_line_per_request(caplog):
     assert good["shape"] == [2, 2] and good["dtype"] == "float32"
     assert good["compute_dtype"] == "float64" and good["out_dtype"] == "float64"
     assert good["batch"] == 1
-    for key in ("decode_ms", "queue_ms", "compute_ms", "encode_ms", "ms"):
-        assert isinstance(good[key], float) and good[key] >= 0, key
+    for key in ("decode_ms", "compute_ms", "encode_ms", "ms"):
+        assert isinstance(good[key], float) and good[key] > 0, key
+    assert isinstance(good["queue_ms"], float) and 0 <= good["queue_ms"] < good["ms"]
     assert good["ms"] >= good["queue_ms"] + good["compute_ms"]
     err = lines["log-me-2"]
     assert err["status"] == 400 and err["error"] == "invalid_request"

@@ -22,9 +22,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.servers import stop_process
+from loadtest.servers import free_port, stop_process, wait_ready
 
-from .conftest import ROOT, free_port, serve, wait_ready
+from .conftest import ROOT, serve
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.servers import stop_process
+from loadtest.servers import free_port, stop_process, wait_ready
 
-from .conftest import ROOT, free_port, subprocess_server, wait_ready
+from .conftest import ROOT, subprocess_server
 
 pytestmark = pytest.mark.slow
 

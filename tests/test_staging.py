@@ -10,7 +10,7 @@ import numpy as np
 from service import dtypes
 from service.engine import compute
 from service.engine.compute import ALIGN, stage
-from service.engine.job import Job, Mode
+from service.engine.reference import lone_job
 
 from .conftest import REGISTRY
 
@@ -18,9 +18,8 @@ from .conftest import REGISTRY
 def _jobs(wire: str, sizes):
     rng = np.random.default_rng(3)
     act = REGISTRY.get("relu")
-    return [Job(activation=act, params=(), wire_dtype=wire, deadline=float("inf"),
-                        array=dtypes.from_float(rng.standard_normal(n), wire),
-                        mode=Mode(None, False, None, False)) for n in sizes]
+    return [lone_job(act, (), dtypes.from_float(rng.standard_normal(n), wire), wire)
+            for n in sizes]
 
 
 def test_threaded_staging_equals_sequential_staging():

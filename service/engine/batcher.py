@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from service.engine.executor import Executor
+from service.engine.executor_protocol import ExecutorLike
 from service.engine.job import Job, JobResult
 from service.engine.pool import ExecutorPool
 from service.errors import (
@@ -182,7 +182,7 @@ class Batcher:
                 return batch
         return []
 
-    def _dispatch(self, executor: Executor, batch: list[Job]) -> None:
+    def _dispatch(self, executor: ExecutorLike, batch: list[Job]) -> None:
         now = time.perf_counter()
         for job in batch:
             job.t_dispatch = now
@@ -237,7 +237,7 @@ class Batcher:
         if self._waiting:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
 
-    def _batch_done(self, ex: Executor, jobs: list[Job], results: list, wall: float) -> None:
+    def _batch_done(self, ex: ExecutorLike, jobs: list[Job], results: list, wall: float) -> None:
         for job, res in zip(jobs, results, strict=True):
             if isinstance(res, JobResult):
                 res.queue_s = job.t_dispatch - job.t_enqueue
@@ -248,7 +248,7 @@ class Batcher:
             self.on_batch(jobs, results, wall)
         self._wakeup.set()
 
-    def _batch_lost(self, ex: Executor, jobs: list[Job], err: Exception) -> None:
+    def _batch_lost(self, ex: ExecutorLike, jobs: list[Job], err: Exception) -> None:
         for job in jobs:
             _resolve(job, error=err)
         if not any(e.alive for e in self.pool.executors):

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from service.engine.activations import Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
-from service.engine.executor import Executor, executors_for, resolve_devices
+from service.engine.executor import executors_for, resolve_devices
+from service.engine.executor_protocol import ExecutorLike
 from service.engine.job import BatchReport, Job
 from service.engine.jobs import JobFactory
 from service.engine.pool import ExecutorPool
@@ -27,7 +28,7 @@ log = logging.getLogger("actserve")
 
 
 class Engine:
-    def __init__(self, settings: Settings, executors: list[Executor] | None = None) -> None:
+    def __init__(self, settings: Settings, executors: list[ExecutorLike] | None = None) -> None:
         self.settings = settings
         self.registry = Registry()
         self.capabilities = Capabilities()

@@ -19,10 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from service.engine.compute import DeviceCompute
-from service.engine.job import Job, JobResult
-
-BatchDone = Callable[["Executor", list[Job], list[JobResult | Exception], float], None]
-Death = Callable[["Executor", list[Job], BaseException], None]
+from service.engine.executor_protocol import BatchDone, Death
+from service.engine.job import Job
 
 _STOP = object()
 MEMORY_READ_S = 0.25  # CUDA memory gauges: read at most this often (see _main)
@@ -79,9 +77,6 @@ class Executor:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self.alive = False
-
-    def thread_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     # -- compute thread ---------------------------------------------------------------
     def _main(self) -> None:
@@ -165,6 +160,12 @@ def resolve_devices(spec: str) -> list[str]:
         else:
             out.append("cpu")
     return out
+
+
+def replacement(dead: Executor) -> Executor:
+    """A fresh executor with the settings of ``dead`` (the pool's default after a death)."""
+    return Executor(dead.device, index=dead.index, torch_threads=dead.torch_threads,
+                    fault_injection=dead.fault_injection)
 
 
 def executors_for(devices: Sequence[str], torch_threads: int, fault_injection: bool) -> list[Executor]:

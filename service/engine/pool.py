@@ -1,5 +1,9 @@
 """The executors of this process: start-up self-test, least-loaded choice, death and
 restart, readiness. Loop side only; torch work is sent to the executors' threads.
+
+The pool needs of an executor only ``ExecutorLike`` (executor_protocol.py); where a fresh
+one comes from after a death (``new_executor``) and the start-up checks run in each
+executor (``probe``, ``self_test``) are parameters, so the scheduler can be driven alone.
 """
 
 from __future__ import annotations
@@ -8,29 +12,39 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from service.engine import selftest
 from service.engine.activations import Registry
 from service.engine.capabilities import Capabilities
-from service.engine.executor import Executor
+from service.engine.executor import replacement
+from service.engine.executor_protocol import ExecutorFactory, ExecutorLike
 from service.engine.job import Job, JobResult
-from service.engine.selftest import probe, self_test
 from service.errors import Unavailable
 
 log = logging.getLogger("actserve.pool")
 
-DoneHook = Callable[[Executor, list[Job], list[JobResult | Exception], float], None]
-DeathHook = Callable[[Executor, list[Job], Exception], None]
+DoneHook = Callable[[ExecutorLike, list[Job], list[JobResult | Exception], float], None]
+DeathHook = Callable[[ExecutorLike, list[Job], Exception], None]
+# Start-up checks, run in an executor with its compute object (see selftest.py).
+Probe = Callable[[object, Registry], dict[tuple, str]]
+SelfTest = Callable[[object, Registry, Capabilities], list[str]]
 
 
 class ExecutorPool:
     def __init__(
         self,
-        executors: list[Executor],
+        executors: list[ExecutorLike],
         registry: Registry,
         capabilities: Capabilities,
         *,
         restart_limit: int = 5,
+        new_executor: ExecutorFactory = replacement,
+        probe: Probe = selftest.probe,
+        self_test: SelfTest = selftest.self_test,
     ) -> None:
         self.executors = executors
+        self.new_executor = new_executor
+        self._probe = probe
+        self._self_test = self_test
         self.registry = registry
         self.capabilities = capabilities
         self.restart_limit = restart_limit
@@ -51,12 +65,12 @@ class ExecutorPool:
         for ex in self.executors:
             await self._start_one(ex)
 
-    async def _start_one(self, ex: Executor) -> None:
+    async def _start_one(self, ex: ExecutorLike) -> None:
         ex.start(self.loop, self._batch_done, self._executor_died)
-        failures = await asyncio.wrap_future(ex.call(lambda c: probe(c, self.registry)))
+        failures = await asyncio.wrap_future(ex.call(lambda c: self._probe(c, self.registry)))
         self.capabilities.record(failures)
         problems = await asyncio.wrap_future(
-            ex.call(lambda c: self_test(c, self.registry, self.capabilities))
+            ex.call(lambda c: self._self_test(c, self.registry, self.capabilities))
         )
         self.selftest_problems = problems
         if problems:
@@ -82,7 +96,7 @@ class ExecutorPool:
             self.on_readiness_change(self.ready)
 
     # -- dispatch ---------------------------------------------------------------------
-    def idle(self) -> Executor | None:
+    def idle(self) -> ExecutorLike | None:
         """The least-loaded ready executor with no batch in flight, if any."""
         best = None
         for ex in self.executors:
@@ -91,7 +105,7 @@ class ExecutorPool:
                     best = ex
         return best
 
-    async def wait_idle(self) -> Executor:
+    async def wait_idle(self) -> ExecutorLike:
         while True:
             ex = self.idle()
             if ex is not None:
@@ -103,13 +117,13 @@ class ExecutorPool:
         return any(ex.inflight_batches for ex in self.executors)
 
     # -- callbacks from compute threads (run on the loop) ------------------------------
-    def _batch_done(self, ex: Executor, jobs: list[Job], results: list, wall: float) -> None:
+    def _batch_done(self, ex: ExecutorLike, jobs: list[Job], results: list, wall: float) -> None:
         ex.inflight_batches -= 1
         ex.inflight_elements -= sum(j.numel for j in jobs)
         self._free.set()
         self._on_done(ex, jobs, results, wall)
 
-    def _executor_died(self, ex: Executor, jobs: list[Job], exc: BaseException) -> None:
+    def _executor_died(self, ex: ExecutorLike, jobs: list[Job], exc: BaseException) -> None:
         if jobs:
             ex.inflight_batches -= 1
             ex.inflight_elements -= sum(j.numel for j in jobs)
@@ -127,8 +141,7 @@ class ExecutorPool:
             log.error("executor restart limit (%d) reached; staying not ready", self.restart_limit)
             return
         self.restarts += 1
-        fresh = Executor(ex.device, index=ex.index, torch_threads=ex.torch_threads,
-                         fault_injection=ex.fault_injection)
+        fresh = self.new_executor(ex)
         self.executors[self.executors.index(ex)] = fresh
         task = self.loop.create_task(self._start_one(fresh))
         self._restarting.add(task)

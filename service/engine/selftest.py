@@ -17,8 +17,9 @@ import torch
 from service import dtypes
 from service.engine.activations import Registry
 from service.engine.capabilities import Capabilities
-from service.engine.compute import DeviceCompute, apply_alone, tensor_storage, wire_tensor
-from service.engine.job import Job, JobResult, Mode
+from service.engine.compute import DeviceCompute
+from service.engine.job import JobResult, Mode
+from service.engine.reference import lone_job, reference
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0,
             3.0, -3.0, 20.0, -20.0, 100.0, -100.0]
@@ -32,11 +33,6 @@ def sample(n: int, wire: str, seed: int) -> np.ndarray:
     return dtypes.from_float(values, wire)
 
 
-def _job(activation, params, array, wire, mode) -> Job:
-    return Job(activation=activation, params=params, array=array, wire_dtype=wire, mode=mode,
-               deadline=float("inf"))
-
-
 def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
     failures: dict[tuple, str] = {}
     for act in registry:
@@ -47,9 +43,9 @@ def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
             if inplace and not act.supports_inplace:
                 continue
             mode = Mode(compute_dtype, amp_dtype is not None, amp_dtype, inplace)
-            x = wire_tensor(sample(8, compute_dtype, 0), compute_dtype).to(compute.device)
             try:
-                apply_alone(_job(act, params, None, compute_dtype, mode), x)
+                reference(act, params, sample(8, compute_dtype, 0), compute_dtype, mode,
+                          compute.device)
             except Exception as exc:  # noqa: BLE001 - recorded as the reason
                 key = Capabilities.key(act.name, compute_dtype, mode)
                 failures[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -72,11 +68,10 @@ def self_test(compute: DeviceCompute, registry: Registry, capabilities: Capabili
                 capabilities.check(act, wire, mode)
             except Exception:  # noqa: BLE001 - unsupported here: nothing to test
                 continue
-            jobs = [_job(act, params, sample(n, wire, i), wire, mode) for i, n in enumerate(sizes)]
-            expected = []
-            for j in jobs:
-                x = wire_tensor(j.array.copy(), wire).to(compute.device)
-                expected.append(tensor_storage(apply_alone(j, x).cpu().contiguous()))
+            jobs = [lone_job(act, params, sample(n, wire, i), wire, mode)
+                    for i, n in enumerate(sizes)]
+            expected = [reference(act, params, j.array, wire, mode, compute.device)[0]
+                        for j in jobs]
             got = compute.run(jobs)
             for n, r, e in zip(sizes, got, expected, strict=True):
                 if not isinstance(r, JobResult) or not _same_bits(np.asarray(r.array), e):

@@ -58,8 +58,9 @@ class _Model:
 
 
 class ModelStats:
-    def __init__(self, names: list[str], version: str = "1") -> None:
-        self.version = version
+    VERSION = "1"  # every model's one version (service/codecs/v2.py MODEL_VERSION)
+
+    def __init__(self, names: list[str]) -> None:
         self._models = {name: _Model() for name in names}
 
     def request(self, name: str | None, status: int, total_s: float,
@@ -99,7 +100,7 @@ class ModelStats:
     def _one(self, name: str, m: _Model) -> dict:
         return {
             "name": name,
-            "version": self.version,
+            "version": self.VERSION,
             "last_inference": m.last_inference_ms,
             "inference_count": m.inference_count,
             "execution_count": m.execution_count,

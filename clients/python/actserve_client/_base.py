@@ -43,7 +43,7 @@ from ._exceptions import (
     error_class,
 )
 from ._protocol import PROTOCOLS, HttpRequest
-from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy, parse_retry_after
+from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy, parse_retry_after, response_date
 from ._version import __version__
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -258,7 +258,8 @@ class ClientCore:
         if issubclass(cls, OverloadedError):
             return cls(message, status=status, request_id=request_id, body=body,
                        error_type=error_type,
-                       retry_after=parse_retry_after(headers.get("retry-after")))
+                       retry_after=parse_retry_after(headers.get("retry-after"),
+                                                     response_date(headers.get("date"))))
         return cls(message, status=status, request_id=request_id, body=body, error_type=error_type)
 
     def transport_error(self, call: Call, exc: Exception) -> ActserveError:

@@ -14,7 +14,6 @@ an HTTP date, at most ``max_retry_after``; a longer hint is not retried at all),
 from __future__ import annotations
 
 import email.utils
-import time
 from dataclasses import dataclass
 
 from ._exceptions import (
@@ -32,8 +31,9 @@ MAX_RETRY_AFTER_S = 60.0
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` (delta seconds or an HTTP date) -> seconds from ``now``; None if absent
-    or unreadable."""
+    """``Retry-After`` (delta seconds or an HTTP date) -> seconds from ``now`` (a POSIX time:
+    the response's ``Date``, see ``response_date``); None if absent or unreadable, or if it
+    is a date and there is no ``now`` to count from."""
     if value is None:
         return None
     value = value.strip()
@@ -44,12 +44,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when is None:
+        if when is None or now is None:
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
+        seconds = when.timestamp() - now
     if seconds != seconds:  # NaN
         return None
     return max(0.0, seconds)
+
+
+def response_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header -> POSIX time; None if absent or unreadable. The server's
+    own clock, so a ``Retry-After`` date is read without reading the client's."""
+    if value is None:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None if when is None else when.timestamp()
 
 
 @dataclass(frozen=True)

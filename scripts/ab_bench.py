@@ -1,0 +1,113 @@
+"""Paired A/B of two checkouts on the performance bar's cells: both servers run side by
+side, and wrk runs alternate between them (the order flips every pair), so each pair sees
+the same load on a shared machine. Reports req/s per pair, the after/before ratio, and the
+server's CPU time per request (from /proc, far less sensitive to other processes' load than
+req/s). Each checkout's answer is checked against the CPU reference first, and wrk checks
+every answer against it.
+
+    git worktree add /tmp/before <commit> && ln -s "$PWD/.venv" /tmp/before/.venv
+    python scripts/ab_bench.py --before /tmp/before --after . --pairs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages beside it
+
+from loadtest import payloads, servers, wrk  # noqa: E402
+
+CELLS = [("native-binary", 1024, 64), ("v2-binary", 1024, 64),
+         ("native-binary", 1 << 20, 8), ("v2-binary", 1 << 20, 8)]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def start(checkout: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = servers.free_port()
+    env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
+           "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=checkout, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def answer(url: str, req: payloads.Request) -> tuple[dict, bytes]:
+    r = urllib.request.Request(url + req.path, data=req.body, headers=req.headers)
+    with urllib.request.urlopen(r, timeout=60) as resp:
+        return dict(resp.headers), resp.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", type=Path, required=True, help="checkout of the older commit")
+    p.add_argument("--after", type=Path, default=ROOT, help="checkout of the newer commit")
+    p.add_argument("--pairs", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=3)
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    a = p.parse_args(argv)
+    sides = {"before": a.before.resolve(), "after": a.after.resolve()}
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    running = {side: start(path, logs / f"ab-{side}.log") for side, path in sides.items()}
+    out: dict = {}
+    try:
+        for side, (proc, url) in running.items():
+            servers.wait_ready(proc, url + "/readyz", 120, side)
+        for protocol, size, conc in CELLS:
+            case = payloads.Case(size=size, protocol=protocol)
+            x = payloads.values(case, 0)
+            req = payloads.build(case, x)
+            want = payloads.expected(case, x)
+            bodies = {}
+            for side, (_proc, url) in running.items():
+                headers, body = answer(url, req)
+                problem = payloads.mismatch(case, payloads.parse(case, headers, body), want)
+                if problem:
+                    raise SystemExit(f"{side} {protocol} {size}: {problem}")
+                bodies[side] = body
+            rps: dict[str, list[float]] = {s: [] for s in sides}
+            cpu: dict[str, list[float]] = {s: [] for s in sides}
+            for i in range(a.pairs):
+                for side in (list(sides) if i % 2 == 0 else list(reversed(sides))):
+                    proc, url = running[side]
+                    c0 = cpu_s(proc.pid)
+                    res = wrk.run(url + req.path, req.body, req.headers, connections=conc,
+                                  seconds=a.seconds, expect=bodies[side])
+                    if res.errors or res.mismatches:
+                        raise SystemExit(f"{side} {protocol} {size}: {res}")
+                    rps[side].append(res.rps)
+                    cpu[side].append((cpu_s(proc.pid) - c0) / max(1, res.requests) * 1e6)
+            ratios = [b / f for b, f in zip(rps["after"], rps["before"], strict=True) if f]
+            key = f"{protocol} {size} el, {conc} clients"
+            out[key] = {"same_bytes": bodies["before"] == bodies["after"], "rps": rps,
+                        "ratios": ratios, "cpu_us_per_request": cpu}
+            med = {s: statistics.median(v) for s, v in rps.items()}
+            cpu_med = {s: statistics.median(v) for s, v in cpu.items()}
+            print(f"| {key} | {med['before']:.0f} | {med['after']:.0f} | "
+                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+                  f"{cpu_med['before']:.0f} | {cpu_med['after']:.0f} | "
+                  f"{'yes' if out[key]['same_bytes'] else 'no'} |", flush=True)
+    finally:
+        for proc, _url in running.values():
+            servers.stop_process(proc)
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
