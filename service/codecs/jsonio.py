@@ -16,17 +16,25 @@ import orjson
 from service import dtypes
 from service.errors import InvalidRequest, RequestTooLarge, echo
 
-MAX_DIMS = 32
+from . import jsonbound
+from .jsonbound import MAX_DIMS
 
 
-def loads_object(body: bytes | bytearray) -> dict:
+def loads_object(body: bytes | bytearray, max_values: int | None = None) -> dict:
+    """A JSON object, its size and nesting bounded before it is parsed (``jsonbound.scan``:
+    413 over ``max_values`` values, 400 deeper than ``MAX_DEPTH``); large bodies are parsed
+    in slices."""
+    jsonbound.scan(body, max_values)
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
+        if len(body) >= jsonbound.SLICE_BYTES:
+            obj = jsonbound.loads_sliced(body)
+        else:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                obj = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("body must be a JSON object")
     return obj
@@ -69,10 +77,13 @@ def _plain(value):
 def array_from_json(data, shape, wire: str, where: str, max_elements: int) -> np.ndarray:
     """A number or (nested) list of numbers -> wire storage of ``wire``, C-contiguous and
     writable. With ``shape``, ``data`` may be flat (row-major) or nested to that shape."""
-    if isinstance(data, bool) or not isinstance(data, (int, float, list)):
+    if isinstance(data, bool) or not isinstance(data, (int, float, list, jsonbound.Slices)):
         raise InvalidRequest(f"{where} must be a number or a list of numbers, got {echo(data)}")
     try:
-        values = np.array(data)
+        if isinstance(data, jsonbound.Slices):  # parsed slice by slice: join the slices
+            values = np.concatenate([np.array(p) for p in data.parts])
+        else:
+            values = np.array(data)
     except (ValueError, TypeError, OverflowError):
         raise InvalidRequest(
             f"{where} must be a rectangular (non-ragged) nested list of numbers"

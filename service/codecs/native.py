@@ -43,7 +43,7 @@ class NativeJson:
 
     @staticmethod
     def decode(body: bytes | bytearray, max_elements: int):
-        obj = loads_object(body)
+        obj = loads_object(body, max_elements)
         unknown = [k for k in obj if k not in JSON_FIELDS]
         if unknown:
             raise InvalidRequest(

@@ -28,14 +28,18 @@ def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
         raise InvalidRequest(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
     dims = []
     total = 1
+    span = 1  # the product of the non-zero dimensions
     for d in raw:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise InvalidRequest(f"{where}: shape dimensions must be integers >= 0, got {echo(raw)}")
         dims.append(d)
         total *= d  # python ints: no overflow
-    # every dimension is bounded too: (0, 2**64) has no elements but no array can hold it
-    if total > max_elements or any(d > max_elements for d in dims):
-        what = f"{total} elements" if total > max_elements else f"a dimension of {max(dims)}"
+        span *= max(d, 1)
+    # the non-zero dimensions are bounded together too: (0, 2**21, 2**21, 2**21) has no
+    # elements, but numpy cannot describe it ("array is too big")
+    if total > max_elements or span > max_elements:
+        what = f"{total} elements" if total > max_elements else \
+            f"non-zero dimensions whose product is {span}"
         raise RequestTooLarge(
             f"{where}: shape {echo(raw)} has {what}, over the server's "
             f"max_batch_elements={max_elements}"
@@ -99,8 +103,9 @@ class JobFactory:
                 raise InvalidRequest(f"{where}: timeout must be > 0, got {echo(timeout)}")
             timeout_s = timeout * timeout_unit_s
         priority = _number(settings.get("priority"), "priority", where) or 0
-        if priority != int(priority):
-            raise InvalidRequest(f"{where}: priority must be an integer, got {echo(priority)}")
+        if priority != int(priority) or abs(priority) > s.max_priority:
+            raise InvalidRequest(f"{where}: priority must be an integer in [-{s.max_priority}, "
+                                 f"{s.max_priority}], got {echo(priority)}")
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
         return Job(
