@@ -90,7 +90,8 @@ def scan(body, max_values: int | None) -> None:
         deepest = max(deepest, int(depth.max()))
         running = int(depth[-1])
         if deepest > MAX_DEPTH:
-            raise InvalidRequest(f"the JSON body is nested deeper than {MAX_DEPTH} levels")
+            raise InvalidRequest(f"body is not valid JSON here: it is nested deeper than "
+                                 f"{MAX_DEPTH} levels")
 
 
 class Slices:

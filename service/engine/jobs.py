@@ -38,8 +38,12 @@ def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
     # the non-zero dimensions are bounded together too: (0, 2**21, 2**21, 2**21) has no
     # elements, but numpy cannot describe it ("array is too big")
     if total > max_elements or span > max_elements:
-        what = f"{total} elements" if total > max_elements else \
-            f"non-zero dimensions whose product is {span}"
+        if total > max_elements:
+            what = f"{total} elements"
+        elif max(dims) > max_elements:
+            what = f"a dimension of {max(dims)}"
+        else:
+            what = f"non-zero dimensions whose product is {span}"
         raise RequestTooLarge(
             f"{where}: shape {echo(raw)} has {what}, over the server's "
             f"max_batch_elements={max_elements}"

@@ -76,6 +76,16 @@ class BodyBudget:
             timer.cancel()
         return size
 
+    def charge(self, size: int, own: int = 0) -> bool:
+        """Take ``size`` more bytes now, for a request already reading that holds ``own``
+        bytes of the budget (an inflating body): True when they fit (or the request is the
+        only holder), else False and nothing is taken. Never waits, so two half-read
+        bodies can never wait on each other."""
+        if self.held + size <= self.total or self.held == own:
+            self.held += size
+            return True
+        return False
+
     def release(self, size: int) -> None:
         if size:
             self.held -= size

@@ -17,6 +17,7 @@ from service.engine.job import Job, JobResult
 from service.engine.runtime import Runtime
 from service.errors import ActserveError
 from service.http.body import declared_size, read_body
+from service.http.offload import decode_off_loop
 
 Decoder = Callable[[bytearray], Job]
 Encoder = Callable[[Job, JobResult], Response]
@@ -53,9 +54,10 @@ async def handle(request: Request, api: str, activation: str | None,
         # unknown (chunked) size: claim the limit
         granted = await rt.bodies.acquire(limit if size is None else size,
                                           rt.settings.body_timeout_s)
-        body = await read_body(request, size, limit, rt.settings.body_timeout_s)
+        body, granted = await read_body(request, size, limit, rt.settings.body_timeout_s,
+                                        rt.bodies, granted, rt.settings.min_body_rate_bytes_s)
         bytes_in = len(body)
-        job = decode(body)
+        job = await decode_off_loop(request, decode, body)
         job.request_id = ctx.get("request_id", "")
         if rt.settings.fault_injection:
             job.fault = request.headers.get("x-actserve-fault")

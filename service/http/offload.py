@@ -1,0 +1,37 @@
+"""Large JSON decodes leave the event loop.
+
+A JSON body of a few hundred KiB and up takes milliseconds to seconds to parse and convert;
+on the event loop that would hold every other request, ``/healthz`` included. Such bodies
+are decoded in a worker thread, where the bounded decoder (``service.codecs.jsonbound``)
+parses them in slices of a few milliseconds each, so the loop gets the interpreter back
+between slices. Binary bodies (raw tensors, the v2 binary extension) decode in
+microseconds and stay on the loop. Decoding is torch-free and only reads shared state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from starlette.requests import Request
+
+OFFLOAD_BYTES = 256 * 1024
+BINARY_TYPE = "application/octet-stream"
+V2_HEADER = "inference-header-content-length"
+
+T = TypeVar("T")
+
+
+def is_json_body(request: Request) -> bool:
+    """Whether the body is (all) JSON: not raw bytes, not v2 binary framing."""
+    headers = request.headers
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype != BINARY_TYPE and V2_HEADER not in headers
+
+
+async def decode_off_loop(request: Request, decode: Callable[[bytearray], T],
+                          body: bytearray) -> T:
+    if len(body) < OFFLOAD_BYTES or not is_json_body(request):
+        return decode(body)
+    return await asyncio.to_thread(decode, body)
