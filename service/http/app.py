@@ -13,6 +13,7 @@ from service import __version__
 from service.engine.runtime import Runtime
 from service.http import error_responses
 from service.http.fastpath import FastPath
+from service.http.guard import Guard
 from service.http.middleware import RequestContext
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # a redirect would reflect the client's Host
         **_no_framework_telemetry(),
     )
     app.state.runtime = runtime
@@ -72,11 +74,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # middleware, router) for everything else. Built here, once, so the hot routes skip the
     # framework's middlewares as well as its router (docs/benchmarks.md).
     stack = RequestContext(
-        FastPath(app.build_middleware_stack(), routes=[
+        Guard(FastPath(app.build_middleware_stack(), routes=[
             (r"/v1/activations/(?P<name>[^/]+)", activate),
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
-        ]),
+        ]), allowed_hosts=settings.allowed_host_list),
         log_requests=settings.access_log, api_keys=settings.api_key_list,
     )
     if settings.cors_origin_list:

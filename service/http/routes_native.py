@@ -13,7 +13,7 @@ from service.http.exchange import handle
 
 router = APIRouter(tags=["native"])
 
-JSON_TYPES = ("application/json", "")
+JSON_TYPES = ("application/json",)  # a body without a Content-Type is refused
 BINARY_TYPES = ("application/octet-stream",)
 
 
