@@ -6,9 +6,9 @@
   names; bound to another address, any host (set the list to restrict it).
 * **No cross-site "simple" requests**: a browser sends ``text/plain``,
   ``application/x-www-form-urlencoded`` and ``multipart/form-data`` POSTs cross-site without
-  a CORS preflight, so no POST with those types is served (415, before the body is read).
-  The native API also needs ``Content-Type: application/json`` for JSON (a POST without a
-  Content-Type is refused); ``/v2`` accepts a missing Content-Type, as the stock
+  a CORS preflight, so no POST with those types is served (415; the routes call
+  ``refuse_simple_type``). The native API also needs ``Content-Type: application/json``
+  for JSON (a POST without a Content-Type is refused); ``/v2`` accepts a missing Content-Type, as the stock
   tritonclient sends none, and a browser cannot send a body without one.
 
 Pure ASGI; answers use the API's error format (``service.http.error_responses``).
@@ -17,7 +17,7 @@ Pure ASGI; answers use the API's error format (``service.http.error_responses``)
 from __future__ import annotations
 
 from service.errors import ActserveError, InvalidRequest, UnsupportedMediaType, echo
-from service.http.error_responses import from_error, is_v2
+from service.http.error_responses import from_error
 
 SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded",
                           "multipart/form-data"})
@@ -47,7 +47,7 @@ class Guard:
         self.allowed_hosts = None if "*" in allowed_hosts else allowed_hosts
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and self.allowed_hosts is not None:
             problem = self._problem(scope)
             if problem is not None:
                 runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
@@ -58,24 +58,22 @@ class Guard:
         await self.app(scope, receive, send)
 
     def _problem(self, scope) -> ActserveError | None:
-        host = ctype = None
+        host = None
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value.decode("latin-1")
-            elif name == b"content-type":
-                ctype = value.decode("latin-1")
-        if self.allowed_hosts is not None and host is not None:
-            if not host_allowed(host_name(host), self.allowed_hosts):
-                return InvalidRequest(f"Host {echo(host)} is not allowed on this server "
-                                      "(ACTSERVE_ALLOWED_HOSTS)")
-        if scope["method"] != "POST":
-            return None
-        media = (ctype or "").split(";")[0].strip().lower()
-        if media in SIMPLE_TYPES:
-            return UnsupportedMediaType(
-                f"Content-Type {echo(media)} is not accepted (browsers send it cross-site "
-                "without asking); use application/json or application/octet-stream")
-        if ctype is None and not is_v2(scope["path"]):
-            return UnsupportedMediaType(
-                "a Content-Type is required: application/json or application/octet-stream")
+                break
+        if host is not None and not host_allowed(host_name(host), self.allowed_hosts):
+            return InvalidRequest(f"Host {echo(host)} is not allowed on this server "
+                                  "(ACTSERVE_ALLOWED_HOSTS)")
         return None
+
+
+def refuse_simple_type(content_type: str | None) -> None:
+    """415 for the content types a browser may POST cross-site without a preflight (the
+    routes call it, so the refusal is counted like any other of their answers)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in SIMPLE_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {echo(media)} is not accepted (browsers send it cross-site "
+            "without asking); use application/json or application/octet-stream")

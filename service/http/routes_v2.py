@@ -17,6 +17,7 @@ from service.engine.job import Job, JobResult
 from service.engine.runtime import Runtime
 from service.errors import InvalidRequest, NotReady, UnknownActivation, echo
 from service.http.exchange import handle
+from service.http.guard import refuse_simple_type
 from service.http.parts_response import PartsResponse
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -62,6 +63,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     compression = v2.accepted_encoding(request.headers.get("accept-encoding"))
 
     def decode(body: bytearray) -> Job:
+        refuse_simple_type(request.headers.get("content-type"))  # a missing one is fine
         act = _model(rt, name, version)
         req = v2.decode(body, request.headers.get(v2.HEADER), rt.settings.max_batch_elements)
         job = rt.jobs.build(act, req.array, req.wire, req.settings, req.params, api="v2",
