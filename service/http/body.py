@@ -14,15 +14,16 @@ import zlib
 
 from starlette.requests import ClientDisconnect, Request
 
+from service.codecs.jsonbound import VALUE_SLACK
 from service.errors import (
     InvalidRequest,
-    QueueFull,
     RequestTimeout,
     RequestTooLarge,
     UnsupportedMediaType,
     echo,
 )
 from service.http.body_budget import BodyBudget
+from service.http.offload import is_json_body
 
 
 def declared_size(request: Request, limit: int) -> int | None:
@@ -42,12 +43,14 @@ def declared_size(request: Request, limit: int) -> int | None:
 
 async def read_body(request: Request, size: int | None, limit: int,
                     timeout_s: float = 30.0, budget: BodyBudget | None = None,
-                    granted: int = 0, min_rate: int = 0) -> tuple[bytearray, int]:
+                    granted: int = 0, min_rate: int = 0,
+                    max_values: int | None = None) -> tuple[bytearray, int]:
     """The whole (inflated) body of ``declared_size`` ``size`` and the bytes it now holds
     of ``budget`` (``granted`` plus what inflating charged), or an error: 413 over
     ``limit``, 408 when the client takes longer than ``timeout_s`` to send it, or, holding
     a share of the budget, sends slower than ``min_rate`` bytes/s on average after a
-    one-second grace; 503 when an inflated body does not fit in the budget."""
+    one-second grace. A JSON body inflating to more than ``max_values`` values (plus the
+    request's other fields) is refused as soon as it does (413)."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     fired: list[str] = []
@@ -71,9 +74,9 @@ async def read_body(request: Request, size: int | None, limit: int,
             rate_timer = loop.call_later(max(due - elapsed, 0.05), check_rate)
 
         rate_timer = loop.call_later(RATE_GRACE_S, check_rate)
-    charge = _Charge(budget, granted)
+    charge = _Charge(budget)
     try:
-        body = await _read_body(request, size, limit, progress, charge)
+        body = await _read_body(request, size, limit, progress, charge, max_values)
         return body, granted + charge.held
     except asyncio.CancelledError:
         charge.release()
@@ -86,6 +89,7 @@ async def read_body(request: Request, size: int | None, limit: int,
         charge.release()
         raise
     finally:
+        charge.done()
         timer.cancel()
         if rate_timer is not None:
             rate_timer.cancel()
@@ -104,23 +108,23 @@ class _Progress:
 
 
 class _Charge:
-    """Inflated bytes charged to the body budget as they are produced (never waiting: an
-    inflated body that does not fit is refused with 503, so no two half-inflated bodies can
-    wait on each other)."""
+    """Inflated bytes charged to the body budget as they are produced (``BodyBudget.charge``:
+    waits while they do not fit, except for the oldest inflating request)."""
 
-    __slots__ = ("budget", "granted", "held")
+    __slots__ = ("budget", "held")
 
-    def __init__(self, budget: BodyBudget | None, granted: int) -> None:
+    def __init__(self, budget: BodyBudget | None) -> None:
         self.budget = budget
-        self.granted = granted  # the request's own admission share
         self.held = 0
 
-    def add(self, n: int) -> None:
-        if self.budget is None or not n:
-            return
-        if not self.budget.charge(n, self.held + self.granted):
-            raise QueueFull("too many large request bodies in flight to inflate this one; retry")
-        self.held += n
+    async def add(self, n: int) -> None:
+        if self.budget is not None and n:
+            await self.budget.charge(n, self)
+            self.held += n
+
+    def done(self) -> None:
+        if self.budget is not None:
+            self.budget.done_inflating(self)
 
     def release(self) -> None:
         if self.budget is not None and self.held:
@@ -129,14 +133,16 @@ class _Charge:
 
 
 async def _read_body(request: Request, size: int | None, limit: int, progress: _Progress,
-                     charge: _Charge) -> bytearray:
+                     charge: _Charge, max_values: int | None) -> bytearray:
     receive = request.receive  # the ASGI channel itself: no stream wrapper per request
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity", "gzip", "deflate"):
         raise UnsupportedMediaType(
             f"Content-Encoding {echo(encoding)} is not supported; use gzip, deflate or none"
         )
-    inflater = None if encoding in ("", "identity") else _Inflater(encoding, limit, charge)
+    json_values = max_values if max_values is not None and is_json_body(request) else None
+    inflater = None if encoding in ("", "identity") else \
+        _Inflater(encoding, limit, charge, json_values)
     if size is None:
         body = await _read_chunked(receive, limit, progress, inflater)
     else:
@@ -177,7 +183,11 @@ async def _read_chunked(receive, limit: int, progress: _Progress, inflater,
         if inflater is None:
             chunks.append(chunk)
         elif chunk:
-            while inflater.feed(chunk):
+            while True:
+                piece, more = inflater.feed(chunk)
+                await inflater.charge.add(len(piece))
+                if not more:
+                    break
                 chunk = b""
                 await asyncio.sleep(0)  # a step done: let the loop answer others
         if not message.get("more_body", False):
@@ -189,7 +199,10 @@ class _Inflater:
     ``INFLATE_STEP`` bytes, each step charged to the body budget. Anything after the end of
     the compressed stream (trailing bytes, a second gzip member) is refused."""
 
-    def __init__(self, encoding: str, limit: int, charge: _Charge) -> None:
+    def __init__(self, encoding: str, limit: int, charge: _Charge,
+                 max_values: int | None) -> None:
+        self.max_values = max_values  # a JSON body: values counted as they inflate
+        self.commas = 0
         self.name = encoding
         self.limit = limit
         self.charge = charge
@@ -197,9 +210,9 @@ class _Inflater:
         self.size = 0
         self.z = None if encoding == "deflate" else zlib.decompressobj(zlib.MAX_WBITS | 16)
 
-    def feed(self, data: bytes) -> bool:
-        """Inflate one step of ``data`` (and of what is left over); True when more is
-        pending (call again with b"")."""
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Inflate one step of ``data`` (and of what is left over): the bytes it gave, and
+        whether more is pending (call again with b"")."""
         if self.z is None:  # deflate: with the zlib header, or raw as some clients send
             zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and \
                 (data[0] << 8 | data[1]) % 31 == 0
@@ -208,7 +221,7 @@ class _Inflater:
         if z.eof:
             if data:
                 raise InvalidRequest(f"the {self.name} body has bytes after its end")
-            return False
+            return b"", False
         try:
             piece = z.decompress(z.unconsumed_tail + data if data else z.unconsumed_tail,
                                  INFLATE_STEP)
@@ -218,12 +231,17 @@ class _Inflater:
         if self.size > self.limit:
             raise RequestTooLarge(
                 f"inflated body is over the server's max_request_bytes={self.limit}")
-        self.charge.add(len(piece))
+        if self.max_values is not None:
+            self.commas += piece.count(b",")
+            if self.commas > self.max_values + VALUE_SLACK:
+                raise RequestTooLarge(
+                    f"the inflated body holds more than {self.max_values + VALUE_SLACK} JSON "
+                    f"values, over the server's max_batch_elements={self.max_values}")
         self.out.append(piece)
         if z.eof and z.unused_data:
             raise InvalidRequest(f"the {self.name} body has bytes after its end (trailing data "
                                  "or a second member)")
-        return bool(z.unconsumed_tail)
+        return piece, bool(z.unconsumed_tail)
 
     def finish(self) -> bytearray:
         if self.z is None or not self.z.eof:

@@ -55,7 +55,8 @@ async def handle(request: Request, api: str, activation: str | None,
         granted = await rt.bodies.acquire(limit if size is None else size,
                                           rt.settings.body_timeout_s)
         body, granted = await read_body(request, size, limit, rt.settings.body_timeout_s,
-                                        rt.bodies, granted, rt.settings.min_body_rate_bytes_s)
+                                        rt.bodies, granted, rt.settings.min_body_rate_bytes_s,
+                                        rt.settings.max_batch_elements)
         bytes_in = len(body)
         job = await decode_off_loop(request, decode, body)
         job.request_id = ctx.get("request_id", "")
