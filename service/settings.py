@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, v: str) -> str:
-        if v.strip() and not any(k.strip() for k in v.split(",")):
+        if v and not any(k.strip() for k in v.split(",")):
             raise ValueError(
                 f"ACTSERVE_API_KEYS={v!r} lists no usable key (only separators and spaces); "
                 "set it empty to turn authentication off, or list at least one token"

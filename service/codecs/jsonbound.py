@@ -34,7 +34,8 @@ MAX_DEPTH = MAX_DIMS + 8  # a document: the object, the v2 inputs list and tenso
 VALUE_SLACK = 1024  # values a request holds besides its tensor (fields, shape, params, id)
 CHUNK = 1 << 20  # bytes per scanning step
 SLICE_BYTES = 256 * 1024  # documents at least this large are parsed in slices
-SLICE_VALUES = 65536  # values per parsed slice
+SLICE_TEXT = 128 * 1024  # bytes of JSON text per parsed slice
+MIN_CARVE = 4096  # arrays with fewer top-level items are parsed with the rest
 MAX_CARVES = 4  # large arrays taken out of one document
 MAX_QUOTES = 4096  # a document with more strings than this is parsed whole
 
@@ -153,7 +154,11 @@ def _largest_array(body, lo: int, hi: int) -> tuple[int, int, np.ndarray] | None
 
 
 def _parse_array(body, start: int, end: int, commas: np.ndarray) -> Slices:
-    bounds = [start, *commas[SLICE_VALUES - 1::SLICE_VALUES].tolist(), end]
+    # cut at the top-level commas nearest every SLICE_TEXT bytes (rows of a nested array
+    # stay whole): each slice is a few milliseconds of parsing
+    targets = np.arange(start + SLICE_TEXT, end, SLICE_TEXT)
+    cuts = np.unique(commas[np.minimum(np.searchsorted(commas, targets), commas.size - 1)])
+    bounds = [start, *cuts.tolist(), end]
     parts = []
     for a, b in itertools.pairwise(bounds):
         items = _loads(b"[" + bytes(body[a + 1:b]) + b"]")
@@ -195,7 +200,7 @@ def loads_sliced(body):
         gaps = sorted(itertools.pairwise(edges), key=lambda g: g[1] - g[0], reverse=True)
         lo, hi = gaps[0]
         found = _largest_array(text, lo + 1, hi)
-        if found is None or found[2].size + 1 < SLICE_VALUES:
+        if found is None or found[2].size + 1 < MIN_CARVE:
             break
         start, end, commas = found
         try:

@@ -40,8 +40,54 @@ def loads_object(body: bytes | bytearray, max_values: int | None = None) -> dict
     return obj
 
 
+SLICE_ELEMENTS = 32768  # arrays this large are written a slice at a time
+
+
 def dumps(obj: dict) -> bytes:
-    """Serialise a response whose numeric payload sits in numpy arrays under any key."""
+    """Serialise a response whose numeric payload sits in numpy arrays under any key. Large
+    arrays are written a slice at a time (each step a few milliseconds, so a worker thread
+    running this gives the interpreter back to the event loop between slices)."""
+    large = {k: v for k, v in obj.items()
+             if isinstance(v, np.ndarray) and v.ndim > 0 and v.size >= SLICE_ELEMENTS}
+    nested = [o for o in obj.get("outputs", ()) if isinstance(o, dict)]
+    if not large and not any(isinstance(o.get("data"), np.ndarray) and o["data"].ndim > 0
+                             and o["data"].size >= SLICE_ELEMENTS for o in nested):
+        return _dumps_whole(obj)
+    marks: dict[bytes, np.ndarray] = {}
+
+    def mark(array: np.ndarray) -> str:
+        token = f"\x00array-{len(marks)}"
+        marks[orjson.dumps(token)] = array
+        return token
+
+    skeleton = {k: (mark(v) if k in large else v) for k, v in obj.items()}
+    if nested:
+        skeleton["outputs"] = [
+            {**o, "data": mark(o["data"])} if isinstance(o.get("data"), np.ndarray)
+            and o["data"].ndim > 0 and o["data"].size >= SLICE_ELEMENTS else o
+            for o in nested]
+    text = _dumps_whole(skeleton)
+    for token, array in marks.items():
+        head, _, tail = text.partition(token)
+        text = head + _dumps_array(array) + tail
+    return text
+
+
+def _dumps_array(array: np.ndarray) -> bytes:
+    """A JSON array of ``array`` (ndim >= 1), written slice by slice along its first axis."""
+    rows = max(1, SLICE_ELEMENTS // max(1, array.size // max(1, array.shape[0])))
+    parts = []
+    for i in range(0, array.shape[0], rows):
+        piece = array[i:i + rows]
+        if piece.size and bool(np.isfinite(piece).all()):
+            text = orjson.dumps(piece, option=orjson.OPT_SERIALIZE_NUMPY)
+        else:
+            text = json.dumps(piece.tolist(), allow_nan=True, separators=(",", ":")).encode()
+        parts.append(text[1:-1])
+    return b"[" + b",".join(p for p in parts if p) + b"]"
+
+
+def _dumps_whole(obj: dict) -> bytes:
     try:
         if all(_finite(v) for v in obj.values()):
             return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=_default)

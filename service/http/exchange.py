@@ -17,7 +17,7 @@ from service.engine.job import Job, JobResult
 from service.engine.runtime import Runtime
 from service.errors import ActserveError
 from service.http.body import declared_size, read_body
-from service.http.offload import decode_off_loop
+from service.http.offload import decode_off_loop, encode_off_loop
 
 Decoder = Callable[[bytearray], Job]
 Encoder = Callable[[Job, JobResult], Response]
@@ -65,7 +65,7 @@ async def handle(request: Request, api: str, activation: str | None,
         t_decoded = time.perf_counter()
         result = await rt.run(job, request.receive)
         t_computed = time.perf_counter()
-        response = encode(job, result)
+        response = await encode_off_loop(request, encode, job, result)
         t_end = time.perf_counter()
         bytes_out = getattr(response, "nbytes", None) or len(response.body)
         total = t_end - t0

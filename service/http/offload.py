@@ -1,4 +1,4 @@
-"""Large JSON decodes leave the event loop.
+"""Large JSON decodes (and large JSON answers) leave the event loop.
 
 A JSON body of a few hundred KiB and up takes milliseconds to seconds to parse and convert;
 on the event loop that would hold every other request, ``/healthz`` included. Such bodies
@@ -35,3 +35,10 @@ async def decode_off_loop(request: Request, decode: Callable[[bytearray], T],
     if len(body) < OFFLOAD_BYTES or not is_json_body(request):
         return decode(body)
     return await asyncio.to_thread(decode, body)
+
+
+async def encode_off_loop(request: Request, encode: Callable[..., T], job, result) -> T:
+    """Large JSON answers are written in a worker thread too (slice by slice)."""
+    if result.array.nbytes < OFFLOAD_BYTES or not is_json_body(request):
+        return encode(job, result)
+    return await asyncio.to_thread(encode, job, result)
