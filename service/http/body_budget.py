@@ -6,9 +6,10 @@ bodies arrive interleaved, every one of them finishes late. With it, a large bod
 only once its bytes fit in the budget; the others wait, unread, in their sockets (TCP holds
 the sender back), and are taken first come, first served. Bodies under ``SMALL_BYTES`` skip
 the budget (the queue limit already bounds them); a body larger than the whole budget is
-admitted when it can run alone. A gzip or deflate body is charged again as it inflates, byte
-for byte, whatever its compressed size (``charge``). A request that waits longer than ``timeout_s`` (the body
-deadline: a slow sender holds its share at most that long) is refused with 503 and
+admitted when it can run alone. A gzip or deflate body is charged again as it inflates,
+byte for byte, whatever its compressed size (``charge``). A request that waits longer than
+``timeout_s`` (the body deadline: a slow sender holds its share at most that long, and one
+below the minimum rate about a second, ``service.http.body``) is refused with 503 and
 ``Retry-After``, so every waiter gets an answer.
 
 Event loop only.
