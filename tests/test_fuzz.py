@@ -210,6 +210,8 @@ def test_v2_hostile_field_values(target, where, raw, binary):
     if binary:
         headers["inference-header-content-length"] = str(len(body))
     r = c.post("/v2/models/elu/infer", content=body + tail, headers=headers)
+    if where[-1] == "timeout" and r.status_code == 504:
+        return  # a deadline of a microsecond or so: passed before queueing, as documented
     _answered(r)
     if r.status_code >= 400:
         assert isinstance(r.json()["error"], str)
