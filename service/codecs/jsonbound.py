@@ -1,7 +1,9 @@
 """Bounded JSON decoding: limits checked on the raw bytes before any object is built, and
 large documents parsed in slices.
 
-``scan`` walks the body once, 1 MiB at a time, with C-speed byte operations: it counts the
+``scan`` walks a body of ``SCAN_BYTES`` or more once, 1 MiB at a time, with C-speed byte
+operations (a smaller one is bounded by its size, and the parser's own nesting limit of
+1,024 levels holds; ``service.errors.echo`` never recurses): it counts the
 values (a JSON document holds at most one value more than it has commas) and measures the
 nesting depth outside strings. A body with more values than the element limit allows, or
 nested deeper than ``MAX_DEPTH``, is refused before the parser allocates anything, so a small
@@ -9,8 +11,8 @@ gzip body that inflates to 59 MiB of ``0,`` costs a few milliseconds, not second
 parsing and a gigabyte of Python objects.
 
 ``loads_sliced`` parses a large document in pieces. The largest arrays outside strings (the
-tensor data) are cut at their top-level commas into slices of ``SLICE_VALUES`` values; each
-slice is parsed on its own and turned into numpy at once; the rest of the document, now
+tensor data) are cut at their top-level commas into slices of about ``SLICE_TEXT`` bytes;
+each slice is parsed on its own and turned into numpy at once; the rest of the document, now
 small, is parsed whole. Each step holds the GIL for a few milliseconds, so when this runs in
 a worker thread (``service.http.decode_off_loop``) the event loop keeps answering between
 slices. Any surprise (a slice that is not valid JSON on its own) falls back to one whole
@@ -33,6 +35,7 @@ MAX_DIMS = 32
 MAX_DEPTH = MAX_DIMS + 8  # a document: the object, the v2 inputs list and tensor, 32 dims
 VALUE_SLACK = 1024  # values a request holds besides its tensor (fields, shape, params, id)
 CHUNK = 1 << 20  # bytes per scanning step
+SCAN_BYTES = 8 * 1024  # smaller documents skip the scan: their size bounds them
 SLICE_BYTES = 256 * 1024  # documents at least this large are parsed in slices
 SLICE_TEXT = 128 * 1024  # bytes of JSON text per parsed slice
 MIN_CARVE = 4096  # arrays with fewer top-level items are parsed with the rest
@@ -61,12 +64,14 @@ def _chunks(body) -> list[tuple[int, int]]:
 def scan(body, max_values: int | None) -> None:
     """Refuse, before parsing, a body with more values than ``max_values`` (plus the
     request's other fields) allows (413) or nested deeper than ``MAX_DEPTH`` (400)."""
+    if len(body) < SCAN_BYTES:
+        return  # bounded by its size; the parser's own 1,024-level limit holds
     view = memoryview(body)
     commas = 0
     structure = []
     bound = None if max_values is None else max_values + VALUE_SLACK
     for start, end in _chunks(body):
-        piece = bytes(view[start:end])
+        piece = body if end - start == len(body) else bytes(view[start:end])
         commas += piece.count(b",")
         if bound is not None and commas >= bound:
             raise RequestTooLarge(
