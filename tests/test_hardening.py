@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from service.cli import load_settings
 from service.settings import Settings
 
 from .conftest import serve, subprocess_server
@@ -362,6 +363,8 @@ def test_too_many_headers_are_refused_with_431():
 def test_startup_refuses_a_key_list_without_a_usable_key(keys):
     with pytest.raises(ValidationError, match="no usable key"):
         Settings(api_keys=keys)
+    with pytest.raises(SystemExit, match="ACTSERVE_API_KEYS"):  # what `actserve serve` does
+        load_settings({"api_keys": keys})
     assert Settings(api_keys="").api_key_list == []
     assert Settings(api_keys=" k1 , ").api_key_list == ["k1"]
 
@@ -424,6 +427,8 @@ def test_allowed_hosts_stop_dns_rebinding(server):
                    headers={"host": f"rebind.attacker.example:{port}"})
         assert r.status_code == 400 and "ACTSERVE_ALLOWED_HOSTS" in r.text
     assert Settings(host="0.0.0.0").allowed_host_list == ["*"]
+    with pytest.raises(ValidationError, match="ALLOWED_HOSTS"):
+        Settings(allowed_hosts="bad host/")
     assert Settings(host="0.0.0.0", allowed_hosts="api.example.com").allowed_host_list == [
         "api.example.com"]
     with serve(allowed_hosts="*.example.com") as srv, httpx.Client(base_url=srv.url) as c:
