@@ -115,7 +115,7 @@ class ComputeError(ActserveError):
     type = "compute_error"
 
 
-# The status table, for documentation and tests: every row of DESIGN.md section 4.
+# The status table, for documentation and tests: every row of the README's error table.
 STATUS_TABLE: dict[type[ActserveError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,

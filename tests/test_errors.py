@@ -1,4 +1,4 @@
-"""Every row of the error table (DESIGN.md section 4), and bad input harming nobody else."""
+"""Every row of the error table (README "Errors"), and bad input harming nobody else."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Torch-side batch computation for one device. Runs only in that device's compute thread.
 
-Batch invariance (DESIGN.md section 1): a request's result never depends on its batch.
+Batch invariance (docs/architecture.md): a request's result never depends on its batch.
 
 * CPU: each request is applied alone, on a tensor of its own shape. CPU kernels split work
   into a vectorised body and a scalar tail, so concatenating requests could move an element
