@@ -22,12 +22,26 @@ Routes and codecs raise these; ``service.http.error_responses`` turns them into 
 
 from __future__ import annotations
 
+import reprlib
+
 MAX_ECHO = 80
+
+# Bounded work whatever the value: a few levels deep, a few items wide, short strings, so
+# that a deeply nested or huge value (a 990-level list, a million-item params entry) costs
+# microseconds and never reaches Python's recursion limit.
+_REPR = reprlib.Repr()
+for _name, _limit in (("maxlevel", 3), ("maxtuple", 6), ("maxlist", 6), ("maxarray", 6),
+                      ("maxdict", 4), ("maxset", 6), ("maxfrozenset", 6), ("maxdeque", 6),
+                      ("maxstring", MAX_ECHO), ("maxlong", 40), ("maxother", MAX_ECHO)):
+    setattr(_REPR, _name, _limit)
 
 
 def echo(value: object) -> str:
     """A bounded slice of user input, safe to put in an error message."""
-    text = repr(value)
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile value must never turn a 400 into a 500
+        text = f"<{type(value).__name__}>"
     if len(text) > MAX_ECHO:
         text = text[:MAX_ECHO] + "...(truncated)"
     return text

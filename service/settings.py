@@ -7,6 +7,7 @@ command-line flags on top (see ``service.cli``), validated here and passed to
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -14,6 +15,16 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|all|cuda(:\d+)?)$")
+_HOST_RE = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9_.\-]+|\[?[0-9A-Fa-f:.]+\]?)$")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 ComputeDtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
@@ -58,6 +69,23 @@ class Settings(BaseSettings):
     malloc_keep_mib: int = Field(
         128, ge=0, le=4096,
         description="freed memory glibc keeps for reuse (0: glibc defaults); see malloc_tuning")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024 * 1024,
+        description="request line and headers, in bytes; more is refused with 431")
+    max_header_count: int = Field(
+        100, ge=8, le=10_000, description="request headers; more is refused with 431")
+    min_body_rate_bytes_s: int = Field(
+        64 * 1024, ge=0,
+        description="a large body that arrives slower than this on average (after a one-second "
+                    "grace) loses its share of the body budget: 408 (0: no minimum)")
+    max_priority: int = Field(
+        100, ge=0, le=1_000_000, description="request priorities must lie in [-max, max]")
+    allowed_hosts: str = Field(
+        "", description="comma-separated Host names accepted (`*` any, `*.example.com`); "
+                        "empty: local names when bound to loopback, any otherwise")
+    forwarded_allow_ips: str = Field(
+        "", description="comma-separated proxy addresses/networks whose X-Forwarded-* headers "
+                        "are trusted; empty: none")
     engine: Literal["auto", "inline", "process"] = Field(
         "auto", description="inline: a compute thread in each server process; process: one "
                             "engine process owns the devices and batches every worker's "
@@ -78,6 +106,37 @@ class Settings(BaseSettings):
             )
         return ",".join(parts)
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, v: str) -> str:
+        if v and not any(k.strip() for k in v.split(",")):
+            raise ValueError(
+                f"ACTSERVE_API_KEYS={v!r} lists no usable key (only separators and spaces); "
+                "set it empty to turn authentication off, or list at least one token"
+            )
+        return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: str) -> str:
+        for h in (p.strip() for p in v.split(",")):
+            if h and not _HOST_RE.match(h):
+                raise ValueError(f"ACTSERVE_ALLOWED_HOSTS entry {h!r} is not a host name, "
+                                 "an address, `*` or `*.domain`")
+        return v
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_forwarded(cls, v: str) -> str:
+        for p in (p.strip() for p in v.split(",")):
+            if p and p != "*":
+                try:
+                    ipaddress.ip_network(p, strict=False)
+                except ValueError:
+                    raise ValueError(f"ACTSERVE_FORWARDED_ALLOW_IPS entry {p!r} is not an "
+                                     "address or network (or `*`)") from None
+        return v
+
     @model_validator(mode="after")
     def _check_batch_limits(self) -> Settings:
         if self.max_batch_requests > self.max_queue_requests:
@@ -91,6 +150,17 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """The Host names accepted; ``["*"]`` means any. Empty setting: the local names when
+        the server listens on loopback only (no DNS rebinding), any host otherwise."""
+        hosts = [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+        if hosts:
+            return hosts
+        if _is_loopback(self.host):
+            return ["localhost", "127.0.0.1", "::1", "[::1]"]
+        return ["*"]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -197,6 +197,112 @@ def test_v2_binary_framing_reaches_the_datatype_shape_and_size_checks(target):
     assert 200 in reasons, "no fuzzed request was valid"
 
 
+# -- hostile JSON values in every field, on every API ----------------------------------------
+def _deep_text(levels: int, kind: str) -> str:
+    if kind == "list":
+        return "[" * levels + "1" + "]" * levels
+    return '{"a":' * levels + "1" + "}" * levels
+
+
+# nesting up to 5,000 levels, unhashable types, huge numbers, long strings
+nested_text = st.builds(_deep_text, st.integers(30, 5000), st.sampled_from(["list", "dict"]))
+hostile_text = st.one_of(
+    nested_text,
+    st.sampled_from(["[]", "{}", "[[]]", '{"a": []}', "[{}]", "null", "true", "1e308", "-1e308",
+                     "1e999", str(2**64), str(-(2**70)), '"' + "x" * 100_000 + '"', "NaN",
+                     "Infinity", "[NaN]", '["FP32"]', '{"FP32": 1}', "0.5", "-1"]),
+)
+overflowing_shape = st.lists(
+    st.one_of(st.integers(0, 3), st.sampled_from([2**21, 2**31, 2**32, 2**62, 2**63, 2**64])),
+    min_size=1, max_size=6)
+
+NATIVE_FIELDS = ["dtype", "shape", "params", "compute_dtype", "amp", "amp_dtype", "inplace",
+                 "timeout", "priority", "data", "zzz"]
+V2_FIELDS = ["id", "parameters", "outputs", "inputs", "zzz"]
+V2_TENSOR_FIELDS = ["name", "datatype", "shape", "data", "parameters"]
+V2_PARAMS = ["binary_data_size", "priority", "timeout", "amp", "compute_dtype",
+             "negative_slope", "binary_data_output", "sequence_id"]
+
+
+def _splice(obj: dict, path: tuple, raw: str) -> bytes:
+    """``obj`` as JSON with the value at ``path`` replaced by the raw JSON text ``raw``."""
+    marker = "__HOSTILE__"
+    node = obj
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = marker
+    return json.dumps(obj).replace(f'"{marker}"', raw, 1).encode()
+
+
+def _answered(r: httpx.Response) -> None:
+    _ok(r)
+    assert r.status_code != 200 or r.headers.get("content-type", "").startswith(
+        ("application/json", "application/octet-stream"))
+
+
+@FUZZ
+@given(field=st.sampled_from(NATIVE_FIELDS), raw=hostile_text,
+       param=st.sampled_from(["negative_slope", "approximate", "zzz"]))
+def test_native_json_hostile_field_values(target, field, raw, param):
+    _, _, c = target
+    path = ("params", param) if field == "params" else (field,)
+    body = _splice({"data": [1.0, -2.0]}, path, raw)
+    _answered(c.post("/v1/activations/leaky_relu", content=body,
+                      headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(where=st.one_of(st.sampled_from(V2_FIELDS).map(lambda f: (f,)),
+                       st.sampled_from(V2_TENSOR_FIELDS).map(lambda f: ("inputs", 0, f)),
+                       st.sampled_from(V2_PARAMS).map(lambda f: ("inputs", 0, "parameters", f)),
+                       st.sampled_from(V2_PARAMS).map(lambda f: ("parameters", f)),
+                       st.just(("outputs", 0, "name"))),
+       raw=hostile_text, binary=st.booleans())
+def test_v2_hostile_field_values(target, where, raw, binary):
+    _, _, c = target
+    tensor = {"name": "input", "shape": [2], "datatype": "FP32"}
+    obj = {"inputs": [tensor], "outputs": [{"name": "output"}]}
+    tail = b""
+    headers = {}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": 8}
+        tail = struct.pack("<2f", 1.0, -2.0)
+    else:
+        tensor["data"] = [1.0, -2.0]
+    body = _splice(obj, where, raw)
+    if binary:
+        headers["inference-header-content-length"] = str(len(body))
+    r = c.post("/v2/models/elu/infer", content=body + tail, headers=headers)
+    if where[-1] == "timeout" and r.status_code == 504:
+        return  # a deadline of a microsecond or so: passed before queueing, as documented
+    _answered(r)
+    if r.status_code >= 400:
+        assert isinstance(r.json()["error"], str)
+
+
+@FUZZ
+@given(shape=overflowing_shape, api=st.sampled_from(["native-json", "native-binary", "v2-json",
+                                                      "v2-binary"]))
+def test_overflowing_shapes_on_every_decoder(target, shape, api):
+    _, _, c = target
+    if api == "native-binary":
+        r = c.post("/v1/activations/relu", params={"shape": ",".join(map(str, shape))},
+                   content=b"", headers={"content-type": "application/octet-stream"})
+    elif api == "native-json":
+        r = c.post("/v1/activations/relu", json={"data": [], "shape": shape})
+    else:
+        tensor = {"name": "input", "shape": shape, "datatype": "FP32"}
+        if api == "v2-json":
+            r = c.post("/v2/models/relu/infer", json={"inputs": [{**tensor, "data": []}]})
+        else:
+            head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": 0}}]})
+            r = c.post("/v2/models/relu/infer", content=head.encode(),
+                       headers={"inference-header-content-length": str(len(head))})
+    _ok(r)
+    if 0 in shape:
+        assert r.status_code in (200, 400, 413)
+
+
 def test_fuzz_left_the_server_serving(target):
     _, _, c = target
     r = c.post("/v1/activations/relu", params={"shape": "2"}, content=struct.pack("<2f", -1, 3),

@@ -42,7 +42,7 @@ def _read_status(s: socket.socket) -> int | None:
 def test_huge_declared_content_length_is_refused_without_reading(server):
     s = _connect(server.url)
     t0 = time.perf_counter()
-    s.sendall(b"POST /v1/activations/relu?shape=1 HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(b"POST /v1/activations/relu?shape=1 HTTP/1.1\r\nHost: localhost\r\n"
               b"Content-Type: application/octet-stream\r\nContent-Length: 10000000000\r\n\r\n")
     assert _read_status(s) == 413
     assert time.perf_counter() - t0 < 5
@@ -52,7 +52,7 @@ def test_huge_declared_content_length_is_refused_without_reading(server):
 def test_endless_chunked_body_is_cut_off_at_the_limit():
     with serve(max_request_bytes=64 * 1024) as srv:
         s = _connect(srv.url)
-        s.sendall(b"POST /v1/activations/relu?shape=1 HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(b"POST /v1/activations/relu?shape=1 HTTP/1.1\r\nHost: localhost\r\n"
                   b"Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"%x\r\n%s\r\n" % (4096, b"\0" * 4096)
         sent = 0
@@ -82,7 +82,7 @@ def test_endless_chunked_body_is_cut_off_at_the_limit():
 def test_slow_headers_are_cut_off_and_others_are_served():
     with serve(header_timeout_s=0.5) as srv:
         slow = _connect(srv.url)
-        slow.sendall(b"POST /v1/activations/relu HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        slow.sendall(b"POST /v1/activations/relu HTTP/1.1\r\nHost: localhost\r\n")  # never finishes
         t0 = time.perf_counter()
         ok = httpx.post(srv.url + "/v1/activations/relu", json={"data": [-1.0, 2.0]})
         assert ok.status_code == 200 and ok.json()["data"] == [0.0, 2.0]
@@ -101,7 +101,7 @@ def test_header_deadline_spares_connections_that_finish_their_headers():
         assert c.post("/v1/activations/relu", json={"data": [-1.0]}).json()["data"] == [0.0]
         body = b'{"data": [3.0]}'
         s = _connect(srv.url)
-        s.sendall(b"POST /v1/activations/relu HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"POST /v1/activations/relu HTTP/1.1\r\nHost: localhost\r\n")
         time.sleep(0.2)  # the scenario: headers in two pieces, inside the deadline
         s.sendall(b"Content-Type: application/json\r\nContent-Length: "
                   + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -113,7 +113,7 @@ def test_header_deadline_spares_connections_that_finish_their_headers():
 def test_slow_body_gets_408():
     with serve(body_timeout_s=0.5) as srv:
         s = _connect(srv.url)
-        s.sendall(b"POST /v1/activations/relu?shape=4 HTTP/1.1\r\nHost: x\r\n"
+        s.sendall(b"POST /v1/activations/relu?shape=4 HTTP/1.1\r\nHost: localhost\r\n"
                   b"Content-Type: application/octet-stream\r\nContent-Length: 16\r\n\r\n\0\0\0\0")
         assert _read_status(s) == 408
         s.close()
@@ -138,7 +138,7 @@ def test_client_that_disconnects_frees_its_slot_and_is_never_computed():
                     await wait_for(lambda: submissions(rt).count >= 1 and not rt.batcher.waiting)
                     s = _connect(srv.url)
                     body = b'{"data": [1.0]}'
-                    s.sendall(b"POST /v1/activations/softsign HTTP/1.1\r\nHost: x\r\n"
+                    s.sendall(b"POST /v1/activations/softsign HTTP/1.1\r\nHost: localhost\r\n"
                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                               % (len(body), body))
                     await wait_for(lambda: rt.batcher.waiting == 1)

@@ -3,7 +3,7 @@ Torch-free."""
 
 from __future__ import annotations
 
-from service.errors import InvalidRequest, RequestTooLarge, echo
+from service.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType, echo
 
 SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
 MAX_DIMS = 32
@@ -15,14 +15,22 @@ def check_shape(raw: object, where: str, max_elements: int) -> tuple[int, ...]:
         raise InvalidRequest(f"{where}: shape must be a list of at most {MAX_DIMS} integers")
     dims = []
     total = 1
+    span = 1  # the product of the non-zero dimensions
     for d in raw:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise InvalidRequest(f"{where}: shape dimensions must be integers >= 0, got {echo(raw)}")
         dims.append(d)
         total *= d  # python ints: no overflow
-    # every dimension is bounded too: (0, 2**64) has no elements but no array can hold it
-    if total > max_elements or any(d > max_elements for d in dims):
-        what = f"{total} elements" if total > max_elements else f"a dimension of {max(dims)}"
+        span *= max(d, 1)
+    # the non-zero dimensions are bounded together too: (0, 2**21, 2**21, 2**21) has no
+    # elements, but numpy cannot describe it ("array is too big")
+    if total > max_elements or span > max_elements:
+        if total > max_elements:
+            what = f"{total} elements"
+        elif max(dims) > max_elements:
+            what = f"a dimension of {max(dims)}"
+        else:
+            what = f"non-zero dimensions whose product is {span}"
         raise RequestTooLarge(
             f"{where}: shape {echo(raw)} has {what}, over the server's "
             f"max_batch_elements={max_elements}"
@@ -44,3 +52,16 @@ def parse_shape_text(text: str, where: str, max_elements: int) -> tuple[int, ...
     return check_shape(raw, where, max_elements)
 
 
+# Content types a browser may POST cross-site without a CORS preflight.
+SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded",
+                          "multipart/form-data"})
+
+
+def refuse_simple_type(content_type: str | None) -> None:
+    """415 for the content types a browser may POST cross-site without a preflight (the
+    routes call it, so the refusal is counted like any other of their answers)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in SIMPLE_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {echo(media)} is not accepted (browsers send it cross-site "
+            "without asking); use application/json or application/octet-stream")

@@ -14,25 +14,79 @@ import numpy as np
 import orjson
 
 from service import dtypes
+from service.codecs import jsonbound
 from service.codecs.fields import MAX_DIMS
 from service.errors import InvalidRequest, RequestTooLarge, echo
 
 
-def loads_object(body: bytes | bytearray) -> dict:
+def loads_object(body: bytes | bytearray, max_values: int | None = None) -> dict:
+    """A JSON object, its size and nesting bounded before it is parsed (``jsonbound.scan``:
+    413 over ``max_values`` values, 400 deeper than ``MAX_DEPTH``); large bodies are parsed
+    in slices."""
+    jsonbound.scan(body, max_values)
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
+        if len(body) >= jsonbound.SLICE_BYTES:
+            obj = jsonbound.loads_sliced(body)
+        else:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                obj = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("body must be a JSON object")
     return obj
 
 
+SLICE_ELEMENTS = 32768  # arrays this large are written a slice at a time
+
+
 def dumps(obj: dict) -> bytes:
-    """Serialise a response whose numeric payload sits in numpy arrays under any key."""
+    """Serialise a response whose numeric payload sits in numpy arrays under any key. Large
+    arrays are written a slice at a time (each step a few milliseconds, so a worker thread
+    running this gives the interpreter back to the event loop between slices)."""
+    large = {k: v for k, v in obj.items()
+             if isinstance(v, np.ndarray) and v.ndim > 0 and v.size >= SLICE_ELEMENTS}
+    nested = [o for o in obj.get("outputs", ()) if isinstance(o, dict)]
+    if not large and not any(isinstance(o.get("data"), np.ndarray) and o["data"].ndim > 0
+                             and o["data"].size >= SLICE_ELEMENTS for o in nested):
+        return _dumps_whole(obj)
+    marks: dict[bytes, np.ndarray] = {}
+
+    def mark(array: np.ndarray) -> str:
+        token = f"\x00array-{len(marks)}"
+        marks[orjson.dumps(token)] = array
+        return token
+
+    skeleton = {k: (mark(v) if k in large else v) for k, v in obj.items()}
+    if nested:
+        skeleton["outputs"] = [
+            {**o, "data": mark(o["data"])} if isinstance(o.get("data"), np.ndarray)
+            and o["data"].ndim > 0 and o["data"].size >= SLICE_ELEMENTS else o
+            for o in nested]
+    text = _dumps_whole(skeleton)
+    for token, array in marks.items():
+        head, _, tail = text.partition(token)
+        text = head + _dumps_array(array) + tail
+    return text
+
+
+def _dumps_array(array: np.ndarray) -> bytes:
+    """A JSON array of ``array`` (ndim >= 1), written slice by slice along its first axis."""
+    rows = max(1, SLICE_ELEMENTS // max(1, array.size // max(1, array.shape[0])))
+    parts = []
+    for i in range(0, array.shape[0], rows):
+        piece = array[i:i + rows]
+        if piece.size and bool(np.isfinite(piece).all()):
+            text = orjson.dumps(piece, option=orjson.OPT_SERIALIZE_NUMPY)
+        else:
+            text = json.dumps(piece.tolist(), allow_nan=True, separators=(",", ":")).encode()
+        parts.append(text[1:-1])
+    return b"[" + b",".join(p for p in parts if p) + b"]"
+
+
+def _dumps_whole(obj: dict) -> bytes:
     try:
         if all(_finite(v) for v in obj.values()):
             return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY, default=_default)
@@ -68,10 +122,13 @@ def _plain(value):
 def array_from_json(data, shape, wire: str, where: str, max_elements: int) -> np.ndarray:
     """A number or (nested) list of numbers -> wire storage of ``wire``, C-contiguous and
     writable. With ``shape``, ``data`` may be flat (row-major) or nested to that shape."""
-    if isinstance(data, bool) or not isinstance(data, (int, float, list)):
+    if isinstance(data, bool) or not isinstance(data, (int, float, list, jsonbound.Slices)):
         raise InvalidRequest(f"{where} must be a number or a list of numbers, got {echo(data)}")
     try:
-        values = np.array(data)
+        if isinstance(data, jsonbound.Slices):  # parsed slice by slice: join the slices
+            values = np.concatenate([np.array(p) for p in data.parts])
+        else:
+            values = np.array(data)
     except (ValueError, TypeError, OverflowError):
         raise InvalidRequest(
             f"{where} must be a rectangular (non-ragged) nested list of numbers"

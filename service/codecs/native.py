@@ -50,7 +50,7 @@ JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
 def read_json(body: bytes | bytearray, max_elements: int):
     """``{"data", "shape"?, "dtype"?, "params"?, <settings>}`` -> (array, dtype, settings,
     params)."""
-    obj = loads_object(body)
+    obj = loads_object(body, max_elements)
     unknown = [k for k in obj if k not in JSON_FIELDS]
     if unknown:
         raise InvalidRequest(
@@ -157,7 +157,8 @@ class Unsupported:
 
 JSON = NativeJson()
 BINARY = NativeBinary()
-BY_CONTENT_TYPE = {"application/json": JSON, "": JSON, "application/octet-stream": BINARY}
+# a body without a Content-Type is refused: a browser may send that cross-site
+BY_CONTENT_TYPE = {"application/json": JSON, "application/octet-stream": BINARY}
 
 
 def for_content_type(header: str) -> NativeJson | NativeBinary | Unsupported:

@@ -27,7 +27,7 @@ import orjson
 
 from service import dtypes
 from service.codecs.base import Encoded, Wire
-from service.codecs.fields import SETTING_NAMES, check_shape
+from service.codecs.fields import SETTING_NAMES, check_shape, refuse_simple_type
 from service.codecs.jsonio import array_from_json, dumps, loads_object
 from service.errors import InvalidRequest, UnknownActivation, echo
 
@@ -45,6 +45,7 @@ DATATYPES = tuple(dtypes.V2_TO_NAME)  # FP16, BF16, FP32, FP64
 JSON_DATATYPES = ("FP32", "FP64")  # 16-bit floats only travel as binary, as Triton does
 UNSUPPORTED = ("sequence_id", "sequence_start", "sequence_end")
 BINARY_OUTPUT = "binary_data_output"
+MAX_ID = 256  # characters of a request 'id' (echoed whole in the response)
 
 
 @dataclass(slots=True)
@@ -140,7 +141,8 @@ def _input_where(tensor: dict, i: int) -> str:
 def decode(body: bytearray, header: str | None, max_elements: int) -> V2Request:
     """A whole (already inflated) request body -> ``V2Request``."""
     length = header_length(header, len(body))
-    obj = loads_object(bytes(memoryview(body)[:length]) if length is not None else body)
+    obj = loads_object(bytes(memoryview(body)[:length]) if length is not None else body,
+                       max_elements)
     inputs = obj.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("'inputs' must be a non-empty list of tensors")
@@ -151,8 +153,9 @@ def decode(body: bytearray, header: str | None, max_elements: int) -> V2Request:
             f"the model has exactly one input, {INPUT_NAME!r}; the request has {len(inputs)}"
         )
     request_id = obj.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidRequest(f"'id' must be a string, got {echo(request_id)}")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID):
+        raise InvalidRequest(f"'id' must be a string of at most {MAX_ID} characters (it is "
+                             f"echoed in the response), got {echo(request_id)}")
     settings, params, binary_default = _parameters(obj.get("parameters"))
     binary_output = _outputs(obj.get("outputs"), binary_default)
     array, wire = _tensor(inputs[0], body, offsets[0], max_elements)
@@ -223,7 +226,7 @@ def _tensor(tensor: dict, body: bytearray, offset: int | None,
         )
     where = f"input {INPUT_NAME!r}"
     datatype = tensor.get("datatype")
-    if datatype not in dtypes.V2_TO_NAME:
+    if not isinstance(datatype, str) or datatype not in dtypes.V2_TO_NAME:
         raise InvalidRequest(
             f"{where}: datatype {echo(datatype)} is not supported; use one of "
             f"{', '.join(DATATYPES)}"
@@ -334,6 +337,7 @@ class V2Codec:
 
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, V2Answer]:
+        refuse_simple_type(wire.content_type)  # a missing one is fine (tritonclient sends none)
         if wire.version is not None and wire.version != MODEL_VERSION:
             raise UnknownActivation(
                 f"model {activation.name!r} has no version {echo(wire.version)}; its one "

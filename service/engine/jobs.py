@@ -63,8 +63,9 @@ class JobFactory:
                 raise InvalidRequest(f"{where}: timeout must be > 0, got {echo(timeout)}")
             timeout_s = timeout * timeout_unit_s
         priority = _number(settings.get("priority"), "priority", where) or 0
-        if priority != int(priority):
-            raise InvalidRequest(f"{where}: priority must be an integer, got {echo(priority)}")
+        if priority != int(priority) or abs(priority) > s.max_priority:
+            raise InvalidRequest(f"{where}: priority must be an integer in [-{s.max_priority}, "
+                                 f"{s.max_priority}], got {echo(priority)}")
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
         return Job(

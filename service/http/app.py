@@ -14,6 +14,7 @@ from service.engine.factory import build_engine
 from service.http import error_responses
 from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
+from service.http.guard import Guard
 from service.http.middleware import RequestContext
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # a redirect would reflect the client's Host
         **_no_framework_telemetry(),
     )
     app.state.services = services
@@ -82,11 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # middleware, router) for everything else. Built here, once, so the hot routes skip the
     # framework's middlewares as well as its router (docs/benchmarks.md).
     stack = RequestContext(
-        FastPath(app.build_middleware_stack(), routes=[
+        Guard(FastPath(app.build_middleware_stack(), routes=[
             (r"/v1/activations/(?P<name>[^/]+)", activate),
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
-        ]),
+        ]), allowed_hosts=settings.allowed_host_list),
         log_requests=settings.access_log, api_keys=settings.api_key_list, recorder=recorder,
     )
     if settings.cors_origin_list:

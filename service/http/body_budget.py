@@ -6,8 +6,10 @@ bodies arrive interleaved, every one of them finishes late. With it, a large bod
 only once its bytes fit in the budget; the others wait, unread, in their sockets (TCP holds
 the sender back), and are taken first come, first served. Bodies under ``SMALL_BYTES`` skip
 the budget (the queue limit already bounds them); a body larger than the whole budget is
-admitted when it can run alone. A request that waits longer than ``timeout_s`` (the body
-deadline: a slow sender holds its share at most that long) is refused with 503 and
+admitted when it can run alone. A gzip or deflate body is charged again as it inflates,
+byte for byte, whatever its compressed size (``charge``). A request that waits longer than
+``timeout_s`` (the body deadline: a slow sender holds its share at most that long, and one
+below the minimum rate about a second, ``service.http.body``) is refused with 503 and
 ``Retry-After``, so every waiter gets an answer.
 
 Event loop only.
@@ -37,6 +39,8 @@ class BodyBudget:
         self.total = total
         self.held = 0  # bytes of bodies admitted and not yet released
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._inflating: dict[object, None] = {}  # requests inflating, oldest first
+        self._room: list[asyncio.Future] = []  # inflating requests waiting for room
 
     @property
     def waiting(self) -> int:
@@ -76,9 +80,38 @@ class BodyBudget:
             timer.cancel()
         return size
 
+    async def charge(self, size: int, key: object) -> None:
+        """Take ``size`` more bytes for an admitted request that is inflating its body
+        (``key`` names it), waiting while they do not fit; the oldest inflating request
+        never waits, so half-inflated bodies cannot wait on each other for ever and memory
+        stays under the budget plus one body. Call ``done_inflating(key)`` at the end."""
+        if key not in self._inflating:
+            self._inflating[key] = None
+        loop = asyncio.get_running_loop()
+        while self.held + size > self.total and next(iter(self._inflating)) is not key:
+            fut = loop.create_future()
+            self._room.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._room:
+                    self._room.remove(fut)
+        self.held += size
+
+    def done_inflating(self, key: object) -> None:
+        if self._inflating.pop(key, 0) is None:
+            self._wake()
+
+    def _wake(self) -> None:
+        room, self._room = self._room, []
+        for fut in room:
+            if not fut.done():
+                fut.set_result(None)
+
     def release(self, size: int) -> None:
         if size:
             self.held -= size
+            self._wake()
             self._grant()
 
     def _grant(self) -> None:

@@ -22,6 +22,7 @@ from service.engine.engine import Engine
 from service.engine.job import Job, JobResult
 from service.errors import ActserveError
 from service.http.body import declared_size, read_body
+from service.http.offload import decode_off_loop, encode_off_loop
 from service.http.parts_response import PartsResponse
 from service.http.services import Services
 
@@ -70,18 +71,21 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
         # unknown (chunked) size: claim the limit
         granted = await svc.bodies.acquire(limit if size is None else size,
                                            settings.body_timeout_s)
-        body = await read_body(request, size, limit, settings.body_timeout_s)
+        body, granted = await read_body(request, size, limit, settings.body_timeout_s,
+                                        svc.bodies, granted, settings.min_body_rate_bytes_s,
+                                        settings.max_batch_elements)
         bytes_in = len(body)
         if activation is None:
             activation = engine.registry.get(name)  # raises UnknownActivation
-        job, answer = codec.decode(body, wire, activation, engine.jobs)
+        job, answer = await decode_off_loop(request, codec.decode, body, wire, activation,
+                                            engine.jobs)
         job.request_id = ctx.get("request_id", "")
         if settings.fault_injection:
             job.fault = request.headers.get("x-actserve-fault")
         t_decoded = time.perf_counter()
         result = await _wait(engine, job, request.receive)
         t_computed = time.perf_counter()
-        encoded = codec.encode(job, answer, result)
+        encoded = await encode_off_loop(request, codec.encode, job, answer, result)
         response = to_response(encoded, result.release)
         result.release = None  # the response owns it now
         t_end = time.perf_counter()

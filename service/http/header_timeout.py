@@ -1,4 +1,6 @@
-"""HTTP protocol hardening: a client must finish sending its request headers within
+"""HTTP protocol hardening.
+
+**Header deadline.** A client must finish sending its request headers within
 ``header_timeout_s`` of connecting (or of starting a request on a kept-alive connection),
 else the connection is closed. Uvicorn has a keep-alive timeout but none for headers, so a
 slow-loris client could otherwise hold a connection for ever. The body has its own deadline
@@ -8,17 +10,43 @@ No timer per request: connections waiting for headers are kept in one dict with 
 deadlines, and one sweep, every quarter of the timeout (at most 1 s) while any connection
 waits, closes the late ones. A late connection is closed within ``header_timeout_s`` plus
 one sweep period.
+
+**Header limits.** The request line and headers may take at most ``max_bytes`` bytes and
+``max_count`` header lines; more is answered ``431 Request Header Fields Too Large`` and the
+connection closed. Bytes are counted as they arrive, before the parser sees them (httptools
+would otherwise gather a 64 MiB header value by repeated concatenation first), so a refusal
+costs about the time to receive the limit, not the size sent.
+
+**Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
+before any application code runs: with an ``X-Request-Id`` and, when the access log is on,
+an access-log line with the client's address, like every other answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import uuid
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+access_log = logging.getLogger("actserve.access")
+HEADER_END = b"\r\n\r\n"
+LINGER_S = 1.0  # a refused connection is closed this long after its answer
 
 
-def header_timeout_protocol(timeout_s: float) -> type:
+class _Refused(Exception):
+    pass
+
+
+def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
+                            max_count: int = 100, log_refusals: bool = True) -> type:
     """A protocol class for one server (one event loop)."""
+    id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
+    ids = itertools.count(1)
     period = min(1.0, max(0.01, timeout_s / 4))
     waiting: dict[HttpToolsProtocol, float] = {}  # connection -> deadline (loop clock)
     sweeper: list[asyncio.TimerHandle | None] = [None]
@@ -35,9 +63,17 @@ def header_timeout_protocol(timeout_s: float) -> type:
             sweeper[0] = loop.call_later(period, sweep, loop)
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_bytes = 0
+        _header_count = 0
+        _tail = b""
+        _refusal: tuple[int, str] | None = None
+        _discarding = False
+
         def _arm(self) -> None:
             if self not in waiting:
                 waiting[self] = self.loop.time() + timeout_s
+                self._header_bytes = self._header_count = 0
+                self._tail = b""
                 if sweeper[0] is None:
                     sweeper[0] = self.loop.call_later(period, sweep, self.loop)
 
@@ -49,13 +85,79 @@ def header_timeout_protocol(timeout_s: float) -> type:
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                return
             if self.cycle is None or self.cycle.response_complete:
                 self._arm()  # a new request starts on this connection
-            super().data_received(data)
+            if self in waiting and not self._headers_fit(data):
+                self._refuse(431, f"request line and headers over {max_bytes} bytes")
+                return
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+            except httptools.HttpParserError:
+                status, message = self._refusal or (400, "Invalid HTTP request received.")
+                self._refuse(status, message)
+
+        def _headers_fit(self, data: bytes) -> bool:
+            """Count header bytes as they arrive; False once the limit is passed without
+            the blank line that ends the headers."""
+            before = self._header_bytes
+            self._header_bytes += len(data)
+            if self._header_bytes > max_bytes:
+                room = max_bytes - before
+                if (self._tail + data[:max(room, 0)]).find(HEADER_END) < 0:
+                    return False
+            self._tail = data[-3:]
+            return True
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_count += 1
+            if self._header_count > max_count:
+                self._refusal = (431, f"more than {max_count} request headers")
+                raise _Refused()  # stops the parser at once
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            self._refuse(400, msg)
+
+        def _refuse(self, status: int, message: str) -> None:
+            """Answer a request the server refuses before the application sees it, with a
+            request id, and close the connection."""
+            self._disarm()
+            rid = f"{id_prefix}{next(ids):x}"
+            body = message.encode("ascii", "replace")
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head.extend([name, b": ", value, b"\r\n"])
+            head.extend([b"content-type: text/plain; charset=utf-8\r\n",
+                         b"content-length: " + str(len(body)).encode() + b"\r\n",
+                         b"x-request-id: " + rid.encode() + b"\r\n",
+                         b"connection: close\r\n\r\n", body])
+            self._discarding = True
+            transport = self.transport
+            if not transport.is_closing():
+                transport.write(b"".join(head))
+                # Half-close and read (and drop) what the client still sends for a moment
+                # before closing: closing with unread bytes would reset the connection, and
+                # the client could lose the answer.
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.loop.call_later(LINGER_S, transport.close)
+            if log_refusals and access_log.isEnabledFor(logging.INFO):
+                client = self.client[0] if self.client else None
+                access_log.info(orjson.dumps({
+                    "id": rid, "client": client, "status": status, "error": message,
+                }).decode())
 
         def connection_lost(self, exc) -> None:
             self._disarm()

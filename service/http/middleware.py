@@ -81,8 +81,10 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             if self.log_requests and access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
                 line = {
                     "id": rid,
+                    "client": client[0] if client else None,
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status_box[0],

@@ -57,7 +57,8 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     headers = request.headers
     wire = Wire(header_length=headers.get(v2.HEADER),
-                accept_encoding=headers.get("accept-encoding"), version=version)
+                accept_encoding=headers.get("accept-encoding"), version=version,
+                content_type=headers.get("content-type"))
     return await handle(request, v2.CODEC, name, wire)
 
 

@@ -13,17 +13,28 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
     try:
         from service.http.header_timeout import header_timeout_protocol
 
-        http = header_timeout_protocol(settings.header_timeout_s)
+        http = header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes,
+                                       settings.max_header_count, settings.access_log)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(
         host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, timeout_keep_alive=settings.timeout_keep_alive_s,
         timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http=http,
-        lifespan="on",
+        lifespan="on", server_header=False, h11_max_incomplete_event_size=settings.max_header_bytes,
+        **proxy_options(settings),
     )
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+def proxy_options(settings: Settings) -> dict:
+    """X-Forwarded-For / -Proto are believed only from the configured proxies; with none
+    configured they are ignored (uvicorn would otherwise trust them from 127.0.0.1)."""
+    allowed = [p.strip() for p in settings.forwarded_allow_ips.split(",") if p.strip()]
+    if not allowed:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(allowed)}
 
 
 class DrainingServer(uvicorn.Server):
