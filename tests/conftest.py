@@ -76,6 +76,7 @@ class ThreadServer:
 def serve(**overrides) -> Iterator[ThreadServer]:
     overrides.setdefault("port", free_port())
     overrides.setdefault("access_log", False)
+    overrides.setdefault("grpc_port", 0)  # gRPC only where a test asks for it
     with ThreadServer(Settings(**overrides)) as srv:
         yield srv
 
@@ -118,7 +119,7 @@ def subprocess_server(env_overrides: dict | None = None, port: int | None = None
     """``python -m service serve`` as a child process; yields (process, url)."""
     port = port or free_port()
     env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_HOST": "127.0.0.1",
-           "ACTSERVE_ACCESS_LOG": "false", **(env_overrides or {})}
+           "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_GRPC_PORT": "0", **(env_overrides or {})}
     # The server's output goes to a file (a pipe nobody reads could fill and stall it);
     # SUBPROCESS_LOGS lists the files so a failing test can show them.
     log_path = Path(tempfile.mkstemp(prefix=f"actserve-{port}-", suffix=".log")[1])

@@ -25,6 +25,7 @@ class Wire:
     header_length: str | None = None  # v2 Inference-Header-Content-Length
     accept_encoding: str | None = None
     version: str | None = None  # v2 model version in the path
+    regions: Any = None  # v2: the registered system shared-memory regions (shm_regions)
 
 
 @dataclass(slots=True)
