@@ -95,8 +95,11 @@ class InferenceService:
             try:
                 return await fn(request, context)
             except ActserveError as exc:
-                error = exc
-            await context.abort(code_of(error), error.message)
+                code, message = code_of(exc), exc.message
+            except Exception:
+                log.exception("gRPC %s failed", name)
+                code, message = grpc.StatusCode.INTERNAL, f"internal error in {name}"
+            await context.abort(code, message)
 
         return unary
 
@@ -104,14 +107,12 @@ class InferenceService:
         table = {}
         for name, client_streams, server_streams in messages.methods():
             req_cls, resp_cls = messages.method_types(name)
-            fn = getattr(self, name, None)
-            if fn is None:
-                continue
-            if client_streams and server_streams:
+            if client_streams and server_streams:  # ModelStreamInfer
                 table[name] = grpc.stream_stream_rpc_method_handler(
-                    self._stream_entry, request_deserializer=req_cls.FromString,
+                    self.stream, request_deserializer=req_cls.FromString,
                     response_serializer=resp_cls.SerializeToString)
             else:
+                fn = getattr(self, name)
                 table[name] = grpc.unary_unary_rpc_method_handler(
                     self.wrap(name, fn), request_deserializer=req_cls.FromString,
                     response_serializer=resp_cls.SerializeToString)
@@ -158,8 +159,9 @@ class InferenceService:
     async def SystemSharedMemoryStatus(self, request, context):
         resp = messages.message("SystemSharedMemoryStatusResponse")()
         for r in self.regions.status(request.name):
-            resp.regions[r["name"]].CopyFrom(
-                messages.message("SystemSharedMemoryStatusResponse.RegionStatus")(**r))
+            entry = resp.regions[r["name"]]
+            entry.name, entry.key = r["name"], r["key"]
+            entry.offset, entry.byte_size = r["offset"], r["byte_size"]
         return resp
 
     async def SystemSharedMemoryRegister(self, request, context):
@@ -250,7 +252,7 @@ class InferenceService:
                                 '"ms":%.3f}', _json_str(request.model_name), status,
                                 (now - t0) * 1000)
 
-    async def _stream_entry(self, request_iterator, context):
+    async def stream(self, request_iterator, context):
         """Triton's ModelStreamInfer: requests are run concurrently as they arrive and each
         answer (or its error, in ``error_message``) is sent when it is ready."""
         if not self._authorised(context):
