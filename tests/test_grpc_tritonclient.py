@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,7 +20,7 @@ import tritonclient.grpc.aio as tg_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from .conftest import free_port, reference, same_bits, serve
+from .conftest import free_port, reference, same_bits, serve, subprocess_server
 from .test_v2_api import held_executor, until
 
 RNG = np.random.default_rng(14)
@@ -359,3 +360,35 @@ def test_grpc_port_zero_turns_grpc_off():
     with serve() as srv:  # the test default: grpc_port=0
         assert srv.services.settings.grpc_port == 0
         assert httpx.get(srv.url + "/v2/health/ready").status_code == 200
+
+
+def test_sigterm_finishes_accepted_grpc_requests_and_exits_0():
+    """gRPC requests held in the queue (max_delay_us) when SIGTERM arrives are all
+    answered correctly (or refused UNAVAILABLE, never dropped) and the process exits 0."""
+    port = free_port()
+    env = {"ACTSERVE_GRPC_PORT": str(port), "ACTSERVE_MAX_DELAY_US": "400000",
+           "ACTSERVE_MAX_BATCH_REQUESTS": "4"}
+    xs = [RNG.standard_normal(500 + 50 * i).astype(np.float32) for i in range(12)]
+    with subprocess_server(env) as (proc, url):
+        async def run():
+            async with tg_aio.InferenceServerClient(f"127.0.0.1:{port}") as c:
+                tasks = [asyncio.ensure_future(c.infer("silu", [make_input(x, "FP32", tg_aio)]))
+                         for x in xs]
+                async with httpx.AsyncClient(base_url=url) as http:
+                    deadline = asyncio.get_running_loop().time() + 30
+                    while ((await http.get("/v1/stats")).json()["queue_depth"] < 4
+                           and asyncio.get_running_loop().time() < deadline):
+                        pass
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(run())
+        assert proc.wait(60) == 0
+    answered = 0
+    for x, r in zip(xs, results, strict=True):
+        if isinstance(r, InferenceServerException):
+            assert r.status() == "StatusCode.UNAVAILABLE", r
+            continue
+        assert same_bits(r.as_numpy("output"), reference("silu", x, "float32")[0])
+        answered += 1
+    assert answered >= 4  # the queued ones were finished, not dropped
