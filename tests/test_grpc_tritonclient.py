@@ -392,3 +392,12 @@ def test_sigterm_finishes_accepted_grpc_requests_and_exits_0():
         assert same_bits(r.as_numpy("output"), reference("silu", x, "float32")[0])
         answered += 1
     assert answered >= 4  # the queued ones were finished, not dropped
+
+
+@pytest.mark.gpu
+def test_cuda_shared_memory_on_a_cuda_server_points_to_system_shared_memory():
+    ctx, target = grpc_server(device="cuda")
+    with ctx, tg.InferenceServerClient(target) as c:
+        err = error_of(c.register_cuda_shared_memory, "c0", b"\0" * 64, 0, 1024)
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "system shared memory" in err.message()

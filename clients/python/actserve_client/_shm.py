@@ -102,7 +102,9 @@ def destroy(region: Region) -> None:
 
 def write_input(region: Region, storage: np.ndarray) -> None:
     flat = np.ascontiguousarray(storage).reshape(-1).view(np.uint8)
-    region.buf[:flat.nbytes] = memoryview(flat)
+    dst = np.frombuffer(region.buf, dtype=np.uint8, count=flat.nbytes)
+    np.copyto(dst, flat)
+    del dst  # no view of the mapping may outlive the call (it could not be closed)
 
 
 def probe_values(count: int = 16) -> np.ndarray:
