@@ -229,3 +229,11 @@ def test_registering_needs_a_key(region):
         assert httpx.post(url, json=body, headers=auth).status_code == 200
         status = httpx.get(s.url + "/v2/systemsharedmemory/status", headers=auth).json()
         assert status == [{"name": "k", "key": k, "offset": 0, "byte_size": 64}]
+
+
+def test_register_body_is_bounded(srv):
+    r = httpx.post(srv.url + "/v2/systemsharedmemory/region/big/register",
+                   content=b'{"key": "/x", "pad": "' + b"a" * (128 * 1024) + b'"}')
+    assert r.status_code == 413
+    r = httpx.post(srv.url + "/v2/systemsharedmemory/region/big/register", content=b"[1]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]

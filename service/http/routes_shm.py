@@ -12,7 +12,8 @@ import binascii
 from fastapi import APIRouter, Request
 
 from service.codecs.jsonio import loads_object
-from service.errors import InvalidRequest, RequestTooLarge
+from service.errors import InvalidRequest
+from service.http.body import declared_size, read_body
 
 router = APIRouter(prefix="/v2", tags=["v2 shared memory"])
 MAX_BODY = 64 * 1024
@@ -23,9 +24,10 @@ def _services(request: Request):
 
 
 async def _json(request: Request) -> dict:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise RequestTooLarge(f"a register request is at most {MAX_BODY} bytes")
+    """The small JSON body of a register call, read within ``MAX_BODY`` (413 beyond)."""
+    size = declared_size(request, MAX_BODY)
+    timeout = request.app.state.services.settings.body_timeout_s
+    body = await read_body(request, size, MAX_BODY, timeout)
     return loads_object(body) if body else {}
 
 
