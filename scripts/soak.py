@@ -37,7 +37,8 @@ def start_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_ACCESS_LOG": "false"}
+    env = {**os.environ, "ACTSERVE_PORT": str(port), "ACTSERVE_ACCESS_LOG": "false",
+           "ACTSERVE_GRPC_PORT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
