@@ -44,7 +44,7 @@ class Encoded:
 
 
 class Codec(Protocol):
-    api: str  # the metrics label: "native" or "v2"
+    api: str  # the metrics label: "native" or "v2" (gRPC records "grpc")
 
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, Any]:
