@@ -69,7 +69,7 @@ class SystemRegions:
 
     # -- management -------------------------------------------------------------------------
     def register(self, name: object, key: object, offset: object, byte_size: object) -> None:
-        self._check_on()
+        self.check_enabled()
         name = _check_name(name)
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise InvalidRequest(
@@ -101,7 +101,7 @@ class SystemRegions:
 
     def unregister(self, name: object = "") -> None:
         """One region, or every region when ``name`` is empty."""
-        self._check_on()
+        self.check_enabled()
         if not name:
             self.close()
             return
@@ -110,7 +110,7 @@ class SystemRegions:
         os.close(region.fd)
 
     def status(self, name: object = "") -> list[dict]:
-        self._check_on()
+        self.check_enabled()
         if not name:
             return [r.status() for r in self._regions.values()]
         return [self._get(_check_name(name)).status()]
@@ -128,7 +128,7 @@ class SystemRegions:
     def check(self, name: object, offset: object, size: int, where: str) -> Region:
         """The region named for an input or output, with ``size`` bytes from ``offset`` inside
         its window (a 400 naming ``where`` otherwise)."""
-        self._check_on()
+        self.check_enabled()
         if not isinstance(name, str) or not name:
             raise InvalidRequest(f"{where}: shared_memory_region must be a region name")
         region = self._regions.get(name)
@@ -185,7 +185,8 @@ class SystemRegions:
                 f"{region.offset + region.byte_size}")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _check_on(self) -> None:
+    def check_enabled(self) -> None:
+        """A 400 when the extension is turned off."""
         if not self.enabled:
             raise InvalidRequest(OFF)
 

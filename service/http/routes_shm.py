@@ -45,7 +45,7 @@ async def system_region_status(name: str, request: Request) -> list:
 @router.post("/systemsharedmemory/region/{name}/register", summary="Register a region")
 async def system_register(name: str, request: Request) -> dict:
     regions = _services(request).regions
-    regions.status()  # refused at once when the extension is off
+    regions.check_enabled()  # refused before the body is read
     body = await _json(request)
     regions.register(name, body.get("key"), body.get("offset", 0), body.get("byte_size"))
     return {}
