@@ -123,6 +123,20 @@ def test_register_refusals(proto, region):
         assert "not allowed" in err.message(), bad
     err = fail(client.register_system_shared_memory, "r", k + "-missing", 16)
     assert "does not exist" in err.message()
+    fifo = "/dev/shm/" + k.lstrip("/") + "-fifo"
+    os.mkfifo(fifo)  # would block a plain open() for ever
+    try:
+        err = fail(client.register_system_shared_memory, "r", k + "-fifo", 16)
+        assert "not a shared memory object" in err.message()
+    finally:
+        os.unlink(fifo)
+    link = "/dev/shm/" + k.lstrip("/") + "-link"
+    os.symlink("/etc/hostname", link)  # a key may not lead out of /dev/shm
+    try:
+        err = fail(client.register_system_shared_memory, "r", k + "-link", 1)
+        assert "cannot open shared memory key" in err.message()
+    finally:
+        os.unlink(link)
     err = fail(client.register_system_shared_memory, "r", k, 1024, offset=1)
     assert "beyond the end" in err.message()
     client.register_system_shared_memory("r", k, 1024)

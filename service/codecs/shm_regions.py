@@ -213,7 +213,9 @@ def _check_int(value: object, what: str, minimum: int) -> int:
 
 
 def _open(path: str, key: str) -> int:
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO or device planted under the key must not block the event loop in
+    # open(); it is refused below as not a regular file
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         return os.open(path, os.O_RDWR | flags)
     except FileNotFoundError:
