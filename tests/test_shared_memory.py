@@ -130,6 +130,14 @@ def test_register_refusals(proto, region):
         assert "not a shared memory object" in err.message()
     finally:
         os.unlink(fifo)
+    arena = f"/dev/shm/actserve-{os.getpid()}-0badcafe"  # an engine arena's name
+    with open(arena, "wb") as f:
+        f.write(b"\0" * 64)
+    try:
+        err = fail(client.register_system_shared_memory, "r", arena.removeprefix("/dev/shm"), 64)
+        assert "reserved" in err.message()
+    finally:
+        os.unlink(arena)
     link = "/dev/shm/" + k.lstrip("/") + "-link"
     os.symlink("/etc/hostname", link)  # a key may not lead out of /dev/shm
     try:

@@ -7,7 +7,8 @@ copies inputs out of it and answers into it.
 Safety (the client owns the object and may truncate or unlink it at any time):
 
 * keys are plain names (``/name`` or ``name``: letters, digits, ``. _ -``) under
-  ``/dev/shm``, opened without following links, and must be regular files;
+  ``/dev/shm``, opened without following links or blocking, and must be regular files; the
+  names of the server's own engine arenas (``--engine process``) are refused;
 * the server never maps the object: it copies with ``pread``/``pwrite`` on the file
   descriptor it keeps open from registration, so a truncated object cannot fault (a read
   past the end comes back short), and every use first checks the window against the
@@ -29,6 +30,7 @@ import re
 import stat
 from dataclasses import dataclass
 
+from service.engine.ipc.arena import is_arena
 from service.errors import InvalidRequest, UnknownActivation, echo
 
 ROOT = "/dev/shm"
@@ -76,6 +78,9 @@ class SystemRegions:
                 f"shared memory key {echo(key)} is not allowed: use a plain name under /dev/shm "
                 "('/name' or 'name': letters, digits, '.', '_', '-')"
             )
+        if is_arena(key.lstrip("/")):
+            raise InvalidRequest(f"shared memory key {key!r} is reserved: the server's engine "
+                                 "arenas cannot be registered")
         offset = _check_int(offset, "offset", 0)
         byte_size = _check_int(byte_size, "byte_size", 1)
         if name in self._regions:
