@@ -93,6 +93,8 @@ ENV PATH=/opt/actserve/bin:$PATH \
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000
+# KServe v2 gRPC (ACTSERVE_GRPC_PORT; 0 turns it off)
+EXPOSE 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=4s --start-period=120s --retries=3 \
     CMD ["actserve-entrypoint", "healthcheck"]
@@ -115,6 +117,8 @@ ENV PATH=/opt/actserve/bin:$PATH \
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000
+# KServe v2 gRPC (ACTSERVE_GRPC_PORT; 0 turns it off)
+EXPOSE 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=4s --start-period=60s --retries=3 \
     CMD ["actserve-entrypoint", "healthcheck"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .client_cells import find
+
 M = 1048576
 
 
@@ -35,6 +37,8 @@ BARS = (
     Bar("engine process, 1 client, 1,024 el binary: p50 <= inline p50 + 0.3 ms", "p50_gap",
         ("actserve-engine", "native-binary", 1024, 1), ("actserve", "native-binary", 1024, 1),
         0.3),
+    Bar("system shared memory 1,048,576 el, 8 clients >= 3 x HTTP binary req/s (SDK)",
+        "clients", ("sdk-shm", M, 8), ("sdk-http", M, 8), 3.0),
 )
 
 
@@ -51,7 +55,13 @@ def evaluate(results: dict) -> list[dict]:
     out = []
     for bar in BARS:
         row = {"bar": bar.name, "limit": bar.limit, "value": None, "pass": None, "detail": ""}
-        if bar.kind == "inprocess":
+        if bar.kind == "clients":
+            a = find(results.get("clients", []), *bar.a)
+            b = find(results.get("clients", []), *bar.b)
+            if a is not None and b is not None and b["rps"]:
+                row["value"] = a["rps"] / b["rps"]
+                row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
+        elif bar.kind == "inprocess":
             ip = results.get("inprocess", {})
             raw = ip.get("raw", {}).get(str(M), {}).get("elements_per_s")
             ex = ip.get("executor", {}).get(str(M), {}).get("elements_per_s")
@@ -81,7 +91,7 @@ def evaluate(results: dict) -> list[dict]:
                     row["value"] = a["p99_ms"] / a["p50_ms"] if a["p50_ms"] else None
                     row["detail"] = f"p99 {a['p99_ms']:.2f} ms, p50 {a['p50_ms']:.2f} ms"
         if row["value"] is not None:
-            if bar.kind in ("ratio", "inprocess"):
+            if bar.kind in ("ratio", "inprocess", "clients"):
                 row["pass"] = row["value"] >= bar.limit
             else:
                 row["pass"] = row["value"] <= bar.limit

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import bars, inprocess, payloads, report, servers, sweep, wrk
+from . import bars, client_cells, inprocess, payloads, report, servers, sweep, wrk
 
 SEED = 20240611
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,8 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds per wrk run (default 3; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each cell the performance bar divides (median quoted)")
-    p.add_argument("--groups", default="grid,reference,batching,modes,metrics,engine",
-                   help="comma-separated subset of grid,reference,batching,modes,metrics,engine")
+    p.add_argument("--groups", default="grid,reference,batching,modes,metrics,engine,shm,grpc",
+                   help="comma-separated subset of grid,reference,batching,modes,metrics,engine,"
+                        "shm,grpc")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
@@ -204,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"actserve bench: {len(plan.cells)} cells, {seconds:g}s each, "
           f"{sum(c.repeats for c in plan.cells)} wrk runs -> {out}", flush=True)
 
+    client_groups = () if a.quick else tuple(g for g in a.groups.split(",")
+                                              if g in sweep.CLIENT_GROUPS)
+    names = plan.servers() + (["actserve-grpc"] if client_groups else [])
     children = []
-    for name in plan.servers():
+    for name in names:
         if name in sweep.REFERENCES:
             children.append(servers.start_reference(name, out / "logs"))
         else:
@@ -228,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"p99 {res['p99_ms']:8.3f} ms" if "error" not in res
                          else "ERROR " + res["error"][:200])
                 print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
+        client_results = []
+        if client_groups:
+            grpc_child = by_name["actserve-grpc"]
+            client_results = client_cells.measure(
+                client_groups, grpc_child.url, grpc_child.grpc_target, seconds,
+                max(1, a.repeats), log=lambda line: print(line, flush=True))
         peaks = {c.name: c.rss_peak_bytes() for c in children}
     results_cells = []
     for cell in plan.cells:
@@ -237,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "size": cell.case.size, "concurrency": cell.concurrency, "mode": cell.mode,
             "summary": summarise(runs[cell]), "runs": runs[cell],
         })
-    results = {"meta": meta, "cells": results_cells, "server_rss_peak_bytes": peaks}
+    results = {"meta": meta, "cells": results_cells, "server_rss_peak_bytes": peaks,
+               "clients": client_results}
     if not a.no_inprocess:
         print("in-process: copy bandwidth, raw torch vs executor path, modes", flush=True)
         t_ip = time.time()
@@ -249,12 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_plots:
         results["plots"] = [Path(p).name for p in report.plots(results, out)]
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(report.markdown(results))
+    (out / "results.md").write_text(report.markdown(results) + "\n"
+                                    + "\n".join(client_cells.markdown(client_results)))
     print(report.bars_table(results["bars"]))
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}"
           + (f" and {len(results.get('plots', []))} plots" if not a.no_plots else ""))
     failed = [c["key"] for c in results_cells
               if "error" in c["summary"] or c["summary"].get("mismatches")]
+    failed += [f"{c['group']} {c['transport']} c{c['clients']}" for c in client_results
+               if "error" in c["summary"] or c["summary"].get("mismatches")]
     if failed:
         print(f"actserve bench: {len(failed)} cells failed or answered wrongly: {failed[:5]}",
               file=sys.stderr)

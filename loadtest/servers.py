@@ -36,6 +36,7 @@ class Child:
     url: str
     proc: subprocess.Popen
     log: Path
+    grpc_target: str | None = None  # host:port of its gRPC listener, when it has one
 
     def rss_peak_bytes(self) -> int | None:
         """The process's peak resident memory (Linux ``VmHWM``), or None."""
@@ -106,14 +107,23 @@ def start_actserve(name: str, log_dir: Path, settings: dict | None = None, *,
                    env: dict | None = None, port: int | None = None) -> Child:
     """``python -m service serve`` with ``ACTSERVE_*`` settings (access log off, log level
     warning unless ``settings`` say otherwise); ``env`` (raw variables) is applied last.
+    gRPC is off unless the settings say ``grpc_port="free"`` (a free port).
     Not yet ready: pass it to ``running`` (or ``wait_ready``)."""
     port = port or free_port()
     child_env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
-                 "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning"}
-    for k, v in (settings or {}).items():
+                 "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning",
+                 "ACTSERVE_GRPC_PORT": "0"}
+    settings = dict(settings or {})
+    grpc_target = None
+    if settings.get("grpc_port") == "free":
+        settings["grpc_port"] = free_port()
+        grpc_target = f"127.0.0.1:{settings['grpc_port']}"
+    for k, v in settings.items():
         child_env[f"ACTSERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     child_env.update(env or {})
-    return _spawn(name, [sys.executable, "-m", "service", "serve"], child_env, log_dir, port)
+    child = _spawn(name, [sys.executable, "-m", "service", "serve"], child_env, log_dir, port)
+    child.grpc_target = grpc_target
+    return child
 
 
 def start_reference(app: str, log_dir: Path) -> Child:

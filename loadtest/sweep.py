@@ -8,6 +8,8 @@ A cell is one wrk run against one server with one request body. Groups:
 * ``batching``: ``max_batch_requests=1`` beside the default;
 * ``modes``: compute dtype, amp and in-place (silu, 65,536 elements);
 * ``metrics``: the same server with ``--no-metrics``;
+* ``shm`` and ``grpc``: Python clients, not wrk (``client_cells.py``), against
+  ``actserve-grpc``;
 * ``engine``: ``--engine process`` (the shared engine process, shared memory and a control
   socket) beside the inline default, native binary: 1,024 elements at 1 and 64 clients,
   1,048,576 at 8.
@@ -42,7 +44,9 @@ SERVERS = {
     "actserve-nometrics": {"metrics": False},
     "actserve-batch1": {"max_batch_requests": 1},
     "actserve-engine": {"engine": "process"},
+    "actserve-grpc": {"grpc_port": "free"},  # the shm and grpc groups (client_cells.py)
 }
+CLIENT_GROUPS = ("shm", "grpc")  # driven by Python clients, not wrk
 ENGINE_CELLS = ((1024, 1), (1024, 64), (1048576, 8))
 REFERENCES = ("floor", "naive", "echo")
 ECHO_FROM = 65536  # the echo reference runs for sizes where the answer's size matters

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         "auto", description="inline: a compute thread in each server process; process: one "
                             "engine process owns the devices and batches every worker's "
                             "requests; auto: process on CUDA, inline on CPU")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535,
+        description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
+    shared_memory: bool = Field(
+        True, description="Triton's system shared-memory extension (HTTP and gRPC)")
     shm_arena_mib: int = Field(
         256, ge=1, le=1 << 20,
         description="engine=process: shared memory per server process for request and "

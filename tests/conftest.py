@@ -67,6 +67,7 @@ class ThreadServer:
 def serve(**overrides) -> Iterator[ThreadServer]:
     overrides.setdefault("port", free_port())
     overrides.setdefault("access_log", False)
+    overrides.setdefault("grpc_port", 0)  # gRPC only where a test asks for it
     with ThreadServer(Settings(**overrides)) as srv:
         yield srv
 

@@ -65,7 +65,8 @@ def entrypoint_env(venv: Path, port: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ACTSERVE_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", ACTSERVE_HOST="127.0.0.1",
-               ACTSERVE_PORT=str(port), ACTSERVE_ACCESS_LOG="false", PYTHONUNBUFFERED="1")
+               ACTSERVE_PORT=str(port), ACTSERVE_ACCESS_LOG="false", PYTHONUNBUFFERED="1",
+               ACTSERVE_GRPC_PORT="0")
     return env
 
 

@@ -56,7 +56,8 @@ def test_health_and_server_metadata(tc):
     assert tc.is_server_ready() is True
     meta = tc.get_server_metadata()
     assert meta["name"] == "actserve" and meta["version"]
-    assert set(meta["extensions"]) == {"binary_tensor_data", "parameters", "statistics"}
+    assert set(meta["extensions"]) == {"binary_tensor_data", "parameters", "statistics",
+                                       "system_shared_memory"}
 
 
 def test_model_metadata_and_readiness(tc):

@@ -26,6 +26,7 @@ class Wire:
     accept_encoding: str | None = None
     version: str | None = None  # v2 model version in the path
     content_type: str | None = None
+    regions: Any = None  # v2: the registered system shared-memory regions (shm_regions)
 
 
 @dataclass(slots=True)
@@ -44,7 +45,7 @@ class Encoded:
 
 
 class Codec(Protocol):
-    api: str  # the metrics label: "native" or "v2"
+    api: str  # the metrics label: "native" or "v2" (gRPC records "grpc")
 
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, Any]:

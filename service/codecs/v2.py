@@ -32,6 +32,7 @@ from service.codecs.jsonio import array_from_json, dumps, loads_object
 from service.errors import InvalidRequest, UnknownActivation, echo
 
 if TYPE_CHECKING:
+    from service.codecs.shm_regions import Region, SystemRegions
     from service.engine.activations import Activation
     from service.engine.job import Job, JobResult
     from service.engine.jobs import JobFactory
@@ -48,6 +49,20 @@ BINARY_OUTPUT = "binary_data_output"
 MAX_ID = 256  # characters of a request 'id' (echoed whole in the response)
 
 
+SHM_REGION, SHM_SIZE, SHM_OFFSET = (
+    "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+SHM_KEYS = (SHM_REGION, SHM_SIZE, SHM_OFFSET)
+
+
+@dataclass(slots=True)
+class ShmOutput:
+    """Where the output goes when the request names a shared-memory region for it."""
+
+    region: Region
+    offset: int
+    byte_size: int
+
+
 @dataclass(slots=True)
 class V2Request:
     """A decoded inference request: the one input and what the response should look like."""
@@ -58,6 +73,7 @@ class V2Request:
     settings: dict[str, Any]
     params: dict[str, Any]
     binary_output: bool
+    output_shm: ShmOutput | None = None
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -138,8 +154,10 @@ def _input_where(tensor: dict, i: int) -> str:
 
 
 # -- requests ------------------------------------------------------------------------------
-def decode(body: bytearray, header: str | None, max_elements: int) -> V2Request:
-    """A whole (already inflated) request body -> ``V2Request``."""
+def decode(body: bytearray, header: str | None, max_elements: int,
+           regions: SystemRegions | None = None) -> V2Request:
+    """A whole (already inflated) request body -> ``V2Request``. ``regions``: the registered
+    system shared-memory regions inputs and outputs may name."""
     length = header_length(header, len(body))
     obj = loads_object(bytes(memoryview(body)[:length]) if length is not None else body,
                        max_elements)
@@ -156,13 +174,15 @@ def decode(body: bytearray, header: str | None, max_elements: int) -> V2Request:
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID):
         raise InvalidRequest(f"'id' must be a string of at most {MAX_ID} characters (it is "
                              f"echoed in the response), got {echo(request_id)}")
-    settings, params, binary_default = _parameters(obj.get("parameters"))
-    binary_output = _outputs(obj.get("outputs"), binary_default)
-    array, wire = _tensor(inputs[0], body, offsets[0], max_elements)
-    return V2Request(request_id, array, wire, settings, params, binary_output)
+    settings, params, binary_default = parameters(obj.get("parameters"))
+    binary_output, out_params = outputs(obj.get("outputs"), binary_default)
+    array, wire = _tensor(inputs[0], body, offsets[0], max_elements, regions)
+    return V2Request(request_id, array, wire, settings, params, binary_output,
+                     shm_output(out_params, regions))
 
 
-def _parameters(raw: object) -> tuple[dict, dict, bool]:
+def parameters(raw: object) -> tuple[dict, dict, bool]:
+    """Request parameters -> (per-request settings, activation params, binary output)."""
     if raw is None:
         return {}, {}, False
     if not isinstance(raw, dict):
@@ -186,14 +206,14 @@ def _parameters(raw: object) -> tuple[dict, dict, bool]:
     return settings, params, binary
 
 
-def _outputs(raw: object, binary_default: bool) -> bool:
-    """Whether the one output goes back as binary."""
+def outputs(raw: object, binary_default: bool) -> tuple[bool, dict]:
+    """Whether the one output goes back as binary, and its shared-memory parameters."""
     if raw is None:
-        return binary_default
+        return binary_default, {}
     if not isinstance(raw, list):
         raise InvalidRequest("'outputs' must be a list of requested outputs")
     if not raw:
-        return binary_default
+        return binary_default, {}
     if len(raw) > 1:
         raise InvalidRequest(f"the model has exactly one output, {OUTPUT_NAME!r}; the request "
                              f"asks for {len(raw)}")
@@ -207,34 +227,122 @@ def _outputs(raw: object, binary_default: bool) -> bool:
     if not isinstance(params, dict):
         raise InvalidRequest("outputs[0].parameters must be an object")
     for key in params:
-        if key != "binary_data":
+        if key != "binary_data" and key not in SHM_KEYS:
             raise InvalidRequest(f"outputs[0].parameters.{key} is not supported; only "
-                                 "binary_data is")
+                                 f"binary_data and {', '.join(SHM_KEYS)} are")
+    shm = {k: params[k] for k in SHM_KEYS if k in params}
     if "binary_data" not in params:
-        return binary_default
+        return binary_default, shm
     if not isinstance(params["binary_data"], bool):
         raise InvalidRequest("outputs[0].parameters.binary_data must be true or false")
-    return params["binary_data"]
+    return params["binary_data"], shm
 
 
-def _tensor(tensor: dict, body: bytearray, offset: int | None,
-            max_elements: int) -> tuple[np.ndarray, str]:
-    name = tensor.get("name")
+# -- shared memory -------------------------------------------------------------------------
+def shm_input(params: dict, wire: str, shape: tuple[int, ...],
+              regions: SystemRegions | None, where: str) -> np.ndarray:
+    """The input tensor copied out of the shared-memory region its parameters name."""
+    if regions is None:
+        raise InvalidRequest(f"{where}: shared memory is not available here")
+    count = math.prod(shape)
+    need = count * dtypes.itemsize(wire)
+    size = params.get(SHM_SIZE)
+    if size != need or isinstance(size, bool):
+        raise InvalidRequest(
+            f"{where}: {SHM_SIZE} is {echo(size)} but shape {list(shape)} of "
+            f"{dtypes.NAME_TO_V2[wire]} needs {need} bytes"
+        )
+    offset = params.get(SHM_OFFSET, 0)
+    region = regions.check(params.get(SHM_REGION), offset, need, where)
+    array = np.empty(count, dtype=dtypes.STORAGE[wire])
+    regions.read_into(region, offset, memoryview(array.view(np.uint8)), where)
+    return array.reshape(shape)
+
+
+def shm_output(params: dict, regions: SystemRegions | None) -> ShmOutput | None:
+    """The output's shared-memory destination, checked against the region, or None."""
+    if not params:
+        return None
+    where = f"output {OUTPUT_NAME!r}"
+    if SHM_REGION not in params:
+        raise InvalidRequest(f"{where}: {SHM_SIZE}/{SHM_OFFSET} need {SHM_REGION}")
+    if regions is None:
+        raise InvalidRequest(f"{where}: shared memory is not available here")
+    size = params.get(SHM_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequest(f"{where}: {SHM_SIZE} must be an integer >= 0, got {echo(size)}")
+    offset = params.get(SHM_OFFSET, 0)
+    region = regions.check(params[SHM_REGION], offset, size, where)
+    return ShmOutput(region, offset, size)
+
+
+def check_output_fits(out: ShmOutput, nbytes: int) -> None:
+    if nbytes > out.byte_size:
+        raise InvalidRequest(
+            f"output {OUTPUT_NAME!r} needs {nbytes} bytes but its {SHM_SIZE} is {out.byte_size}"
+        )
+
+
+def write_output(regions: SystemRegions, out: ShmOutput, array: np.ndarray) -> int:
+    """Copy the output into its region; the bytes written."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    check_output_fits(out, flat.nbytes)
+    regions.write(out.region, out.offset, memoryview(flat.view(np.uint8)),
+                  f"output {OUTPUT_NAME!r}")
+    return flat.nbytes
+
+
+def extensions(shared_memory: bool) -> list[str]:
+    """The v2 extensions the server has (the same over HTTP and gRPC)."""
+    base = ["binary_tensor_data", "parameters", "statistics"]
+    return [*base, "system_shared_memory"] if shared_memory else base
+
+
+def tensor_meta(name: object, datatype: object, shape: object,
+                max_elements: int) -> tuple[str, tuple[int, ...], str]:
+    """The input's name, datatype and shape checked: (our wire dtype, shape, where)."""
     if name != INPUT_NAME:
         raise InvalidRequest(
             f"unknown input {echo(name)}; the model's one input is named {INPUT_NAME!r}"
         )
     where = f"input {INPUT_NAME!r}"
-    datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in dtypes.V2_TO_NAME:
         raise InvalidRequest(
             f"{where}: datatype {echo(datatype)} is not supported; use one of "
             f"{', '.join(DATATYPES)}"
         )
-    wire = dtypes.V2_TO_NAME[datatype]
-    if "shape" not in tensor:
-        raise InvalidRequest(f"{where}: missing 'shape'")
-    shape = check_shape(tensor["shape"], f"{where} shape", max_elements)
+    return dtypes.V2_TO_NAME[datatype], check_shape(shape, f"{where} shape", max_elements), where
+
+
+def array_from_bytes(buf, wire: str, shape: tuple[int, ...], size: int, where: str,
+                     offset: int = 0, what: str = "binary_data_size") -> np.ndarray:
+    """``size`` raw little-endian bytes at ``offset`` of ``buf`` -> a writable, aligned array."""
+    count = math.prod(shape)  # checked python ints: exact, and far cheaper than np.prod
+    need = count * dtypes.itemsize(wire)
+    if size != need:
+        raise InvalidRequest(
+            f"{where}: {what} is {size} bytes but shape {list(shape)} of "
+            f"{dtypes.NAME_TO_V2[wire]} needs {need}"
+        )
+    array = np.frombuffer(buf, dtype=dtypes.STORAGE[wire], count=count, offset=offset)
+    if not array.flags.aligned or not array.flags.writeable:
+        array = array.copy()
+    return array.reshape(shape)
+
+
+def _tensor(tensor: dict, body: bytearray, offset: int | None, max_elements: int,
+            regions: SystemRegions | None = None) -> tuple[np.ndarray, str]:
+    datatype = tensor.get("datatype")
+    if "shape" not in tensor and tensor.get("name") == INPUT_NAME and datatype in DATATYPES:
+        raise InvalidRequest(f"input {INPUT_NAME!r}: missing 'shape'")
+    wire, shape, where = tensor_meta(tensor.get("name"), datatype, tensor.get("shape"),
+                                     max_elements)
+    params = tensor.get("parameters")
+    if isinstance(params, dict) and SHM_REGION in params:
+        if offset is not None or "data" in tensor:
+            raise InvalidRequest(f"{where}: set one of 'data', parameters.binary_data_size or "
+                                 f"parameters.{SHM_REGION}")
+        return shm_input(params, wire, shape, regions, where), wire
     if offset is None:
         if "data" not in tensor:
             raise InvalidRequest(
@@ -247,17 +355,7 @@ def _tensor(tensor: dict, body: bytearray, offset: int | None,
             )
         return array_from_json(tensor["data"], shape, wire, f"{where} data", max_elements), wire
     size = tensor["parameters"]["binary_data_size"]
-    count = math.prod(shape)  # checked python ints: exact, and far cheaper than np.prod
-    need = count * dtypes.itemsize(wire)
-    if size != need:
-        raise InvalidRequest(
-            f"{where}: binary_data_size is {size} bytes but shape {list(shape)} of {datatype} "
-            f"needs {need}"
-        )
-    array = np.frombuffer(body, dtype=dtypes.STORAGE[wire], count=count, offset=offset)
-    if not array.flags.aligned:
-        array = array.copy()
-    return array.reshape(shape), wire
+    return array_from_bytes(body, wire, shape, size, where, offset), wire
 
 
 def json_output_problem(dtype: str) -> str | None:
@@ -273,17 +371,22 @@ def json_output_problem(dtype: str) -> str | None:
 ZERO_COPY_BYTES = 64 * 1024
 
 
-def encode(model: str, request: V2Request, array: np.ndarray,
-           dtype: str) -> tuple[bytes | list, dict[str, str]]:
+def encode(model: str, request: V2Request, array: np.ndarray, dtype: str,
+           regions: SystemRegions | None = None) -> tuple[bytes | list, dict[str, str]]:
     """The response body and its headers (Content-Type, Inference-Header-Content-Length).
     A binary answer of ``ZERO_COPY_BYTES`` or more is ``[header, zero-copy view of the
-    tensor]``, to be sent in pieces; anything else is one ``bytes``."""
+    tensor]``, to be sent in pieces; anything else is one ``bytes``. An output with a
+    shared-memory destination is written there and the response names it."""
     out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": dtypes.NAME_TO_V2[dtype],
                            "shape": list(array.shape)}
     payload: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
     if request.id is not None:
         payload["id"] = request.id
     payload["outputs"] = [out]
+    if request.output_shm is not None and regions is not None:
+        nbytes = write_output(regions, request.output_shm, array)
+        out["parameters"] = {SHM_REGION: request.output_shm.region.name, SHM_SIZE: nbytes}
+        return orjson.dumps(payload), {"Content-Type": "application/json"}
     if request.binary_output:
         flat = np.ascontiguousarray(array).reshape(-1)
         out["parameters"] = {"binary_data_size": flat.nbytes}
@@ -329,7 +432,23 @@ def compress(data: bytes, encoding: str) -> bytes:
 
 
 # -- the codec -------------------------------------------------------------------------------
-V2Answer = tuple[V2Request, "str | None"]  # the decoded request, the response's compression
+# the decoded request, the response's compression, the shared-memory regions
+V2Answer = tuple[V2Request, "str | None", "SystemRegions | None"]
+
+
+def build_job(activation: Activation, req: V2Request, jobs: JobFactory, api: str) -> Job:
+    """The validated job of a decoded v2 request (HTTP or gRPC)."""
+    job = jobs.build(activation, req.array, req.wire, req.settings, req.params,
+                     api=api, timeout_unit_s=1e-6, where="parameters")
+    if not job.mode.amp:
+        # The output dtype is known before compute: refuse now, not after.
+        if req.output_shm is not None:
+            check_output_fits(req.output_shm, job.numel * dtypes.itemsize(job.compute_dtype))
+        elif not req.binary_output:
+            problem = json_output_problem(job.compute_dtype)
+            if problem:
+                raise InvalidRequest(problem)
+    return job
 
 
 class V2Codec:
@@ -343,19 +462,13 @@ class V2Codec:
                 f"model {activation.name!r} has no version {echo(wire.version)}; its one "
                 f"version is {MODEL_VERSION!r}"
             )
-        req = decode(body, wire.header_length, jobs.settings.max_batch_elements)
-        job = jobs.build(activation, req.array, req.wire, req.settings, req.params,
-                         api=self.api, timeout_unit_s=1e-6, where="parameters")
-        if not req.binary_output and not job.mode.amp:
-            # The output dtype is known before compute: refuse now, not after.
-            problem = json_output_problem(job.compute_dtype)
-            if problem:
-                raise InvalidRequest(problem)
-        return job, (req, accepted_encoding(wire.accept_encoding))
+        req = decode(body, wire.header_length, jobs.settings.max_batch_elements, wire.regions)
+        job = build_job(activation, req, jobs, self.api)
+        return job, (req, accepted_encoding(wire.accept_encoding), wire.regions)
 
     def encode(self, job: Job, answer: V2Answer, result: JobResult) -> Encoded:
-        req, compression = answer
-        body, headers = encode(job.activation.name, req, result.array, result.dtype)
+        req, compression, regions = answer
+        body, headers = encode(job.activation.name, req, result.array, result.dtype, regions)
         media = headers.pop("Content-Type")
         if compression is not None:
             if isinstance(body, list):

@@ -10,6 +10,8 @@ import logging
 from fastapi import FastAPI
 
 from service import __version__
+from service.codecs.cuda_regions import CudaRegions
+from service.codecs.shm_regions import SystemRegions
 from service.engine.factory import build_engine
 from service.http import error_responses
 from service.http.body_budget import BodyBudget
@@ -19,6 +21,7 @@ from service.http.middleware import RequestContext
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
+from service.http.routes_shm import router as shm_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
 from service.http.services import Services
@@ -37,6 +40,18 @@ def _no_framework_telemetry() -> dict:
     return {}
 
 
+async def _start_grpc(services: Services):
+    """The KServe v2 gRPC server on ``grpc_port`` in this event loop, or None (port 0)."""
+    if not services.settings.grpc_port:
+        return None
+    from service.grpc.server import GrpcServer  # grpcio is loaded only when gRPC is on
+
+    server = GrpcServer(services.settings, services.engine, services.recorder,
+                        services.regions, services.cuda_regions)
+    await server.start()
+    return server
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = build_engine(settings)
@@ -47,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
                    ready=lambda: engine.ready, gpu_memory=engine.gpu_memory)
-    services = Services(settings, engine, recorder, bodies)
+    services = Services(settings, engine, recorder, bodies,
+                        regions=SystemRegions(enabled=settings.shared_memory),
+                        cuda_regions=CudaRegions(engine.devices))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,12 +74,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # walk only the objects requests create (shorter GC pauses, a shorter tail).
         gc.collect()
         gc.freeze()
+        grpc_server = await _start_grpc(services)
         log.info("actserve ready=%s on %s", engine.ready, engine.devices)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.graceful_shutdown_s)
             await engine.drain()
             await engine.stop()
+            services.regions.close()
 
     app = FastAPI(
         title="actserve",
@@ -79,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
+    app.include_router(shm_router)
     # The ASGI stack, outermost first: CORS (when configured), request context (ids, auth,
     # access log), the fast path for the hot routes, then the framework's own stack (error
     # middleware, router) for everything else. Built here, once, so the hot routes skip the

@@ -21,7 +21,6 @@ from service.http.exchange import handle
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-EXTENSIONS = ["binary_tensor_data", "parameters", "statistics"]
 
 
 def _engine(request: Request) -> Engine:
@@ -58,14 +57,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     headers = request.headers
     wire = Wire(header_length=headers.get(v2.HEADER),
                 accept_encoding=headers.get("accept-encoding"), version=version,
-                content_type=headers.get("content-type"))
+                content_type=headers.get("content-type"),
+                regions=request.app.state.services.regions)
     return await handle(request, v2.CODEC, name, wire)
 
 
 # -- server --------------------------------------------------------------------------------
 @router.get("", summary="Server metadata")
-async def server_metadata() -> dict:
-    return {"name": "actserve", "version": __version__, "extensions": EXTENSIONS}
+async def server_metadata(request: Request) -> dict:
+    return {"name": "actserve", "version": __version__,
+            "extensions": v2.extensions(request.app.state.services.settings.shared_memory)}
 
 
 @router.get("/health/live", summary="Liveness")

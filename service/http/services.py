@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.codecs.cuda_regions import CudaRegions
+from service.codecs.shm_regions import SystemRegions
 from service.engine.engine import Engine
 from service.http.body_budget import BodyBudget
 from service.observability.recorder import Recorder
@@ -19,3 +21,5 @@ class Services:
     engine: Engine
     recorder: Recorder
     bodies: BodyBudget
+    regions: SystemRegions | None = None  # system shared memory (HTTP and gRPC)
+    cuda_regions: CudaRegions | None = None

@@ -1,7 +1,7 @@
 """Prometheus metrics, one registry per app (no process-global state).
 
 Names carry their units; labels are bounded: activation (the registry's names, or
-"unknown"), api (native, v2), status class (2xx, 4xx, 5xx), device, rejection reason.
+"unknown"), api (native, v2, grpc), status class (2xx, 4xx, 5xx), device, rejection reason.
 Nothing is timed on ``self``: callers time with locals and observe once.
 
 Two kinds of series:

@@ -8,7 +8,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
+import numpy as np
 
+from . import _shm
 from ._base import (
     DEFAULT_BASE_URL,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -18,7 +20,7 @@ from ._base import (
     Call,
     ClientCore,
 )
-from ._exceptions import APITimeoutError
+from ._exceptions import ActserveError, APITimeoutError
 from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 
 
@@ -31,12 +33,18 @@ class AsyncClient:
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, shared_memory: str = "off",
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
                                 connect_timeout=connect_timeout, max_connections=max_connections,
-                                retry_policy=retry_policy, headers=headers)
+                                retry_policy=retry_policy, headers=headers,
+                                shared_memory=shared_memory,
+                                shared_memory_threshold=shared_memory_threshold)
         self._http = httpx.AsyncClient(**self._core.http_options(), transport=transport)
+        self._regions = _shm.RegionPool()
+        self._shm_ok: bool | None = None  # None: not probed yet
+        self._probe_lock = asyncio.Lock()
 
     @property
     def base_url(self) -> str:
@@ -68,9 +76,57 @@ class AsyncClient:
                        timeout: float | None = None, protocol: str | None = None,
                        **params: Any) -> Any:
         """Apply activation ``name`` to ``x``; the result is the same kind and shape as ``x``."""
+        need = self._core.shm_bytes(x, compute_dtype, amp, protocol)
+        if need and await self._shared_memory_works():
+            region = await self._lease(need)
+            try:
+                return await self._execute(self._core.activate_call(
+                    name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace,
+                    timeout=timeout, protocol=protocol, options=params, region=region))
+            finally:
+                self._regions.give_back(region)
         return await self._execute(self._core.activate_call(
             name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace, timeout=timeout,
             protocol=protocol, options=params))
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return bool(self._shm_ok)
+
+    async def _shared_memory_works(self) -> bool:
+        if self._shm_ok is not None:
+            return self._shm_ok
+        async with self._probe_lock:
+            if self._shm_ok is None:
+                self._shm_ok = await self._probe()
+        return self._shm_ok
+
+    async def _probe(self) -> bool:
+        values = _shm.probe_values()
+        try:
+            region = await self._lease(2 * values.nbytes)
+        except (ActserveError, OSError):
+            return False
+        try:
+            back = await self._execute(self._core.activate_call("relu", values, region=region))
+            return bool(np.array_equal(back, values))
+        except ActserveError:
+            return False
+        finally:
+            self._regions.give_back(region)
+
+    async def _lease(self, nbytes: int) -> _shm.Region:
+        region = self._regions.take(nbytes)
+        if region is not None:
+            return region
+        region = self._regions.new(nbytes)
+        try:
+            await self._execute(self._core.register_call(region))
+        except BaseException:
+            _shm.destroy(region)
+            raise
+        self._regions.adopt(region)
+        return region
 
     async def activate_many(self, name: str, xs: Iterable[Any], /, *,
                             concurrency: int | None = None, compute_dtype: Any = None,
@@ -121,7 +177,13 @@ class AsyncClient:
 
     # -- lifetime -------------------------------------------------------------------------
     async def aclose(self) -> None:
-        """Close every pooled connection. The client cannot be used afterwards."""
+        """Release the shared-memory regions and close every pooled connection."""
+        for region in self._regions.drain():
+            try:
+                await self._execute(self._core.unregister_call(region))
+            except ActserveError:
+                pass
+            _shm.destroy(region)
         await self._http.aclose()
 
     close = aclose

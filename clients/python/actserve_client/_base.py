@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import _protocol
-from ._arrays import Kind, dtype_name, from_wire, to_wire
+from . import _protocol, _shm
+from ._arrays import STORAGE, Kind, dtype_name, from_wire, to_wire
 from ._exceptions import (
     ActserveError,
     APIConnectionError,
@@ -110,8 +110,14 @@ class ClientCore:
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, shared_memory: str = "off",
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         parts = urlsplit(base_url)
+        if shared_memory not in _shm.MODES:
+            raise ValueError(f"shared_memory={shared_memory!r} is not one of "
+                             f"{', '.join(_shm.MODES)}")
+        self.shared_memory = shared_memory
+        self.shared_memory_threshold = shared_memory_threshold
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base_url must look like http://host:port, got {base_url!r}")
         if protocol not in PROTOCOLS:
@@ -161,7 +167,10 @@ class ClientCore:
     def activate_call(self, name: str, x: object, *, compute_dtype: object = None,
                       amp: bool | None = False, inplace: bool | None = False,
                       timeout: float | None = None, protocol: str | None = None,
-                      options: Mapping[str, Any] | None = None) -> Call:
+                      options: Mapping[str, Any] | None = None,
+                      region: _shm.Region | None = None) -> Call:
+        """The call for one activation; with ``region`` (a leased shared-memory region),
+        the tensors travel through it (v2 only) and only JSON goes over HTTP."""
         protocol = self.protocol if protocol is None else protocol
         if protocol not in PROTOCOLS:
             raise InvalidInputError(f"protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -184,14 +193,24 @@ class ClientCore:
         if extra.get("priority") is not None:
             settings["priority"] = extra["priority"]
         request_id = uuid.uuid4().hex
-        request = _protocol.build(protocol, name, wire, settings, params, request_id)
+        if region is not None:
+            offset = _shm.out_offset(wire.nbytes)
+            out_bytes = region.size - offset
+            _shm.write_input(region, wire.storage)
+            request = _protocol.build_v2_shm(name, wire, settings, params, request_id,
+                                             region.name, offset, out_bytes)
+        else:
+            request = _protocol.build(protocol, name, wire, settings, params, request_id)
         request.headers["X-Request-Id"] = request_id
         if timeout is not None:
             request = HttpRequest(request.method, request.path, request.headers, request.content,
                                   request.params, settings["timeout"] + DEADLINE_GRACE_S)
 
         def parse(headers: Mapping[str, str], content: bytes, _kind: Kind = kind) -> Any:
-            result = _protocol.parse(protocol, headers, content)
+            if region is not None:
+                result = _protocol.parse_v2_shm(content, region.buf, _shm.out_offset(wire.nbytes))
+            else:
+                result = _protocol.parse(protocol, headers, content)
             if result.shape != wire.shape:  # activations are elementwise
                 raise MalformedResponseError(
                     f"the server answered shape {list(result.shape)} for an input of shape "
@@ -199,6 +218,35 @@ class ClientCore:
             return from_wire(result.storage, result.dtype, _kind)
 
         return Call(request, parse, request_id)
+
+    def shm_bytes(self, x: object, compute_dtype: object, amp: bool | None,
+                  protocol: str | None) -> int:
+        """The region size a call through shared memory needs (input, aligned, then the
+        output at its largest), or 0 when the call goes over HTTP."""
+        if self.shared_memory == "off" or (protocol or self.protocol) != "v2":
+            return 0
+        wire, _ = to_wire(x)
+        if wire.nbytes < self.shared_memory_threshold:
+            return 0
+        out_item = STORAGE[dtype_name(compute_dtype, "compute_dtype")].itemsize \
+            if compute_dtype is not None else wire.storage.itemsize
+        if amp:
+            out_item = max(out_item, 4)  # autocast may answer float32
+        return _shm.out_offset(wire.nbytes) + wire.storage.size * out_item
+
+    def post_call(self, path: str, body: Mapping[str, Any]) -> Call:
+        request_id = uuid.uuid4().hex
+        request = HttpRequest("POST", path, {"X-Request-Id": request_id,
+                                             "Content-Type": "application/json"},
+                              json.dumps(body).encode())
+        return Call(request, lambda headers, content: None, request_id, retry=False)
+
+    def register_call(self, region: _shm.Region) -> Call:
+        return self.post_call(f"/v2/systemsharedmemory/region/{region.name}/register",
+                              {"key": region.key, "offset": 0, "byte_size": region.size})
+
+    def unregister_call(self, region: _shm.Region) -> Call:
+        return self.post_call(f"/v2/systemsharedmemory/region/{region.name}/unregister", {})
 
     def get_call(self, path: str, parse: Callable[[Any], Any] = lambda obj: obj) -> Call:
         request_id = uuid.uuid4().hex

@@ -162,6 +162,39 @@ def parse_v2(headers: Mapping[str, str], content: bytes) -> Wire:
         raise MalformedResponseError(str(exc)) from None
 
 
+def build_v2_shm(name: str, wire: Wire, settings: Mapping[str, Any], params: Mapping[str, Any],
+                 request_id: str, region: str, out_offset: int, out_bytes: int) -> HttpRequest:
+    """A v2 request whose input sits at the start of the registered shared-memory ``region``
+    and whose output goes into the same region at ``out_offset`` (at most ``out_bytes``)."""
+    tensor = {"name": V2_INPUT_NAME, "shape": list(wire.shape), "datatype": NAME_TO_V2[wire.dtype],
+              "parameters": {"shared_memory_region": region,
+                             "shared_memory_byte_size": wire.nbytes}}
+    output = {"name": "output", "parameters": {"shared_memory_region": region,
+                                               "shared_memory_byte_size": out_bytes,
+                                               "shared_memory_offset": out_offset}}
+    body = _dumps({"id": request_id, "inputs": [tensor], "outputs": [output],
+                   "parameters": _v2_parameters(settings, params)})
+    return HttpRequest("POST", activation_path("/v2/models/", name, "/infer"),
+                       {"Content-Type": "application/json"}, body)
+
+
+def parse_v2_shm(content: bytes, buf: memoryview, out_offset: int) -> Wire:
+    """The answer to ``build_v2_shm``: the output copied out of the region."""
+    try:
+        obj = _loads(content, "v2 response")
+        out = (obj.get("outputs") or [None])[0]
+        if not isinstance(out, dict):
+            raise ValueError("v2 response has no outputs")
+        dtype, shape = V2_TO_NAME.get(out.get("datatype", "")), out.get("shape")
+        size = (out.get("parameters") or {}).get("shared_memory_byte_size")
+        if dtype is None or not isinstance(shape, list) or not isinstance(size, int):
+            raise ValueError(f"v2 shared-memory output {out!r} lacks datatype, shape or size")
+        view = storage_from_buffer(buf[out_offset:out_offset + size], dtype, shape)
+        return Wire(view.copy(), dtype)  # the region is reused by the next call
+    except (ValueError, TypeError) as exc:
+        raise MalformedResponseError(str(exc)) from None
+
+
 # -- native --------------------------------------------------------------------------------
 def build_native(name: str, wire: Wire, settings: Mapping[str, Any], params: Mapping[str, Any],
                  request_id: str, *, binary: bool = True) -> HttpRequest:

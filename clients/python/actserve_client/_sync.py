@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import numpy as np
 
+from . import _shm
 from ._base import (
     DEFAULT_BASE_URL,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -18,7 +21,7 @@ from ._base import (
     Call,
     ClientCore,
 )
-from ._exceptions import APITimeoutError
+from ._exceptions import ActserveError, APITimeoutError
 from ._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 
 
@@ -33,6 +36,9 @@ class Client:
     ``max_connections``: size of the connection pool.
     ``retry_policy``: backoff details (overrides ``max_retries``); ``headers``: sent with
     every request; ``transport``: an httpx transport (tests, proxies, ASGI apps).
+    ``shared_memory``: "auto" sends tensors of ``shared_memory_threshold`` bytes (1 MiB) and
+    more through system shared memory when the server is on this host (checked once with
+    a probe region the server must read back; otherwise, and for "off", over HTTP).
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, timeout: float = DEFAULT_TIMEOUT_S,
@@ -40,12 +46,18 @@ class Client:
                  protocol: str = "v2", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, shared_memory: str = "off",
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
                                 connect_timeout=connect_timeout, max_connections=max_connections,
-                                retry_policy=retry_policy, headers=headers)
+                                retry_policy=retry_policy, headers=headers,
+                                shared_memory=shared_memory,
+                                shared_memory_threshold=shared_memory_threshold)
         self._http = httpx.Client(**self._core.http_options(), transport=transport)
+        self._regions = _shm.RegionPool()
+        self._shm_ok: bool | None = None  # None: not probed yet
+        self._probe_lock = threading.Lock()
 
     @property
     def base_url(self) -> str:
@@ -86,9 +98,58 @@ class Client:
         ``timeout``: seconds; the server's deadline for this request and the wait for it.
         ``protocol``: override the client's wire format for this call.
         """
+        need = self._core.shm_bytes(x, compute_dtype, amp, protocol)
+        if need and self._shared_memory_works():
+            region = self._lease(need)
+            try:
+                return self._execute(self._core.activate_call(
+                    name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace,
+                    timeout=timeout, protocol=protocol, options=params, region=region))
+            finally:
+                self._regions.give_back(region)
         return self._execute(self._core.activate_call(
             name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace, timeout=timeout,
             protocol=protocol, options=params))
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """True once the probe showed the server reads this host's shared memory."""
+        return bool(self._shm_ok)
+
+    def _shared_memory_works(self) -> bool:
+        if self._shm_ok is not None:
+            return self._shm_ok
+        with self._probe_lock:
+            if self._shm_ok is None:
+                self._shm_ok = self._probe()
+        return self._shm_ok
+
+    def _probe(self) -> bool:
+        values = _shm.probe_values()
+        try:
+            region = self._lease(2 * values.nbytes)
+        except (ActserveError, OSError):
+            return False  # another host, the extension off, no /dev/shm here
+        try:
+            back = self._execute(self._core.activate_call("relu", values, region=region))
+            return bool(np.array_equal(back, values))
+        except ActserveError:
+            return False
+        finally:
+            self._regions.give_back(region)
+
+    def _lease(self, nbytes: int) -> _shm.Region:
+        region = self._regions.take(nbytes)
+        if region is not None:
+            return region
+        region = self._regions.new(nbytes)
+        try:
+            self._execute(self._core.register_call(region))
+        except BaseException:
+            _shm.destroy(region)
+            raise
+        self._regions.adopt(region)
+        return region
 
     def activate_many(self, name: str, xs: Iterable[Any], /, *, concurrency: int | None = None,
                       compute_dtype: Any = None, amp: bool | None = False,
@@ -138,7 +199,14 @@ class Client:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every pooled connection. The client cannot be used afterwards."""
+        """Release the shared-memory regions and close every pooled connection. The client
+        cannot be used afterwards."""
+        for region in self._regions.drain():
+            try:
+                self._execute(self._core.unregister_call(region))
+            except ActserveError:
+                pass  # the server is gone: it released its side
+            _shm.destroy(region)
         self._http.close()
 
     @property

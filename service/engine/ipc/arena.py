@@ -26,6 +26,11 @@ ALIGN = 64  # every slot starts on a cache line
 _NAME = re.compile(r"^actserve-(\d+)-[0-9a-f]{8}$")
 
 
+def is_arena(name: str) -> bool:
+    """Whether ``name`` (a file under /dev/shm) is the name of an engine arena."""
+    return bool(_NAME.match(name))
+
+
 class ArenaFull(Exception):
     """No free run of the size asked for, right now."""
 

@@ -1,0 +1,229 @@
+"""System shared-memory regions (Triton's ``systemsharedmemory`` extension). Torch-free.
+
+A client creates a POSIX shared-memory object (``/dev/shm/<key>``), registers a window of
+it under a name, and then names the region instead of sending tensor bytes: the server
+copies inputs out of it and answers into it.
+
+Safety (the client owns the object and may truncate or unlink it at any time):
+
+* keys are plain names (``/name`` or ``name``: letters, digits, ``. _ -``) under
+  ``/dev/shm``, opened without following links or blocking, and must be regular files; the
+  names of the server's own engine arenas (``--engine process``) are refused;
+* the server never maps the object: it copies with ``pread``/``pwrite`` on the file
+  descriptor it keeps open from registration, so a truncated object cannot fault (a read
+  past the end comes back short), and every use first checks the window against the
+  object's current size (``fstat``) and that the key still names the registered object
+  (``stat``): a truncated or unlinked region is a 400 naming it;
+* the one race left is benign: if the client truncates the object between that check and
+  an output ``pwrite``, the write grows the object back to the written end (no fault, no
+  crash; the client's own truncation is undone for those bytes);
+* regions are closed on unregister and on shutdown (``close``); ``enabled=False`` refuses
+  every call (``ACTSERVE_SHARED_MEMORY=false``).
+
+Every method runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from service.engine.ipc.arena import is_arena
+from service.errors import InvalidRequest, UnknownActivation, echo
+
+ROOT = "/dev/shm"
+MAX_REGIONS = 256
+_KEY_RE = re.compile(r"^/?[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+OFF = ("system shared memory is turned off on this server (ACTSERVE_SHARED_MEMORY=false); "
+       "send the tensor in the request")
+
+
+class RegionNotFound(UnknownActivation):
+    """An unknown region name (404, like an unknown model)."""
+
+    type = "not_found"
+
+
+@dataclass(slots=True)
+class Region:
+    name: str
+    key: str
+    offset: int  # of the window in the object
+    byte_size: int  # of the window
+    fd: int
+    dev: int
+    ino: int
+    path: str
+
+    def status(self) -> dict:
+        return {"name": self.name, "key": self.key, "offset": self.offset,
+                "byte_size": self.byte_size}
+
+
+class SystemRegions:
+    def __init__(self, enabled: bool = True, root: str = ROOT) -> None:
+        self.enabled = enabled
+        self.root = root
+        self._regions: dict[str, Region] = {}
+
+    # -- management -------------------------------------------------------------------------
+    def register(self, name: object, key: object, offset: object, byte_size: object) -> None:
+        self.check_enabled()
+        name = _check_name(name)
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise InvalidRequest(
+                f"shared memory key {echo(key)} is not allowed: use a plain name under /dev/shm "
+                "('/name' or 'name': letters, digits, '.', '_', '-')"
+            )
+        if is_arena(key.lstrip("/")):
+            raise InvalidRequest(f"shared memory key {key!r} is reserved: the server's engine "
+                                 "arenas cannot be registered")
+        offset = _check_int(offset, "offset", 0)
+        byte_size = _check_int(byte_size, "byte_size", 1)
+        if name in self._regions:
+            raise InvalidRequest(f"shared memory region {name!r} is already registered; "
+                                 "unregister it first")
+        if len(self._regions) >= MAX_REGIONS:
+            raise InvalidRequest(f"at most {MAX_REGIONS} shared memory regions may be registered")
+        path = os.path.join(self.root, key.lstrip("/"))
+        fd = _open(path, key)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidRequest(f"shared memory key {key!r} is not a shared memory object")
+            if offset + byte_size > st.st_size:
+                raise InvalidRequest(
+                    f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} is "
+                    f"beyond the end of {key!r} ({st.st_size} bytes)"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, fd, st.st_dev, st.st_ino, path)
+
+    def unregister(self, name: object = "") -> None:
+        """One region, or every region when ``name`` is empty."""
+        self.check_enabled()
+        if not name:
+            self.close()
+            return
+        region = self._get(_check_name(name))
+        del self._regions[region.name]
+        os.close(region.fd)
+
+    def status(self, name: object = "") -> list[dict]:
+        self.check_enabled()
+        if not name:
+            return [r.status() for r in self._regions.values()]
+        return [self._get(_check_name(name)).status()]
+
+    def close(self) -> None:
+        """Release every region (unregister-all and shutdown)."""
+        regions, self._regions = list(self._regions.values()), {}
+        for region in regions:
+            os.close(region.fd)
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    # -- use --------------------------------------------------------------------------------
+    def check(self, name: object, offset: object, size: int, where: str) -> Region:
+        """The region named for an input or output, with ``size`` bytes from ``offset`` inside
+        its window (a 400 naming ``where`` otherwise)."""
+        self.check_enabled()
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"{where}: shared_memory_region must be a region name")
+        region = self._regions.get(name)
+        if region is None:
+            raise InvalidRequest(f"{where}: shared memory region {echo(name)} is not registered")
+        offset = _check_int(offset, f"{where}: shared_memory_offset", 0)
+        if offset + size > region.byte_size:
+            raise InvalidRequest(
+                f"{where}: {size} bytes at offset {offset} do not fit in shared memory region "
+                f"{name!r} of {region.byte_size} bytes"
+            )
+        return region
+
+    def read_into(self, region: Region, offset: int, out: memoryview, where: str) -> None:
+        """Copy ``len(out)`` bytes from the region's window at ``offset`` into ``out``."""
+        start = region.offset + offset
+        self._live(region, start + out.nbytes, where)
+        done = 0
+        while done < out.nbytes:
+            n = os.preadv(region.fd, [out[done:]], start + done)
+            if n <= 0:  # truncated after the check: a short read, never a fault
+                raise InvalidRequest(self._shrunk(region, where))
+            done += n
+
+    def write(self, region: Region, offset: int, data: memoryview, where: str) -> None:
+        start = region.offset + offset
+        self._live(region, start + data.nbytes, where)
+        done = 0
+        while done < data.nbytes:
+            done += os.pwrite(region.fd, data[done:], start + done)
+
+    def _live(self, region: Region, end: int, where: str) -> None:
+        if self._regions.get(region.name) is not region:
+            raise InvalidRequest(f"{where}: shared memory region {region.name!r} was "
+                                 "unregistered while the request was in flight")
+        try:
+            st = os.stat(region.path, follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == (region.dev, region.ino)
+        except OSError:
+            same = False
+        if not same:
+            raise InvalidRequest(
+                f"{where}: the shared memory object {region.key!r} of region {region.name!r} "
+                "was removed (unlinked) after registration; register it again"
+            )
+        if os.fstat(region.fd).st_size < end:
+            raise InvalidRequest(self._shrunk(region, where))
+
+    @staticmethod
+    def _shrunk(region: Region, where: str) -> str:
+        size = os.fstat(region.fd).st_size
+        return (f"{where}: the shared memory object {region.key!r} of region {region.name!r} "
+                f"was truncated to {size} bytes after registration; its window ends at "
+                f"{region.offset + region.byte_size}")
+
+    # -- helpers ----------------------------------------------------------------------------
+    def check_enabled(self) -> None:
+        """A 400 when the extension is turned off."""
+        if not self.enabled:
+            raise InvalidRequest(OFF)
+
+    def _get(self, name: str) -> Region:
+        region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFound(f"no shared memory region named {name!r} is registered")
+        return region
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidRequest(
+            f"shared memory region name {echo(name)} is not allowed: 1 to 128 letters, digits, "
+            "'.', '_', ':' or '-'"
+        )
+    return name
+
+
+def _check_int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"{what} must be an integer >= {minimum}, got {echo(value)}")
+    return value
+
+
+def _open(path: str, key: str) -> int:
+    # O_NONBLOCK: a FIFO or device planted under the key must not block the event loop in
+    # open(); it is refused below as not a regular file
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        return os.open(path, os.O_RDWR | flags)
+    except FileNotFoundError:
+        raise InvalidRequest(f"shared memory key {key!r} does not exist under /dev/shm") from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot open shared memory key {key!r}: {exc.strerror}") from None

@@ -1,0 +1,112 @@
+"""``inference.ModelInferRequest`` <-> the v2 codec's ``V2Request``, so a gRPC request is
+validated by the same functions as an HTTP one (``service.codecs.v2``): the same parameters
+(activation params, ``compute_dtype``, ``amp``, ``inplace``, ``timeout`` in microseconds,
+``priority``), the same checks, the same messages. Torch-free.
+
+Inputs come as ``raw_input_contents`` (raw little-endian bytes, any datatype), as
+``contents`` (``fp32_contents`` / ``fp64_contents``), or from a registered shared-memory
+region (input parameters ``shared_memory_region`` / ``_byte_size`` / ``_offset``). The output
+goes back as ``raw_output_contents``, or into the region its parameters name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service import dtypes
+from service.codecs import v2
+from service.codecs.shm_regions import SystemRegions
+from service.errors import InvalidRequest, UnknownActivation, echo
+from service.grpc import messages
+
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+def param_value(p) -> object:
+    """An ``InferParameter`` as the Python value JSON would have given."""
+    choice = p.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(p, choice)
+
+
+def param_dict(params) -> dict:
+    return {key: param_value(value) for key, value in params.items()}
+
+
+def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Request:
+    inputs = request.inputs
+    raw = request.raw_input_contents
+    if not inputs:
+        raise InvalidRequest("'inputs' must be a non-empty list of tensors")
+    if raw and len(raw) != len(inputs):
+        raise InvalidRequest(f"raw_input_contents has {len(raw)} entries for {len(inputs)} "
+                             "inputs; send one per input, in the order of inputs")
+    if len(inputs) != 1:
+        raise InvalidRequest(
+            f"the model has exactly one input, {v2.INPUT_NAME!r}; the request has {len(inputs)}"
+        )
+    settings, params, _ = v2.parameters(param_dict(request.parameters))
+    wanted = [{"name": o.name, "parameters": param_dict(o.parameters)} for o in request.outputs]
+    _, out_params = v2.outputs(wanted, True)
+    array, wire = _tensor(inputs[0], raw[0] if raw else None, max_elements, regions)
+    return v2.V2Request(request.id or None, array, wire, settings, params, True,
+                        v2.shm_output(out_params, regions))
+
+
+def _tensor(tensor, raw: bytes | None, max_elements: int,
+            regions: SystemRegions | None) -> tuple[np.ndarray, str]:
+    wire, shape, where = v2.tensor_meta(tensor.name, tensor.datatype, list(tensor.shape),
+                                        max_elements)
+    params = param_dict(tensor.parameters)
+    has_contents = tensor.HasField("contents")
+    sources = (raw is not None) + has_contents + (v2.SHM_REGION in params)
+    if sources > 1:
+        raise InvalidRequest(f"{where}: set one of raw_input_contents, contents or "
+                             f"parameters.{v2.SHM_REGION}")
+    if v2.SHM_REGION in params:
+        return v2.shm_input(params, wire, shape, regions, where), wire
+    if raw is not None:
+        return v2.array_from_bytes(raw, wire, shape, len(raw), where,
+                                   what="raw_input_contents"), wire
+    count = math.prod(shape)
+    field = CONTENTS.get(tensor.datatype)
+    if not has_contents:
+        if count == 0:
+            return np.empty(shape, dtype=dtypes.STORAGE[wire]), wire
+        raise InvalidRequest(f"{where}: send its data in raw_input_contents, contents or a "
+                             "shared memory region")
+    if field is None:
+        raise InvalidRequest(f"{where}: {tensor.datatype} data cannot travel in contents; "
+                             "send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    for other in CONTENTS.values():
+        if other != field and len(getattr(tensor.contents, other)):
+            raise InvalidRequest(f"{where}: a {tensor.datatype} tensor carries its values in "
+                                 f"contents.{field}, not contents.{other}")
+    if len(values) != count:
+        raise InvalidRequest(f"{where}: contents.{field} has {len(values)} values but shape "
+                             f"{list(shape)} needs {count}")
+    return np.array(values, dtype=dtypes.STORAGE[wire]).reshape(shape), wire
+
+
+def encode(model: str, req: v2.V2Request, array: np.ndarray, dtype: str,
+           regions: SystemRegions | None):
+    """The ``ModelInferResponse``: the output as raw bytes, or written to its region."""
+    resp = messages.ModelInferResponse(model_name=model, model_version=v2.MODEL_VERSION,
+                                       id=req.id or "")
+    out = resp.outputs.add(name=v2.OUTPUT_NAME, datatype=dtypes.NAME_TO_V2[dtype],
+                           shape=list(array.shape))
+    if req.output_shm is not None and regions is not None:
+        nbytes = v2.write_output(regions, req.output_shm, array)
+        out.parameters[v2.SHM_REGION].string_param = req.output_shm.region.name
+        out.parameters[v2.SHM_SIZE].int64_param = nbytes
+        return resp
+    resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return resp
+
+
+def check_version(model: str, version: str) -> None:
+    if version and version != v2.MODEL_VERSION:
+        raise UnknownActivation(f"model {model!r} has no version {echo(version)}; its one "
+                                f"version is {v2.MODEL_VERSION!r}")

@@ -1,0 +1,188 @@
+"""The ``inference.GRPCInferenceService`` RPCs: health, metadata, inference (unary and
+Triton's bidirectional stream), statistics and the shared-memory extensions.
+
+Inference is ``service.grpc.inference``. Errors become gRPC status codes with the HTTP
+message (``CODES``). With API keys configured every RPC but ServerLive and ServerReady
+needs ``authorization: Bearer <key>`` metadata.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import grpc
+from google.protobuf import json_format
+
+from service import __version__
+from service.codecs import v2
+from service.codecs.cuda_regions import CudaRegions
+from service.codecs.shm_regions import SystemRegions
+from service.engine.engine import Engine
+from service.errors import ActserveError, Unauthorized
+from service.grpc import codec, messages
+from service.grpc.inference import Inference
+from service.observability.recorder import Recorder
+from service.settings import Settings
+
+log = logging.getLogger("actserve")
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+OPEN = ("ServerLive", "ServerReady")
+
+
+def code_of(exc: ActserveError) -> grpc.StatusCode:
+    return CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
+                 regions: SystemRegions, cuda_regions: CudaRegions) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.recorder = recorder
+        self.regions = regions
+        self.cuda = cuda_regions
+        self.keys = [k.encode() for k in settings.api_key_list]
+        self.inference = Inference(settings, engine, recorder, regions)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _authorised(self, context) -> bool:
+        if not self.keys:
+            return True
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    return False
+                ok = False
+                for k in self.keys:
+                    ok |= hmac.compare_digest(token.strip().encode(), k)
+                return ok
+        return False
+
+    def wrap(self, name: str, fn):
+        """``fn(request, context)`` with auth and the error table around it."""
+
+        async def unary(request, context):
+            if name not in OPEN and not self._authorised(context):
+                self.recorder.reject(Unauthorized("unauthorized"))
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing or invalid bearer token (authorization: Bearer ...)")
+            try:
+                return await fn(request, context)
+            except ActserveError as exc:
+                code, message = code_of(exc), exc.message
+            except Exception:
+                log.exception("gRPC %s failed", name)
+                code, message = grpc.StatusCode.INTERNAL, f"internal error in {name}"
+            await context.abort(code, message)
+
+        return unary
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        table = {}
+        for name, client_streams, server_streams in messages.methods():
+            req_cls, resp_cls = messages.method_types(name)
+            if client_streams and server_streams:  # ModelStreamInfer
+                table[name] = grpc.stream_stream_rpc_method_handler(
+                    self.stream, request_deserializer=req_cls.FromString,
+                    response_serializer=resp_cls.SerializeToString)
+            else:
+                fn = getattr(self, name)
+                table[name] = grpc.unary_unary_rpc_method_handler(
+                    self.wrap(name, fn), request_deserializer=req_cls.FromString,
+                    response_serializer=resp_cls.SerializeToString)
+        return grpc.method_handlers_generic_handler(messages.SERVICE, table)
+
+    # -- health and metadata ----------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return messages.message("ServerLiveResponse")(live=True)
+
+    async def ServerReady(self, request, context):
+        return messages.message("ServerReadyResponse")(ready=self.engine.ready)
+
+    async def ModelReady(self, request, context):
+        act = self.engine.registry.find(request.name)
+        known = act is not None and request.version in ("", v2.MODEL_VERSION)
+        return messages.message("ModelReadyResponse")(ready=known and self.engine.ready)
+
+    async def ServerMetadata(self, request, context):
+        return messages.message("ServerMetadataResponse")(
+            name="actserve", version=__version__,
+            extensions=v2.extensions(self.settings.shared_memory))
+
+    async def ModelMetadata(self, request, context):
+        act = self._model(request.name, request.version)
+        resp = messages.message("ModelMetadataResponse")(
+            name=act.name, versions=[v2.MODEL_VERSION], platform=v2.PLATFORM)
+        resp.inputs.add(name=v2.INPUT_NAME, datatype="FP32", shape=[-1])
+        resp.outputs.add(name=v2.OUTPUT_NAME, datatype="FP32", shape=[-1])
+        return resp
+
+    async def ModelStatistics(self, request, context):
+        name = None
+        if request.name:
+            name = self._model(request.name, request.version).name
+        return json_format.ParseDict(self.recorder.model_stats.snapshot(name),
+                                     messages.message("ModelStatisticsResponse")())
+
+    def _model(self, name: str, version: str):
+        act = self.engine.registry.get(name)  # UnknownActivation: NOT_FOUND
+        codec.check_version(act.name, version)
+        return act
+
+    # -- shared memory ------------------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request, context):
+        resp = messages.message("SystemSharedMemoryStatusResponse")()
+        for r in self.regions.status(request.name):
+            entry = resp.regions[r["name"]]
+            entry.name, entry.key = r["name"], r["key"]
+            entry.offset, entry.byte_size = r["offset"], r["byte_size"]
+        return resp
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        return messages.message("SystemSharedMemoryRegisterResponse")()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.regions.unregister(request.name)
+        return messages.message("SystemSharedMemoryUnregisterResponse")()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        self.cuda.status(request.name)
+        return messages.message("CudaSharedMemoryStatusResponse")()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.cuda.register(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return messages.message("CudaSharedMemoryRegisterResponse")()
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.cuda.unregister(request.name)
+        return messages.message("CudaSharedMemoryUnregisterResponse")()
+
+    # -- inference ----------------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        response, trailing = await self.inference.run(request)
+        if isinstance(response, ActserveError):
+            raise response
+        context.set_trailing_metadata(trailing)
+        return response
+
+    async def stream(self, request_iterator, context):
+        """Triton's ModelStreamInfer (``Inference.stream``), behind the same auth."""
+        if not self._authorised(context):
+            self.recorder.reject(Unauthorized("unauthorized"))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid bearer token (authorization: Bearer ...)")
+        async for item in self.inference.stream(request_iterator):
+            yield item
