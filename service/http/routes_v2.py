@@ -16,6 +16,7 @@ from service.codecs import v2
 from service.engine.job import Job, JobResult
 from service.engine.runtime import Runtime
 from service.errors import InvalidRequest, NotReady, UnknownActivation, echo
+from service.http import cluster_view
 from service.http.exchange import handle
 from service.http.parts_response import PartsResponse
 
@@ -103,25 +104,29 @@ async def live() -> dict:
 @router.get("/health/ready", summary="Readiness")
 async def ready(request: Request) -> dict:
     _ready(_runtime(request))
+    if others := cluster_view.workers_not_ready(request):
+        raise NotReady(f"the server is not ready (worker slot(s) {others})")
     return {"ready": True}
 
 
 # -- statistics (declared before /models/{name} so "stats" is not taken for a model) --------
 @router.get("/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> dict:
-    return _runtime(request).model_stats.snapshot()
+    return await cluster_view.model_stats(request, _runtime(request).model_stats.snapshot())
 
 
 @router.get("/models/{name}/stats", summary="Statistics of one model")
 async def model_stats(name: str, request: Request) -> dict:
     rt = _runtime(request)
-    return rt.model_stats.snapshot(_model(rt, name).name)
+    act = _model(rt, name).name
+    return await cluster_view.model_stats(request, rt.model_stats.snapshot(act), act)
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one model version")
 async def model_version_stats(name: str, version: str, request: Request) -> dict:
     rt = _runtime(request)
-    return rt.model_stats.snapshot(_model(rt, name, version).name)
+    act = _model(rt, name, version).name
+    return await cluster_view.model_stats(request, rt.model_stats.snapshot(act), act)
 
 
 # -- model metadata and readiness -----------------------------------------------------------
