@@ -24,10 +24,11 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
+def reuseport_socket(host: str, port: int, *, reuse_addr: bool) -> socket.socket:
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_addr:  # only for listeners: SO_REUSEADDR would let others share a bound socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -42,12 +43,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         port = probe.getsockname()[1]
-    return reuseport_socket(host, port)
+    return reuseport_socket(host, port, reuse_addr=False)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A worker's own listener in the port's ``SO_REUSEPORT`` group."""
-    sock = reuseport_socket(host, port)
+    sock = reuseport_socket(host, port, reuse_addr=True)
     sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
