@@ -7,7 +7,6 @@ command-line flags on top (see ``service.cli``), validated here and passed to
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Literal
 
@@ -87,7 +86,9 @@ class Settings(BaseSettings):
     @property
     def worker_count(self) -> int:
         """``workers`` as a number: ``auto`` is the cores this process may run on."""
-        return len(os.sched_getaffinity(0)) if self.workers == "auto" else int(self.workers)
+        from service.process.cores import usable_cores
+
+        return usable_cores() if self.workers == "auto" else int(self.workers)
 
     @model_validator(mode="after")
     def _check_batch_limits(self) -> Settings:

@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from service.process import merge
+from service.process.cores import usable_cores
 from service.process.rundir import base_dir
 from service.settings import Settings
 
@@ -132,10 +133,22 @@ def two_workers():
 def test_workers_setting_takes_a_count_or_auto():
     assert Settings(workers="3").worker_count == 3
     assert Settings().worker_count == 1
-    assert Settings(workers="auto").worker_count == len(os.sched_getaffinity(0))
+    assert 1 <= Settings(workers="auto").worker_count <= len(os.sched_getaffinity(0))
     for bad in ("0", "-2", "two", "1.5"):
         with pytest.raises(ValueError, match="ACTSERVE_WORKERS"):
             Settings(workers=bad)
+
+
+def test_auto_is_the_cores_within_the_cgroup_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(cpu_max) == affinity  # no cgroup file: the affinity mask
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a core: one worker
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * affinity + 1} 100000\n")  # more than the mask
+    assert usable_cores(cpu_max) == affinity
 
 
 def test_cli_names_a_bad_worker_count():
