@@ -32,6 +32,12 @@ BARS = (
     Bar("64 clients, 1,024 el binary: p99 <= 2.5 x p50", "tail",
         ("actserve", "native-binary", 1024, 64), None, 2.5),
     Bar("executor path, 1,048,576 el per batch >= 0.7 x raw torch", "inprocess", None, None, 0.7),
+    Bar("--workers 2 vs 1, binary 1,024 el, 64 clients >= 1.4 x req/s", "ratio",
+        ("actserve-workers2", "native-binary", 1024, 64),
+        ("actserve-workers1", "native-binary", 1024, 64), 1.4),
+    Bar("--workers 2 vs 1, binary 1,048,576 el, 8 clients >= 1.3 x req/s", "ratio",
+        ("actserve-workers2", "native-binary", M, 8),
+        ("actserve-workers1", "native-binary", M, 8), 1.3),
 )
 
 
@@ -67,7 +73,7 @@ def evaluate(results: dict) -> list[dict]:
                 if bar.kind == "ratio":
                     row["value"] = a["rps"] / b["rps"] if b["rps"] else None
                     row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
-                    echo = _find(cells, ("echo", *bar.b[1:]))
+                    echo = _find(cells, ("echo", *bar.b[1:])) if bar.b[0] == "floor" else None
                     if echo is not None and echo["rps"]:
                         row["detail"] += (f"; echo (same bytes back) {echo['rps']:.0f} req/s, "
                                           f"actserve {a['rps'] / echo['rps']:.2f}x of it")

@@ -165,8 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds per wrk run (default 3; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each cell the performance bar divides (median quoted)")
-    p.add_argument("--groups", default="grid,reference,batching,modes,metrics",
-                   help="comma-separated subset of grid,reference,batching,modes,metrics")
+    p.add_argument("--groups", default="grid,reference,batching,modes,metrics,workers",
+                   help="comma-separated subset of grid,reference,batching,modes,metrics,"
+                        "workers")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))

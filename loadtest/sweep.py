@@ -7,7 +7,9 @@ A cell is one wrk run against one server with one request body. Groups:
 * ``reference``: the HTTP floor (same binary bodies) and the naive endpoint (same JSON);
 * ``batching``: ``max_batch_requests=1`` beside the default;
 * ``modes``: compute dtype, amp and in-place (silu, 65,536 elements);
-* ``metrics``: the same server with ``--no-metrics``.
+* ``metrics``: the same server with ``--no-metrics``;
+* ``workers``: ``--workers 1`` beside ``--workers 2`` (relu, native binary: 1,024 elements at
+  64 clients and 1M elements at 8), two servers of their own measured in the same rounds.
 
 The cells that the performance bar divides are repeated (``repeats``) and run in rounds, so
 the repeats of a pair are spread over the run rather than back to back.
@@ -38,7 +40,10 @@ SERVERS = {
     "actserve": {},
     "actserve-nometrics": {"metrics": False},
     "actserve-batch1": {"max_batch_requests": 1},
+    "actserve-workers1": {"workers": 1},
+    "actserve-workers2": {"workers": 2},
 }
+WORKERS_CELLS = ((1024, 64), (1048576, 8))  # (size, clients) of the workers group
 REFERENCES = ("floor", "naive", "echo")
 ECHO_FROM = 65536  # the echo reference runs for sizes where the answer's size matters
 
@@ -89,11 +94,13 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         ("actserve", "native-json", 1048576, 8), ("floor", "native-binary", 1024, 1),
         ("actserve", "native-binary", 1024, 1), ("actserve-nometrics", "native-binary", 1024, 64),
         ("echo", "native-binary", 1048576, 8),
+        *((server, "native-binary", size, conc) for server in ("actserve-workers1",
+          "actserve-workers2") for size, conc in WORKERS_CELLS),
     }
 
 
 def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROTOCOLS,
-              groups=("grid", "reference", "batching", "modes", "metrics")) -> Plan:
+              groups=("grid", "reference", "batching", "modes", "metrics", "workers")) -> Plan:
     bars = bar_keys()
 
     def cell(group, server, case, conc, mode="") -> Cell:
@@ -127,6 +134,10 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
             for conc in [c for c in concurrency if c in (1, 64)]:
                 plan.cells.append(cell("metrics", "actserve-nometrics",
                                        Case(size=1024, protocol=proto), conc))
+    if "workers" in groups:
+        for size, conc in WORKERS_CELLS:
+            for server in ("actserve-workers1", "actserve-workers2"):
+                plan.cells.append(cell("workers", server, Case(size=size), conc))
     if "modes" in groups:
         for conc in [c for c in concurrency if c in (1, 64)]:
             for mode, settings in MODES.items():
