@@ -73,6 +73,10 @@ def evaluate(results: dict) -> list[dict]:
                 if bar.kind == "ratio":
                     row["value"] = a["rps"] / b["rps"] if b["rps"] else None
                     row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
+                    if "server_cores" in a and "server_cores" in b:
+                        row["detail"] += (f"; server cores {a['server_cores']:.2f} vs "
+                                          f"{b['server_cores']:.2f}, idle cores "
+                                          f"{a['idle_cores']:.2f} vs {b['idle_cores']:.2f}")
                     echo = _find(cells, ("echo", *bar.b[1:])) if bar.b[0] == "floor" else None
                     if echo is not None and echo["rps"]:
                         row["detail"] += (f"; echo (same bytes back) {echo['rps']:.0f} req/s, "

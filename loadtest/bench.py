@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import bars, inprocess, payloads, report, servers, sweep, wrk
+from . import bars, cpu, inprocess, payloads, report, servers, sweep, wrk
 
 SEED = 20240611
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,9 @@ def summarise(runs: list[dict]) -> dict:
     out["errors"] = sum(r["errors"] for r in ok)
     out["mismatches"] = sum(r["mismatches"] for r in ok)
     out["requests"] = sum(r["requests"] for r in ok)
+    for k in ("server_cores", "idle_cores"):  # CpuMeter: the server's cores, the idle ones
+        if all(k in r for r in ok):
+            out[k] = statistics.median(r[k] for r in ok)
     return out
 
 
@@ -220,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         for r, cells in enumerate(plan.rounds()):
             for i, cell in enumerate(cells):
                 try:
-                    res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
-                                   exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                    with cpu.CpuMeter(by_name[cell.server].proc.pid) as meter:
+                        res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
+                                       exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                    res.update(meter.result())
                 except RuntimeError as exc:
                     res = {"error": str(exc)[:500]}
                 runs[cell].append(res)
                 shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
-                         f"p99 {res['p99_ms']:8.3f} ms" if "error" not in res
+                         f"p99 {res['p99_ms']:8.3f} ms  server {res['server_cores']:.2f} "
+                         f"cores, idle {res['idle_cores']:.2f}" if "error" not in res
                          else "ERROR " + res["error"][:200])
                 print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
         peaks = {c.name: c.rss_peak_bytes() for c in children}
