@@ -103,7 +103,7 @@ def summarise(runs: list[dict]) -> dict:
     out["errors"] = sum(r["errors"] for r in ok)
     out["mismatches"] = sum(r["mismatches"] for r in ok)
     out["requests"] = sum(r["requests"] for r in ok)
-    for k in ("server_cores", "idle_cores"):  # CpuMeter: the server's cores, the idle ones
+    for k in ("server_cores", "client_cores", "idle_cores"):  # CpuMeter's figures
         if all(k in r for r in ok):
             out[k] = statistics.median(r[k] for r in ok)
     return out
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = {"error": str(exc)[:500]}
                 runs[cell].append(res)
                 shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
-                         f"p99 {res['p99_ms']:8.3f} ms  server {res['server_cores']:.2f} "
-                         f"cores, idle {res['idle_cores']:.2f}" if "error" not in res
+                         f"p99 {res['p99_ms']:8.3f} ms  cores: server "
+                         f"{res['server_cores']:.2f} wrk {res['client_cores']:.2f} idle "
+                         f"{res['idle_cores']:.2f}" if "error" not in res
                          else "ERROR " + res["error"][:200])
                 print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
         peaks = {c.name: c.rss_peak_bytes() for c in children}

@@ -1,5 +1,6 @@
 """Where the CPU went during a wrk run: the server's processes (a supervisor's workers
-included) and the idle time of the whole machine, so that a ratio measured on a shared
+included), the load generator (this process's finished children: wrk) and the idle time of
+the whole machine, so that a ratio measured on a shared
 machine says whether there were cores to spare (Linux ``/proc``)."""
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class CpuMeter:
         self._t = time.monotonic()
         self._cpu = tree_cpu_seconds(self.pid)
         self._idle, self._total = _machine()
+        self._children = _reaped()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,7 +63,14 @@ class CpuMeter:
         self.server_cores = (tree_cpu_seconds(self.pid) - self._cpu) / wall if wall else 0.0
         share = (idle - self._idle) / (total - self._total) if total > self._total else 0.0
         self.idle_cores = share * cores
+        self.client_cores = (_reaped() - self._children) / wall if wall else 0.0
 
     def result(self) -> dict:
         return {"server_cores": round(self.server_cores, 3),
+                "client_cores": round(self.client_cores, 3),
                 "idle_cores": round(self.idle_cores, 3)}
+
+
+def _reaped() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
