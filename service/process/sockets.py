@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import socket
 
-BACKLOG = 2048  # uvicorn's default
-
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -46,9 +44,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reuseport_socket(host, port, reuse_addr=False)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A worker's own listener in the port's ``SO_REUSEPORT`` group."""
+def worker_socket(host: str, port: int) -> socket.socket:
+    """A worker's own socket for the port's ``SO_REUSEPORT`` group, bound but not yet
+    listening: uvicorn calls ``listen`` once the app has started (warm-up and self-test
+    done), so the kernel hands a worker no connection before it can serve."""
     sock = reuseport_socket(host, port, reuse_addr=True)
-    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from service import malloc_tuning
 from service.process.rundir import RunDir
-from service.process.sockets import listening_socket
+from service.process.sockets import worker_socket
 from service.settings import Settings
 
 PR_SET_PDEATHSIG = 1
@@ -66,7 +66,7 @@ def main() -> int:
             await super().shutdown(sockets=sockets)
             await cluster.stop()
 
-    sock = listening_socket(settings.host, settings.port)
+    sock = worker_socket(settings.host, settings.port)
     server = WorkerServer(uvicorn_config(app, settings))
     server.run(sockets=[sock])
     return 0 if server.started else 1
