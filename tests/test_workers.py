@@ -167,6 +167,18 @@ def test_cli_names_a_bad_worker_count():
     assert "workers (ACTSERVE_WORKERS)" in r.stderr
 
 
+def test_one_worker_is_one_process_without_a_supervisor():
+    with subprocess_server({"ACTSERVE_WORKERS": "1"}) as (proc, url):
+        children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        assert children == []  # the server itself, no worker processes
+        assert run_dirs(proc.pid) == []
+        stats = get_fresh(url, "/v1/stats").json()
+        assert "workers" not in stats and stats["ready"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
 # -- one server in the numbers ----------------------------------------------------------------
 def test_numbers_from_any_worker_cover_every_worker(two_workers):
     _, url, port = two_workers
