@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.process.rundir import ReadyFlags, RunDir, clean_stale
 from service.process.snapshots import SnapshotFiles
@@ -51,7 +51,7 @@ class Child:
     generation: int = 0
     delay: float = 0.0
     due: float = 0.0  # when a dead child is started again
-    exit_codes: list[int] = field(default_factory=list)
+    last_exit: int | None = None
 
 
 def worker_specs(count: int) -> list[ChildSpec]:
@@ -62,6 +62,10 @@ class Supervisor:
     def __init__(self, settings: Settings, specs: list[ChildSpec]) -> None:
         self.settings = settings
         self.specs = specs
+        self.run_dir: RunDir | None = None  # the rest is made by run()
+        self.flags: ReadyFlags | None = None
+        self.files: SnapshotFiles | None = None
+        self.port = settings.port
         self.workers = sum(1 for s in specs if s.kind == "worker")
         self.children = [Child(s) for s in specs]
         self.stopping = False
@@ -133,8 +137,7 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None:
-                code = child.proc.returncode
-                child.exit_codes.append(code)
+                code = child.last_exit = child.proc.returncode
                 child.proc = None
                 if child.spec.kind == "worker":
                     self.flags.set(child.spec.slot, False)
@@ -147,8 +150,8 @@ class Supervisor:
                 child.delay = min(MAX_DELAY_S, max(0.1, child.delay * 2)) if lived < YOUNG_S \
                     else 0.0
                 child.due = now + child.delay
-                log.warning("actserve: %s %d (pid exited with %s after %.1fs); restarting in "
-                            "%.1fs", child.spec.kind, child.spec.slot, code, lived, child.delay)
+                log.warning("actserve: %s %d exited with %s after %.1fs; restarting in %.1fs",
+                            child.spec.kind, child.spec.slot, code, lived, child.delay)
             if child.proc is None and child.due <= now and not self.stopping:
                 self._start(child)
         return False
