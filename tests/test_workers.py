@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from service.process import merge
+from service.process import merge, wire
 from service.process.cores import usable_cores
 from service.process.rundir import base_dir
 from service.settings import Settings
@@ -231,7 +230,7 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
 
     def snapshot_total(slot: int) -> float:
         try:
-            data = pickle.loads((run / "snap" / f"w{slot}.pickle").read_bytes())
+            data = wire.loads((run / "snap" / f"w{slot}.snap").read_bytes())
         except FileNotFoundError:
             return -1
         registry = merge.registry_of(merge.merge_families([(slot, data["metrics"])]))

@@ -4,13 +4,15 @@ add to the sums only."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine.job import JobResult
 from service.observability.metrics import Metrics
 from service.observability.model_stats import ModelStats
-from service.process import merge
+from service.process import merge, wire
 
 
 def samples(registry) -> dict[tuple, float]:
@@ -76,3 +78,20 @@ def test_v2_statistics_add_up_model_by_model():
     assert [(b["batch_size"], b["compute_infer"]["count"]) for b in relu["batch_stats"]] == \
         [(1, 1), (4, 2)]
     assert relu["last_inference"] > 0
+
+
+def test_snapshots_travel_as_json_and_raw_float64_arrays():
+    window = {"relu": np.arange(16.0).reshape(2, 8), "gelu": np.ones((3, 8)) / 3}
+    obj = {"state": {"slot": 1, "ready": True, "inf": float("inf")}, "window": window,
+           "metrics": merge.families_of(worker_metrics([0.5], 1).registry)}
+    back = wire.loads(wire.dumps(obj))
+    assert back["state"] == obj["state"]
+    for name, rows in window.items():
+        assert back["window"][name].dtype == np.float64
+        assert np.array_equal(back["window"][name], rows)
+    # the families merge the same after the trip
+    again = samples(merge.registry_of(merge.merge_families([(0, back["metrics"])])))
+    assert again == samples(merge.registry_of(merge.merge_families([(0, obj["metrics"])])))
+    data = wire.dumps(obj)
+    with pytest.raises(ValueError):
+        wire.loads(data[:-8])  # an array cut short is refused, not read past the end

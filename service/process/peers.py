@@ -3,17 +3,18 @@
 The supervisor assigns each worker slot a socket path in the instance's run directory
 (``RunDir.socket(slot)``, mode 0700 directory). A worker serves its own snapshots there, on
 its event loop; another worker connects, writes one request line (``metrics``, ``models``
-or ``stats``) and reads one answer: an 8-byte length and a pickle. Every call is bounded in
+or ``stats``) and reads one answer: an 8-byte length and the snapshot (``wire.py``). Every call is bounded in
 time; a peer that does not answer (dead, restarting) is reported as ``None``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from service.process import wire
 
 ASK_TIMEOUT_S = 2.0
 _LEN = struct.Struct(">Q")
@@ -43,7 +44,7 @@ class PeerServer:
         try:
             kind = (await asyncio.wait_for(reader.readline(), ASK_TIMEOUT_S)).decode().strip()
             if kind in KINDS:
-                payload = pickle.dumps(self._answer(kind), protocol=pickle.HIGHEST_PROTOCOL)
+                payload = wire.dumps(self._answer(kind))
                 writer.write(_LEN.pack(len(payload)))
                 writer.write(payload)
                 await writer.drain()
@@ -57,8 +58,8 @@ async def ask(path: Path, kind: str, timeout: float = ASK_TIMEOUT_S) -> object |
     """One peer's ``kind`` snapshot, or None if it cannot answer within ``timeout``."""
     try:
         return await asyncio.wait_for(_ask(path, kind), timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, pickle.PickleError,
-            EOFError):
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError,
+            struct.error):
         return None
 
 
@@ -68,6 +69,6 @@ async def _ask(path: Path, kind: str) -> object:
         writer.write(kind.encode() + b"\n")
         await writer.drain()
         (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-        return pickle.loads(await reader.readexactly(size))
+        return wire.loads(await reader.readexactly(size))
     finally:
         writer.close()
