@@ -178,6 +178,20 @@ def test_one_worker_is_one_process_without_a_supervisor():
         assert proc.wait(60) == 0
 
 
+def test_a_worker_that_cannot_start_stops_the_server_cleanly():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (the failure is a missing device)")
+    r = subprocess.run([sys.executable, "-m", "service", "serve", "--workers", "2", "--port", "0",
+                        "--device", "cuda:0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 1
+    assert "CUDA is not available" in r.stderr and "before the server was ready" in r.stderr
+    pid = int(re.search(r"supervisor \(pid (\d+)\)", r.stderr).group(1))
+    assert run_dirs(pid) == []
+
+
 # -- one server in the numbers ----------------------------------------------------------------
 def test_numbers_from_any_worker_cover_every_worker(two_workers):
     _, url, port = two_workers

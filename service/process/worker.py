@@ -48,7 +48,10 @@ def main() -> int:
     from service.process.cluster import Cluster
 
     slot = spec["slot"]
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
+        raise SystemExit(f"actserve: {exc}") from None
     cluster = Cluster(slot, spec["count"], RunDir(Path(spec["run_dir"])), app.state.runtime)
     app.state.cluster = cluster
 
