@@ -106,7 +106,7 @@ class Load:
         while not self.stop.is_set() and time.monotonic() < self.deadline:
             try:
                 status, body = post_fresh(self.port, timeout=10)
-            except OSError:
+            except (OSError, http.client.HTTPException):  # a connection of the dead worker
                 self.failed += 1
                 continue
             if status == 200 and same_bits(np.frombuffer(body, "<f4"), RELU_X):
@@ -276,11 +276,13 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
             pids = {w["slot"]: w["pid"] for w in r["workers"]}
             return r if r["ready"] and pids.get(1) not in (None, victim) else None
 
-        wait_until(back, 120, "worker 1 restarted")
+        wait_until(back, 120, f"worker 1 restarted ({load.ok and len(load.ok)} ok, "
+                               f"{load.failed} failed)")
         back_at = time.monotonic()
         served_meanwhile = [t for t in load.ok if killed_at < t < back_at]
         wait_until(lambda: len(load.ok) > len([t for t in load.ok if t <= back_at]) + 5, 60,
-                   "service after the restart")
+                   f"service after the restart ({len(load.ok)} ok, {load.failed} failed, "
+                   f"{load.wrong} wrong, {sum(t.is_alive() for t in load.threads)} threads)")
     assert len(served_meanwhile) > 0, "the other worker stopped serving"
     assert load.wrong == 0
     assert get_fresh(url, "/readyz").status_code == 200
