@@ -71,14 +71,16 @@ def run_dirs(pid: int) -> list[Path]:
     return [p for p in base_dir().iterdir() if p.name.startswith(f"actserve-{pid}-")]
 
 
-def wait_until(predicate, timeout: float, what: str):
+def wait_until(predicate, timeout: float, what):
+    """Poll ``predicate`` until it is true (bounded); ``what``: a text, or a function giving
+    one at the time of the failure."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(0.05)
 
 
@@ -276,13 +278,14 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
             pids = {w["slot"]: w["pid"] for w in r["workers"]}
             return r if r["ready"] and pids.get(1) not in (None, victim) else None
 
-        wait_until(back, 120, f"worker 1 restarted ({load.ok and len(load.ok)} ok, "
-                               f"{load.failed} failed)")
+        wait_until(back, 120, lambda: f"worker 1 restarted ({len(load.ok)} ok, "
+                                       f"{load.failed} failed)")
         back_at = time.monotonic()
         served_meanwhile = [t for t in load.ok if killed_at < t < back_at]
         wait_until(lambda: len(load.ok) > len([t for t in load.ok if t <= back_at]) + 5, 60,
-                   f"service after the restart ({len(load.ok)} ok, {load.failed} failed, "
-                   f"{load.wrong} wrong, {sum(t.is_alive() for t in load.threads)} threads)")
+                   lambda: f"service after the restart ({len(load.ok)} ok, {load.failed} "
+                           f"failed, {load.wrong} wrong, "
+                           f"{sum(t.is_alive() for t in load.threads)} threads)")
     assert len(served_meanwhile) > 0, "the other worker stopped serving"
     assert load.wrong == 0
     assert get_fresh(url, "/readyz").status_code == 200
