@@ -253,7 +253,7 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
         return requests_total(generate_latest(registry).decode())
 
     # Quiet now: wait until both workers' periodic snapshots hold every request so far.
-    wait_until(lambda: snapshot_total(0) + snapshot_total(1) == total, 30, "snapshots")
+    wait_until(lambda: snapshot_total(0) + snapshot_total(1) >= total, 30, "snapshots")
     assert snapshot_total(1) > 0  # the worker about to die has answered some of them
     victim = {w["slot"]: w["pid"] for w in get_fresh(url, "/v1/stats").json()["workers"]}[1]
 
