@@ -81,6 +81,8 @@ RUN groupadd --system --gid 10001 actserve \
 COPY --from=build-cuda /opt/actserve /opt/actserve
 COPY scripts/container_entrypoint.sh /usr/local/bin/actserve-entrypoint
 # ACTSERVE_DEVICE=all: one executor per visible GPU behind one queue (least-loaded dispatch).
+# ACTSERVE_WORKERS: HTTP worker processes on the port (auto: the container's cores; see
+# docs/deployment.md for workers per container against more replicas).
 ENV PATH=/opt/actserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -89,6 +91,7 @@ ENV PATH=/opt/actserve/bin:$PATH \
     ACTSERVE_HOST=0.0.0.0 \
     ACTSERVE_PORT=8000 \
     ACTSERVE_DEVICE=all \
+    ACTSERVE_WORKERS=1 \
     ACTSERVE_GRACEFUL_SHUTDOWN_S=25
 USER 10001:10001
 WORKDIR /tmp
@@ -113,6 +116,7 @@ ENV PATH=/opt/actserve/bin:$PATH \
     ACTSERVE_HOST=0.0.0.0 \
     ACTSERVE_PORT=8000 \
     ACTSERVE_DEVICE=cpu \
+    ACTSERVE_WORKERS=1 \
     ACTSERVE_GRACEFUL_SHUTDOWN_S=25
 USER 10001:10001
 WORKDIR /tmp

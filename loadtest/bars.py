@@ -39,6 +39,12 @@ BARS = (
         0.3),
     Bar("system shared memory 1,048,576 el, 8 clients >= 3 x HTTP binary req/s (SDK)",
         "clients", ("sdk-shm", M, 8), ("sdk-http", M, 8), 3.0),
+    Bar("--workers 2 vs 1, binary 1,024 el, 64 clients >= 1.4 x req/s", "ratio",
+        ("actserve-workers2", "native-binary", 1024, 64),
+        ("actserve-workers1", "native-binary", 1024, 64), 1.4),
+    Bar("--workers 2 vs 1, binary 1,048,576 el, 8 clients >= 1.3 x req/s", "ratio",
+        ("actserve-workers2", "native-binary", M, 8),
+        ("actserve-workers1", "native-binary", M, 8), 1.3),
 )
 
 
@@ -80,7 +86,11 @@ def evaluate(results: dict) -> list[dict]:
                 if bar.kind == "ratio":
                     row["value"] = a["rps"] / b["rps"] if b["rps"] else None
                     row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
-                    echo = _find(cells, ("echo", *bar.b[1:]))
+                    if "server_cores" in a and "server_cores" in b:
+                        row["detail"] += (f"; server cores {a['server_cores']:.2f} vs "
+                                          f"{b['server_cores']:.2f}, idle cores "
+                                          f"{a['idle_cores']:.2f} vs {b['idle_cores']:.2f}")
+                    echo = _find(cells, ("echo", *bar.b[1:])) if bar.b[0] == "floor" else None
                     if echo is not None and echo["rps"]:
                         row["detail"] += (f"; echo (same bytes back) {echo['rps']:.0f} req/s, "
                                           f"actserve {a['rps'] / echo['rps']:.2f}x of it")

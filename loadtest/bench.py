@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import bars, client_cells, inprocess, payloads, report, servers, sweep, wrk
+from . import bars, client_cells, cpu, inprocess, payloads, report, servers, sweep, wrk
 
 SEED = 20240611
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,9 @@ def summarise(runs: list[dict]) -> dict:
     out["errors"] = sum(r["errors"] for r in ok)
     out["mismatches"] = sum(r["mismatches"] for r in ok)
     out["requests"] = sum(r["requests"] for r in ok)
+    for k in ("server_cores", "client_cores", "idle_cores"):  # CpuMeter's figures
+        if all(k in r for r in ok):
+            out[k] = statistics.median(r[k] for r in ok)
     return out
 
 
@@ -165,9 +168,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds per wrk run (default 3; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each cell the performance bar divides (median quoted)")
-    p.add_argument("--groups", default="grid,reference,batching,modes,metrics,engine,shm,grpc",
+    p.add_argument("--groups",
+                   default="grid,reference,batching,modes,metrics,engine,shm,grpc,workers",
                    help="comma-separated subset of grid,reference,batching,modes,metrics,engine,"
-                        "shm,grpc")
+                        "shm,grpc,workers")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
@@ -223,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         for r, cells in enumerate(plan.rounds()):
             for i, cell in enumerate(cells):
                 try:
-                    res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
-                                   exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                    with cpu.CpuMeter(by_name[cell.server].proc.pid) as meter:
+                        res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
+                                       exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                    res.update(meter.result())
                 except RuntimeError as exc:
                     res = {"error": str(exc)[:500]}
                 runs[cell].append(res)
                 shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
-                         f"p99 {res['p99_ms']:8.3f} ms" if "error" not in res
+                         f"p99 {res['p99_ms']:8.3f} ms  cores: server "
+                         f"{res['server_cores']:.2f} wrk {res['client_cores']:.2f} idle "
+                         f"{res['idle_cores']:.2f}" if "error" not in res
                          else "ERROR " + res["error"][:200])
                 print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
         client_results = []

@@ -60,8 +60,9 @@ def markdown(results: dict) -> str:
         groups.setdefault(c["group"], []).append(c)
     titles = {"reference": "References (HTTP floor, HTTP echo, naive FastAPI)", "grid": "actserve grid",
               "batching": "Batching off (max_batch_requests=1)",
-              "metrics": "Metrics off (--no-metrics)", "modes": "Compute modes"}
-    for g in ("reference", "grid", "batching", "metrics", "modes"):
+              "metrics": "Metrics off (--no-metrics)", "modes": "Compute modes",
+              "workers": "HTTP workers (--workers 1 and 2)"}
+    for g in ("reference", "grid", "batching", "metrics", "modes", "workers"):
         if g in groups:
             out += [f"## {titles[g]}", "", *_cell_rows(groups[g]), ""]
     ip = results.get("inprocess")

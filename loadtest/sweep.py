@@ -12,7 +12,9 @@ A cell is one wrk run against one server with one request body. Groups:
   ``actserve-grpc``;
 * ``engine``: ``--engine process`` (the shared engine process, shared memory and a control
   socket) beside the inline default, native binary: 1,024 elements at 1 and 64 clients,
-  1,048,576 at 8.
+  1,048,576 at 8;
+* ``workers``: ``--workers 1`` beside ``--workers 2`` (relu, native binary: 1,024 elements at
+  64 clients and 1M elements at 8), two servers of their own measured in the same rounds.
 
 The cells that the performance bar divides are repeated (``repeats``) and run in rounds, so
 the repeats of a pair are spread over the run rather than back to back.
@@ -45,9 +47,12 @@ SERVERS = {
     "actserve-batch1": {"max_batch_requests": 1},
     "actserve-engine": {"engine": "process"},
     "actserve-grpc": {"grpc_port": "free"},  # the shm and grpc groups (client_cells.py)
+    "actserve-workers1": {"workers": 1},
+    "actserve-workers2": {"workers": 2},
 }
 CLIENT_GROUPS = ("shm", "grpc")  # driven by Python clients, not wrk
 ENGINE_CELLS = ((1024, 1), (1024, 64), (1048576, 8))
+WORKERS_CELLS = ((1024, 64), (1048576, 8))  # (size, clients) of the workers group
 REFERENCES = ("floor", "naive", "echo")
 ECHO_FROM = 65536  # the echo reference runs for sizes where the answer's size matters
 
@@ -100,11 +105,14 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         ("echo", "native-binary", 1048576, 8),
         *(("actserve-engine", "native-binary", size, conc) for size, conc in ENGINE_CELLS),
         *(("actserve", "native-binary", size, conc) for size, conc in ENGINE_CELLS),
+        *((server, "native-binary", size, conc) for server in ("actserve-workers1",
+          "actserve-workers2") for size, conc in WORKERS_CELLS),
     }
 
 
 def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROTOCOLS,
-              groups=("grid", "reference", "batching", "modes", "metrics", "engine")) -> Plan:
+              groups=("grid", "reference", "batching", "modes", "metrics", "engine",
+                      "workers")) -> Plan:
     bars = bar_keys()
 
     def cell(group, server, case, conc, mode="") -> Cell:
@@ -145,6 +153,10 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
             if not any((c.server, c.case.protocol, c.case.size, c.concurrency) == inline
                        for c in plan.cells):
                 plan.cells.append(cell("engine", "actserve", Case(size=size), conc))
+    if "workers" in groups:
+        for size, conc in WORKERS_CELLS:
+            for server in ("actserve-workers1", "actserve-workers2"):
+                plan.cells.append(cell("workers", server, Case(size=size), conc))
     if "modes" in groups:
         for conc in [c for c in concurrency if c in (1, 64)]:
             for mode, settings in MODES.items():

@@ -18,7 +18,7 @@ FLAGS = {
     "host": str, "port": int, "device": str, "max_batch_elements": int,
     "max_batch_requests": int, "max_delay_us": int, "max_queue_requests": int,
     "default_timeout_s": float, "max_request_bytes": int, "torch_threads": int,
-    "log_level": str,
+    "log_level": str, "workers": str,
 }
 
 
@@ -38,6 +38,10 @@ def serve(settings: Settings) -> int:
     from service.http.server import DrainingServer, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    if settings.worker_count > 1:  # a supervisor and N worker processes (service/process)
+        from service.process.supervisor import supervise
+
+        return supervise(settings)
     malloc_tuning.tune(settings.malloc_keep_mib)  # before the first large buffer
     try:
         app = create_app(settings)

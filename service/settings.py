@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="time to send request headers")
     body_timeout_s: float = Field(30.0, gt=0, description="time to send the request body")
     graceful_shutdown_s: int = Field(30, ge=1)
+    workers: int | Literal["auto"] = Field(
+        1, description="HTTP worker processes on the one port (auto: the usable cores); "
+                       "1 runs a single process, no supervisor (service/process)")
     malloc_keep_mib: int = Field(
         128, ge=0, le=4096,
         description="freed memory glibc keeps for reuse (0: glibc defaults); see malloc_tuning")
@@ -141,6 +144,23 @@ class Settings(BaseSettings):
                     raise ValueError(f"ACTSERVE_FORWARDED_ALLOW_IPS entry {p!r} is not an "
                                      "address or network (or `*`)") from None
         return v
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, v: object) -> int | str:
+        text = str(v).strip().lower()
+        if text == "auto":
+            return "auto"
+        if isinstance(v, bool) or not text.isdigit() or not 1 <= int(text) <= 1024:
+            raise ValueError(f"ACTSERVE_WORKERS={v!r}: use a count from 1 to 1024, or auto")
+        return int(text)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: ``auto`` is the cores this process may run on."""
+        from service.process.cores import usable_cores
+
+        return usable_cores() if self.workers == "auto" else int(self.workers)
 
     @model_validator(mode="after")
     def _check_batch_limits(self) -> Settings:

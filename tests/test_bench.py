@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from loadtest import bars, bench, payloads, wrk
+from loadtest import bars, bench, payloads, sweep, wrk
 
 from .conftest import ROOT
 
@@ -89,6 +89,27 @@ def test_large_body_bar_also_reports_the_echo_reference():
     row = next(r for r in bars.evaluate(results) if r["bar"].startswith("binary 1,048,576"))
     assert row["value"] == 0.5 and row["pass"] is False
     assert "echo (same bytes back) 125 req/s, actserve 0.80x of it" in row["detail"]
+
+
+def test_workers_group_pairs_one_and_two_workers_in_the_same_rounds():
+    plan = sweep.full_plan(3, groups=("workers",))
+    cells = {(c.server, c.case.protocol, c.case.activation, c.case.size, c.concurrency)
+             for c in plan.cells}
+    assert cells == {(f"actserve-workers{n}", "native-binary", "relu", size, conc)
+                     for n in (1, 2) for size, conc in ((1024, 64), (1048576, 8))}
+    assert all(c.repeats == 3 for c in plan.cells)
+    assert [len(r) for r in plan.rounds()] == [4, 4, 4]  # each round runs both servers
+    assert sweep.SERVERS["actserve-workers2"] == {"workers": 2}
+    m = 1048576
+    rows = bars.evaluate({"cells": [
+        _cell("actserve-workers1", "native-binary", 1024, 64, 2000, 30, 60),
+        _cell("actserve-workers2", "native-binary", 1024, 64, 3000, 20, 40),
+        _cell("actserve-workers1", "native-binary", m, 8, 100, 80, 120),
+        _cell("actserve-workers2", "native-binary", m, 8, 120, 70, 110)]})
+    got = {r["bar"]: (round(r["value"], 2), r["pass"]) for r in rows if r["value"] is not None}
+    assert got == {"--workers 2 vs 1, binary 1,024 el, 64 clients >= 1.4 x req/s": (1.5, True),
+                   "--workers 2 vs 1, binary 1,048,576 el, 8 clients >= 1.3 x req/s":
+                   (1.2, False)}
 
 
 @pytest.mark.slow

@@ -85,6 +85,8 @@ def test_dockerfile_variants_and_runtime_contract():
         assert "ACTSERVE_HOST=0.0.0.0" in s and "ACTSERVE_PORT=8000" in s
         assert "EXPOSE 8000" in s
     assert "ACTSERVE_DEVICE=all" in st["cuda"] and "ACTSERVE_DEVICE=cpu" in st["cpu"]
+    for name in ("cpu", "cuda"):  # worker processes: a setting of the image, 1 by default
+        assert "ACTSERVE_WORKERS=1" in st[name], name
     assert "USER 10001:10001" in st["loadtest"]
 
 
@@ -169,6 +171,7 @@ def test_compose_services(stack):
         svc = s[name]
         assert svc["stop_signal"] == "SIGTERM"
         drain = int(svc["environment"]["ACTSERVE_GRACEFUL_SHUTDOWN_S"])
+        assert svc["environment"]["ACTSERVE_WORKERS"] == "1"  # ${ACTSERVE_WORKERS:-1}
         grace = svc["stop_grace_period"]
         assert grace.endswith("s") and int(grace[:-1]) > drain, (name, grace, drain)
         assert svc["healthcheck"]["test"] == ["CMD", "actserve-entrypoint", "healthcheck"]
@@ -299,6 +302,10 @@ def test_deployment_probes_resources_and_termination(overlay, client):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+    # HTTP workers: one per CPU the pod requests on CPU nodes; one (a CUDA context each) on GPU
+    workers = {"cpu": c["resources"]["requests"]["cpu"], "gpu": "1"}[overlay]
+    assert env["ACTSERVE_WORKERS"] == workers
+    assert [e["name"] for e in c["env"]].count("ACTSERVE_WORKERS") == 1
     if overlay == "gpu":
         assert gpus == "1" and env["ACTSERVE_DEVICE"] == "all"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
@@ -326,6 +333,8 @@ def test_hpa_scales_on_server_metrics_the_adapter_serves(client):
         series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
         assert re.search(rf"^# TYPE {series} gauge$", exposition, re.M), series
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        # one series per worker process (a worker label): summed per pod
+        assert re.match(r"sum\(.*\) by \(<<\.GroupBy>>\)$", rule["metricsQuery"])
 
 
 def test_kserve_inference_service_uses_the_v2_protocol(client):

@@ -10,6 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service import __version__
 from service.errors import NotReady
+from service.http import cluster_view
 
 router = APIRouter(tags=["ops"])
 
@@ -22,9 +23,11 @@ async def healthz() -> dict:
 @router.get("/readyz", summary="Readiness (warm-up self-test passed, not draining)")
 async def readyz(request: Request) -> Response:
     engine = request.app.state.services.engine
-    if engine.ready:
+    others = cluster_view.workers_not_ready(request)  # several worker processes: all ready
+    if engine.ready and not others:
         return JSONResponse({"status": "ready", "devices": engine.devices})
-    raise NotReady(f"not ready: {engine.not_ready_reason()}")
+    reason = f"worker slot(s) {others} not ready" if engine.ready else engine.not_ready_reason()
+    raise NotReady(f"not ready: {reason}")
 
 
 @router.get("/metrics", summary="Prometheus metrics")
@@ -33,14 +36,15 @@ async def metrics(request: Request) -> Response:
     if recorder.metrics is None:
         return Response("# metrics are disabled (ACTSERVE_METRICS=false)\n",
                         media_type=CONTENT_TYPE_LATEST)
-    return Response(recorder.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    body = await cluster_view.metrics(request, recorder.metrics.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/stats", summary="Latency percentiles and throughput per activation")
 async def stats(request: Request) -> dict:
     svc = request.app.state.services
     engine, recorder = svc.engine, svc.recorder
-    return {
+    return await cluster_view.stats(request, {
         "version": __version__,
         "uptime_s": round(time.time() - recorder.started, 3),
         "devices": engine.devices,
@@ -49,4 +53,4 @@ async def stats(request: Request) -> dict:
         "executor_restarts": engine.restarts,
         "window_s": svc.settings.metrics_window_s,
         "activations": recorder.stats.snapshot(),
-    }
+    })

@@ -17,6 +17,7 @@ from service.codecs.base import Wire
 from service.engine.activations import Activation
 from service.engine.engine import Engine
 from service.errors import NotReady, UnknownActivation, echo
+from service.http import cluster_view
 from service.http.exchange import handle
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -77,25 +78,30 @@ async def live() -> dict:
 @router.get("/health/ready", summary="Readiness")
 async def ready(request: Request) -> dict:
     _ready(_engine(request))
+    if others := cluster_view.workers_not_ready(request):
+        raise NotReady(f"the server is not ready (worker slot(s) {others})")
     return {"ready": True}
 
 
 # -- statistics (declared before /models/{name} so "stats" is not taken for a model) --------
 @router.get("/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> dict:
-    return request.app.state.services.recorder.model_stats.snapshot()
+    stats = request.app.state.services.recorder.model_stats
+    return await cluster_view.model_stats(request, stats.snapshot())
 
 
 @router.get("/models/{name}/stats", summary="Statistics of one model")
 async def model_stats(name: str, request: Request) -> dict:
     stats = request.app.state.services.recorder.model_stats
-    return stats.snapshot(_model(_engine(request), name).name)
+    act = _model(_engine(request), name).name
+    return await cluster_view.model_stats(request, stats.snapshot(act), act)
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one model version")
 async def model_version_stats(name: str, version: str, request: Request) -> dict:
     stats = request.app.state.services.recorder.model_stats
-    return stats.snapshot(_model(_engine(request), name, version).name)
+    act = _model(_engine(request), name, version).name
+    return await cluster_view.model_stats(request, stats.snapshot(act), act)
 
 
 # -- model metadata and readiness -----------------------------------------------------------

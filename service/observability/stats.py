@@ -46,29 +46,45 @@ class WindowStats:
         q.append(tuple(sample))
 
     def snapshot(self) -> dict:
-        now = time.monotonic()
-        horizon = now - self.window_s
-        span = min(self.window_s, now - self.started) or 1e-9
+        return summarize(self.window(), self.span())
+
+    def span(self) -> float:
+        """Seconds the window covers now (shorter than ``window_s`` just after start)."""
+        return min(self.window_s, time.monotonic() - self.started) or 1e-9
+
+    def window(self) -> dict[str, np.ndarray]:
+        """The samples still in the window, per activation: an (n, len(Sample)) float64
+        array each (what ``summarize`` reads; several processes' windows concatenate)."""
+        horizon = time.monotonic() - self.window_s
         out = {}
         for name, q in self._samples.items():
             while q and q[0][0] < horizon:
                 q.popleft()
-            if not q:
-                continue
-            col = dict(zip(Sample._fields, np.array(q, dtype=np.float64).T, strict=True))
-            out[name] = {
-                "requests": len(q),
-                "window_s": round(span, 3),
-                "requests_per_s": round(len(q) / span, 3),
-                "elements_per_s": round(float(col["elements"].sum()) / span, 3),
-                "mean_batch_requests": round(float(col["batch_requests"].mean()), 3),
-                "mean_batch_elements": round(float(col["batch_elements"].mean()), 3),
-                "inplace_saved_bytes": int(col["inplace_saved"].sum()),
-                "latency_ms": _percentiles(col["latency"]),
-                "queue_ms": _percentiles(col["queue"]),
-                "compute_ms": _percentiles(col["compute"]),
-            }
+            if q:
+                out[name] = np.array(q, dtype=np.float64)
         return out
+
+
+def summarize(windows: dict[str, np.ndarray], span: float) -> dict:
+    """The ``/v1/stats`` figures of each activation's samples over ``span`` seconds."""
+    out = {}
+    for name, rows in windows.items():
+        if not len(rows):
+            continue
+        col = dict(zip(Sample._fields, rows.T, strict=True))
+        out[name] = {
+            "requests": len(rows),
+            "window_s": round(span, 3),
+            "requests_per_s": round(len(rows) / span, 3),
+            "elements_per_s": round(float(col["elements"].sum()) / span, 3),
+            "mean_batch_requests": round(float(col["batch_requests"].mean()), 3),
+            "mean_batch_elements": round(float(col["batch_elements"].mean()), 3),
+            "inplace_saved_bytes": int(col["inplace_saved"].sum()),
+            "latency_ms": _percentiles(col["latency"]),
+            "queue_ms": _percentiles(col["queue"]),
+            "compute_ms": _percentiles(col["compute"]),
+        }
+    return out
 
 
 def _percentiles(values: np.ndarray) -> dict:

@@ -1,0 +1,115 @@
+"""The files one multi-process server instance shares between its processes.
+
+Everything lives in one directory, ``/dev/shm/actserve-<supervisor pid>-<token>`` (the
+system temp dir where there is no ``/dev/shm``), made by the supervisor, mode 0700:
+
+* ``ready``: one byte per worker slot, 1 while that worker is ready (``ReadyFlags``);
+* ``w<slot>.sock``: the worker's Unix socket for snapshots (``peers.py``);
+* ``snap/``: each worker's periodic snapshot and the retired snapshots of dead workers.
+
+The supervisor removes the directory when it exits. A server that was killed (SIGKILL, a
+crash) leaves it behind: the next supervisor to start removes every ``actserve-<pid>-<token>``
+entry whose pid is no longer running (``clean_stale``). Anything else an instance puts in
+``/dev/shm`` must carry the same prefix (``RunDir.prefix``) so that this clean-up finds it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+_NAME = re.compile(r"^actserve-(\d+)-[0-9a-f]{8}(?:$|[-_.])")
+
+
+def base_dir() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clean_stale(base: Path | None = None) -> list[str]:
+    """Remove what instances whose supervisor is gone left in ``base``; returns the names."""
+    base = base or base_dir()
+    removed = []
+    for entry in base.iterdir():
+        m = _NAME.match(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+class RunDir:
+    """The instance's directory (made by the supervisor; workers open it by path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.snapshots = path / "snap"
+
+    @classmethod
+    def create(cls, base: Path | None = None) -> RunDir:
+        base = base or base_dir()
+        prefix = f"actserve-{os.getpid()}-{secrets.token_hex(4)}"
+        path = base / prefix
+        path.mkdir(mode=0o700)
+        (path / "snap").mkdir(mode=0o700)
+        return cls(path)
+
+    @property
+    def prefix(self) -> str:
+        """The name every shared file or segment of this instance starts with."""
+        return self.path.name
+
+    def socket(self, slot: int) -> Path:
+        return self.path / f"w{slot}.sock"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class ReadyFlags:
+    """One byte per worker slot in a shared, memory-mapped file: a worker writes its own
+    byte, any worker reads them all on a readiness probe, the supervisor clears the byte of
+    a worker that died. Single-byte writes need no lock."""
+
+    def __init__(self, path: Path, count: int, *, create: bool = False) -> None:
+        self.count = count
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, count)
+            self._map = mmap.mmap(fd, count)
+        finally:
+            os.close(fd)
+
+    def set(self, slot: int, ready: bool) -> None:
+        self._map[slot] = 1 if ready else 0
+
+    def get(self, slot: int) -> bool:
+        return self._map[slot] == 1
+
+    def not_ready(self) -> list[int]:
+        return [s for s in range(self.count) if self._map[s] != 1]
+
+    def close(self) -> None:
+        self._map.close()

@@ -1,0 +1,80 @@
+"""One HTTP worker of a multi-process server: ``python -m service.process.worker``.
+
+Started by the supervisor with a JSON spec on stdin (settings, slot, worker count, run directory,
+the supervisor's pid). Runs today's app (``create_app``) with its own compute thread under
+the draining uvicorn server, on its own ``SO_REUSEPORT`` listener, and joins the cluster:
+its readiness flag, its snapshot socket, its periodic snapshot (``cluster.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from service import malloc_tuning
+from service.process.rundir import RunDir
+from service.process.sockets import worker_socket
+from service.settings import Settings
+
+PR_SET_PDEATHSIG = 1
+log = logging.getLogger("actserve")
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM (a drain) when the supervisor dies, however it dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the call above
+        raise SystemExit(0)
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read())
+    die_with_parent(spec["parent"])
+    settings = Settings(**spec["settings"])
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s",
+                        stream=sys.stderr)
+    malloc_tuning.tune(settings.malloc_keep_mib)
+
+    from service.http.app import create_app
+    from service.http.server import DrainingServer, uvicorn_config
+    from service.process.cluster import Cluster
+
+    slot = spec["slot"]
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
+        raise SystemExit(f"actserve: {exc}") from None
+    cluster = Cluster(slot, spec["count"], RunDir(Path(spec["run_dir"])),
+                      app.state.services)
+    app.state.cluster = cluster
+
+    class WorkerServer(DrainingServer):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            await cluster.start()
+            log.info("actserve worker %d (pid %d) serving", slot, os.getpid())
+
+        def handle_exit(self, sig, frame) -> None:
+            cluster.begin_drain()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets=sockets)
+            await cluster.stop()
+
+    sock = worker_socket(settings.host, settings.port)
+    server = WorkerServer(uvicorn_config(app, settings))
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
