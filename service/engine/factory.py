@@ -4,8 +4,11 @@ device in this process) or the shared engine process (``process``: see
 
 from __future__ import annotations
 
+import os
+
 from service.engine.engine import Engine
 from service.engine.executor import resolve_devices
+from service.engine.ipc.channel import SOCKET_ENV
 from service.settings import Settings
 
 
@@ -18,7 +21,8 @@ def engine_mode(settings: Settings) -> str:
 
 
 def build_engine(settings: Settings):
-    if engine_mode(settings) == "process":
+    """A supervisor that runs the engine process itself says where (``SOCKET_ENV``)."""
+    if os.environ.get(SOCKET_ENV) or engine_mode(settings) == "process":
         from service.engine.ipc.remote import RemoteEngine
 
         return RemoteEngine(settings)

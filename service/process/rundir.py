@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from service.engine.ipc.arena import pid_alive
+
 _NAME = re.compile(r"^actserve-(\d+)-[0-9a-f]{8}(?:$|[-_.])")
 
 
@@ -33,23 +35,13 @@ def base_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def clean_stale(base: Path | None = None) -> list[str]:
     """Remove what instances whose supervisor is gone left in ``base``; returns the names."""
     base = base or base_dir()
     removed = []
     for entry in base.iterdir():
         m = _NAME.match(entry.name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -2,8 +2,12 @@
 
 It owns no HTTP and no torch. It cleans what a killed server left in ``/dev/shm``, makes
 the instance's run directory and readiness flags, reserves the port, and runs a list of
-child specs, each ``(kind, slot, target)``: today N ``worker`` children (slots 0..N-1,
-``python -m service.process.worker``, its spec on stdin). A per-device ``engine`` child is one more spec.
+child specs, each ``(kind, slot, target)``: N ``worker`` children (slots 0..N-1,
+``python -m service.process.worker``, its spec on stdin) and, with ``--engine process``,
+one ``engine`` child (``python -m service.engine.ipc.host``) that owns the devices and
+batches every worker's requests; the workers find it through ``ACTSERVE_ENGINE_SOCKET``.
+The engine lives while the supervisor holds its standard input open; it is closed (the
+engine drains and exits) only after every worker has drained.
 
 * A child that dies is restarted in the same slot (its readiness flag cleared first and its
   last snapshot retired into the totals), after a back-off that grows while it keeps dying
@@ -26,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from service.engine.ipc.channel import SETTINGS_ENV, SOCKET_ENV
 from service.process.rundir import ReadyFlags, RunDir, clean_stale
 from service.process.snapshots import SnapshotFiles
 from service.process.sockets import reserve_port
@@ -54,8 +59,31 @@ class Child:
     last_exit: int | None = None
 
 
+ENGINE_TARGET = "service.engine.ipc.host"
+
+
 def worker_specs(count: int) -> list[ChildSpec]:
     return [ChildSpec("worker", slot, "service.process.worker") for slot in range(count)]
+
+
+def child_specs(settings: Settings) -> list[ChildSpec]:
+    """The workers, and the shared engine when the engine runs in a process of its own."""
+    specs = worker_specs(settings.worker_count)
+    if shared_engine(settings):
+        specs.insert(0, ChildSpec("engine", 0, ENGINE_TARGET))
+    return specs
+
+
+def shared_engine(settings: Settings) -> bool:
+    """``engine=process``, or ``auto`` with a CUDA device asked for. Decided here, without
+    torch, and handed to the workers as ``engine=process|inline`` so they all agree:
+    ``device=auto|all`` counts as CUDA when the NVIDIA driver's device node exists."""
+    if settings.engine != "auto":
+        return settings.engine == "process"
+    device = settings.device
+    if "cuda" in device:
+        return True
+    return device in ("auto", "all") and os.path.exists("/dev/nvidiactl")
 
 
 class Supervisor:
@@ -67,6 +95,7 @@ class Supervisor:
         self.files: SnapshotFiles | None = None
         self.port = settings.port
         self.workers = sum(1 for s in specs if s.kind == "worker")
+        self.shared_engine = any(s.kind == "engine" for s in specs)
         self.children = [Child(s) for s in specs]
         self.stopping = False
         self.ever_ready = False
@@ -158,28 +187,61 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         child.generation += 1
+        if child.spec.kind == "engine":
+            self._start_engine(child)
+            return
         spec = {
             "kind": child.spec.kind, "slot": child.spec.slot, "count": self.workers,
             "run_dir": str(self.run_dir.path), "parent": os.getpid(),
             "generation": child.generation,
-            "settings": self.settings.model_dump(mode="json") | {"port": self.port},
+            "settings": self._child_settings(),
         }
         # The spec goes through stdin, not argv: settings may hold API keys, and any user
         # can read a process's command line. Its own process group: Ctrl-C in a terminal
         # reaches the supervisor only, which then drains the children.
+        env = dict(os.environ)
+        if self.shared_engine:
+            env[SOCKET_ENV] = str(self.engine_socket)
         child.proc = subprocess.Popen([sys.executable, "-m", child.spec.target],
-                                      stdin=subprocess.PIPE, process_group=0)
+                                      stdin=subprocess.PIPE, process_group=0, env=env)
         child.proc.stdin.write(json.dumps(spec).encode())
         child.proc.stdin.close()
+        child.started = time.monotonic()
+
+    def _child_settings(self) -> dict:
+        engine = "process" if self.shared_engine else "inline"
+        return self.settings.model_dump(mode="json") | {"port": self.port, "engine": engine}
+
+    @property
+    def engine_socket(self):
+        return self.run_dir.path / "engine.sock"
+
+    def _start_engine(self, child: Child) -> None:
+        """The engine's settings in the environment, its socket as its argument; its
+        standard input stays open (held here) for as long as it should live."""
+        env = dict(os.environ)
+        env[SETTINGS_ENV] = json.dumps(self._child_settings())
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", child.spec.target, str(self.engine_socket)],
+            stdin=subprocess.PIPE, process_group=0, env=env)
         child.started = time.monotonic()
 
     def _drain(self, failed: bool) -> int:
         live = [c for c in self.children if c.proc is not None]
         log.info("actserve supervisor: stopping %d children", len(live))
-        for c in live:
+        workers = [c for c in live if c.spec.kind != "engine"]
+        engines = [c for c in live if c.spec.kind == "engine"]
+        for c in workers:
             c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.graceful_shutdown_s + 15
         ok = not failed
+        ok = self._wait(workers, deadline, ok)
+        for c in engines:  # the workers have drained: now the engine drains and exits
+            c.proc.stdin.close()
+        return 0 if self._wait(engines, deadline, ok) else 1
+
+    @staticmethod
+    def _wait(live: list[Child], deadline: float, ok: bool) -> bool:
         for c in live:
             try:
                 code = c.proc.wait(max(0.1, deadline - time.monotonic()))
@@ -189,8 +251,8 @@ class Supervisor:
             # -SIGTERM: the child was still starting (no handler yet, nothing accepted: a
             # worker listens only once it can serve); a serving one drains and exits 0.
             ok = ok and code in (0, -signal.SIGTERM)
-        return 0 if ok else 1
+        return ok
 
 
 def supervise(settings: Settings) -> int:
-    return Supervisor(settings, worker_specs(settings.worker_count)).run()
+    return Supervisor(settings, child_specs(settings)).run()

@@ -142,14 +142,14 @@ def sweep_stale() -> list[str]:
     removed = []
     for path in SHM_DIR.glob(PREFIX + "*"):
         m = _NAME.match(path.name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         unlink(path.name)
         removed.append(path.name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

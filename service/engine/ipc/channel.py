@@ -28,6 +28,8 @@ import orjson
 from service.errors import STATUS_TABLE, ActserveError, Unavailable
 
 HEAD = struct.Struct("<I")
+SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engine process
+SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"  # the engine process's settings, as JSON
 MAX_MESSAGE = 1 << 20
 
 ERRORS: dict[str, type[ActserveError]] = {cls.type: cls for cls in STATUS_TABLE}

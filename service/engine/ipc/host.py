@@ -25,13 +25,12 @@ import sys
 from service import dtypes
 from service.engine.engine import Engine
 from service.engine.ipc import channel
-from service.engine.ipc.arena import Arena, sweep_stale
+from service.engine.ipc.arena import Arena, pid_alive, sweep_stale, unlink
 from service.engine.job import BatchReport, Job, JobResult, Mode
 from service.errors import ActserveError, InvalidRequest
 from service.settings import Settings
 
 log = logging.getLogger("actserve.engine")
-SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"
 
 
 class Worker:
@@ -112,6 +111,8 @@ class EngineHost:
         """Unmap a departed worker's arena once no job of it is computing."""
         if worker.closed and not worker.jobs and worker.arena is not None:
             worker.arena.close()
+            if not pid_alive(worker.pid):  # a killed worker cannot unlink its own
+                unlink(worker.arena.name)
             worker.arena = None
 
     # -- jobs ---------------------------------------------------------------------------
@@ -216,7 +217,7 @@ async def _until_stdin_closes() -> asyncio.Future:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = Settings.model_validate_json(os.environ[channel.SETTINGS_ENV])
     return asyncio.run(serve(argv[0], settings))
 
 

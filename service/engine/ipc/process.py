@@ -12,7 +12,7 @@ import secrets
 import sys
 import tempfile
 
-from service.engine.ipc.host import SETTINGS_ENV
+from service.engine.ipc.channel import SETTINGS_ENV
 from service.settings import Settings
 
 log = logging.getLogger("actserve.engine")

@@ -44,7 +44,6 @@ from service.errors import (
 from service.settings import Settings
 
 log = logging.getLogger("actserve.engine")
-SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engine itself
 RECONNECT_S = (0.02, 0.5)  # first and longest pause between connection attempts
 _GONE = "the engine process went away while holding this request; retry"
 
@@ -89,7 +88,7 @@ class RemoteEngine:
     async def start(self) -> None:
         sweep_stale()
         self._arena = Arena.create(self.settings.shm_arena_mib << 20)
-        path = os.environ.get(SOCKET_ENV)
+        path = os.environ.get(channel.SOCKET_ENV)
         if path is None:
             self._process = EngineProcess(self.settings)
             await self._process.start()
