@@ -36,6 +36,13 @@ async def catalogue(request: Request) -> dict:
     }
 
 
+@router.get("/v1/activations/{name}", summary="One activation of the catalogue")
+async def catalogue_entry(name: str, request: Request) -> dict:
+    rt = request.app.state.runtime  # unknown names: 404 (UnknownActivation)
+    entry = rt.registry.get(name).describe()
+    return {**entry, "unsupported": [u for u in rt.capabilities.unsupported() if u["activation"] == name]}
+
+
 @router.post(
     "/v1/activations/{name}",
     summary="Apply an activation",

@@ -1,7 +1,8 @@
 """Sliding-window latency statistics per activation, for ``GET /v1/stats``: percentiles
 without running Prometheus. Bounded in time (``window_s``) and in count (``max_samples``).
 
-One sample per answered (2xx) request. Batch sizes are request-weighted: the mean size of
+One sample per answered (2xx) request. Rates divide by the span the samples actually cover
+(``covered_span``), not by the whole window. Batch sizes are request-weighted: the mean size of
 the batch a request rode in. Event-loop only; nothing here is shared with a thread.
 """
 
@@ -32,7 +33,6 @@ class WindowStats:
         self.window_s = window_s
         self.max_samples = max_samples
         self._samples: dict[str, deque[tuple]] = {}
-        self.started = time.monotonic()
 
     def add(self, activation: str, sample: tuple) -> None:
         """``sample``: a ``Sample`` or a plain tuple in its field order."""
@@ -48,13 +48,13 @@ class WindowStats:
     def snapshot(self) -> dict:
         now = time.monotonic()
         horizon = now - self.window_s
-        span = min(self.window_s, now - self.started) or 1e-9
         out = {}
         for name, q in self._samples.items():
             while q and q[0][0] < horizon:
                 q.popleft()
             if not q:
                 continue
+            span = covered_span(now - q[0][0], self.window_s)
             col = dict(zip(Sample._fields, np.array(q, dtype=np.float64).T, strict=True))
             out[name] = {
                 "requests": len(q),
@@ -69,6 +69,17 @@ class WindowStats:
                 "compute_ms": _percentiles(col["compute"]),
             }
         return out
+
+
+MIN_SPAN_S = 1.0
+
+
+def covered_span(since_oldest: float, window_s: float) -> float:
+    """The seconds the rates divide by: from this activation's oldest sample still in the
+    window to now, so a load that began 10 s ago reads as its real rate, not as that rate
+    diluted over the whole window. At least ``MIN_SPAN_S`` (a lone request just answered is
+    1 req/s, not thousands), at most the window."""
+    return min(window_s, max(since_oldest, MIN_SPAN_S, 1e-9))
 
 
 def _percentiles(values: np.ndarray) -> dict:
