@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from pydantic import ValidationError
 
 from service import __version__, malloc_tuning
 from service.cli_flags import EXPLICIT_NONE, add_settings_flags, overrides
+from service.observability import logs
 from service.settings import Settings
 
 
@@ -31,7 +31,7 @@ def serve(settings: Settings) -> int:
     from service.http.app import create_app
     from service.http.server import DrainingServer, uvicorn_config
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    logs.configure(settings)
     malloc_tuning.tune(settings.malloc_keep_mib)  # before the first large buffer
     try:
         app = create_app(settings)

@@ -19,6 +19,7 @@ from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
+from service.observability.logs import AccessLog
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
@@ -36,9 +37,12 @@ def _no_framework_telemetry() -> dict:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime(settings)
+    access_log = AccessLog(settings.log_format) if settings.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if access_log is not None:
+            access_log.start()
         await runtime.start()
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
@@ -51,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await runtime.drain()
             await runtime.stop()
+            if access_log is not None:
+                access_log.close()  # every line of the drained requests is written
 
     app = FastAPI(
         title="actserve",
@@ -63,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.settings = settings
+    app.state.access_log = access_log
     error_responses.install(app)
     app.include_router(native_router)
     app.include_router(ops_router)
@@ -77,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
         ]),
-        log_requests=settings.access_log, api_keys=settings.api_key_list,
+        access_log=access_log, api_keys=settings.api_key_list,
     )
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

@@ -21,6 +21,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
         access_log=False, timeout_keep_alive=settings.timeout_keep_alive_s,
         timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http=http,
         lifespan="on",
+        log_config=None,  # uvicorn's lines go to the root logger: one format (service.observability.logs)
     )
     options.update(overrides)
     return uvicorn.Config(app, **options)
