@@ -31,6 +31,9 @@ BARS = (
         ("actserve", "native-binary", 1024, 1), ("floor", "native-binary", 1024, 1), 0.5),
     Bar("64 clients, 1,024 el binary: p99 <= 2.5 x p50", "tail",
         ("actserve", "native-binary", 1024, 64), None, 2.5),
+    Bar("access log on (the default) >= 0.95 x access log off, native binary 1,024 el, 64 clients",
+        "ratio", ("actserve", "native-binary", 1024, 64),
+        ("actserve-noaccesslog", "native-binary", 1024, 64), 0.95),
     Bar("executor path, 1,048,576 el per batch >= 0.7 x raw torch", "inprocess", None, None, 0.7),
 )
 

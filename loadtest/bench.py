@@ -1,6 +1,7 @@
 """The benchmark sweep: ``actserve bench`` / ``make bench`` / ``python -m loadtest.bench``.
 
-Starts actserve (default, ``--no-metrics`` and ``max_batch_requests=1`` variants), the HTTP
+Starts actserve (its defaults, access log included, and ``--no-metrics``,
+``--no-access-log`` and ``max_batch_requests=1`` variants), the HTTP
 floor and the naive endpoint as child processes on 127.0.0.1, drives each cell with wrk
 (every answer compared with the reference), measures the in-process paths, and writes
 ``results.json``, ``results.md`` and PNG plots into the output folder. ``--quick`` runs in
@@ -165,8 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds per wrk run (default 3; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each cell the performance bar divides (median quoted)")
-    p.add_argument("--groups", default="grid,reference,batching,modes,metrics",
-                   help="comma-separated subset of grid,reference,batching,modes,metrics")
+    p.add_argument("--groups", default="grid,reference,batching,modes,metrics,accesslog",
+                   help="comma-separated subset of grid,reference,batching,modes,metrics,"
+                        "accesslog")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))

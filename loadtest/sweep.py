@@ -7,7 +7,11 @@ A cell is one wrk run against one server with one request body. Groups:
 * ``reference``: the HTTP floor (same binary bodies) and the naive endpoint (same JSON);
 * ``batching``: ``max_batch_requests=1`` beside the default;
 * ``modes``: compute dtype, amp and in-place (silu, 65,536 elements);
-* ``metrics``: the same server with ``--no-metrics``.
+* ``metrics``: the same server with ``--no-metrics``;
+* ``accesslog``: the same server with ``--no-access-log``.
+
+Every actserve variant runs with the server's defaults (access log on, at ``info``) except
+for the one setting its name says, so ``actserve`` is what a user running the defaults gets.
 
 The cells that the performance bar divides are repeated (``repeats``) and run in rounds, so
 the repeats of a pair are spread over the run rather than back to back.
@@ -33,11 +37,13 @@ MODES = {
     "inplace": {"inplace": True},
 }
 
-# server name -> ACTSERVE_* settings
+# server name -> ACTSERVE_* settings; DEFAULTS undo what loadtest.servers turns off
+DEFAULTS = {"access_log": True, "log_level": "info"}
 SERVERS = {
-    "actserve": {},
-    "actserve-nometrics": {"metrics": False},
-    "actserve-batch1": {"max_batch_requests": 1},
+    "actserve": dict(DEFAULTS),
+    "actserve-nometrics": {**DEFAULTS, "metrics": False},
+    "actserve-batch1": {**DEFAULTS, "max_batch_requests": 1},
+    "actserve-noaccesslog": {**DEFAULTS, "access_log": False},
 }
 REFERENCES = ("floor", "naive", "echo")
 ECHO_FROM = 65536  # the echo reference runs for sizes where the answer's size matters
@@ -88,12 +94,13 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         ("actserve", "native-binary", 1048576, 8), ("naive", "native-json", 1048576, 8),
         ("actserve", "native-json", 1048576, 8), ("floor", "native-binary", 1024, 1),
         ("actserve", "native-binary", 1024, 1), ("actserve-nometrics", "native-binary", 1024, 64),
+        ("actserve-noaccesslog", "native-binary", 1024, 64),
         ("echo", "native-binary", 1048576, 8),
     }
 
 
 def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROTOCOLS,
-              groups=("grid", "reference", "batching", "modes", "metrics")) -> Plan:
+              groups=("grid", "reference", "batching", "modes", "metrics", "accesslog")) -> Plan:
     bars = bar_keys()
 
     def cell(group, server, case, conc, mode="") -> Cell:
@@ -127,6 +134,11 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
             for conc in [c for c in concurrency if c in (1, 64)]:
                 plan.cells.append(cell("metrics", "actserve-nometrics",
                                        Case(size=1024, protocol=proto), conc))
+    if "accesslog" in groups:
+        for proto in ("native-binary", "native-json"):
+            for conc in [c for c in concurrency if c in (1, 64)]:
+                plan.cells.append(cell("accesslog", "actserve-noaccesslog",
+                                       Case(size=1024, protocol=proto), conc))
     if "modes" in groups:
         for conc in [c for c in concurrency if c in (1, 64)]:
             for mode, settings in MODES.items():
@@ -150,6 +162,7 @@ def quick_plan() -> Plan:
         c("grid", "actserve", Case(size=65536), 8), c("reference", "floor", Case(size=65536), 8),
         c("reference", "echo", Case(size=65536), 8),
         c("metrics", "actserve-nometrics", Case(size=small), 64),
+        c("accesslog", "actserve-noaccesslog", Case(size=small), 64),
         c("batching", "actserve-batch1", Case(size=small), 64),
         c("modes", "actserve", Case(MODE_ACTIVATION, 4096, compute_dtype="bfloat16"), 8,
           "bfloat16"),

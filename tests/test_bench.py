@@ -101,7 +101,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     cells = results["cells"]
     assert len(cells) >= 10
     assert {c["server"] for c in cells} == {"actserve", "actserve-nometrics", "actserve-batch1",
-                                            "floor", "naive", "echo"}
+                                            "actserve-noaccesslog", "floor", "naive", "echo"}
     assert {c["protocol"] for c in cells if c["server"] == "actserve"} == set(payloads.PROTOCOLS)
     for c in cells:
         s = c["summary"]
@@ -119,6 +119,13 @@ def test_quick_sweep_end_to_end(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "results.md").read_text()
     assert "## Performance bar" in md and "![modes](modes.png)" in md
+    assert "## Access log: defaults (on) vs off" in md
+    access = next(b for b in results["bars"] if b["bar"].startswith("access log on"))
+    assert access["value"] is not None  # both sides measured in the same run
+    # the default server really logged (one line per request), the other not at all
+    logs = {p.stem: p.read_text() for p in (tmp_path / "logs").glob("actserve*.log")}
+    assert logs["actserve"].count('"path":"/v1/activations/relu"') > 100
+    assert '"path":' not in logs["actserve-noaccesslog"]
 
 
 def test_profile_summary_folds_py_spy_stacks():

@@ -92,3 +92,15 @@ def test_formats():
     except ValueError:
         record.exc_info = sys.exc_info()
     assert "ValueError: boom" in orjson.loads(LineFormatter("json").format(record))["exc"]
+
+
+def test_sink_gets_one_write_per_batch_in_either_format():
+    writes: list[bytes] = []
+    log = AccessLog("text", sink=writes.append)
+    log.start()
+    for i in range(100):
+        log.write({"id": f"r{i}", "method": "GET", "path": "/healthz", "status": 200, "ms": 0.1})
+    log.close()
+    lines = b"".join(writes).decode().splitlines()
+    assert lines == [f"r{i} GET /healthz 200 0.1ms" for i in range(100)]
+    assert len(writes) < 100
