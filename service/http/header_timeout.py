@@ -16,6 +16,8 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.http.drain import DrainingConnection
+
 
 def header_timeout_protocol(timeout_s: float) -> type:
     """A protocol class for one server (one event loop)."""
@@ -34,7 +36,7 @@ def header_timeout_protocol(timeout_s: float) -> type:
         if waiting:
             sweeper[0] = loop.call_later(period, sweep, loop)
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
+    class HeaderTimeoutProtocol(DrainingConnection, HttpToolsProtocol):
         def _arm(self) -> None:
             if self not in waiting:
                 waiting[self] = self.loop.time() + timeout_s
