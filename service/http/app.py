@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.engine.runtime import Runtime
-from service.http import error_responses
+from service.http import docs_pages, error_responses
 from service.http.fastpath import FastPath
 from service.http.middleware import RequestContext
 from service.http.routes_native import activate
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Batched activation inference over HTTP (native and KServe v2 APIs)",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=None,  # served by docs_pages, with local assets instead of a CDN
         redoc_url=None,
         **_no_framework_telemetry(),
     )
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.access_log = access_log
     error_responses.install(app)
+    docs_pages.install(app)  # /docs and /redoc, assets served locally
     app.include_router(native_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
