@@ -1,4 +1,5 @@
 # Two commands on a fresh clone:  `make run` (server on CPU, 127.0.0.1:8000)  and  `make test`.
+# `make run` installs only what the server needs; `make test` adds the test and load tools.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,18 +7,43 @@ TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint bench bench-quick loadtest soak audit gpu-check clean
+# The torch build (README "Which torch"): cpu (the default without an NVIDIA driver) takes
+# the CPU-only wheel from the PyTorch CPU index, ~200 MB; cuda (the default where nvidia-smi
+# exists) takes PyPI's wheel, which on Linux x86_64 bundles CUDA (several GB of nvidia-*
+# wheels). TORCH_CPU_INDEX= (empty) makes cpu use PyPI too.
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH),cpu)
+TORCH_INDEX_ARGS := $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX) --retries 2)
+else ifeq ($(TORCH),cuda)
+TORCH_INDEX_ARGS :=
+else
+$(error TORCH must be cpu or cuda, not "$(TORCH)")
+endif
 
-$(VENV)/.installed: pyproject.toml Makefile clients/python/pyproject.toml
+.PHONY: install install-server run test lint bench bench-quick loadtest soak audit gpu-check clean
+
+# torch first, from the chosen index; then the server (its runtime dependencies only)
+$(VENV)/.torch-$(TORCH):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) numpy
+	if ls $(VENV)/.torch-* >/dev/null 2>&1; then $(PY) -m pip uninstall -y -q torch; fi
+	$(PY) -m pip install -q $(TORCH_PIN) $(TORCH_INDEX_ARGS)
+	rm -f $(VENV)/.torch-* && touch $@
+
+$(VENV)/.server: $(VENV)/.torch-$(TORCH) pyproject.toml
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the test and load tools, and the Python client, for `make test` and the tools below
+$(VENV)/.installed: $(VENV)/.server pyproject.toml Makefile clients/python/pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' -e ./clients/python
 	touch $@
 
+install-server: $(VENV)/.server
+
 install: $(VENV)/.installed
 
-run: install
+run: install-server
 	$(PY) -m service serve --host $(HOST) --port $(PORT) --device cpu
 
 lint: install
