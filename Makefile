@@ -27,7 +27,14 @@ endif
 $(VENV)/.torch-$(TORCH):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if ls $(VENV)/.torch-* >/dev/null 2>&1; then $(PY) -m pip uninstall -y -q torch; fi
-	$(PY) -m pip install -q $(TORCH_PIN) $(TORCH_INDEX_ARGS)
+	@args="$(TORCH_INDEX_ARGS)"; \
+	if [ -n "$$args" ] && ! $(PY) -c "import socket, urllib.parse as u; \
+	        socket.getaddrinfo(u.urlsplit('$(TORCH_CPU_INDEX)').hostname, 443)" 2>/dev/null; then \
+	    echo "note: $(TORCH_CPU_INDEX) is unreachable: torch comes from pip's configured index"; \
+	    args=""; \
+	fi; \
+	echo "$(PY) -m pip install -q $(TORCH_PIN) $$args"; \
+	$(PY) -m pip install -q $(TORCH_PIN) $$args
 	rm -f $(VENV)/.torch-* && touch $@
 
 $(VENV)/.server: $(VENV)/.torch-$(TORCH) pyproject.toml
