@@ -14,7 +14,8 @@ PORT ?= 8000
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ifeq ($(TORCH),cpu)
-TORCH_INDEX_ARGS := $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX) --retries 2)
+# an extra index: torch's "+cpu" build ranks above PyPI's; everything else comes from PyPI
+TORCH_INDEX_ARGS := $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX) --retries 2)
 else ifeq ($(TORCH),cuda)
 TORCH_INDEX_ARGS :=
 else
@@ -23,30 +24,27 @@ endif
 
 .PHONY: install install-server run test lint bench bench-quick loadtest soak audit gpu-check clean
 
-# torch first, from the chosen index; then the server (its runtime dependencies only)
-$(VENV)/.torch-$(TORCH):
+# the server: torch from the chosen index and the runtime dependencies, in one pip run
+$(VENV)/.server-$(TORCH): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if ls $(VENV)/.torch-* >/dev/null 2>&1; then $(PY) -m pip uninstall -y -q torch; fi
+	if ls $(VENV)/.server-* 2>/dev/null | grep -qv '/.server-$(TORCH)$$'; then \
+	    $(PY) -m pip uninstall -y -q torch; fi  # switching builds
 	@args="$(TORCH_INDEX_ARGS)"; \
 	if [ -n "$$args" ] && ! $(PY) -c "import socket, urllib.parse as u; \
 	        socket.getaddrinfo(u.urlsplit('$(TORCH_CPU_INDEX)').hostname, 443)" 2>/dev/null; then \
 	    echo "note: $(TORCH_CPU_INDEX) is unreachable: torch comes from pip's configured index"; \
 	    args=""; \
 	fi; \
-	echo "$(PY) -m pip install -q $(TORCH_PIN) $$args"; \
-	$(PY) -m pip install -q $(TORCH_PIN) $$args
-	rm -f $(VENV)/.torch-* && touch $@
-
-$(VENV)/.server: $(VENV)/.torch-$(TORCH) pyproject.toml
-	$(PY) -m pip install -q -e .
-	touch $@
+	echo "$(PY) -m pip install -q $(TORCH_PIN) -e . $$args"; \
+	$(PY) -m pip install -q $(TORCH_PIN) -e . $$args
+	rm -f $(VENV)/.server-* && touch $@
 
 # the test and load tools, and the Python client, for `make test` and the tools below
-$(VENV)/.installed: $(VENV)/.server pyproject.toml Makefile clients/python/pyproject.toml
+$(VENV)/.installed: $(VENV)/.server-$(TORCH) pyproject.toml Makefile clients/python/pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' -e ./clients/python
 	touch $@
 
-install-server: $(VENV)/.server
+install-server: $(VENV)/.server-$(TORCH)
 
 install: $(VENV)/.installed
 
