@@ -24,7 +24,8 @@ endif
 
 .PHONY: install install-server run test lint bench bench-quick loadtest soak audit gpu-check clean
 
-# the server: torch from the chosen index and the runtime dependencies, in one pip run
+# the server: torch from the chosen index and the runtime dependencies, in one pip run;
+# --no-compile: Python compiles only the modules it imports, when it first imports them
 $(VENV)/.server-$(TORCH): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if ls $(VENV)/.server-* 2>/dev/null | grep -qv '/.server-$(TORCH)$$'; then \
@@ -35,8 +36,8 @@ $(VENV)/.server-$(TORCH): pyproject.toml
 	    echo "note: $(TORCH_CPU_INDEX) is unreachable: torch comes from pip's configured index"; \
 	    args=""; \
 	fi; \
-	echo "$(PY) -m pip install -q $(TORCH_PIN) -e . $$args"; \
-	$(PY) -m pip install -q $(TORCH_PIN) -e . $$args
+	echo "$(PY) -m pip install -q --no-compile $(TORCH_PIN) -e . $$args"; \
+	$(PY) -m pip install -q --no-compile $(TORCH_PIN) -e . $$args
 	rm -f $(VENV)/.server-* && touch $@
 
 # the test and load tools, and the Python client, for `make test` and the tools below
