@@ -41,8 +41,11 @@ def take_backlog(fds: list[int]) -> list[socket.socket]:
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError:  # e.g. a connection reset while queued: nothing to answer
+                except ConnectionAbortedError:  # reset by its client while queued
                     continue
+                except OSError as exc:  # e.g. out of descriptors: the rest are refused
+                    log.warning("drain: could not take queued connections: %s", exc)
+                    break
                 taken.append(conn)
         finally:
             listener.close()
