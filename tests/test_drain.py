@@ -63,3 +63,29 @@ def test_burst_of_new_connections_during_drain_sees_no_reset():
         outcomes, problems = asyncio.run(run())
     assert problems == [], (outcomes, problems[:10])
     assert outcomes["ok"] >= 4 * CLIENTS and outcomes["refused"] > 0, outcomes
+
+
+def test_take_backlog_takes_queued_connections_then_refuses_new_ones():
+    import os
+    import socket
+
+    from service.http.drain import take_backlog
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    addr = listener.getsockname()
+    clients = [socket.create_connection(addr, timeout=5) for _ in range(5)]  # queued, unaccepted
+    for i, c in enumerate(clients):
+        c.sendall(f"hello {i}".encode())
+    dup = os.dup(listener.fileno())
+    listener.close()  # the duplicate keeps the listener (and its queue) alive
+    taken = take_backlog([dup])
+    try:
+        assert len(taken) == 5
+        assert sorted(conn.recv(16) for conn in taken) == [f"hello {i}".encode() for i in range(5)]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(addr, timeout=5)
+    finally:
+        for s in [*taken, *clients]:
+            s.close()
