@@ -77,7 +77,19 @@ def check_answer(cell: sweep.Cell, url: str, bodies: Bodies,
 
 
 def run_cell(cell: sweep.Cell, url: str, bodies: Bodies, seconds: float,
-             exact: bool = True) -> dict:
+             exact: bool = True, cpu=None) -> dict:
+    """One wrk run; with ``cpu`` (the server's ``cpu_seconds``), also the server's CPU time
+    per request (``cpu_us_per_req``): steadier than req/s on a shared machine, since other
+    jobs there slow a server down without adding to its CPU time."""
+    before = cpu() if cpu else None
+    res = _run_cell(cell, url, bodies, seconds, exact)
+    after = cpu() if cpu else None
+    if before is not None and after is not None and res.get("requests"):
+        res["cpu_us_per_req"] = (after - before) / res["requests"] * 1e6
+    return res
+
+
+def _run_cell(cell: sweep.Cell, url: str, bodies: Bodies, seconds: float, exact: bool) -> dict:
     expect, problem = check_answer(cell, url, bodies, exact)
     if problem is not None:
         return {"error": problem}
@@ -104,6 +116,9 @@ def summarise(runs: list[dict]) -> dict:
     out["errors"] = sum(r["errors"] for r in ok)
     out["mismatches"] = sum(r["mismatches"] for r in ok)
     out["requests"] = sum(r["requests"] for r in ok)
+    cpu = [r["cpu_us_per_req"] for r in ok if "cpu_us_per_req" in r]
+    if cpu:
+        out["cpu_us_per_req"] = statistics.median(cpu)
     return out
 
 
@@ -222,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             for i, cell in enumerate(cells):
                 try:
                     res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
-                                   exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                                   exact=a.device == "cpu" or cell.server in sweep.REFERENCES,
+                                   cpu=by_name[cell.server].cpu_seconds)
                 except RuntimeError as exc:
                     res = {"error": str(exc)[:500]}
                 runs[cell].append(res)
+                cpu_text = (f"  cpu {res['cpu_us_per_req']:6.0f} us/req"
+                            if "cpu_us_per_req" in res else "")
                 shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
-                         f"p99 {res['p99_ms']:8.3f} ms" if "error" not in res
+                         f"p99 {res['p99_ms']:8.3f} ms{cpu_text}" if "error" not in res
                          else "ERROR " + res["error"][:200])
                 print(f"[{r + 1}.{i + 1:>3}/{len(cells)}] {cell.key:<44} {shown}", flush=True)
         peaks = {c.name: c.rss_peak_bytes() for c in children}

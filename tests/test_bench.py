@@ -120,6 +120,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "## Performance bar" in md and "![modes](modes.png)" in md
     assert "## Access log: defaults (on) vs off" in md
+    assert all(c["summary"]["cpu_us_per_req"] > 0 for c in cells if c["server"].startswith("actserve"))
     access = next(b for b in results["bars"] if b["bar"].startswith("access log on"))
     assert access["value"] is not None  # both sides measured in the same run
     # the default server really logged (one line per request), the other not at all
