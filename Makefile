@@ -1,4 +1,5 @@
 # Two commands on a fresh clone:  `make run` (server on CPU, 127.0.0.1:8000)  and  `make test`.
+# `make run` installs only what the server needs; `make test` adds the test and load tools.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,18 +7,49 @@ TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint bench bench-quick loadtest soak audit gpu-check clean
+# The torch build (README "Which torch"): cpu (the default without an NVIDIA driver) takes
+# the CPU-only wheel from the PyTorch CPU index, ~200 MB; cuda (the default where nvidia-smi
+# exists) takes PyPI's wheel, which on Linux x86_64 bundles CUDA (several GB of nvidia-*
+# wheels). TORCH_CPU_INDEX= (empty) makes cpu use PyPI too.
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH),cpu)
+# an extra index: torch's "+cpu" build ranks above PyPI's; everything else comes from PyPI
+TORCH_INDEX_ARGS := $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX) --retries 2)
+else ifeq ($(TORCH),cuda)
+TORCH_INDEX_ARGS :=
+else
+$(error TORCH must be cpu or cuda, not "$(TORCH)")
+endif
 
-$(VENV)/.installed: pyproject.toml Makefile clients/python/pyproject.toml
+.PHONY: install install-server run test lint bench bench-quick loadtest soak audit gpu-check clean
+
+# the server: torch from the chosen index and the runtime dependencies, in one pip run;
+# --no-compile: Python compiles only the modules it imports, when it first imports them
+$(VENV)/.server-$(TORCH): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) numpy
+	if ls $(VENV)/.server-* 2>/dev/null | grep -qv '/.server-$(TORCH)$$'; then \
+	    $(PY) -m pip uninstall -y -q torch; fi  # switching builds
+	@args="$(TORCH_INDEX_ARGS)"; \
+	if [ -n "$$args" ] && ! $(PY) -c "import socket, urllib.parse as u; \
+	        socket.getaddrinfo(u.urlsplit('$(TORCH_CPU_INDEX)').hostname, 443)" 2>/dev/null; then \
+	    echo "note: $(TORCH_CPU_INDEX) is unreachable: torch comes from pip's configured index"; \
+	    args=""; \
+	fi; \
+	echo "$(PY) -m pip install -q --no-compile $(TORCH_PIN) -e . $$args"; \
+	$(PY) -m pip install -q --no-compile $(TORCH_PIN) -e . $$args
+	rm -f $(VENV)/.server-* && touch $@
+
+# the test and load tools, and the Python client, for `make test` and the tools below
+$(VENV)/.installed: $(VENV)/.server-$(TORCH) pyproject.toml Makefile clients/python/pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' -e ./clients/python
 	touch $@
 
+install-server: $(VENV)/.server-$(TORCH)
+
 install: $(VENV)/.installed
 
-run: install
+run: install-server
 	$(PY) -m service serve --host $(HOST) --port $(PORT) --device cpu
 
 lint: install

@@ -1,6 +1,7 @@
 """The benchmark sweep: ``actserve bench`` / ``make bench`` / ``python -m loadtest.bench``.
 
-Starts actserve (default, ``--no-metrics`` and ``max_batch_requests=1`` variants), the HTTP
+Starts actserve (its defaults, access log included, and ``--no-metrics``,
+``--no-access-log`` and ``max_batch_requests=1`` variants), the HTTP
 floor and the naive endpoint as child processes on 127.0.0.1, drives each cell with wrk
 (every answer compared with the reference), measures the in-process paths, and writes
 ``results.json``, ``results.md`` and PNG plots into the output folder. ``--quick`` runs in
@@ -76,7 +77,19 @@ def check_answer(cell: sweep.Cell, url: str, bodies: Bodies,
 
 
 def run_cell(cell: sweep.Cell, url: str, bodies: Bodies, seconds: float,
-             exact: bool = True) -> dict:
+             exact: bool = True, cpu=None) -> dict:
+    """One wrk run; with ``cpu`` (the server's ``cpu_seconds``), also the server's CPU time
+    per request (``cpu_us_per_req``): steadier than req/s on a shared machine, since other
+    jobs there slow a server down without adding to its CPU time."""
+    before = cpu() if cpu else None
+    res = _run_cell(cell, url, bodies, seconds, exact)
+    after = cpu() if cpu else None
+    if before is not None and after is not None and res.get("requests"):
+        res["cpu_us_per_req"] = (after - before) / res["requests"] * 1e6
+    return res
+
+
+def _run_cell(cell: sweep.Cell, url: str, bodies: Bodies, seconds: float, exact: bool) -> dict:
     expect, problem = check_answer(cell, url, bodies, exact)
     if problem is not None:
         return {"error": problem}
@@ -106,6 +119,9 @@ def summarise(runs: list[dict]) -> dict:
     for k in ("server_cores", "client_cores", "idle_cores"):  # CpuMeter's figures
         if all(k in r for r in ok):
             out[k] = statistics.median(r[k] for r in ok)
+    cpu = [r["cpu_us_per_req"] for r in ok if "cpu_us_per_req" in r]
+    if cpu:
+        out["cpu_us_per_req"] = statistics.median(cpu)
     return out
 
 
@@ -169,9 +185,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each cell the performance bar divides (median quoted)")
     p.add_argument("--groups",
-                   default="grid,reference,batching,modes,metrics,engine,shm,grpc,workers",
-                   help="comma-separated subset of grid,reference,batching,modes,metrics,engine,"
-                        "shm,grpc,workers")
+                   default="grid,reference,batching,modes,metrics,accesslog,engine,shm,grpc,"
+                           "workers",
+                   help="comma-separated subset of grid,reference,batching,modes,metrics,"
+                        "accesslog,engine,shm,grpc,workers")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
@@ -229,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with cpu.CpuMeter(by_name[cell.server].proc.pid) as meter:
                         res = run_cell(cell, by_name[cell.server].url, bodies, seconds,
-                                       exact=a.device == "cpu" or cell.server in sweep.REFERENCES)
+                                       exact=a.device == "cpu" or cell.server in sweep.REFERENCES,
+                                       cpu=by_name[cell.server].cpu_seconds)
                     res.update(meter.result())
                 except RuntimeError as exc:
                     res = {"error": str(exc)[:500]}
                 runs[cell].append(res)
+                cpu_text = (f"  cpu {res['cpu_us_per_req']:6.0f} us/req"
+                            if "cpu_us_per_req" in res else "")
                 shown = (f"{res['rps']:9.0f} req/s  p50 {res['p50_ms']:8.3f} ms  "
-                         f"p99 {res['p99_ms']:8.3f} ms  cores: server "
+                         f"p99 {res['p99_ms']:8.3f} ms{cpu_text}  cores: server "
                          f"{res['server_cores']:.2f} wrk {res['client_cores']:.2f} idle "
                          f"{res['idle_cores']:.2f}" if "error" not in res
                          else "ERROR " + res["error"][:200])

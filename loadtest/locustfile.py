@@ -9,8 +9,11 @@ options (also settable in the web UI): ``--act-sizes 1024:4,65536:1``,
 ``--act-modes default:6,float16:1,...``; ``--act-seed`` makes every client's sequence and
 every payload the same from run to run. Each answer is compared bit for bit with the
 reference (the activation applied to that request alone); any difference is a Locust
-failure. The server's ``Server-Timing`` parts (decode, queue, compute, encode) are reported
-as their own entries (type ``server-timing``) so the report shows where the time goes.
+failure. The server's ``Server-Timing`` parts (decode, queue, compute, encode) are kept in
+statistics of their own, apart from the requests (they are not requests: Locust's totals and
+its HTML report count only what was sent), and written to
+``<csv prefix>_final_server_timing.csv``. Every ``--act-progress-s`` seconds (default 5; 0:
+never) a progress line shows requests, failures, req/s, p50 and p99 so far.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import csv
 import itertools
 import random
 import threading
+import time
 
+import gevent
 from locust import FastHttpUser, events, task
-from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+from locust.stats import PERCENTILES_TO_REPORT, RequestStats, StatsCSV
 
 # The payloads live in the repository's ``loadtest`` package: the folder that holds it must
 # be on the import path (``python -m locust`` run from the checkout, as run_locust.py does,
@@ -62,6 +67,8 @@ def _options(parser) -> None:
         help="seed of every client's choices and of the payloads")
     add("--act-variants", type=int, default=4, include_in_web_ui=True,
         help="distinct payloads per request kind")
+    add("--act-progress-s", type=float, default=5.0, include_in_web_ui=False,
+        help="seconds between progress lines (0: none)")
 
 
 class Mix:
@@ -109,12 +116,39 @@ class Mix:
 
 _MIX: list[Mix] = []
 _USER_IDS = itertools.count()
+# Server-Timing phases: statistics of their own, never counted as requests
+TIMING = RequestStats(use_response_times_cache=False)
+_PROGRESS: list = []
+
+
+def progress_line(total, elapsed: float) -> str:
+    p50 = total.get_response_time_percentile(0.5) if total.num_requests else 0
+    p99 = total.get_response_time_percentile(0.99) if total.num_requests else 0
+    return (f"[{elapsed:6.1f}s] {total.num_requests} requests, {total.num_failures} failures, "
+            f"{total.current_rps:.1f} req/s, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+
+
+def _report_progress(environment, every: float) -> None:
+    started = time.monotonic()
+    while True:
+        gevent.sleep(every)
+        print(progress_line(environment.stats.total, time.monotonic() - started), flush=True)
 
 
 @events.test_start.add_listener
 def _on_start(environment, **_kw) -> None:
     _MIX.clear()
     _MIX.append(Mix(environment.parsed_options))
+    TIMING.reset_all()
+    every = getattr(environment.parsed_options, "act_progress_s", 0) or 0
+    if every > 0 and not _PROGRESS:
+        _PROGRESS.append(gevent.spawn(_report_progress, environment, every))
+
+
+@events.test_stop.add_listener
+def _on_stop(**_kw) -> None:
+    while _PROGRESS:
+        _PROGRESS.pop().kill(block=False)
 
 
 _ENV: list = []
@@ -139,6 +173,19 @@ def _final_csv(**_kw) -> None:
         writer.requests_csv(csv.writer(fh))
     with open(f"{prefix}_final_failures.csv", "w", newline="") as fh:
         writer.failures_csv(csv.writer(fh))
+    with open(f"{prefix}_final_server_timing.csv", "w", newline="") as fh:
+        write_timing_csv(csv.writer(fh))
+
+
+def write_timing_csv(out) -> None:
+    out.writerow(["Phase", "Count", "Average ms", "50%", "95%", "99%", "Max ms"])
+    for name in TIMING_PARTS:
+        e = TIMING.entries.get((name, "server-timing"))
+        if e is None or not e.num_requests:
+            continue
+        out.writerow([name, e.num_requests, round(e.avg_response_time, 3),
+                      e.get_response_time_percentile(0.5), e.get_response_time_percentile(0.95),
+                      e.get_response_time_percentile(0.99), round(e.max_response_time, 3)])
 
 
 class ActivationUser(FastHttpUser):
@@ -173,6 +220,4 @@ class ActivationUser(FastHttpUser):
             timing = server_timing(resp.headers.get("server-timing"))
         for part in TIMING_PARTS:
             if part in timing:
-                events.request.fire(request_type="server-timing", name=part,
-                                    response_time=timing[part], response_length=0,
-                                    exception=None, context={})
+                TIMING.log_request("server-timing", part, timing[part], 0)

@@ -24,6 +24,32 @@ def bars_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def access_log_rows(cells: list[dict]) -> list[str]:
+    """actserve with its defaults (access log on) beside the same server with it off."""
+    on = {(c["protocol"], c["size"], c["concurrency"]): c["summary"] for c in cells
+          if c["server"] == "actserve" and not c["mode"]}
+    rows = []
+    for c in cells:
+        if c["server"] != "actserve-noaccesslog":
+            continue
+        a, b = on.get((c["protocol"], c["size"], c["concurrency"])), c["summary"]
+        if not a or "error" in a or "error" in b or not b.get("rps"):
+            continue
+        ca, cb = a.get("cpu_us_per_req"), b.get("cpu_us_per_req")
+        cpu = (f"{ca:.0f} | {cb:.0f} | {cb / ca:.2f}" if ca and cb else "— | — | —")
+        rows.append(f"| {c['protocol']} {_size(c['size'])} | {c['concurrency']} | "
+                    f"{a['rps']:.0f} | {b['rps']:.0f} | {a['rps'] / b['rps']:.2f} | {cpu} |")
+    if not rows:
+        return []
+    return ["## Access log: defaults (on) vs off", "",
+            "Server CPU per request (all threads, the log writer's included) is the steadier "
+            "figure on a shared machine; off / on is the throughput ratio it implies for a "
+            "CPU-bound server.", "",
+            "| request | clients | on req/s | off req/s | on / off | on CPU us/req | "
+            "off CPU us/req | off / on (CPU) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
+
+
 def _cell_rows(cells: list[dict]) -> list[str]:
     lines = ["| cell | req/s (median) | spread | p50 ms | p99 ms | MB/s out | runs | errors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -61,10 +87,12 @@ def markdown(results: dict) -> str:
     titles = {"reference": "References (HTTP floor, HTTP echo, naive FastAPI)", "grid": "actserve grid",
               "batching": "Batching off (max_batch_requests=1)",
               "metrics": "Metrics off (--no-metrics)", "modes": "Compute modes",
-              "workers": "HTTP workers (--workers 1 and 2)"}
-    for g in ("reference", "grid", "batching", "metrics", "modes", "workers"):
+              "workers": "HTTP workers (--workers 1 and 2)",
+              "accesslog": "Access log off (--no-access-log)"}
+    for g in ("reference", "grid", "batching", "metrics", "accesslog", "modes", "workers"):
         if g in groups:
             out += [f"## {titles[g]}", "", *_cell_rows(groups[g]), ""]
+    out += access_log_rows(results["cells"])
     ip = results.get("inprocess")
     if ip:
         out += ["## In-process (no HTTP)", "",

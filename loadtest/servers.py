@@ -48,6 +48,14 @@ class Child:
             return None
         return None
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the process (all its threads) has used, or None."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self, grace_s: float = 15.0) -> None:
         stop_process(self.proc, grace_s)
 

@@ -14,7 +14,11 @@ A cell is one wrk run against one server with one request body. Groups:
   socket) beside the inline default, native binary: 1,024 elements at 1 and 64 clients,
   1,048,576 at 8;
 * ``workers``: ``--workers 1`` beside ``--workers 2`` (relu, native binary: 1,024 elements at
-  64 clients and 1M elements at 8), two servers of their own measured in the same rounds.
+  64 clients and 1M elements at 8), two servers of their own measured in the same rounds;
+* ``accesslog``: the same server with ``--no-access-log``.
+
+Every actserve variant runs with the server's defaults (access log on, at ``info``) except
+for the one setting its name says, so ``actserve`` is what a user running the defaults gets.
 
 The cells that the performance bar divides are repeated (``repeats``) and run in rounds, so
 the repeats of a pair are spread over the run rather than back to back.
@@ -40,15 +44,17 @@ MODES = {
     "inplace": {"inplace": True},
 }
 
-# server name -> ACTSERVE_* settings
+# server name -> ACTSERVE_* settings; DEFAULTS undo what loadtest.servers turns off
+DEFAULTS = {"access_log": True, "log_level": "info"}
 SERVERS = {
-    "actserve": {},
-    "actserve-nometrics": {"metrics": False},
-    "actserve-batch1": {"max_batch_requests": 1},
-    "actserve-engine": {"engine": "process"},
-    "actserve-grpc": {"grpc_port": "free"},  # the shm and grpc groups (client_cells.py)
-    "actserve-workers1": {"workers": 1},
-    "actserve-workers2": {"workers": 2},
+    "actserve": dict(DEFAULTS),
+    "actserve-nometrics": {**DEFAULTS, "metrics": False},
+    "actserve-batch1": {**DEFAULTS, "max_batch_requests": 1},
+    "actserve-noaccesslog": {**DEFAULTS, "access_log": False},
+    "actserve-engine": {**DEFAULTS, "engine": "process"},
+    "actserve-grpc": {**DEFAULTS, "grpc_port": "free"},  # the shm and grpc groups
+    "actserve-workers1": {**DEFAULTS, "workers": 1},
+    "actserve-workers2": {**DEFAULTS, "workers": 2},
 }
 CLIENT_GROUPS = ("shm", "grpc")  # driven by Python clients, not wrk
 ENGINE_CELLS = ((1024, 1), (1024, 64), (1048576, 8))
@@ -102,6 +108,7 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         ("actserve", "native-binary", 1048576, 8), ("naive", "native-json", 1048576, 8),
         ("actserve", "native-json", 1048576, 8), ("floor", "native-binary", 1024, 1),
         ("actserve", "native-binary", 1024, 1), ("actserve-nometrics", "native-binary", 1024, 64),
+        ("actserve-noaccesslog", "native-binary", 1024, 64),
         ("echo", "native-binary", 1048576, 8),
         *(("actserve-engine", "native-binary", size, conc) for size, conc in ENGINE_CELLS),
         *(("actserve", "native-binary", size, conc) for size, conc in ENGINE_CELLS),
@@ -111,7 +118,7 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
 
 
 def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROTOCOLS,
-              groups=("grid", "reference", "batching", "modes", "metrics", "engine",
+              groups=("grid", "reference", "batching", "modes", "metrics", "accesslog", "engine",
                       "workers")) -> Plan:
     bars = bar_keys()
 
@@ -157,6 +164,11 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
         for size, conc in WORKERS_CELLS:
             for server in ("actserve-workers1", "actserve-workers2"):
                 plan.cells.append(cell("workers", server, Case(size=size), conc))
+    if "accesslog" in groups:
+        for proto in ("native-binary", "native-json"):
+            for conc in [c for c in concurrency if c in (1, 64)]:
+                plan.cells.append(cell("accesslog", "actserve-noaccesslog",
+                                       Case(size=1024, protocol=proto), conc))
     if "modes" in groups:
         for conc in [c for c in concurrency if c in (1, 64)]:
             for mode, settings in MODES.items():
@@ -180,6 +192,7 @@ def quick_plan() -> Plan:
         c("grid", "actserve", Case(size=65536), 8), c("reference", "floor", Case(size=65536), 8),
         c("reference", "echo", Case(size=65536), 8),
         c("metrics", "actserve-nometrics", Case(size=small), 64),
+        c("accesslog", "actserve-noaccesslog", Case(size=small), 64),
         c("batching", "actserve-batch1", Case(size=small), 64),
         c("modes", "actserve", Case(MODE_ACTIVATION, 4096, compute_dtype="bfloat16"), 8,
           "bfloat16"),

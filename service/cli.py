@@ -5,26 +5,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import malloc_tuning
+from service import __version__, malloc_tuning
+from service.cli_flags import EXPLICIT_NONE, add_settings_flags, overrides
+from service.observability import logs
 from service.settings import Settings
 
-FLAGS = {
-    "host": str, "port": int, "device": str, "max_batch_elements": int,
-    "max_batch_requests": int, "max_delay_us": int, "max_queue_requests": int,
-    "default_timeout_s": float, "max_request_bytes": int, "torch_threads": int,
-    "log_level": str, "workers": str,
-}
 
-
-def load_settings(overrides: dict) -> Settings:
+def load_settings(flags: dict) -> Settings:
+    """Environment variables, then the flags given (``None``: not given) on top."""
+    given = {k: (None if v is EXPLICIT_NONE else v) for k, v in flags.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -37,7 +33,7 @@ def serve(settings: Settings) -> int:
     from service.http.app import create_app
     from service.http.server import DrainingServer, uvicorn_config
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    logs.configure(settings)
     if settings.worker_count > 1:  # a supervisor and N worker processes (service/process)
         from service.process.supervisor import supervise
 
@@ -52,24 +48,27 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actserve", description="Batched activation server")
+    parser.add_argument("--version", action="version", version=f"actserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the HTTP server")
-    for name, typ in FLAGS.items():
-        p_serve.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                             help=f"overrides ACTSERVE_{name.upper()}")
-    p_serve.add_argument("--no-metrics", dest="metrics", action="store_const", const=False,
-                         default=None, help="disable Prometheus metrics and /v1/stats")
+    p_serve = sub.add_parser(
+        "serve", help="run the HTTP server", description="Run the HTTP server. Each setting comes "
+        "from its flag, else its environment variable, else its default.")
+    add_settings_flags(p_serve)
     p_bench = sub.add_parser("bench", help="run the benchmark sweep (see loadtest/)",
                              add_help=False)  # --help goes to the sweep's own parser
     p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)  # bench's options belong to the sweep
     if args.command == "serve" and unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
-        overrides = {k: getattr(args, k) for k in [*FLAGS, "metrics"]}
-        return serve(load_settings(overrides))
+        return serve(load_settings(overrides(args)))
     return _bench_main()(unknown + args.rest)
 
 

@@ -99,7 +99,7 @@ def test_workers_group_pairs_one_and_two_workers_in_the_same_rounds():
                      for n in (1, 2) for size, conc in ((1024, 64), (1048576, 8))}
     assert all(c.repeats == 3 for c in plan.cells)
     assert [len(r) for r in plan.rounds()] == [4, 4, 4]  # each round runs both servers
-    assert sweep.SERVERS["actserve-workers2"] == {"workers": 2}
+    assert sweep.SERVERS["actserve-workers2"] == {**sweep.DEFAULTS, "workers": 2}
     m = 1048576
     rows = bars.evaluate({"cells": [
         _cell("actserve-workers1", "native-binary", 1024, 64, 2000, 30, 60),
@@ -122,7 +122,7 @@ def test_quick_sweep_end_to_end(tmp_path):
     cells = results["cells"]
     assert len(cells) >= 10
     assert {c["server"] for c in cells} == {"actserve", "actserve-nometrics", "actserve-batch1",
-                                            "floor", "naive", "echo"}
+                                            "actserve-noaccesslog", "floor", "naive", "echo"}
     assert {c["protocol"] for c in cells if c["server"] == "actserve"} == set(payloads.PROTOCOLS)
     for c in cells:
         s = c["summary"]
@@ -140,6 +140,14 @@ def test_quick_sweep_end_to_end(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "results.md").read_text()
     assert "## Performance bar" in md and "![modes](modes.png)" in md
+    assert "## Access log: defaults (on) vs off" in md
+    assert all(c["summary"]["cpu_us_per_req"] > 0 for c in cells if c["server"].startswith("actserve"))
+    access = next(b for b in results["bars"] if b["bar"].startswith("access log on"))
+    assert access["value"] is not None  # both sides measured in the same run
+    # the default server really logged (one line per request), the other not at all
+    logs = {p.stem: p.read_text() for p in (tmp_path / "logs").glob("actserve*.log")}
+    assert logs["actserve"].count('"path":"/v1/activations/relu"') > 100
+    assert '"path":' not in logs["actserve-noaccesslog"]
 
 
 def test_profile_summary_folds_py_spy_stacks():

@@ -5,6 +5,7 @@ here would monkey-patch the test process)."""
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -77,20 +78,31 @@ def _rows(path):
 
 @pytest.mark.slow
 def test_headless_locust_run_starts_a_server_and_checks_every_answer(tmp_path):
-    proc = _locust(tmp_path, "--run-time", "4s", "--",
+    proc = _locust(tmp_path, "--run-time", "4s", "--progress-s", "1", "--",
                    "--act-protocols", "native-binary:2,native-json:1,v2-binary:1,v2-json:1",
                    "--act-sizes", "256:3,4096:1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(tmp_path / "locust_final_stats.csv")
     posts = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "POST"}
-    assert sum(posts.values()) > 0
+    sent = sum(posts.values())
+    assert sent > 0
     assert {n.split()[0] for n in posts} >= {"native-binary"}
     assert all(int(r["Failure Count"]) == 0 for r in rows)
-    timing = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "server-timing"}
+    # requests and Server-Timing phases are counted apart: the totals are the requests sent
+    assert {r["Type"] for r in rows if r["Name"] != "Aggregated"} == {"POST"}
+    aggregated = next(r for r in rows if r["Name"] == "Aggregated")
+    assert int(aggregated["Request Count"]) == sent
+    timing = {r["Phase"]: int(r["Count"]) for r in _rows(tmp_path / "locust_final_server_timing.csv")}
     assert set(timing) == {"decode", "queue", "compute", "encode"}
-    assert min(timing.values()) > 0
-    assert (tmp_path / "report.html").stat().st_size > 1000
-    assert "0 failures" in proc.stdout
+    assert min(timing.values()) > 0 and max(timing.values()) <= sent
+    report = (tmp_path / "report.html").read_text()
+    assert re.search(rf'"name": "Aggregated", "num_failures": 0, "num_requests": {sent}\b', report)
+    assert '<section id="server-timing">' in report.replace(' style="font-family:sans-serif;margin:2em"', "")
+    assert f"{sent} requests (" in proc.stdout and "0 failures" in proc.stdout
+    assert "Server-Timing phases" in proc.stdout
+    progress = [ln for ln in proc.stdout.splitlines() if re.match(r"\[ *[0-9.]+s\] \d+ requests, ", ln)]
+    assert progress, proc.stdout[-2000:]
+    assert re.search(r"failures, [0-9.]+ req/s, p50 \d+ ms, p99 \d+ ms$", progress[-1])
 
 
 @pytest.mark.slow

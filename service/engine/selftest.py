@@ -40,9 +40,11 @@ def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
         for compute_dtype, amp_dtype, inplace in itertools.product(
             dtypes.NAMES, AMP_DTYPES, (False, True)
         ):
-            if inplace and not act.supports_inplace:
-                continue
             mode = Mode(compute_dtype, amp_dtype is not None, amp_dtype, inplace)
+            if inplace and not act.supports_inplace:
+                failures[Capabilities.key(act.name, compute_dtype, mode)] = (
+                    f"{act.name} has no in-place form")
+                continue
             try:
                 reference(act, params, sample(8, compute_dtype, 0), compute_dtype, mode,
                           compute.device)

@@ -13,7 +13,7 @@ from service import __version__
 from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.factory import build_engine
-from service.http import error_responses
+from service.http import docs_pages, error_responses
 from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
@@ -25,6 +25,7 @@ from service.http.routes_shm import router as shm_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
 from service.http.services import Services
+from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
 
@@ -62,12 +63,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
                    ready=lambda: engine.ready, gpu_memory=engine.gpu_memory)
+    access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
                         cuda_regions=CudaRegions(engine.devices))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if access_log is not None:
+            access_log.start()
         await engine.start()
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
@@ -84,19 +88,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.drain()
             await engine.stop()
             services.regions.close()
+            if access_log is not None:
+                access_log.close()  # every line of the drained requests is written
 
     app = FastAPI(
         title="actserve",
         version=__version__,
         summary="Batched activation inference over HTTP (native and KServe v2 APIs)",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url=None,  # served by docs_pages, with local assets instead of a CDN
         redoc_url=None,
         redirect_slashes=False,  # a redirect would reflect the client's Host
         **_no_framework_telemetry(),
     )
     app.state.services = services
+    app.state.access_log = access_log
     error_responses.install(app)
+    docs_pages.install(app)  # /docs and /redoc, assets served locally
     app.include_router(native_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
@@ -111,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
         ]), allowed_hosts=settings.allowed_host_list),
-        log_requests=settings.access_log, api_keys=settings.api_key_list, recorder=recorder,
+        access_log=access_log, api_keys=settings.api_key_list, recorder=recorder,
     )
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware

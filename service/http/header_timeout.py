@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import uuid
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-access_log = logging.getLogger("actserve.access")
+from service.http.drain import DrainingConnection
+from service.observability.logs import AccessLog
+
 HEADER_END = b"\r\n\r\n"
 LINGER_S = 1.0  # a refused connection is closed this long after its answer
+
 
 
 class _Refused(Exception):
@@ -43,7 +44,7 @@ class _Refused(Exception):
 
 
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
-                            max_count: int = 100, log_refusals: bool = True) -> type:
+                            max_count: int = 100, access: AccessLog | None = None) -> type:
     """A protocol class for one server (one event loop)."""
     id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
     ids = itertools.count(1)
@@ -62,7 +63,7 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         if waiting:
             sweeper[0] = loop.call_later(period, sweep, loop)
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
+    class HeaderTimeoutProtocol(DrainingConnection, HttpToolsProtocol):
         _header_bytes = 0
         _header_count = 0
         _tail = b""
@@ -153,11 +154,9 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                 if transport.can_write_eof():
                     transport.write_eof()
                 self.loop.call_later(LINGER_S, transport.close)
-            if log_refusals and access_log.isEnabledFor(logging.INFO):
+            if access is not None and access.enabled():
                 client = self.client[0] if self.client else None
-                access_log.info(orjson.dumps({
-                    "id": rid, "client": client, "status": status, "error": message,
-                }).decode())
+                access.write({"id": rid, "client": client, "status": status, "error": message})
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -2,8 +2,9 @@
 
 * Request ids: ``X-Request-Id`` taken from the client when it is sane, else generated, and
   echoed on every response.
-* Access log: one JSON line per request, with whatever the route put in
-  ``scope["actserve"]["log"]`` (activation, shape, dtypes, timings).
+* Access log: one line per request, with whatever the route put in
+  ``scope["actserve"]["log"]`` (activation, shape, dtypes, timings), handed to an
+  ``AccessLog`` that writes it off the event loop (``service/observability/logs.py``).
 * ``Server-Timing`` on error answers of activation routes: the route leaves the value in
   ``scope["actserve"]["server_timing"]`` when an exception, not a response, leaves it.
 * Bearer-token auth when API keys are configured (constant-time comparison); health,
@@ -14,29 +15,25 @@ from __future__ import annotations
 
 import hmac
 import itertools
-import logging
 import re
 import time
 import uuid
 
-import orjson
-
 from service.errors import Unauthorized
 from service.http.error_responses import error_response
+from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
-access_log = logging.getLogger("actserve.access")
-
 
 class RequestContext:
-    def __init__(self, app, *, log_requests: bool, api_keys: list[str],
+    def __init__(self, app, *, access_log: AccessLog | None, api_keys: list[str],
                  recorder: Recorder | None = None) -> None:
         self.app = app
         self.recorder = recorder
-        self.log_requests = log_requests
+        self.access_log = access_log
         self.api_keys = [k.encode() for k in api_keys]
         # Generated ids: a random per-process prefix and a counter (unique, and cheaper
         # than a uuid4 per request).
@@ -80,7 +77,7 @@ class RequestContext:
                 return
             await self.app(scope, receive, send_with_id)
         finally:
-            if self.log_requests and access_log.isEnabledFor(logging.INFO):
+            if self.access_log is not None and self.access_log.enabled():
                 client = scope.get("client")
                 line = {
                     "id": rid,
@@ -91,7 +88,7 @@ class RequestContext:
                     "ms": round((time.perf_counter() - start) * 1000, 3),
                     **ctx["log"],
                 }
-                access_log.info(orjson.dumps(line).decode())
+                self.access_log.write(line)
 
     def _authorised(self, scope) -> bool:
         if scope["path"] in OPEN_PATHS:

@@ -32,6 +32,14 @@ async def catalogue(request: Request) -> dict:
     }
 
 
+@router.get("/v1/activations/{name}", summary="One activation of the catalogue")
+async def catalogue_entry(name: str, request: Request) -> dict:
+    engine = request.app.state.services.engine  # unknown names: 404 (UnknownActivation)
+    entry = engine.registry.get(name).describe()
+    return {**entry, "unsupported": [u for u in engine.capabilities.unsupported()
+                                     if u["activation"] == name]}
+
+
 @router.post(
     "/v1/activations/{name}",
     summary="Apply an activation",

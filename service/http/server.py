@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uvicorn
 from fastapi import FastAPI
 
+from service.http import drain
 from service.settings import Settings
 
 
@@ -14,7 +17,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
         from service.http.header_timeout import header_timeout_protocol
 
         http = header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes,
-                                       settings.max_header_count, settings.access_log)
+                                       settings.max_header_count,
+                                       getattr(app.state, "access_log", None))
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(
@@ -23,6 +27,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
         timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http=http,
         lifespan="on", server_header=False, h11_max_incomplete_event_size=settings.max_header_bytes,
         **proxy_options(settings),
+        log_config=None,  # uvicorn's lines go to the root logger: one format (service.observability.logs)
     )
     options.update(overrides)
     return uvicorn.Config(app, **options)
@@ -38,11 +43,34 @@ def proxy_options(settings: Settings) -> dict:
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: refuse new work at once (503, not ready), let uvicorn close the
-    listener and finish every accepted request, then exit 0 (a requested stop that drained
-    cleanly is a success; uvicorn would otherwise re-raise the signal after shutdown)."""
+    """On SIGTERM/SIGINT: refuse new work at once (503, not ready), stop accepting (the
+    connections already queued in the kernel are taken and answered, later connects are
+    refused: ``service/http/drain.py``), finish every accepted request, then exit 0 (a
+    requested stop that drained cleanly is a success; uvicorn would otherwise re-raise the
+    signal after shutdown)."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stopped_accepting = False
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig, frame):
         self.config.app.state.services.engine.begin_drain()
+        if self._loop is not None and getattr(self, "servers", None):
+            self._loop.call_soon_threadsafe(self._stop_accepting)
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    def _stop_accepting(self) -> None:
+        if self._stopped_accepting:
+            return
+        self._stopped_accepting = True
+
+        def protocol(_loop=None):
+            return self.config.http_protocol_class(
+                config=self.config, server_state=self.server_state,
+                app_state=self.lifespan.state, _loop=_loop)
+
+        drain.stop_accepting(self.servers, self._loop, protocol)

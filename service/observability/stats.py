@@ -1,7 +1,8 @@
 """Sliding-window latency statistics per activation, for ``GET /v1/stats``: percentiles
 without running Prometheus. Bounded in time (``window_s``) and in count (``max_samples``).
 
-One sample per answered (2xx) request. Batch sizes are request-weighted: the mean size of
+One sample per answered (2xx) request. Rates divide by the span the samples actually cover
+(``covered_span``), not by the whole window. Batch sizes are request-weighted: the mean size of
 the batch a request rode in. Event-loop only; nothing here is shared with a thread.
 """
 
@@ -32,7 +33,6 @@ class WindowStats:
         self.window_s = window_s
         self.max_samples = max_samples
         self._samples: dict[str, deque[tuple]] = {}
-        self.started = time.monotonic()
 
     def add(self, activation: str, sample: tuple) -> None:
         """``sample``: a ``Sample`` or a plain tuple in its field order."""
@@ -46,11 +46,7 @@ class WindowStats:
         q.append(tuple(sample))
 
     def snapshot(self) -> dict:
-        return summarize(self.window(), self.span())
-
-    def span(self) -> float:
-        """Seconds the window covers now (shorter than ``window_s`` just after start)."""
-        return min(self.window_s, time.monotonic() - self.started) or 1e-9
+        return summarize(self.window(), self.window_s)
 
     def window(self) -> dict[str, np.ndarray]:
         """The samples still in the window, per activation: an (n, len(Sample)) float64
@@ -65,13 +61,27 @@ class WindowStats:
         return out
 
 
-def summarize(windows: dict[str, np.ndarray], span: float) -> dict:
-    """The ``/v1/stats`` figures of each activation's samples over ``span`` seconds."""
+MIN_SPAN_S = 1.0
+
+
+def covered_span(since_oldest: float, window_s: float) -> float:
+    """The seconds the rates divide by: from this activation's oldest sample still in the
+    window to now, so a load that began 10 s ago reads as its real rate, not as that rate
+    diluted over the whole window. At least ``MIN_SPAN_S`` (a lone request just answered is
+    1 req/s, not thousands), at most the window."""
+    return min(window_s, max(since_oldest, MIN_SPAN_S, 1e-9))
+
+
+def summarize(windows: dict[str, np.ndarray], window_s: float) -> dict:
+    """The ``/v1/stats`` figures of each activation's samples (rows of ``Sample`` fields;
+    several processes' windows concatenate: their clocks are the same monotonic clock)."""
     out = {}
+    now = time.monotonic()
     for name, rows in windows.items():
         if not len(rows):
             continue
         col = dict(zip(Sample._fields, rows.T, strict=True))
+        span = covered_span(now - float(col["t"].min()), window_s)
         out[name] = {
             "requests": len(rows),
             "window_s": round(span, 3),

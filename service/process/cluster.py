@@ -104,8 +104,7 @@ class Cluster:
             return self._families()
         if kind == "models":
             return self.recorder.model_stats.snapshot()
-        return {"state": self._state(), "window": self.recorder.stats.window(),
-                "started": self.recorder.stats.started}
+        return {"state": self._state(), "window": self.recorder.stats.window()}
 
     # -- merged views ---------------------------------------------------------------------
     async def _gather(self, kind: str) -> tuple[dict[int, object], dict[int, dict], list[dict]]:
@@ -140,11 +139,10 @@ class Cluster:
         for answer in got.values():
             for act, rows in answer["window"].items():
                 windows.setdefault(act, []).append(rows)
-        oldest = min(a["started"] for a in got.values())
-        span = min(self.settings.metrics_window_s, time.monotonic() - oldest) or 1e-9
         workers = sorted((a["state"] for a in got.values()), key=lambda w: w["slot"])
         return {
-            "activations": summarize({k: np.concatenate(v) for k, v in windows.items()}, span),
+            "activations": summarize({k: np.concatenate(v) for k, v in windows.items()},
+                                     self.settings.metrics_window_s),
             "queue_depth": sum(w["queue_depth"] for w in workers),
             "executor_restarts": sum(w["executor_restarts"] for w in workers),
             "workers": workers,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from service import malloc_tuning
+from service.observability import logs
 from service.process.rundir import RunDir
 from service.process.sockets import worker_socket
 from service.settings import Settings
@@ -39,8 +40,7 @@ def main() -> int:
     spec = json.loads(sys.stdin.read())
     die_with_parent(spec["parent"])
     settings = Settings(**spec["settings"])
-    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s",
-                        stream=sys.stderr)
+    logs.configure(settings)
     malloc_tuning.tune(settings.malloc_keep_mib)
 
     from service.http.app import create_app

@@ -216,8 +216,8 @@ async def _until_stdin_closes() -> asyncio.Future:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     settings = Settings.model_validate_json(os.environ[channel.SETTINGS_ENV])
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
     return asyncio.run(serve(argv[0], settings))
 
 
