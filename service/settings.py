@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access_log: bool = True
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth")
+    activations_file: str = Field(
+        "", description="TOML file of [[activation]] tables (name, expr, params) registered "
+        "at start-up as custom activations; empty = none")
     cors_origins: str = Field("", description="comma-separated origins; empty = CORS off")
     fault_injection: bool = Field(False, description="test-only compute fault hook")
     timeout_keep_alive_s: int = Field(5, ge=1)

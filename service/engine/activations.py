@@ -176,6 +176,13 @@ class Registry:
                 f"unknown activation {echo(name)}; see GET /v1/activations for the list"
             ) from None
 
+    def add(self, activation: Activation) -> None:
+        """A custom activation (``custom.py``), after its probe and self-test passed."""
+        self._by_name[activation.name] = activation
+
+    def remove(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
     def find(self, name: str) -> Activation | None:
         return self._by_name.get(name)
 

@@ -14,7 +14,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.engine.activations import Registry
+from service.engine import selftest
+from service.engine.activations import Activation, Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
 from service.engine.executor import executors_for, resolve_devices
@@ -22,6 +23,7 @@ from service.engine.executor_protocol import ExecutorLike
 from service.engine.job import BatchReport, Job
 from service.engine.jobs import JobFactory
 from service.engine.pool import ExecutorPool
+from service.errors import Conflict, InvalidRequest
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
@@ -92,6 +94,34 @@ class Engine:
         before the batch's futures' callbacks run."""
         self.batcher.on_batch = lambda jobs, results, wall: (
             observer(BatchReport.of(jobs, results, wall), jobs) if jobs else None)
+
+    # -- custom activations (custom.py) ------------------------------------------------
+    async def register(self, activation: Activation) -> None:
+        """Probe and self-test ``activation`` in every running compute thread (never on the
+        loop), then serve it. InvalidRequest (400) naming the problem if it fails."""
+        if activation.name in self.registry:
+            raise Conflict(f"activation {activation.name!r} exists; DELETE it first "
+                           "(custom ones only)")
+        alone = Registry({activation.name: activation})
+        for ex in [e for e in self.pool.executors if e.alive]:
+            failures = await asyncio.wrap_future(ex.call(lambda c: selftest.probe(c, alone)))
+            self.capabilities.record(failures)
+            problems = await asyncio.wrap_future(
+                ex.call(lambda c: selftest.self_test(c, alone, self.capabilities)))
+            if problems:
+                self.capabilities.forget(activation.name)
+                raise InvalidRequest(f"{activation.name} failed its self-test on {ex.device}: "
+                                     + "; ".join(problems[:3]))
+        if activation.name in self.registry:  # registered meanwhile by another request
+            raise Conflict(f"activation {activation.name!r} exists")
+        self.registry.add(activation)
+
+    def unregister(self, name: str) -> None:
+        act = self.registry.get(name)  # 404 when unknown
+        if not getattr(act, "expression", None):
+            raise InvalidRequest(f"{name} is built in; only custom activations can be deleted")
+        self.registry.remove(name)
+        self.capabilities.forget(name)
 
     # -- the request path ---------------------------------------------------------------
     def admit(self) -> None:

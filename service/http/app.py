@@ -18,6 +18,8 @@ from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
 from service.http.middleware import RequestContext
+from service.http.routes_custom import load_file as load_activations_file
+from service.http.routes_custom import router as custom_router
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
@@ -69,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        if settings.activations_file:
+            await load_activations_file(services, settings.activations_file)
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
         # walk only the objects requests create (shorter GC pauses, a shorter tail).
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     error_responses.install(app)
     app.include_router(native_router)
+    app.include_router(custom_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
     app.include_router(shm_router)
