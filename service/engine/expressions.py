@@ -18,6 +18,7 @@ to the request alone, bit for bit.
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def parse(text: object, params: tuple[str, ...] = (), where: str = "expr") -> Ex
         at = f" at column {col}" if col else ""
         raise InvalidRequest(f"{where}: not a valid expression{at}; allowed: {ALLOWED}") from None
     _bounds(body, where)
-    tree = _Checker(set(params), where).check(body)
+    tree = _Checker(set(params), where, len(text) - len(text.lstrip())).check(body)
     if not tree.tensor:
         raise InvalidRequest(f"{where} must depend on x")
     return Expression(tree, tuple(params))
@@ -118,18 +119,25 @@ def _bounds(root: ast.AST, where: str) -> None:
 
 
 class _Checker:
-    def __init__(self, params: set[str], where: str) -> None:
-        self.params, self.where = params, where
+    def __init__(self, params: set[str], where: str, lead: int = 0) -> None:
+        self.params, self.where, self.lead = params, where, lead  # lead: stripped spaces
 
     def fail(self, node: ast.AST, what: str) -> InvalidRequest:
-        return InvalidRequest(f"{self.where}: {what} at column {node.col_offset + 1} is not "
-                              f"allowed; allowed: {ALLOWED}")
+        col = node.col_offset + self.lead + 1
+        return InvalidRequest(f"{self.where}: {what} at column {col} is not allowed; "
+                              f"allowed: {ALLOWED}")
 
     def check(self, n: ast.AST) -> Node:
         if isinstance(n, ast.Constant):
             if isinstance(n.value, bool) or not isinstance(n.value, (int, float)):
                 raise self.fail(n, f"the constant {echo(n.value)}")
-            return Node("num", (float(n.value),))
+            try:
+                value = float(n.value)
+            except OverflowError:
+                value = math.inf
+            if not math.isfinite(value):
+                raise self.fail(n, "a number beyond float64 range")
+            return Node("num", (value,))
         if isinstance(n, ast.Name):
             if n.id == "x":
                 return Node("x", tensor=True)
@@ -137,7 +145,8 @@ class _Checker:
                 return Node("param", (n.id,))
             names = ", ".join(["x", *sorted(self.params)])
             raise InvalidRequest(f"{self.where}: unknown name {echo(n.id)} at column "
-                                 f"{n.col_offset + 1}; names: {names} (declare params to use more)")
+                                 f"{n.col_offset + self.lead + 1}; names: {names} "
+                                 "(declare params to use more)")
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
             inner = self.check(n.operand)
             return inner if isinstance(n.op, ast.UAdd) else Node("neg", (inner,),
