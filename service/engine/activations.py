@@ -162,6 +162,16 @@ def _build() -> dict[str, Activation]:
     return {a.name: a for a in entries}
 
 
+def _no_expr(x: torch.Tensor) -> torch.Tensor:
+    raise InvalidRequest("expr: send the expression to compute (field or parameter 'expr')")
+
+
+# The name of inline expressions (``inline.py``): known to every registry, listed by none;
+# ``JobFactory.build`` swaps it for the request's own expression.
+INLINE = Activation("expr", "the request's own expr (see POST /v1/activations)", _no_expr,
+                    torch_ref="the expression's torch composition")
+
+
 class Registry:
     """Name -> Activation. Built by ``create_app``; never at import time of the app."""
 
@@ -169,6 +179,8 @@ class Registry:
         self._by_name = dict(activations) if activations is not None else _build()
 
     def get(self, name: str) -> Activation:
+        if name == INLINE.name:
+            return INLINE
         try:
             return self._by_name[name]
         except KeyError:
@@ -184,7 +196,7 @@ class Registry:
         self._by_name.pop(name, None)
 
     def find(self, name: str) -> Activation | None:
-        return self._by_name.get(name)
+        return INLINE if name == INLINE.name else self._by_name.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from service.engine import expressions
 from service.engine.activations import Activation
 from service.engine.params import FloatParam
-from service.errors import InvalidRequest, echo
+from service.errors import Conflict, InvalidRequest, echo
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMS = 8
@@ -41,6 +41,8 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
+    if name == "expr":
+        raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
     return from_expression(name, expr, params)

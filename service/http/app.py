@@ -57,7 +57,7 @@ async def _start_grpc(services: Services):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = build_engine(settings)
-    recorder = Recorder(engine.registry.names(), metrics=settings.metrics,
+    recorder = Recorder([*engine.registry.names(), "expr"], metrics=settings.metrics,
                         window_s=settings.metrics_window_s)
     bodies = BodyBudget(settings.max_body_bytes_in_flight)
     engine.observe_batches(recorder.observe_batch)
