@@ -183,3 +183,13 @@ def test_activations_file_at_start_up(tmp_path):
         r = httpx.post(s.url + "/v1/activations/my_elu?shape=64", content=x.tobytes(),
                        headers={"content-type": "application/octet-stream"})
         assert same_bits(np.frombuffer(r.content, np.float32), _lone(ELU, x))
+
+
+def test_engine_process_refuses_custom_and_inline_clearly():
+    with serve(engine="process") as s:
+        r = httpx.post(s.url + "/v1/activations", json=GATE)
+        assert r.status_code == 400 and "--engine inline" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/activations/expr", json={"data": [1.0], "expr": "x"})
+        assert r.status_code == 400 and "--engine inline" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/activations/relu", json={"data": [-1.0]})
+        assert r.status_code == 200 and r.json()["data"] == [0.0]
