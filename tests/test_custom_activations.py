@@ -193,3 +193,22 @@ def test_engine_process_refuses_custom_and_inline_clearly():
         assert r.status_code == 400 and "--engine inline" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/activations/relu", json={"data": [-1.0]})
         assert r.status_code == 200 and r.json()["data"] == [0.0]
+
+
+def test_custom_and_inline_over_grpc():
+    import tritonclient.grpc as grpcclient
+
+    from loadtest.servers import free_port
+
+    port = free_port()
+    with serve(grpc_port=port) as s:
+        assert httpx.post(s.url + "/v1/activations", json=GATE).status_code == 201
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        x = sample(300, "float32", 9)
+        inp = grpcclient.InferInput("input", [x.size], "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer("gate", [inp]).as_numpy("output")
+        assert same_bits(got, _lone(GATE, x))
+        r = client.infer("expr", [inp], parameters={"expr": "relu(x) * sigmoid(x)"})
+        assert r.get_response().model_name == "expr"
+        assert same_bits(r.as_numpy("output"), _lone(GATE, x))
