@@ -76,3 +76,13 @@ def test_sdk_register_unregister_and_inline_sync_and_async():
                 return y
 
         assert asyncio.run(run()).tolist() == [3.0]
+
+
+def test_lab_bench_measures_both_sides_on_the_compute_path():
+    from loadtest import lab_bench
+
+    res = lab_bench.measure(elements=4096, repeats=3)
+    assert res["group"] == "lab" and res["elements"] == 4096
+    assert res["custom_ms"] > 0 and res["hand_ms"] > 0
+    assert res["passed"] == (res["custom_ms"] / res["hand_ms"] <= lab_bench.BAR) or \
+        abs(res["ratio"] - lab_bench.BAR) < 0.01
