@@ -205,4 +205,6 @@ class Registry:
         return list(self._by_name)
 
     def __iter__(self):
-        return iter(self._by_name.values())
+        # a snapshot: a restarted executor's checks iterate in the compute thread while the
+        # loop may register a custom activation
+        return iter(list(self._by_name.values()))
