@@ -9,6 +9,8 @@ import json
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.engine import custom
 from service.engine.job import Mode
@@ -212,3 +214,20 @@ def test_custom_and_inline_over_grpc():
         r = client.infer("expr", [inp], parameters={"expr": "relu(x) * sigmoid(x)"})
         assert r.get_response().model_name == "expr"
         assert same_bits(r.as_numpy("output"), _lone(GATE, x))
+
+
+_NEAR = st.text(alphabet="x()+-*/.0123456789 e,<>=ifsigmodrelutanhxpaq_'\"[]{}:", max_size=80)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(_NEAR, st.text(max_size=40)))
+def test_any_text_over_http_is_served_or_a_400_never_a_500(srv, text):
+    r = httpx.post(srv.url + "/v1/activations/expr", content=json.dumps(
+        {"data": [-1.0, 0.5, 2.0], "expr": text}), headers=JSON)
+    assert r.status_code in (200, 400), (text, r.status_code, r.text)
+    name = f"h{abs(hash(text)) % 10**12}"
+    r = httpx.post(srv.url + "/v1/activations", content=json.dumps({"name": name, "expr": text}),
+                   headers=JSON)
+    assert r.status_code in (201, 400, 409), (text, r.status_code, r.text)
+    if r.status_code == 201:
+        assert httpx.delete(f"{srv.url}/v1/activations/{name}").status_code == 204
