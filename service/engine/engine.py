@@ -24,7 +24,7 @@ from service.engine.inline import ExpressionCache
 from service.engine.job import BatchReport, Job
 from service.engine.jobs import JobFactory
 from service.engine.pool import ExecutorPool
-from service.errors import Conflict, InvalidRequest
+from service.errors import Conflict, InvalidRequest, NotReady
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
@@ -103,7 +103,10 @@ class Engine:
         """Probe and self-test ``activation`` in every running compute thread (never on the
         loop); the first problem, or None."""
         alone = Registry({activation.name: activation})
-        for ex in [e for e in self.pool.executors if e.alive]:
+        alive = [e for e in self.pool.executors if e.alive]
+        if not alive:
+            raise NotReady("no compute executor is running to test the activation; retry")
+        for ex in alive:
             failures = await asyncio.wrap_future(ex.call(lambda c: selftest.probe(c, alone)))
             self.capabilities.record(failures)
             problems = await asyncio.wrap_future(
