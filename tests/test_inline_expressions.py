@@ -127,3 +127,15 @@ def test_a_failed_check_is_a_400_and_remembered():
 
     asyncio.run(run())
     assert calls == ["expr:(x * 2.0)"]
+
+
+def test_no_live_executor_means_503_not_an_untested_activation():
+    from service.engine.engine import Engine
+    from service.errors import NotReady
+    from service.settings import Settings
+
+    engine = Engine(Settings())  # never started: no compute thread is alive
+    act = custom.build({"name": "lonely", "expr": "x * 2"})
+    with pytest.raises(NotReady):
+        asyncio.run(engine.register(act))
+    assert "lonely" not in engine.registry
