@@ -231,3 +231,21 @@ def test_any_text_over_http_is_served_or_a_400_never_a_500(srv, text):
     assert r.status_code in (201, 400, 409), (text, r.status_code, r.text)
     if r.status_code == 201:
         assert httpx.delete(f"{srv.url}/v1/activations/{name}").status_code == 204
+
+
+def test_a_bad_activations_file_stops_start_up_naming_the_entry(tmp_path):
+    from service.errors import InvalidRequest
+    from service.http.app import create_app
+    from service.settings import Settings
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[[activation]]\nname = "ok"\nexpr = "x"\n\n'
+                    '[[activation]]\nname = "bad"\nexpr = "x + open(1)"\n')
+    app = create_app(Settings(activations_file=str(path), grpc_port=0, access_log=False))
+
+    async def start():
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(InvalidRequest, match=r"bad\.toml: activation\[1\]\.expr: the function 'open'"):
+        asyncio.run(start())

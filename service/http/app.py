@@ -72,7 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await engine.start()
         if settings.activations_file:
-            await load_activations_file(services, settings.activations_file)
+            try:
+                await load_activations_file(services, settings.activations_file)
+            except BaseException:
+                await engine.stop()  # start-up fails with the file's problem
+                raise
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
         # walk only the objects requests create (shorter GC pauses, a shorter tail).
