@@ -62,6 +62,15 @@ class Activation:
             return self.inplace_fn(x, **kwargs)
         return self.fn(x, **kwargs)
 
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Why an input of ``shape`` cannot be computed (None: it can; elementwise ones
+        take any shape)."""
+        return None
+
+    def example_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of an ``n``-row input for the probe and self-test."""
+        return (n,)
+
     def describe(self) -> dict:
         return {
             "name": self.name,

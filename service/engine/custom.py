@@ -11,9 +11,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from service.engine import expressions
+from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
-from service.engine.params import FloatParam
+from service.engine.params import BoolParam, FloatParam
 from service.errors import Conflict, InvalidRequest, echo
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -24,9 +24,19 @@ _BIG = 1e6
 @dataclass(frozen=True)
 class CustomActivation(Activation):
     expression: expressions.Expression | None = None
+    batch_norm: batchnorm.BatchNorm | None = None
 
     def describe(self) -> dict:
-        return {**super().describe(), "custom": True}
+        out = {**super().describe(), "custom": True}
+        if self.batch_norm is not None:
+            out["batch_norm"] = self.batch_norm.describe()
+        return out
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return self.batch_norm.check_shape(shape) if self.batch_norm is not None else None
+
+    def example_shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.batch_norm.channels) if self.batch_norm is not None else (n,)
 
 
 def build(raw: object, where: str = "activation") -> CustomActivation:
@@ -34,10 +44,10 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    unknown = set(raw) - {"name", "expr", "params"}
+    unknown = set(raw) - {"name", "expr", "params", "batch_norm"}
     if unknown:
         raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; "
-                             "allowed: name, expr, params")
+                             "allowed: name, expr, params, batch_norm")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
@@ -45,7 +55,17 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
         raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
-    return from_expression(name, expr, params)
+    if raw.get("batch_norm") is None:
+        return from_expression(name, expr, params)
+    bn = batchnorm.parse(raw["batch_norm"], f"{where}.batch_norm")
+
+    def layer(x, batch_stats: bool = False, **values):
+        return expr(bn.apply(x, batch_stats), **values)
+
+    stats = BoolParam("batch_stats", False, doc="normalise with this request's own statistics")
+    return CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
+                            (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
+                            expression=expr, batch_norm=bn)
 
 
 def from_expression(name: str, expr: expressions.Expression,
@@ -61,7 +81,7 @@ def _params(raw: object, where: str) -> tuple[FloatParam, ...]:
         raise InvalidRequest(f"{where}: at most {MAX_PARAMS} params")
     out = []
     for pname, spec in raw.items():
-        if not isinstance(pname, str) or not NAME.fullmatch(pname) or pname == "x" \
+        if not isinstance(pname, str) or not NAME.fullmatch(pname) or pname in ("x", "batch_stats") \
                 or pname in expressions.FUNCS or pname in ("maximum", "minimum", "clamp"):
             raise InvalidRequest(f"{where}: {echo(pname)} is not a usable param name")
         if not isinstance(spec, Mapping):

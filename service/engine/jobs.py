@@ -72,6 +72,9 @@ class JobFactory:
         if priority != int(priority) or abs(priority) > s.max_priority:
             raise InvalidRequest(f"{where}: priority must be an integer in [-{s.max_priority}, "
                                  f"{s.max_priority}], got {echo(priority)}")
+        problem = activation.check_shape(array.shape)
+        if problem:
+            raise InvalidRequest(f"{where}: {problem}")
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
         return Job(
