@@ -190,7 +190,8 @@ class _Checker:
 def _scalar(op: str, a: float, b: float) -> float:
     with np.errstate(all="ignore"):
         x, y = np.float64(a), np.float64(b)
-        r = {"+": x + y, "-": x - y, "*": x * y, "/": np.divide(x, y), "**": np.power(x, y)}[op]
+        r = (x + y if op == "+" else x - y if op == "-" else x * y if op == "*"
+             else np.divide(x, y) if op == "/" else np.power(x, y))
     return float(r)
 
 
