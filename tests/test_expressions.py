@@ -18,7 +18,8 @@ X = torch.cat([torch.randn(4099, generator=torch.Generator().manual_seed(0)) * 4
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 @pytest.mark.parametrize(("text", "params", "hand"), [
@@ -140,3 +141,12 @@ def test_near_grammar_text_is_accepted_or_invalid_request(text):
 def test_columns_count_leading_spaces():
     with pytest.raises(InvalidRequest, match="unknown name 'q' at column 7;"):
         parse("  x + q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scalars_beyond_the_dtype_range_round_like_a_cast(dtype):
+    x = X[:64].to(dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    assert _same(parse("x if x > 0 else -1e300")(x), torch.where(x > 0, x, -inf))
+    assert _same(parse("clamp(x, -1e300, 1e300)")(x), torch.clamp(x, -inf.item(), inf.item()))
+    assert _same(parse("maximum(x, 1e300)")(x), torch.clamp(x, min=inf.item()))

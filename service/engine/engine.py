@@ -109,8 +109,11 @@ class Engine:
         for ex in alive:
             failures = await asyncio.wrap_future(ex.call(lambda c: selftest.probe(c, alone)))
             self.capabilities.record(failures)
-            problems = await asyncio.wrap_future(
-                ex.call(lambda c: selftest.self_test(c, alone, self.capabilities)))
+            try:
+                problems = await asyncio.wrap_future(
+                    ex.call(lambda c: selftest.self_test(c, alone, self.capabilities)))
+            except Exception as exc:  # noqa: BLE001 - the activation's problem, a 400
+                problems = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
             if problems:
                 self.capabilities.forget(activation.name)
                 return f"on {ex.device}: " + "; ".join(problems[:3])

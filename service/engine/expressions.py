@@ -195,6 +195,14 @@ def _scalar(op: str, a: float, b: float) -> float:
     return float(r)
 
 
+def _fit(v: float, like: torch.Tensor) -> float:
+    """A scalar beyond ``like``'s dtype range, rounded as a cast would (to +-inf): torch
+    refuses such scalars in where/clamp instead of rounding them."""
+    if math.isfinite(v) and abs(v) > torch.finfo(like.dtype).max:
+        return torch.tensor(v, dtype=torch.float64).to(like.dtype).item()
+    return v
+
+
 def _eval(n: Node, x: torch.Tensor, params: Mapping[str, float]):
     op = n.op
     if op == "x":
@@ -222,15 +230,20 @@ def _eval(n: Node, x: torch.Tensor, params: Mapping[str, float]):
         a, b, yes, no = (_eval(c, x, params) for c in n.args)
         cond = (a < b if n.cmp == "<" else a <= b if n.cmp == "<=" else a > b
                 if n.cmp == ">" else a >= b)
+        if not isinstance(yes, torch.Tensor):
+            yes = _fit(yes, no)
+        if not isinstance(no, torch.Tensor):
+            no = _fit(no, yes)
         return torch.where(cond, yes, no)
     if op == "clamp":
         a, lo, hi = (_eval(c, x, params) for c in n.args)
-        return torch.clamp(a, lo, hi)
+        return torch.clamp(a, _fit(lo, a), _fit(hi, a))
     if op in PAIRS:
         a, b = (_eval(c, x, params) for c in n.args)
         if not isinstance(a, torch.Tensor):
             a, b = b, a
         if not isinstance(b, torch.Tensor):
+            b = _fit(b, a)
             return torch.clamp(a, min=b) if op == "maximum" else torch.clamp(a, max=b)
         return torch.maximum(a, b) if op == "maximum" else torch.minimum(a, b)
     return FUNCS[op](_eval(n.args[0], x, params))
