@@ -67,6 +67,11 @@ class UnknownActivation(ActserveError):
     type = "not_found"
 
 
+class Conflict(ActserveError):
+    status = 409
+    type = "conflict"
+
+
 class RequestTimeout(ActserveError):
     status = 408
     type = "request_timeout"
@@ -120,6 +125,7 @@ STATUS_TABLE: dict[type[ActserveError], int] = {
     InvalidRequest: 400,
     Unauthorized: 401,
     UnknownActivation: 404,
+    Conflict: 409,
     RequestTimeout: 408,
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         "json", description="json: one JSON object a line; text: plain lines (uvicorn's too)")
     access_log: bool = Field(True, description="one line per request, written off the event loop")
     api_keys: str = Field("", description="comma-separated bearer tokens; empty = no auth")
+    activations_file: str = Field(
+        "", description="TOML file of [[activation]] tables (name, expr, params) registered "
+        "at start-up as custom activations; empty = none")
     cors_origins: str = Field("", description="comma-separated origins; empty = CORS off")
     fault_injection: bool = Field(False, description="test-only compute fault hook")
     timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close")

@@ -99,6 +99,7 @@ CLIENT_FOR = {
     server_errors.InvalidRequest: ac.BadRequestError,
     server_errors.Unauthorized: ac.AuthenticationError,
     server_errors.UnknownActivation: ac.NotFoundError,
+    server_errors.Conflict: ac.ConflictError,
     server_errors.RequestTimeout: ac.RequestTimeoutError,
     server_errors.RequestTooLarge: ac.RequestTooLargeError,
     server_errors.UnsupportedMediaType: ac.UnsupportedMediaTypeError,

@@ -266,7 +266,7 @@ def test_bad_requests_among_good_ones_harm_none(server):
 def test_status_table_is_the_design_table():
     by_name = {cls.__name__: status for cls, status in STATUS_TABLE.items()}
     assert by_name == {"InvalidRequest": 400, "Unauthorized": 401, "UnknownActivation": 404,
-                       "RequestTimeout": 408,
+                       "Conflict": 409, "RequestTimeout": 408,
                        "RequestTooLarge": 413, "UnsupportedMediaType": 415, "QueueFull": 503,
                        "NotReady": 503, "Draining": 503, "DeadlineExceeded": 504,
                        "ComputeError": 500}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from service.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType, echo
 
-SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
+SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority", "expr")
 MAX_DIMS = 32
 
 

@@ -468,7 +468,8 @@ class V2Codec:
 
     def encode(self, job: Job, answer: V2Answer, result: JobResult) -> Encoded:
         req, compression, regions = answer
-        body, headers = encode(job.activation.name, req, result.array, result.dtype, regions)
+        model = job.activation.name.split(":", 1)[0]  # inline "expr:<form>" is model expr
+        body, headers = encode(model, req, result.array, result.dtype, regions)
         media = headers.pop("Content-Type")
         if compression is not None:
             if isinstance(body, list):

@@ -62,6 +62,15 @@ class Activation:
             return self.inplace_fn(x, **kwargs)
         return self.fn(x, **kwargs)
 
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Why an input of ``shape`` cannot be computed (None: it can; elementwise ones
+        take any shape)."""
+        return None
+
+    def example_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of an ``n``-row input for the probe and self-test."""
+        return (n,)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -162,6 +171,16 @@ def _build() -> dict[str, Activation]:
     return {a.name: a for a in entries}
 
 
+def _no_expr(x: torch.Tensor) -> torch.Tensor:
+    raise InvalidRequest("expr: send the expression to compute (field or parameter 'expr')")
+
+
+# The name of inline expressions (``inline.py``): known to every registry, listed by none;
+# ``JobFactory.build`` swaps it for the request's own expression.
+INLINE = Activation("expr", "the request's own expr (see POST /v1/activations)", _no_expr,
+                    torch_ref="the expression's torch composition")
+
+
 class Registry:
     """Name -> Activation. Built by ``create_app``; never at import time of the app."""
 
@@ -169,6 +188,8 @@ class Registry:
         self._by_name = dict(activations) if activations is not None else _build()
 
     def get(self, name: str) -> Activation:
+        if name == INLINE.name:
+            return INLINE
         try:
             return self._by_name[name]
         except KeyError:
@@ -176,8 +197,15 @@ class Registry:
                 f"unknown activation {echo(name)}; see GET /v1/activations for the list"
             ) from None
 
+    def add(self, activation: Activation) -> None:
+        """A custom activation (``custom.py``), after its probe and self-test passed."""
+        self._by_name[activation.name] = activation
+
+    def remove(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
     def find(self, name: str) -> Activation | None:
-        return self._by_name.get(name)
+        return INLINE if name == INLINE.name else self._by_name.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
@@ -186,4 +214,6 @@ class Registry:
         return list(self._by_name)
 
     def __iter__(self):
-        return iter(self._by_name.values())
+        # a snapshot: a restarted executor's checks iterate in the compute thread while the
+        # loop may register a custom activation
+        return iter(list(self._by_name.values()))

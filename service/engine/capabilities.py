@@ -28,6 +28,10 @@ class Capabilities:
     def record(self, failures: dict[tuple, str]) -> None:
         self._failures.update(failures)
 
+    def forget(self, name: str) -> None:
+        """A custom activation was removed (or failed to register)."""
+        self._failures = {k: v for k, v in self._failures.items() if k[0] != name}
+
     def failures(self) -> dict[tuple, str]:
         """Every refused combination (key as in ``key``) and why."""
         return dict(self._failures)

@@ -14,14 +14,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.engine.activations import Registry
+from service.engine import selftest
+from service.engine.activations import INLINE, Activation, Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
 from service.engine.executor import executors_for, resolve_devices
 from service.engine.executor_protocol import ExecutorLike
+from service.engine.inline import ExpressionCache
 from service.engine.job import BatchReport, Job
 from service.engine.jobs import JobFactory
 from service.engine.pool import ExecutorPool
+from service.errors import Conflict, InvalidRequest, NotReady
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
@@ -40,6 +43,8 @@ class Engine:
                                  restart_limit=settings.executor_restart_limit)
         self.batcher = Batcher(settings, self.pool)
         self.jobs = JobFactory(settings, self.capabilities)
+        self.expressions = ExpressionCache(self.check_activation)
+        self.jobs.inline = self.expressions.resolve
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -93,15 +98,87 @@ class Engine:
         self.batcher.on_batch = lambda jobs, results, wall: (
             observer(BatchReport.of(jobs, results, wall), jobs) if jobs else None)
 
+    # -- custom activations (custom.py, inline.py) ---------------------------------------
+    async def check_activation(self, activation: Activation) -> str | None:
+        """Probe and self-test ``activation`` in every running compute thread (never on the
+        loop); the first problem, or None."""
+        alone = Registry({activation.name: activation})
+        alive = [e for e in self.pool.executors if e.alive]
+        if not alive:
+            raise NotReady("no compute executor is running to test the activation; retry")
+        for ex in alive:
+            failures = await asyncio.wrap_future(ex.call(lambda c: selftest.probe(c, alone)))
+            self.capabilities.record(failures)
+            try:
+                problems = await asyncio.wrap_future(
+                    ex.call(lambda c: selftest.self_test(c, alone, self.capabilities)))
+            except Exception as exc:  # noqa: BLE001 - the activation's problem, a 400
+                problems = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"]
+            if problems:
+                self.capabilities.forget(activation.name)
+                return f"on {ex.device}: " + "; ".join(problems[:3])
+        return None
+
+    async def register(self, activation: Activation) -> None:
+        """Serve ``activation`` once its checks pass; InvalidRequest (400) naming the
+        problem if not, Conflict (409) if the name is taken."""
+        if activation.name in self.registry:
+            raise Conflict(f"activation {activation.name!r} exists; DELETE it first "
+                           "(custom ones only)")
+        if getattr(activation, "batch_norm", None) is not None \
+                and any(d.startswith("cuda") for d in self.devices):
+            raise InvalidRequest("batch_norm layers run on CPU servers only (the CUDA path "
+                                 "packs requests together; see docs/custom-activations.md)")
+        problem = await self.check_activation(activation)
+        if problem:
+            raise InvalidRequest(f"{activation.name} failed its self-test {problem}")
+        if activation.name in self.registry:  # registered meanwhile by another request
+            raise Conflict(f"activation {activation.name!r} exists")
+        self.registry.add(activation)
+
+    def unregister(self, name: str) -> None:
+        act = self.registry.get(name)  # 404 when unknown
+        if act is INLINE or not getattr(act, "expression", None):
+            raise InvalidRequest(f"{name} is built in; only custom activations can be deleted")
+        self.registry.remove(name)
+        self.capabilities.forget(name)
+
     # -- the request path ---------------------------------------------------------------
     def admit(self) -> None:
         """Raise what ``submit`` would raise for overload, before a body is read."""
         self.batcher.admit()
 
     def submit(self, job: Job) -> asyncio.Future:
-        """Queue ``job``; the future resolves exactly once (see ``Batcher``)."""
-        return self.batcher.submit(job)
+        """Queue ``job``; the future resolves exactly once (see ``Batcher``). An inline
+        expression's first request waits for its checks (``inline.py``) first."""
+        if not self.expressions.is_inline(job.activation):
+            return self.batcher.submit(job)
+        outer = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(self._checked_submit(job, outer))
+        outer.add_done_callback(lambda f: f.cancelled() and task.cancel())
+        return outer
+
+    async def _checked_submit(self, job: Job, outer: asyncio.Future) -> None:
+        try:
+            await self.expressions.prepare(job.activation)
+            self.capabilities.check(job.activation, job.compute_dtype, job.mode)
+            inner = self.batcher.submit(job)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiter
+            if not outer.done():
+                outer.set_exception(exc)
+            return
+        outer.add_done_callback(lambda f: f.cancelled() and self.batcher.abandon(job))
+        inner.add_done_callback(lambda f: outer.done() or _chain(f, outer))
 
     def abandon(self, job: Job) -> None:
         """The client went away: never compute ``job`` if it has not started."""
         self.batcher.abandon(job)
+
+
+def _chain(src: asyncio.Future, dst: asyncio.Future) -> None:
+    if src.cancelled():
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())
+    else:
+        dst.set_result(src.result())

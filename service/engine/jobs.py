@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,12 +22,17 @@ if TYPE_CHECKING:
     from service.engine.activations import Activation
     from service.engine.capabilities import Capabilities
 
+INLINE_NAME = "expr"  # activations.INLINE
+
+
 class JobFactory:
     """Turns decoded arrays and raw settings into validated ``Job`` objects."""
 
     def __init__(self, settings: Settings, capabilities: Capabilities) -> None:
         self.settings = settings
         self.capabilities = capabilities
+        # text -> the inline expression's activation (inline.py); None: not available here
+        self.inline: Callable[[object], Activation] | None = None
 
     def build(
         self,
@@ -42,6 +47,7 @@ class JobFactory:
         where: str = "request",
     ) -> Job:
         s = self.settings
+        activation = self._expression(activation, settings.get("expr"), where)
         compute = settings.get("compute_dtype", s.default_compute_dtype)
         if compute is not None:
             compute = dtypes.check_name(compute, "compute_dtype")
@@ -66,6 +72,9 @@ class JobFactory:
         if priority != int(priority) or abs(priority) > s.max_priority:
             raise InvalidRequest(f"{where}: priority must be an integer in [-{s.max_priority}, "
                                  f"{s.max_priority}], got {echo(priority)}")
+        problem = activation.check_shape(array.shape)
+        if problem:
+            raise InvalidRequest(f"{where}: {problem}")
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
         return Job(
@@ -78,6 +87,20 @@ class JobFactory:
             priority=int(priority),
             api=api,
         )
+
+    def _expression(self, activation: Activation, text: object, where: str) -> Activation:
+        if activation.name != INLINE_NAME:
+            if text is not None:
+                raise InvalidRequest(f"{where}: expr is read only by the 'expr' activation "
+                                     "(POST /v1/activations/expr, v2 model 'expr')")
+            return activation
+        if self.inline is None:
+            raise InvalidRequest("inline expressions need --engine inline: the shared engine "
+                                 "process (--engine process) serves the built-in ones only")
+        if text is None:
+            raise InvalidRequest(f"{where}: send the expression to compute as expr "
+                                 "(JSON field, query or v2 parameter), e.g. relu(x) * sigmoid(x)")
+        return self.inline(text)
 
 
 def _number(raw: object, name: str, where: str) -> float | None:

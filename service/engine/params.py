@@ -82,7 +82,20 @@ class ChoiceParam:
         }
 
 
-Param = FloatParam | ChoiceParam
+@dataclass(frozen=True)
+class BoolParam:
+    name: str
+    default: bool = False
+    doc: str = ""
+
+    def parse(self, raw: object, where: str) -> bool:
+        return parse_bool(raw, self.name, where)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "type": "bool", "default": self.default, "doc": self.doc}
+
+
+Param = FloatParam | ChoiceParam | BoolParam
 
 
 def parse_bool(raw: object, name: str, where: str) -> bool:

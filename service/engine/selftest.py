@@ -33,6 +33,12 @@ def sample(n: int, wire: str, seed: int) -> np.ndarray:
     return dtypes.from_float(values, wire)
 
 
+def example(act, n: int, wire: str, seed: int) -> np.ndarray:
+    """``sample`` in the activation's example shape (``n`` rows)."""
+    shape = act.example_shape(n)
+    return sample(int(np.prod(shape)), wire, seed).reshape(shape)
+
+
 def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
     failures: dict[tuple, str] = {}
     for act in registry:
@@ -46,7 +52,7 @@ def probe(compute: DeviceCompute, registry: Registry) -> dict[tuple, str]:
                     f"{act.name} has no in-place form")
                 continue
             try:
-                reference(act, params, sample(8, compute_dtype, 0), compute_dtype, mode,
+                reference(act, params, example(act, 8, compute_dtype, 0), compute_dtype, mode,
                           compute.device)
             except Exception as exc:  # noqa: BLE001 - recorded as the reason
                 key = Capabilities.key(act.name, compute_dtype, mode)
@@ -70,7 +76,7 @@ def self_test(compute: DeviceCompute, registry: Registry, capabilities: Capabili
                 capabilities.check(act, wire, mode)
             except Exception:  # noqa: BLE001 - unsupported here: nothing to test
                 continue
-            jobs = [lone_job(act, params, sample(n, wire, i), wire, mode)
+            jobs = [lone_job(act, params, example(act, n, wire, i), wire, mode)
                     for i, n in enumerate(sizes)]
             expected = [reference(act, params, j.array, wire, mode, compute.device)[0]
                         for j in jobs]

@@ -18,6 +18,8 @@ from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
 from service.http.middleware import RequestContext
+from service.http.routes_custom import load_file as load_activations_file
+from service.http.routes_custom import router as custom_router
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
@@ -56,7 +58,7 @@ async def _start_grpc(services: Services):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = build_engine(settings)
-    recorder = Recorder(engine.registry.names(), metrics=settings.metrics,
+    recorder = Recorder([*engine.registry.names(), "expr"], metrics=settings.metrics,
                         window_s=settings.metrics_window_s)
     bodies = BodyBudget(settings.max_body_bytes_in_flight)
     engine.observe_batches(recorder.observe_batch)
@@ -73,6 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if access_log is not None:
             access_log.start()
         await engine.start()
+        if settings.activations_file:
+            try:
+                await load_activations_file(services, settings.activations_file)
+            except BaseException:
+                await engine.stop()  # start-up fails with the file's problem
+                raise
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
         # walk only the objects requests create (shorter GC pauses, a shorter tail).
@@ -106,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     error_responses.install(app)
     docs_pages.install(app)  # /docs and /redoc, assets served locally
     app.include_router(native_router)
+    app.include_router(custom_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
     app.include_router(shm_router)

@@ -8,6 +8,8 @@ from fastapi.responses import Response
 from service import dtypes
 from service.codecs import native
 from service.codecs.base import Wire
+from service.engine import expressions
+from service.engine.activations import INLINE
 from service.http.exchange import handle
 
 router = APIRouter(tags=["native"])
@@ -17,7 +19,8 @@ router = APIRouter(tags=["native"])
 async def catalogue(request: Request) -> dict:
     engine = request.app.state.services.engine
     return {
-        "activations": [a.describe() for a in engine.registry],
+        "activations": [*(a.describe() for a in engine.registry),
+                        {**INLINE.describe(), "grammar": expressions.ALLOWED}],
         "dtypes": list(dtypes.NAMES),
         "devices": engine.devices,
         "unsupported": engine.capabilities.unsupported(),

@@ -63,6 +63,13 @@ class ModelStats:
     def __init__(self, names: list[str]) -> None:
         self._models = {name: _Model() for name in names}
 
+    def add(self, name: str) -> None:
+        """A model registered at run time (a custom activation)."""
+        self._models.setdefault(name, _Model())
+
+    def remove(self, name: str) -> None:
+        self._models.pop(name, None)
+
     def request(self, name: str | None, status: int, total_s: float,
                 result: JobResult | None) -> None:
         """One answered request (either API)."""

@@ -155,6 +155,13 @@ class AsyncClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def register(self, name: str, expr: str, /, **params: Any) -> ActivationInfo:
+        """``Client.register``: a custom activation; its catalogue entry."""
+        return await self._execute(self._core.add_activation_call(name, expr, params))
+
+    async def unregister(self, name: str, /) -> None:
+        await self._execute(self._core.delete_activation_call(name))
+
     async def activations(self) -> dict[str, ActivationInfo]:
         return await self._execute(self._core.catalogue_call())
 

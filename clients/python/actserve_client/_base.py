@@ -65,6 +65,7 @@ class ActivationInfo:
     params: tuple[dict, ...]  # each: name, type, default, and min/max or choices
     inplace: bool  # has an in-place form
     torch: str = ""  # the torch function it matches
+    custom: bool = False  # registered at run time (POST /v1/activations)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -93,6 +94,11 @@ class Outcome:
         if self.error is not None:
             raise self.error from self.cause
         return self.value
+
+
+def _info(a: Mapping[str, Any]) -> ActivationInfo:
+    return ActivationInfo(a["name"], a.get("formula", ""), tuple(a.get("params", ())),
+                          bool(a.get("inplace")), a.get("torch", ""), bool(a.get("custom")))
 
 
 def _check_seconds(value: float, name: str) -> float:
@@ -192,6 +198,10 @@ class ClientCore:
                 raise InvalidInputError(str(exc)) from None
         if extra.get("priority") is not None:
             settings["priority"] = extra["priority"]
+        if extra.get("expr") is not None:
+            if not isinstance(extra["expr"], str):
+                raise InvalidInputError(f"expr must be a string, got {extra['expr']!r}")
+            settings["expr"] = extra["expr"]
         request_id = uuid.uuid4().hex
         if region is not None:
             offset = _shm.out_offset(wire.nbytes)
@@ -241,6 +251,27 @@ class ClientCore:
                               json.dumps(body).encode())
         return Call(request, lambda headers, content: None, request_id, retry=False)
 
+    def add_activation_call(self, name: str, expr: str, params: Mapping[str, Any]) -> Call:
+        """``POST /v1/activations``: a custom activation; answers its catalogue entry."""
+        call = self.post_call("/v1/activations", {"name": name, "expr": expr,
+                                                  "params": dict(params)})
+
+        def parse(headers: Mapping[str, str], content: bytes) -> ActivationInfo:
+            try:
+                return _info(json.loads(content))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise MalformedResponseError(f"POST /v1/activations: unreadable answer: {exc}")\
+                    from None
+
+        call.parse = parse
+        return call
+
+    def delete_activation_call(self, name: str) -> Call:
+        request_id = uuid.uuid4().hex
+        request = HttpRequest("DELETE", _protocol.activation_path("/v1/activations/", name, ""),
+                              {"X-Request-Id": request_id})
+        return Call(request, lambda headers, content: None, request_id, retry=False)
+
     def register_call(self, region: _shm.Region) -> Call:
         return self.post_call(f"/v2/systemsharedmemory/region/{region.name}/register",
                               {"key": region.key, "offset": 0, "byte_size": region.size})
@@ -262,12 +293,7 @@ class ClientCore:
 
     def catalogue_call(self) -> Call:
         def parse(obj: Any) -> dict[str, ActivationInfo]:
-            return {
-                a["name"]: ActivationInfo(a["name"], a.get("formula", ""),
-                                          tuple(a.get("params", ())), bool(a.get("inplace")),
-                                          a.get("torch", ""))
-                for a in obj["activations"]
-            }
+            return {a["name"]: _info(a) for a in obj["activations"]}
 
         return self.get_call("/v1/activations", parse)
 

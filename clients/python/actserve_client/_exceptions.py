@@ -11,6 +11,7 @@
         ├── BadRequestError            400 invalid body, shape, dtype or parameter (also 405, 422)
         ├── AuthenticationError        401 missing or wrong API key
         ├── NotFoundError              404 unknown activation
+        ├── ConflictError              409 a custom activation of that name exists
         ├── RequestTimeoutError        408 the request body arrived too slowly
         ├── RequestTooLargeError       413 body over the server's limit
         ├── UnsupportedMediaTypeError  415
@@ -85,6 +86,10 @@ class NotFoundError(APIStatusError):
     """404: no such activation (or route)."""
 
 
+class ConflictError(APIStatusError):
+    """409: a custom activation of that name exists (or the name is reserved)."""
+
+
 class RequestTimeoutError(APIStatusError):
     """408: the server gave up waiting for the request body (a slow or stalled upload)."""
 
@@ -120,6 +125,7 @@ STATUS_TO_ERROR: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     404: NotFoundError,
+    409: ConflictError,
     405: BadRequestError,
     408: RequestTimeoutError,
     413: RequestTooLargeError,

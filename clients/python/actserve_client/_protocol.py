@@ -28,7 +28,8 @@ PROTOCOLS = ("v2", "v2-json", "native", "native-json")
 V2_INPUT_NAME = "input"
 V2_HEADER_LENGTH = "Inference-Header-Content-Length"
 # Per-request settings (not activation params); everything else in **params is a param.
-SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority")
+SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority",
+                 "expr")
 _RESERVED = frozenset({"shape", "dtype", "data", "params", "binary_data_output"})
 
 

@@ -172,6 +172,16 @@ class Client:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def register(self, name: str, expr: str, /, **params: Any) -> ActivationInfo:
+        """Register a custom activation ``expr`` (docs/custom-activations.md) as ``name``;
+        ``**params``: its declared params, each a default or ``{"default", "min", "max",
+        "doc"}``. Returns its catalogue entry; ConflictError (409) if the name exists."""
+        return self._execute(self._core.add_activation_call(name, expr, params))
+
+    def unregister(self, name: str, /) -> None:
+        """Remove the custom activation ``name`` (built-in ones: BadRequestError)."""
+        self._execute(self._core.delete_activation_call(name))
+
     def activations(self) -> dict[str, ActivationInfo]:
         """The server's catalogue: activation name -> formula, parameters, in-place support."""
         return self._execute(self._core.catalogue_call())

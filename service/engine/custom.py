@@ -1,0 +1,112 @@
+"""Custom activations: an expression (``expressions.py``) with declared float params, served
+like any built-in one (catalogue, v2 model, probe and self-test before it is served).
+
+Built here from the raw registration (JSON or a TOML table); torch-free apart from the
+expression's evaluation, which only ever runs in a compute thread.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.engine import batchnorm, expressions
+from service.engine.activations import Activation
+from service.engine.params import BoolParam, FloatParam
+from service.errors import Conflict, InvalidRequest, echo
+
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+MAX_PARAMS = 8
+_BIG = 1e6
+
+
+@dataclass(frozen=True)
+class CustomActivation(Activation):
+    expression: expressions.Expression | None = None
+    batch_norm: batchnorm.BatchNorm | None = None
+
+    def describe(self) -> dict:
+        out = {**super().describe(), "custom": True}
+        if self.batch_norm is not None:
+            out["batch_norm"] = self.batch_norm.describe()
+        return out
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        return self.batch_norm.check_shape(shape) if self.batch_norm is not None else None
+
+    def example_shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.batch_norm.channels) if self.batch_norm is not None else (n,)
+
+
+def build(raw: object, where: str = "activation") -> CustomActivation:
+    """``{"name": ..., "expr": ..., "params": {"alpha": {"default": 1.0, "min": ...,
+    "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest(f"{where} must be an object with name and expr")
+    unknown = set(raw) - {"name", "expr", "params", "batch_norm"}
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; "
+                             "allowed: name, expr, params, batch_norm")
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
+    if name == "expr":
+        raise Conflict("the name 'expr' is reserved for inline expressions")
+    params = _params(raw.get("params") or {}, f"{where}.params")
+    expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
+    if raw.get("batch_norm") is None:
+        return from_expression(name, expr, params)
+    bn = batchnorm.parse(raw["batch_norm"], f"{where}.batch_norm")
+
+    def layer(x, batch_stats: bool = False, **values):
+        return expr(bn.apply(x, batch_stats), **values)
+
+    stats = BoolParam("batch_stats", False, doc="normalise with this request's own statistics")
+    return CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
+                            (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
+                            expression=expr, batch_norm=bn)
+
+
+def from_expression(name: str, expr: expressions.Expression,
+                    params: tuple[FloatParam, ...] = ()) -> CustomActivation:
+    return CustomActivation(name, expr.normalized, expr, None, params,
+                            torch_ref=expr.normalized, expression=expr)
+
+
+def _params(raw: object, where: str) -> tuple[FloatParam, ...]:
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest(f"{where} must be an object of name: spec")
+    if len(raw) > MAX_PARAMS:
+        raise InvalidRequest(f"{where}: at most {MAX_PARAMS} params")
+    out = []
+    for pname, spec in raw.items():
+        if not isinstance(pname, str) or not NAME.fullmatch(pname) or pname in ("x", "batch_stats") \
+                or pname in expressions.FUNCS or pname in ("maximum", "minimum", "clamp"):
+            raise InvalidRequest(f"{where}: {echo(pname)} is not a usable param name")
+        if not isinstance(spec, Mapping):
+            spec = {"default": spec}
+        extra = set(spec) - {"default", "min", "max", "doc"}
+        if extra:
+            raise InvalidRequest(f"{where}.{pname}: unknown field {echo(sorted(extra)[0])}; "
+                                 "allowed: default, min, max, doc")
+        low = _num(spec.get("min", -_BIG), f"{where}.{pname}.min")
+        high = _num(spec.get("max", _BIG), f"{where}.{pname}.max")
+        if "default" not in spec:
+            raise InvalidRequest(f"{where}.{pname}: a default is needed")
+        default = _num(spec["default"], f"{where}.{pname}.default")
+        if not low <= default <= high:
+            raise InvalidRequest(f"{where}.{pname}: default {default} is outside "
+                                 f"[{low}, {high}]")
+        doc = spec.get("doc", "")
+        if not isinstance(doc, str) or len(doc) > 200:
+            raise InvalidRequest(f"{where}.{pname}.doc must be a string of at most 200 chars")
+        out.append(FloatParam(pname, default, low, high, doc=doc))
+    return tuple(out)
+
+
+def _num(raw: object, where: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) \
+            or not -_BIG <= float(raw) <= _BIG:
+        raise InvalidRequest(f"{where} must be a number in [-{_BIG:g}, {_BIG:g}], got {echo(raw)}")
+    return float(raw)
