@@ -92,15 +92,20 @@ def _check_binary(spec: dict, values: np.ndarray, resp: httpx.Response) -> None:
     assert same_bits(got, expected), f"{spec} differs from the reference"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(specs=st.lists(request_spec(), min_size=1, max_size=8))
-def test_concurrent_requests_equal_reference_bit_for_bit(server, specs):
+def check_concurrent(url: str, specs: list[dict]) -> None:
+    """Send every spec's request at once; each answer equals its lone reference."""
     values = [_values(np.random.default_rng(s["seed"]), int(np.prod(s["shape"])), s["wire"])
               for s in specs]
     requests = [_binary_request(s, v) for s, v in zip(specs, values, strict=True)]
-    responses = asyncio.run(_send_all(server.url, requests))
+    responses = asyncio.run(_send_all(url, requests))
     for s, v, r in zip(specs, values, responses, strict=True):
         _check_binary(s, v, r)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs=st.lists(request_spec(), min_size=1, max_size=8))
+def test_concurrent_requests_equal_reference_bit_for_bit(server, specs):
+    check_concurrent(server.url, specs)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))

@@ -21,7 +21,7 @@ from service.engine.ipc import arena as arena_mod
 from service.engine.ipc.remote import RemoteEngine
 
 from .conftest import serve
-from .test_correctness import _binary_request, _check_binary, _send_all, _values, request_spec
+from .test_correctness import _send_all, check_concurrent, request_spec
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,7 @@ def _wait(predicate, timeout: float = 60.0) -> None:
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(specs=st.lists(request_spec(), min_size=1, max_size=8))
 def test_answers_equal_the_lone_reference_bit_for_bit(proc_server, specs):
-    values = [_values(np.random.default_rng(s["seed"]), int(np.prod(s["shape"])), s["wire"])
-              for s in specs]
-    requests = [_binary_request(s, v) for s, v in zip(specs, values, strict=True)]
-    responses = asyncio.run(_send_all(proc_server.url, requests))
-    for s, v, r in zip(specs, values, responses, strict=True):
-        _check_binary(s, v, r)
+    check_concurrent(proc_server.url, specs)
     assert proc_server.engine.waiting == 0  # every slot given back
 
 
