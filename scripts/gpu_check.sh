@@ -21,4 +21,9 @@ timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/
   | tee "$OUTDIR/gpu_tests.log" || status=1
 timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
 timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
+# the engine process on CUDA behind 1, 4 and 8 HTTP workers (--engine auto is process on CUDA)
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_engine_process.py 2>&1 \
+  | tee "$OUTDIR/engine_process_tests.log" || status=1
+timeout 240 $PY scripts/gpu_http_bench.py --devices cuda:0 --workers 1,4,8 --seconds 1.5 \
+  --clients 16 2>&1 | tee "$OUTDIR/gpu_workers_bench.md" || status=1
 exit $status

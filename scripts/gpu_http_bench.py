@@ -8,6 +8,8 @@ Each cell runs ``--seconds`` (default 2). Servers are ``loadtest.servers`` child
 
     python scripts/gpu_http_bench.py                 # cuda:0 vs cpu
     python scripts/gpu_http_bench.py --devices cpu   # a dry run without a GPU
+    python scripts/gpu_http_bench.py --devices cuda:0 --workers 1,4,8   # workers in front of
+                                                     # the CUDA engine process
 """
 
 from __future__ import annotations
@@ -100,15 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="cuda:0,cpu")
+    p.add_argument("--workers", default="1",
+                   help="comma-separated --workers values; each device runs a server per value")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--clients", default="1,16")
     a = p.parse_args(argv)
-    devices = a.devices.split(",")
+    devices = [dev if w == "1" else f"{dev} w{w}" for dev in a.devices.split(",")
+               for w in a.workers.split(",")]
     clients = [int(c) for c in a.clients.split(",")]
     cases = [(1024, "float32", False), (1 << 20, "float32", False), (1 << 20, "float16", False),
              (1 << 20, "bfloat16", False), (1 << 20, "float32", True)]
     logs = Path(tempfile.mkdtemp(prefix="actserve-gpu-http-"))
-    children = [servers.start_actserve(dev, logs, {"device": dev}) for dev in devices]
+    def settings(name: str) -> dict:
+        dev, _, w = name.partition(" w")
+        return {"device": dev, **({"workers": int(w)} if w else {})}
+
+    children = [servers.start_actserve(dev, logs, settings(dev)) for dev in devices]
     with servers.running(children):
         urls = {c.name: c.url for c in children}
         print(f"activation {ACTIVATION}, binary native API, {a.seconds:g} s per cell, "
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for size, wire, amp in cases:
             for dev in devices:
-                if dev == "cpu" and (wire != "float32" or amp) and size > 1024:
+                if dev.startswith("cpu") and (wire != "float32" or amp) and size > 1024:
                     continue  # the CPU's dtype/amp costs are in the main sweep
                 for n in clients:
                     r = run_cell(urls[dev], size, wire, amp, n, a.seconds)
