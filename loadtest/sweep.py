@@ -55,6 +55,7 @@ SERVERS = {
     "actserve-grpc": {**DEFAULTS, "grpc_port": "free"},  # the shm and grpc groups
     "actserve-workers1": {**DEFAULTS, "workers": 1},
     "actserve-workers2": {**DEFAULTS, "workers": 2},
+    "actserve-workers2-engine": {**DEFAULTS, "workers": 2, "engine": "process"},
 }
 CLIENT_GROUPS = ("shm", "grpc")  # driven by Python clients, not wrk
 ENGINE_CELLS = ((1024, 1), (1024, 64), (1048576, 8))
@@ -114,6 +115,7 @@ def bar_keys() -> set[tuple[str, str, int, int]]:
         *(("actserve", "native-binary", size, conc) for size, conc in ENGINE_CELLS),
         *((server, "native-binary", size, conc) for server in ("actserve-workers1",
           "actserve-workers2") for size, conc in WORKERS_CELLS),
+        ("actserve-workers2-engine", "native-binary", 1024, 64),
     }
 
 
@@ -164,6 +166,7 @@ def full_plan(repeats: int, sizes=SIZES, concurrency=CONCURRENCY, protocols=PROT
         for size, conc in WORKERS_CELLS:
             for server in ("actserve-workers1", "actserve-workers2"):
                 plan.cells.append(cell("workers", server, Case(size=size), conc))
+        plan.cells.append(cell("workers", "actserve-workers2-engine", Case(size=1024), 64))
     if "accesslog" in groups:
         for proto in ("native-binary", "native-json"):
             for conc in [c for c in concurrency if c in (1, 64)]:

@@ -96,9 +96,10 @@ def test_workers_group_pairs_one_and_two_workers_in_the_same_rounds():
     cells = {(c.server, c.case.protocol, c.case.activation, c.case.size, c.concurrency)
              for c in plan.cells}
     assert cells == {(f"actserve-workers{n}", "native-binary", "relu", size, conc)
-                     for n in (1, 2) for size, conc in ((1024, 64), (1048576, 8))}
+                     for n in (1, 2) for size, conc in ((1024, 64), (1048576, 8))} | {
+        ("actserve-workers2-engine", "native-binary", "relu", 1024, 64)}
     assert all(c.repeats == 3 for c in plan.cells)
-    assert [len(r) for r in plan.rounds()] == [4, 4, 4]  # each round runs both servers
+    assert [len(r) for r in plan.rounds()] == [5, 5, 5]  # each round runs every server
     assert sweep.SERVERS["actserve-workers2"] == {**sweep.DEFAULTS, "workers": 2}
     m = 1048576
     rows = bars.evaluate({"cells": [
