@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from .conftest import free_port, reference, same_bits, serve, subprocess_server
 from .test_v2_api import held_executor, until
+from .test_v2_tritonclient import sample, storage
 
 RNG = np.random.default_rng(14)
 CASES = [
@@ -32,14 +33,6 @@ CASES = [
 ]
 
 
-def sample(np_dtype, shape=(3, 37)) -> np.ndarray:
-    x = RNG.normal(0.0, 3.0, size=shape).astype(np.float32)
-    x.flat[:4] = [0.0, -0.0, 1e-3, -50.0]
-    return x.astype(np_dtype)
-
-
-def storage(x: np.ndarray, wire: str) -> np.ndarray:
-    return x.view(np.uint16) if wire == "bfloat16" else x
 
 
 def make_input(x: np.ndarray, datatype: str, module=tg):
