@@ -92,6 +92,29 @@ def pid_gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
+def post_silu_all(client: httpx.AsyncClient, xs: list[np.ndarray]) -> list[asyncio.Future]:
+    """silu of every ``x`` as binary requests, started at once."""
+    return [asyncio.ensure_future(client.post(
+        "/v1/activations/silu", params={"shape": str(x.size)}, content=x.tobytes(),
+        headers={"content-type": "application/octet-stream"})) for x in xs]
+
+
+def exact_silu_answers(xs: list[np.ndarray], results: list) -> int:
+    """How many of ``post_silu_all``'s requests were answered, each bit for bit the
+    reference; the others were never accepted (the listeners closed) or refused with 503."""
+    answered = 0
+    for x, r in zip(xs, results, strict=True):
+        if isinstance(r, httpx.TransportError):
+            continue  # never accepted: the listeners were closed
+        assert not isinstance(r, BaseException), r
+        if r.status_code == 503:
+            continue  # refused while draining
+        assert r.status_code == 200, r.text
+        assert same_bits(np.frombuffer(r.content, "<f4"), reference("silu", x, "float32")[0])
+        answered += 1
+    return answered
+
+
 class Load:
     """Threads posting on fresh connections until stopped (bounded by ``limit_s``)."""
 
@@ -310,9 +333,7 @@ def test_sigterm_under_load_drains_every_worker_and_cleans_up():
         async def run():
             limits = httpx.Limits(max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-                tasks = [asyncio.ensure_future(c.post(
-                    "/v1/activations/silu", params={"shape": str(x.size)}, content=x.tobytes(),
-                    headers={"content-type": "application/octet-stream"})) for x in xs]
+                tasks = post_silu_all(c, xs)
                 deadline = asyncio.get_running_loop().time() + 30
                 while asyncio.get_running_loop().time() < deadline:
                     if (await c.get("/v1/stats")).json()["queue_depth"] >= 8:
@@ -322,17 +343,7 @@ def test_sigterm_under_load_drains_every_worker_and_cleans_up():
 
         results = asyncio.run(run())
         assert proc.wait(90) == 0
-    answered = 0
-    for x, r in zip(xs, results, strict=True):
-        if isinstance(r, httpx.TransportError):
-            continue  # never accepted: the listeners were closed
-        assert not isinstance(r, BaseException), r
-        if r.status_code == 503:
-            continue
-        assert r.status_code == 200, r.text
-        assert same_bits(np.frombuffer(r.content, "<f4"), reference("silu", x, "float32")[0])
-        answered += 1
-    assert answered >= 8
+    assert exact_silu_answers(xs, results) >= 8
     assert all(pid_gone(p) for p in workers)
     assert run_dirs(proc.pid) == []
 
