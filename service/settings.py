@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         "at start-up as custom activations; empty = none")
     cors_origins: str = Field("", description="comma-separated origins; empty = CORS off")
     fault_injection: bool = Field(False, description="test-only compute fault hook")
+    allow_profile: bool = Field(
+        False, description="serve report=profile: a request run alone under torch.profiler "
+                           "(docs/lab.md)")
+    profile_trace_ttl_s: float = Field(
+        300.0, gt=0, le=86400, description="how long a profile's Chrome trace can be downloaded")
     timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close")
     header_timeout_s: float = Field(10.0, gt=0, description="time to send request headers")
     body_timeout_s: float = Field(30.0, gt=0, description="time to send the request body")

@@ -232,7 +232,7 @@ def test_native_requests_decode_on_the_server_and_answers_parse(dtype, shape):
     wire = _wire(shape, dtype, 2)
     settings = {"amp": False, "timeout": 1.5}
     req = _protocol.build("native", "elu", wire, settings, {"alpha": 0.25}, "id")
-    array, wdtype, s, params = read_binary(bytearray(req.content), req.params, 10**6)
+    array, wdtype, s, params, _ = read_binary(bytearray(req.content), req.params, 10**6)
     assert wdtype == dtype and same_bits(array, wire.storage)
     assert s == {"amp": "false", "timeout": "1.5"} and params == {"alpha": "0.25"}
     payload, headers = write_binary(array, dtype)
@@ -240,7 +240,7 @@ def test_native_requests_decode_on_the_server_and_answers_parse(dtype, shape):
     assert same_bits(back.storage, wire.storage)
 
     req = _protocol.build("native-json", "elu", wire, settings, {"alpha": 0.25}, "id")
-    array, wdtype, s, params = read_json(req.content, 10**6)
+    array, wdtype, s, params, _ = read_json(req.content, 10**6)
     assert wdtype == dtype and same_bits(array, wire.storage)
     assert s == settings and params == {"alpha": 0.25}
     back = _protocol.parse("native-json", {"content-type": "application/json"},

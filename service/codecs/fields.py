@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from service.errors import InvalidRequest, RequestTooLarge, UnsupportedMediaType, echo
 
-SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority", "expr")
+SETTING_NAMES = ("compute_dtype", "amp", "amp_dtype", "inplace", "timeout", "priority", "expr",
+                 "outputs", "report")
 MAX_DIMS = 32
 
 

@@ -43,13 +43,14 @@ def parse_query(raw: bytes) -> dict[str, str]:
             out[name] = value
     return out
 
-JSON_FIELDS = ("data", "shape", "dtype", "params", *SETTING_NAMES)
+JSON_FIELDS = ("data", "shape", "dtype", "params", "grad_output", *SETTING_NAMES)
+QUERY_FIELDS = ("shape", "dtype", "grad_output")
 
 
 # -- the formats -------------------------------------------------------------------------
 def read_json(body: bytes | bytearray, max_elements: int):
-    """``{"data", "shape"?, "dtype"?, "params"?, <settings>}`` -> (array, dtype, settings,
-    params)."""
+    """``{"data", "shape"?, "dtype"?, "params"?, "grad_output"?, <settings>}`` -> (array,
+    dtype, settings, params, grad_output or None)."""
     obj = loads_object(body, max_elements)
     unknown = [k for k in obj if k not in JSON_FIELDS]
     if unknown:
@@ -67,7 +68,11 @@ def read_json(body: bytes | bytearray, max_elements: int):
     if not isinstance(params, dict):
         raise InvalidRequest("params must be an object, e.g. {\"negative_slope\": 0.1}")
     settings = {k: obj[k] for k in SETTING_NAMES if obj.get(k) is not None}
-    return array, wire, settings, params
+    grad = None
+    if obj.get("grad_output") is not None:
+        grad = array_from_json(obj["grad_output"], array.shape, wire, "grad_output",
+                               max_elements)
+    return array, wire, settings, params, grad
 
 
 def write_json(activation: str, array: np.ndarray, dtype: str) -> bytes:
@@ -79,24 +84,58 @@ def write_json(activation: str, array: np.ndarray, dtype: str) -> bytes:
     })
 
 
+def write_lab_json(job: Job, result: JobResult) -> bytes:
+    """The answer of a request that asked for a gradient or a report (docs/lab.md)."""
+    out: dict = {"activation": job.activation.name, "shape": list(result.array.shape),
+                 "dtype": result.dtype}
+    if "value" in job.outputs:
+        out["data"] = dtypes.to_float(result.array, result.dtype)
+    if result.grad is not None:
+        out["grad_dtype"] = result.grad_dtype
+        out["grad"] = dtypes.to_float(result.grad, result.grad_dtype)
+    if result.reports:
+        out["report"] = result.reports
+    return dumps(out)
+
+
 def read_binary(body: bytearray, query: Mapping[str, str], max_elements: int):
-    """Raw little-endian bytes; shape, dtype, settings and params in the query string."""
+    """Raw little-endian bytes; shape, dtype, settings and params in the query string. With
+    ``grad_output=true`` the body is the input's bytes, then the upstream gradient's (same
+    shape and dtype). -> (array, dtype, settings, params, grad_output or None)."""
     if "shape" not in query:
         raise InvalidRequest(
             "binary requests need ?shape=... (comma-separated, empty for a 0-d scalar)"
         )
     shape = parse_shape_text(query["shape"], "shape", max_elements)
     wire = dtypes.check_name(query.get("dtype", "float32"), "dtype")
-    expected = math.prod(shape) * dtypes.itemsize(wire)  # python ints: exact
+    one = math.prod(shape) * dtypes.itemsize(wire)  # python ints: exact
+    tensors = 2 if _flag(query.get("grad_output")) else 1
+    expected = one * tensors
     if len(body) != expected:
+        what = " (input, then grad_output)" if tensors == 2 else ""
         raise InvalidRequest(
-            f"body has {len(body)} bytes but shape {list(shape)} of {wire} needs {expected}"
+            f"body has {len(body)} bytes but {tensors} x shape {list(shape)} of {wire}"
+            f"{what} needs {expected}"
         )
-    array = np.frombuffer(body, dtype=dtypes.STORAGE[wire]).reshape(shape)
+    storage = dtypes.STORAGE[wire]
+    count = math.prod(shape)
+    array = np.frombuffer(body, dtype=storage, count=count).reshape(shape)
+    grad = None
+    if tensors == 2:
+        grad = np.frombuffer(body, dtype=storage, count=count, offset=one).reshape(shape)
     settings = {k: query[k] for k in SETTING_NAMES if k in query}
     params = {k: v for k, v in query.items() if k not in SETTING_NAMES
-              and k not in ("shape", "dtype")}
-    return array, wire, settings, params
+              and k not in QUERY_FIELDS}
+    return array, wire, settings, params, grad
+
+
+def _flag(raw: str | None) -> bool:
+    if raw is None or raw.lower() in ("0", "false", "no", ""):
+        return False
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    raise InvalidRequest(f"grad_output={echo(raw)}: say true when the body carries the "
+                         "upstream gradient after the input, false otherwise")
 
 
 def write_binary(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dict[str, str]]:
@@ -108,16 +147,43 @@ def write_binary(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dic
     return array.tobytes(), headers
 
 
+def write_lab_binary(job: Job, result: JobResult) -> tuple[list, dict[str, str]]:
+    """The parts of a lab answer, in order: the value (if asked), the gradient (if asked),
+    and a ``profile`` JSON part; ``X-Outputs``, ``X-Output-Dtypes`` and ``X-Output-Bytes``
+    name them, and the numerics report travels in ``X-Report-Numerics`` (docs/lab.md)."""
+    parts: list[tuple[str, str, bytes | memoryview]] = []
+    if "value" in job.outputs:
+        parts.append(("value", result.dtype, write_binary(result.array, result.dtype)[0]))
+    if result.grad is not None:
+        parts.append(("grad", result.grad_dtype,
+                      write_binary(result.grad, result.grad_dtype)[0]))
+    if "profile" in result.reports:
+        parts.append(("profile", "json", dumps(result.reports["profile"])))
+    headers = {
+        "X-Shape": ",".join(map(str, result.array.shape)),
+        "X-Dtype": parts[0][1] if parts and parts[0][0] != "profile" else result.dtype,
+        "X-Outputs": ",".join(p[0] for p in parts),
+        "X-Output-Dtypes": ",".join(p[1] for p in parts),
+        "X-Output-Bytes": ",".join(str(memoryview(p[2]).nbytes) for p in parts),
+    }
+    if "numerics" in result.reports:
+        headers["X-Report-Numerics"] = dumps(result.reports["numerics"]).decode()
+    return [p[2] for p in parts], headers
+
+
 # -- the codecs --------------------------------------------------------------------------
 class NativeJson:
     api = "native"
 
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, None]:
-        array, dtype, settings, params = read_json(body, jobs.settings.max_batch_elements)
-        return jobs.build(activation, array, dtype, settings, params, api=self.api), None
+        array, dtype, settings, params, grad = read_json(body, jobs.settings.max_batch_elements)
+        return jobs.build(activation, array, dtype, settings, params, api=self.api,
+                          grad_output=grad), None
 
     def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
+        if job.lab:
+            return Encoded(write_lab_json(job, result), "application/json")
         return Encoded(write_json(job.activation.name, result.array, result.dtype),
                        "application/json")
 
@@ -127,11 +193,15 @@ class NativeBinary:
 
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, None]:
-        array, dtype, settings, params = read_binary(
+        array, dtype, settings, params, grad = read_binary(
             body, parse_query(wire.query), jobs.settings.max_batch_elements)
-        return jobs.build(activation, array, dtype, settings, params, api=self.api), None
+        return jobs.build(activation, array, dtype, settings, params, api=self.api,
+                          grad_output=grad), None
 
     def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
+        if job.lab:
+            parts, headers = write_lab_binary(job, result)
+            return Encoded(parts, "application/octet-stream", headers)
         payload, headers = write_binary(result.array, result.dtype)
         return Encoded(payload, "application/octet-stream", headers)
 

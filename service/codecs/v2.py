@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+GRAD_INPUT = "grad_output"  # the upstream gradient of a vector-Jacobian product (docs/lab.md)
+GRAD_OUTPUT = "grad"
+OUTPUT_KINDS = {OUTPUT_NAME: "value", GRAD_OUTPUT: "grad"}
 MODEL_VERSION = "1"
 PLATFORM = "actserve_torch"
 HEADER = "inference-header-content-length"
@@ -74,6 +77,11 @@ class V2Request:
     params: dict[str, Any]
     binary_output: bool
     output_shm: ShmOutput | None = None
+    # the lab: the outputs asked for by name ("value", "grad"; None: not named), whether
+    # the gradient goes back as binary, and the upstream gradient
+    outputs: tuple[str, ...] | None = None
+    grad_binary: bool = False
+    grad_output: np.ndarray | None = None
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -166,19 +174,39 @@ def decode(body: bytearray, header: str | None, max_elements: int,
         raise InvalidRequest("'inputs' must be a non-empty list of tensors")
     offsets = _frame(inputs, body, length if length is not None else len(body),
                      length is not None)
-    if len(inputs) != 1:
-        raise InvalidRequest(
-            f"the model has exactly one input, {INPUT_NAME!r}; the request has {len(inputs)}"
-        )
+    order = input_order([t.get("name") for t in inputs])
     request_id = obj.get("id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID):
         raise InvalidRequest(f"'id' must be a string of at most {MAX_ID} characters (it is "
                              f"echoed in the response), got {echo(request_id)}")
     settings, params, binary_default = parameters(obj.get("parameters"))
-    binary_output, out_params = outputs(obj.get("outputs"), binary_default)
-    array, wire = _tensor(inputs[0], body, offsets[0], max_elements, regions)
-    return V2Request(request_id, array, wire, settings, params, binary_output,
-                     shm_output(out_params, regions))
+    wanted = requested_outputs(obj.get("outputs"), binary_default)
+    first = order[0]
+    array, wire = _tensor(inputs[first], body, offsets[first], max_elements, regions)
+    req = V2Request(request_id, array, wire, settings, params, wanted.binary.get("value", False),
+                    shm_output(wanted.shm, regions), wanted.names,
+                    wanted.binary.get("grad", binary_default))
+    if len(order) == 2:
+        i = order[1]
+        req.grad_output, grad_wire = _tensor(inputs[i], body, offsets[i], max_elements,
+                                             regions, GRAD_INPUT)
+        if grad_wire != wire or req.grad_output.shape != array.shape:
+            raise InvalidRequest(f"input {GRAD_INPUT!r} must have the datatype and shape of "
+                                 f"input {INPUT_NAME!r}")
+    return req
+
+
+def input_order(names: list) -> list[int]:
+    """Indexes of ``input`` and, when sent, ``grad_output`` among the request's inputs."""
+    if len(names) > 2:
+        raise InvalidRequest(f"the model's inputs are {INPUT_NAME!r} and, for a gradient, "
+                             f"{GRAD_INPUT!r}; the request has {len(names)}")
+    if len(names) == 2:
+        if sorted(map(str, names)) != sorted([INPUT_NAME, GRAD_INPUT]):
+            raise InvalidRequest(f"two inputs must be {INPUT_NAME!r} and {GRAD_INPUT!r}, got "
+                                 f"{echo(names)}")
+        return [names.index(INPUT_NAME), names.index(GRAD_INPUT)]
+    return [0]
 
 
 def parameters(raw: object) -> tuple[dict, dict, bool]:
@@ -206,36 +234,60 @@ def parameters(raw: object) -> tuple[dict, dict, bool]:
     return settings, params, binary
 
 
-def outputs(raw: object, binary_default: bool) -> tuple[bool, dict]:
-    """Whether the one output goes back as binary, and its shared-memory parameters."""
+@dataclass(slots=True)
+class Wanted:
+    """The requested outputs: their kinds in canonical order (None: the request named
+    none), each one's binary choice, and the value's shared-memory parameters."""
+
+    names: tuple[str, ...] | None
+    binary: dict[str, bool]
+    shm: dict
+
+
+def requested_outputs(raw: object, binary_default: bool) -> Wanted:
+    """The ``outputs`` of a request: ``output`` (the value) and/or ``grad`` (docs/lab.md)."""
+    everything = {"value": binary_default, "grad": binary_default}
     if raw is None:
-        return binary_default, {}
+        return Wanted(None, everything, {})
     if not isinstance(raw, list):
         raise InvalidRequest("'outputs' must be a list of requested outputs")
     if not raw:
-        return binary_default, {}
-    if len(raw) > 1:
-        raise InvalidRequest(f"the model has exactly one output, {OUTPUT_NAME!r}; the request "
-                             f"asks for {len(raw)}")
-    out = raw[0]
-    if not isinstance(out, dict) or out.get("name") != OUTPUT_NAME:
+        return Wanted(None, everything, {})
+    binary: dict[str, bool] = {}
+    shm: dict = {}
+    for i, out in enumerate(raw):
         name = out.get("name") if isinstance(out, dict) else out
-        raise InvalidRequest(
-            f"unknown output {echo(name)}; the model's one output is named {OUTPUT_NAME!r}"
-        )
-    params = out.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidRequest("outputs[0].parameters must be an object")
-    for key in params:
-        if key != "binary_data" and key not in SHM_KEYS:
-            raise InvalidRequest(f"outputs[0].parameters.{key} is not supported; only "
-                                 f"binary_data and {', '.join(SHM_KEYS)} are")
-    shm = {k: params[k] for k in SHM_KEYS if k in params}
-    if "binary_data" not in params:
-        return binary_default, shm
-    if not isinstance(params["binary_data"], bool):
-        raise InvalidRequest("outputs[0].parameters.binary_data must be true or false")
-    return params["binary_data"], shm
+        if not isinstance(out, dict) or name not in OUTPUT_KINDS:
+            raise InvalidRequest(f"unknown output {echo(name)}; the model's output is named "
+                                 f"{OUTPUT_NAME!r} (and {GRAD_OUTPUT!r}, its gradient)")
+        kind = OUTPUT_KINDS[name]
+        if kind in binary:
+            raise InvalidRequest(f"output {name!r} is requested twice")
+        params = out.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"outputs[{i}].parameters must be an object")
+        allowed = ("binary_data", *SHM_KEYS) if kind == "value" else ("binary_data",)
+        for key in params:
+            if key not in allowed:
+                raise InvalidRequest(f"outputs[{i}].parameters.{key} is not supported; only "
+                                     f"{', '.join(allowed)}")
+        if kind == "value":
+            shm = {k: params[k] for k in SHM_KEYS if k in params}
+        value = params.get("binary_data", binary_default)
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"outputs[{i}].parameters.binary_data must be true or false")
+        binary[kind] = value
+    return Wanted(tuple(k for k in ("value", "grad") if k in binary), binary, shm)
+
+
+def outputs(raw: object, binary_default: bool) -> tuple[bool, dict]:
+    """Whether the value goes back as binary, and its shared-memory parameters; a request
+    for anything but the value is refused (gRPC serves values only)."""
+    wanted = requested_outputs(raw, binary_default)
+    if wanted.names not in (None, ("value",)):
+        raise InvalidRequest(f"output {GRAD_OUTPUT!r} is served over HTTP only "
+                             "(POST /v2/models/{name}/infer)")
+    return wanted.binary["value"], wanted.shm
 
 
 # -- shared memory -------------------------------------------------------------------------
@@ -299,13 +351,13 @@ def extensions(shared_memory: bool) -> list[str]:
 
 
 def tensor_meta(name: object, datatype: object, shape: object,
-                max_elements: int) -> tuple[str, tuple[int, ...], str]:
+                max_elements: int, expected: str = INPUT_NAME) -> tuple[str, tuple[int, ...], str]:
     """The input's name, datatype and shape checked: (our wire dtype, shape, where)."""
-    if name != INPUT_NAME:
+    if name != expected:
         raise InvalidRequest(
             f"unknown input {echo(name)}; the model's one input is named {INPUT_NAME!r}"
         )
-    where = f"input {INPUT_NAME!r}"
+    where = f"input {expected!r}"
     if not isinstance(datatype, str) or datatype not in dtypes.V2_TO_NAME:
         raise InvalidRequest(
             f"{where}: datatype {echo(datatype)} is not supported; use one of "
@@ -331,12 +383,13 @@ def array_from_bytes(buf, wire: str, shape: tuple[int, ...], size: int, where: s
 
 
 def _tensor(tensor: dict, body: bytearray, offset: int | None, max_elements: int,
-            regions: SystemRegions | None = None) -> tuple[np.ndarray, str]:
+            regions: SystemRegions | None = None,
+            expected: str = INPUT_NAME) -> tuple[np.ndarray, str]:
     datatype = tensor.get("datatype")
-    if "shape" not in tensor and tensor.get("name") == INPUT_NAME and datatype in DATATYPES:
-        raise InvalidRequest(f"input {INPUT_NAME!r}: missing 'shape'")
+    if "shape" not in tensor and tensor.get("name") == expected and datatype in DATATYPES:
+        raise InvalidRequest(f"input {expected!r}: missing 'shape'")
     wire, shape, where = tensor_meta(tensor.get("name"), datatype, tensor.get("shape"),
-                                     max_elements)
+                                     max_elements, expected)
     params = tensor.get("parameters")
     if isinstance(params, dict) and SHM_REGION in params:
         if offset is not None or "data" in tensor:
@@ -369,6 +422,43 @@ def json_output_problem(dtype: str) -> str | None:
 
 # -- responses -----------------------------------------------------------------------------
 ZERO_COPY_BYTES = 64 * 1024
+
+
+def encode_lab(model: str, request: V2Request, job: Job,
+               result: JobResult) -> tuple[bytes | list, dict[str, str]]:
+    """A response with the outputs a lab request asked for (value and/or grad, each binary
+    or JSON) and its reports as response parameters (JSON text; docs/lab.md)."""
+    payload: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    if request.id is not None:
+        payload["id"] = request.id
+    tensors = []
+    if "value" in job.outputs:
+        tensors.append((OUTPUT_NAME, result.array, result.dtype, request.binary_output))
+    if result.grad is not None:
+        tensors.append((GRAD_OUTPUT, result.grad, result.grad_dtype, request.grad_binary))
+    outs, binary = [], []
+    for name, array, dtype, as_binary in tensors:
+        out: dict[str, Any] = {"name": name, "datatype": dtypes.NAME_TO_V2[dtype],
+                               "shape": list(array.shape)}
+        if as_binary:
+            flat = np.ascontiguousarray(array).reshape(-1)
+            out["parameters"] = {"binary_data_size": flat.nbytes}
+            binary.append(flat.tobytes())
+        else:
+            problem = json_output_problem(dtype)
+            if problem:
+                raise InvalidRequest(f"output {name!r}: {problem}")
+            out["data"] = dtypes.to_float(array, dtype).reshape(-1)
+        outs.append(out)
+    payload["outputs"] = outs
+    if result.reports:
+        payload["parameters"] = {f"report_{k}": orjson.dumps(v).decode()
+                                 for k, v in result.reports.items()}
+    head = dumps(payload)
+    if not binary:
+        return head, {"Content-Type": "application/json"}
+    return [head, *binary], {"Content-Type": "application/octet-stream",
+                             "Inference-Header-Content-Length": str(len(head))}
 
 
 def encode(model: str, request: V2Request, array: np.ndarray, dtype: str,
@@ -438,13 +528,20 @@ V2Answer = tuple[V2Request, "str | None", "SystemRegions | None"]
 
 def build_job(activation: Activation, req: V2Request, jobs: JobFactory, api: str) -> Job:
     """The validated job of a decoded v2 request (HTTP or gRPC)."""
-    job = jobs.build(activation, req.array, req.wire, req.settings, req.params,
-                     api=api, timeout_unit_s=1e-6, where="parameters")
+    settings = req.settings
+    if req.outputs is not None and req.outputs != ("value",):
+        settings = {**settings, "outputs": list(req.outputs)}
+    job = jobs.build(activation, req.array, req.wire, settings, req.params,
+                     api=api, timeout_unit_s=1e-6, where="parameters",
+                     grad_output=req.grad_output)
+    if job.lab and req.output_shm is not None:
+        raise InvalidRequest("a shared-memory output carries the value alone; ask for "
+                             "gradients and reports with outputs over HTTP")
     if not job.mode.amp:
         # The output dtype is known before compute: refuse now, not after.
         if req.output_shm is not None:
             check_output_fits(req.output_shm, job.numel * dtypes.itemsize(job.compute_dtype))
-        elif not req.binary_output:
+        elif not req.binary_output and "value" in job.outputs:
             problem = json_output_problem(job.compute_dtype)
             if problem:
                 raise InvalidRequest(problem)
@@ -469,7 +566,10 @@ class V2Codec:
     def encode(self, job: Job, answer: V2Answer, result: JobResult) -> Encoded:
         req, compression, regions = answer
         model = job.activation.name.split(":", 1)[0]  # inline "expr:<form>" is model expr
-        body, headers = encode(model, req, result.array, result.dtype, regions)
+        if job.lab:
+            body, headers = encode_lab(model, req, job, result)
+        else:
+            body, headers = encode(model, req, result.array, result.dtype, regions)
         media = headers.pop("Content-Type")
         if compression is not None:
             if isinstance(body, list):

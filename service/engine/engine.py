@@ -45,6 +45,7 @@ class Engine:
         self.jobs = JobFactory(settings, self.capabilities)
         self.expressions = ExpressionCache(self.check_activation)
         self.jobs.inline = self.expressions.resolve
+        self._accuracy: dict[tuple[str, int], dict] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,6 +143,37 @@ class Engine:
             raise InvalidRequest(f"{name} is built in; only custom activations can be deleted")
         self.registry.remove(name)
         self.capabilities.forget(name)
+
+    # -- the lab (docs/lab.md) -------------------------------------------------------------
+    async def accuracy(self, name: str) -> dict:
+        """The accuracy table of ``name`` (``numerics.sweep``), computed once per activation
+        in a compute thread, on that thread's device."""
+        act = self.registry.get(name)  # 404 when unknown
+        if act is INLINE:
+            raise InvalidRequest("the expr activation has no table of its own; register the "
+                                 "expression (POST /v1/activations) and ask for that")
+        key = (act.name, id(act))
+        if key not in self._accuracy:
+            alive = [e for e in self.pool.executors if e.alive]
+            if not alive:
+                raise NotReady("no compute executor is running; retry")
+            ex = alive[0]
+
+            def refuse(wire: str, mode) -> str | None:
+                try:
+                    self.capabilities.check(act, wire, mode)
+                except InvalidRequest as exc:
+                    return str(exc)
+                return None
+
+            from service.engine import numerics  # torch-side, loaded on first use
+
+            rows = await asyncio.wrap_future(
+                ex.call(lambda c: numerics.sweep(act, c.device, refuse)))
+            self._accuracy = {k: v for k, v in self._accuracy.items() if k[0] != act.name}
+            self._accuracy[key] = {"activation": act.name, "device": ex.device,
+                                   "grid": numerics.GRID_DOC, "rows": rows}
+        return self._accuracy[key]
 
     # -- the request path ---------------------------------------------------------------
     def admit(self) -> None:

@@ -24,6 +24,11 @@ class Mode:
     inplace: bool
 
 
+VALUE_ONLY = ("value",)
+OUTPUTS = ("value", "grad")
+REPORTS = ("numerics", "profile")
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     activation: Activation
@@ -44,6 +49,17 @@ class Job:
     # where the answer's bytes go, when the caller provides room (the engine process: a
     # shared-memory slot); the compute thread copies the result there
     out: np.ndarray | None = None
+    # the lab (docs/lab.md): which answers ("value", "grad"), the upstream gradient of a
+    # vector-Jacobian product (wire storage, the input's shape and dtype), and the reports
+    # asked for ("numerics", "profile")
+    outputs: tuple[str, ...] = VALUE_ONLY
+    grad_output: np.ndarray | None = None
+    report: frozenset[str] = frozenset()
+
+    @property
+    def lab(self) -> bool:
+        """Needs more than the value: computed alone, outside any packing (``lab.py``)."""
+        return self.outputs != VALUE_ONLY or bool(self.report)
 
     @property
     def numel(self) -> int:
@@ -70,6 +86,10 @@ class JobResult:
     extra: dict = field(default_factory=dict)
     # called once the answer has been sent, when ``array`` lives in memory lent for it
     release: Callable[[], None] | None = None
+    # the lab: the gradient (wire storage of ``grad_dtype``) and the reports asked for
+    grad: np.ndarray | None = None
+    grad_dtype: str | None = None
+    reports: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)

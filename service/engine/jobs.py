@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import dtypes
-from service.engine.job import Job, Mode
+from service.engine.job import OUTPUTS, REPORTS, VALUE_ONLY, Job, Mode
 from service.engine.params import parse_bool
 from service.errors import InvalidRequest, echo
 from service.settings import Settings
@@ -33,6 +33,8 @@ class JobFactory:
         self.capabilities = capabilities
         # text -> the inline expression's activation (inline.py); None: not available here
         self.inline: Callable[[object], Activation] | None = None
+        # gradients and reports (docs/lab.md); the engine process does not serve them
+        self.lab_refusal: str | None = None
 
     def build(
         self,
@@ -45,6 +47,7 @@ class JobFactory:
         api: str,
         timeout_unit_s: float = 1.0,
         where: str = "request",
+        grad_output: np.ndarray | None = None,
     ) -> Job:
         s = self.settings
         activation = self._expression(activation, settings.get("expr"), where)
@@ -77,6 +80,7 @@ class JobFactory:
             raise InvalidRequest(f"{where}: {problem}")
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
+        outputs, report = self._lab(settings, grad_output, array, inplace, where)
         return Job(
             activation=activation,
             params=activation.parse_params(params, where),
@@ -86,7 +90,39 @@ class JobFactory:
             deadline=time.monotonic() + timeout_s,
             priority=int(priority),
             api=api,
+            outputs=outputs,
+            grad_output=grad_output,
+            report=report,
         )
+
+    def _lab(self, settings: Mapping[str, object], grad_output: np.ndarray | None,
+             array: np.ndarray, inplace: bool, where: str) -> tuple[tuple[str, ...], frozenset]:
+        """The answers and reports a request asks for, checked (docs/lab.md)."""
+        outputs = _names(settings.get("outputs"), OUTPUTS, "outputs", where) or VALUE_ONLY
+        report = frozenset(_names(settings.get("report"), REPORTS, "report", where))
+        if outputs == VALUE_ONLY and not report and grad_output is None:
+            return VALUE_ONLY, report
+        if self.lab_refusal is not None:
+            raise InvalidRequest(f"{where}: {self.lab_refusal}")
+        if grad_output is not None:
+            if "grad" not in outputs:
+                raise InvalidRequest(f"{where}: grad_output is the upstream gradient of a "
+                                     "vector-Jacobian product; ask for it with outputs "
+                                     "including grad")
+            if grad_output.shape != array.shape or grad_output.dtype != array.dtype:
+                raise InvalidRequest(
+                    f"{where}: grad_output must have the input's shape {list(array.shape)} "
+                    f"and dtype; got shape {list(grad_output.shape)}")
+        if "grad" in outputs and inplace:
+            raise InvalidRequest(
+                f"{where}: inplace cannot be combined with a gradient: an in-place activation "
+                "overwrites the input that autograd needs to compute the derivative (torch "
+                "refuses in-place operations on a tensor that requires grad); send "
+                "inplace=false")
+        if "profile" in report and not self.settings.allow_profile:
+            raise InvalidRequest(f"{where}: profiles are off on this server; start it with "
+                                 "ACTSERVE_ALLOW_PROFILE=true (--allow-profile) to allow them")
+        return outputs, report
 
     def _expression(self, activation: Activation, text: object, where: str) -> Activation:
         if activation.name != INLINE_NAME:
@@ -101,6 +137,25 @@ class JobFactory:
             raise InvalidRequest(f"{where}: send the expression to compute as expr "
                                  "(JSON field, query or v2 parameter), e.g. relu(x) * sigmoid(x)")
         return self.inline(text)
+
+
+def _names(raw: object, allowed: tuple[str, ...], what: str, where: str) -> tuple[str, ...]:
+    """A list of names, or one comma-separated string (query strings, v2 parameters), in
+    the canonical order of ``allowed``."""
+    if raw is None:
+        return ()
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise InvalidRequest(f"{where}: {what} must be a list of names from "
+                             f"{', '.join(allowed)}, got {echo(raw)}")
+    names = {i.strip() for i in items if i.strip()}
+    unknown = sorted(names - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown {what} {echo(unknown[0])}; choose from "
+                             f"{', '.join(allowed)}")
+    if what == "outputs" and items and not names:
+        raise InvalidRequest(f"{where}: outputs is empty; ask for value, grad or both")
+    return tuple(n for n in allowed if n in names)
 
 
 def _number(raw: object, name: str, where: str) -> float | None:

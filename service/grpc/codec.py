@@ -47,6 +47,10 @@ def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Re
             f"the model has exactly one input, {v2.INPUT_NAME!r}; the request has {len(inputs)}"
         )
     settings, params, _ = v2.parameters(param_dict(request.parameters))
+    lab = [k for k in ("outputs", "report") if k in settings]
+    if lab:
+        raise InvalidRequest(f"parameters.{lab[0]}: gradients and reports are served over "
+                             "HTTP only (POST /v2/models/{name}/infer or /v1/activations)")
     wanted = [{"name": o.name, "parameters": param_dict(o.parameters)} for o in request.outputs]
     _, out_params = v2.outputs(wanted, True)
     array, wire = _tensor(inputs[0], raw[0] if raw else None, max_elements, regions)

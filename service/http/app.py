@@ -20,6 +20,7 @@ from service.http.guard import Guard
 from service.http.middleware import RequestContext
 from service.http.routes_custom import load_file as load_activations_file
 from service.http.routes_custom import router as custom_router
+from service.http.routes_lab import router as lab_router
 from service.http.routes_native import activate
 from service.http.routes_native import router as native_router
 from service.http.routes_ops import router as ops_router
@@ -27,6 +28,7 @@ from service.http.routes_shm import router as shm_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
 from service.http.services import Services
+from service.http.traces import ProfileTraces
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
@@ -68,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
-                        cuda_regions=CudaRegions(engine.devices))
+                        cuda_regions=CudaRegions(engine.devices),
+                        traces=ProfileTraces(settings.profile_trace_ttl_s))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs_pages.install(app)  # /docs and /redoc, assets served locally
     app.include_router(native_router)
     app.include_router(custom_router)
+    app.include_router(lab_router)
     app.include_router(ops_router)
     app.include_router(v2_router)
     app.include_router(shm_router)

@@ -36,6 +36,7 @@ from service.engine.jobs import JobFactory
 from service.errors import (
     DeadlineExceeded,
     Draining,
+    InvalidRequest,
     NotReady,
     QueueFull,
     RequestTooLarge,
@@ -59,12 +60,17 @@ class _Pending:
     sent: bool = False
 
 
+LAB_REFUSAL = ("gradients and reports need --engine inline: the shared engine process "
+               "(--engine process) serves values only (docs/lab.md)")
+
+
 class RemoteEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry()
         self.capabilities = Capabilities()
         self.jobs = JobFactory(settings, self.capabilities)
+        self.jobs.lab_refusal = LAB_REFUSAL
         self.devices: list[str] = []
         self.restarts = 0
         self.engine_waiting = 0
@@ -152,6 +158,10 @@ class RemoteEngine:
         self._observer = observer
 
     # -- the request path ---------------------------------------------------------------
+    async def accuracy(self, name: str) -> dict:
+        self.registry.get(name)  # 404 when unknown
+        raise InvalidRequest(LAB_REFUSAL.replace("gradients and reports", "accuracy tables"))
+
     def admit(self) -> None:
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")

@@ -1,0 +1,231 @@
+"""Gradients (docs/lab.md): the derivative and vector-Jacobian products equal
+``torch.autograd.grad`` for that request alone, bit for bit, for every activation x dtype x
+compute dtype x AMP setting, alone and in shared batches, over the native JSON, native
+binary and v2 wire formats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service import dtypes
+from service.engine.compute import TORCH_DTYPES
+
+from .conftest import REGISTRY, same_bits
+from .gates import held
+from .test_correctness import _values, request_spec
+
+
+def autograd(name: str, values: np.ndarray, wire: str, params: dict, compute: str | None,
+             amp: bool, amp_dtype: str | None, upstream: np.ndarray | None):
+    """The test's own reference: the activation's torch function under the request's mode,
+    differentiated with ``torch.autograd.grad`` with respect to the input as sent."""
+    act = REGISTRY.get(name)
+    kwargs = dict(act.parse_params(params))
+    storage = np.array(values, copy=True)
+    x = torch.from_numpy(storage.view(np.int16)).view(torch.bfloat16) if wire == "bfloat16" \
+        else torch.from_numpy(storage)
+    x.requires_grad_(True)
+    xc = x.to(TORCH_DTYPES[compute]) if compute else x
+    if amp:
+        dt = TORCH_DTYPES[amp_dtype] if amp_dtype else torch.bfloat16
+        with torch.autocast("cpu", dtype=dt):
+            y = act.fn(xc, **kwargs)
+    else:
+        y = act.fn(xc, **kwargs)
+    if upstream is None:
+        g = torch.ones_like(y)
+    else:
+        u = np.array(upstream, copy=True)
+        g = (torch.from_numpy(u.view(np.int16)).view(torch.bfloat16) if wire == "bfloat16"
+             else torch.from_numpy(u)).to(y.dtype)
+    (grad,) = torch.autograd.grad(y, x, g)
+    return _storage(y.detach()), _storage(grad)
+
+
+def _storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    name = {v: k for k, v in TORCH_DTYPES.items()}[t.dtype]
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), name
+    return t.numpy(), name
+
+
+def binary_request(spec: dict, values: np.ndarray, upstream: np.ndarray | None,
+                   outputs: str = "value,grad") -> dict:
+    query = {"shape": ",".join(map(str, spec["shape"])), "dtype": spec["wire"],
+             "amp": str(spec["amp"]).lower(), "outputs": outputs,
+             **{k: str(v) for k, v in spec["params"].items()}}
+    if spec["compute"]:
+        query["compute_dtype"] = spec["compute"]
+    if spec["amp_dtype"]:
+        query["amp_dtype"] = spec["amp_dtype"]
+    body = values.tobytes()
+    if upstream is not None:
+        query["grad_output"] = "true"
+        body += upstream.tobytes()
+    return dict(url=f"/v1/activations/{spec['name']}", params=query, content=body,
+                headers={"content-type": "application/octet-stream"})
+
+
+def split_parts(resp: httpx.Response) -> dict[str, np.ndarray]:
+    """The parts of a native binary lab answer, by name, decoded per X-Output-Dtypes."""
+    names = resp.headers["x-outputs"].split(",")
+    kinds = resp.headers["x-output-dtypes"].split(",")
+    sizes = [int(n) for n in resp.headers["x-output-bytes"].split(",")]
+    assert sum(sizes) == len(resp.content)
+    shape = [int(d) for d in resp.headers["x-shape"].split(",") if d]
+    out, at = {}, 0
+    for name, kind, size in zip(names, kinds, sizes, strict=True):
+        raw = resp.content[at:at + size]
+        at += size
+        out[name] = json.loads(raw) if kind == "json" else \
+            np.frombuffer(raw, dtype=dtypes.STORAGE[kind]).reshape(shape)
+    return out
+
+
+def check(spec: dict, values: np.ndarray, upstream: np.ndarray | None,
+          resp: httpx.Response) -> None:
+    assert resp.status_code == 200, resp.text
+    (value, vdtype), (grad, gdtype) = autograd(
+        spec["name"], values.reshape(spec["shape"]), spec["wire"], spec["params"],
+        spec["compute"], spec["amp"], spec["amp_dtype"],
+        None if upstream is None else upstream.reshape(spec["shape"]))
+    assert resp.headers["x-output-dtypes"] == f"{vdtype},{gdtype}"
+    parts = split_parts(resp)
+    assert same_bits(parts["value"], value), f"{spec}: value differs"
+    assert same_bits(parts["grad"], grad), f"{spec}: gradient differs from autograd"
+
+
+async def _send(url: str, requests: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        return await asyncio.gather(*(c.post(**r) for r in requests))
+
+
+def _grad_spec(spec: dict) -> dict:
+    return {**spec, "inplace": False, "shape": spec["shape"] if np.prod(spec["shape"]) <= 20_000
+            else (4099,)}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs=st.lists(request_spec(max_size=20_000), min_size=1, max_size=6),
+       vjp=st.booleans())
+def test_gradients_equal_autograd_bit_for_bit(server, specs, vjp):
+    specs = [_grad_spec(s) for s in specs]
+    values = [_values(np.random.default_rng(s["seed"]), int(np.prod(s["shape"])), s["wire"])
+              for s in specs]
+    ups = [_values(np.random.default_rng(s["seed"] + 1), int(np.prod(s["shape"])), s["wire"])
+           if vjp else None for s in specs]
+    reqs = [binary_request(s, v, u) for s, v, u in zip(specs, values, ups, strict=True)]
+    for s, v, u, r in zip(specs, values, ups, asyncio.run(_send(server.url, reqs)), strict=True):
+        check(s, v, u, r)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+@pytest.mark.parametrize("wire", list(dtypes.NAMES))
+def test_every_activation_and_dtype_in_a_shared_batch(server, name, wire):
+    """Gradient and value requests of one activation, held until all are queued so they
+    share one batch: each gradient equals autograd alone, each value the lone value."""
+    base = dict(name=name, wire=wire, compute=None, amp=False, amp_dtype=None,
+                inplace=False, params={}, seed=7)
+    sizes = [0, 1, 63, 1000, 4099]
+    specs = [{**base, "shape": (n,), "seed": 7 + i} for i, n in enumerate(sizes)]
+    values = [_values(np.random.default_rng(s["seed"]), n, wire) for s, n in zip(specs, sizes,
+                                                                                 strict=True)]
+    ups = [_values(np.random.default_rng(s["seed"] + 99), n, wire) if i % 2 else None
+           for i, (s, n) in enumerate(zip(specs, sizes, strict=True))]
+    reqs = [binary_request(s, v, u) for s, v, u in zip(specs, values, ups, strict=True)]
+
+    async def run():
+        async with held(server.engine, len(reqs)):
+            tasks = [asyncio.ensure_future(_send(server.url, [r])) for r in reqs]
+        return [(await t)[0] for t in tasks]
+
+    responses = asyncio.run(run())
+    for s, v, u, r in zip(specs, values, ups, responses, strict=True):
+        check(s, v, u, r)
+    assert max(int(r.headers["x-batch-size"]) for r in responses) >= 2
+
+
+def test_json_grad_only_and_vjp(client):
+    x = [-2.0, -0.5, 0.0, 0.5, 3.0]
+    g = [1.0, 2.0, -1.0, 0.5, 4.0]
+    r = client.post("/v1/activations/leaky_relu", json={
+        "data": x, "outputs": ["grad"], "grad_output": g, "params": {"negative_slope": 0.2}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "data" not in body and body["grad_dtype"] == "float32"
+    assert body["grad"] == [0.2 * 1.0, 0.2 * 2.0, 0.2 * -1.0, 0.5, 4.0] or \
+        np.allclose(body["grad"], [0.2, 0.4, -0.2, 0.5, 4.0])
+    (_, _), (ref, _) = autograd("leaky_relu", np.array(x, np.float32), "float32",
+                                {"negative_slope": 0.2}, None, False, None,
+                                np.array(g, np.float32))
+    assert np.array_equal(np.array(body["grad"], np.float32), ref)
+
+
+def test_v2_outputs_output_and_grad(client):
+    x = np.linspace(-3, 3, 7, dtype=np.float32)
+    g = np.arange(7, dtype=np.float32)
+    body = {"inputs": [{"name": "input", "shape": [7], "datatype": "FP32", "data": x.tolist()},
+                       {"name": "grad_output", "shape": [7], "datatype": "FP32",
+                        "data": g.tolist()}],
+            "outputs": [{"name": "grad"}, {"name": "output"}],
+            "parameters": {"alpha": 0.7}}
+    r = client.post("/v2/models/elu/infer", json=body)
+    assert r.status_code == 200, r.text
+    outs = {o["name"]: o for o in r.json()["outputs"]}
+    assert [o["name"] for o in r.json()["outputs"]] == ["output", "grad"]
+    (value, _), (grad, _) = autograd("elu", x, "float32", {"alpha": 0.7}, None, False, None, g)
+    assert np.array_equal(np.array(outs["output"]["data"], np.float32), value)
+    assert np.array_equal(np.array(outs["grad"]["data"], np.float32), grad)
+    # binary: both tensors after the JSON header, in order
+    head = json.dumps({"inputs": [
+        {"name": "input", "shape": [7], "datatype": "FP32",
+         "parameters": {"binary_data_size": 28}},
+        {"name": "grad_output", "shape": [7], "datatype": "FP32",
+         "parameters": {"binary_data_size": 28}}],
+        "outputs": [{"name": "grad", "parameters": {"binary_data": True}}],
+        "parameters": {"alpha": 0.7}}).encode()
+    r = client.post("/v2/models/elu/infer", content=head + x.tobytes() + g.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(head)),
+                             "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    assert [o["name"] for o in meta["outputs"]] == ["grad"]
+    assert np.array_equal(np.frombuffer(r.content[n:], np.float32), grad)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"data": [1.0], "outputs": ["grad"], "inplace": True}, "overwrites the input"),
+    ({"data": [1.0], "outputs": ["hessian"]}, "unknown outputs"),
+    ({"data": [1.0, 2.0], "grad_output": [1.0, 1.0]}, "ask for it with outputs"),
+    ({"data": [1.0, 2.0], "outputs": ["grad"], "grad_output": [1.0]}, "grad_output"),
+    ({"data": [1.0], "outputs": "value,,"}, None),
+    ({"data": [1.0], "report": ["everything"]}, "unknown report"),
+])
+def test_bad_gradient_requests_are_400(client, body, needle):
+    r = client.post("/v1/activations/relu", json=body)
+    if needle is None:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_v2_grad_output_must_match_the_input(client):
+    body = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1, 2]},
+                       {"name": "grad_output", "shape": [3], "datatype": "FP32",
+                        "data": [1, 2, 3]}],
+            "outputs": [{"name": "grad"}]}
+    r = client.post("/v2/models/relu/infer", json=body)
+    assert r.status_code == 400 and "grad_output" in r.json()["error"]
+    body["inputs"][1]["name"] = "other"
+    assert client.post("/v2/models/relu/infer", json=body).status_code == 400
