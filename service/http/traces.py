@@ -11,8 +11,9 @@ MAX_TRACES = 32
 
 
 class ProfileTraces:
-    def __init__(self, ttl_s: float, max_traces: int = MAX_TRACES) -> None:
+    def __init__(self, ttl_s: float, max_traces: int = MAX_TRACES, clock=time.monotonic) -> None:
         self.ttl_s = ttl_s
+        self.clock = clock
         self.max_traces = max_traces
         self._traces: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
@@ -25,14 +26,14 @@ class ProfileTraces:
 
     def put(self, trace: bytes) -> str:
         """Keep ``trace``; its id (unguessable: the trace shows the request's data)."""
-        now = time.monotonic()
+        now = self.clock()
         key = secrets.token_urlsafe(16)
         self._traces[key] = (now + self.ttl_s, trace)
         self._expire(now)
         return key
 
     def get(self, key: str) -> bytes | None:
-        self._expire(time.monotonic())
+        self._expire(self.clock())
         item = self._traces.get(key)
         return None if item is None else item[1]
 
