@@ -17,6 +17,7 @@ from ._base import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TIMEOUT_S,
     ActivationInfo,
+    Answer,
 )
 from ._exceptions import (
     ActserveError,
@@ -54,6 +55,7 @@ __all__ = [
     "APITimeoutError",
     "ActivationInfo",
     "ActserveError",
+    "Answer",
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",

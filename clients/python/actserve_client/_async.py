@@ -74,8 +74,15 @@ class AsyncClient:
     async def activate(self, name: str, x: Any, /, *, compute_dtype: Any = None,
                        amp: bool | None = False, inplace: bool | None = False,
                        timeout: float | None = None, protocol: str | None = None,
+                       outputs: Any = None, grad_output: Any = None, report: Any = None,
                        **params: Any) -> Any:
-        """Apply activation ``name`` to ``x``; the result is the same kind and shape as ``x``."""
+        """Apply activation ``name`` to ``x``; the result is the same kind and shape as ``x``
+        (an ``Answer`` when ``outputs``, ``grad_output`` or ``report`` is given)."""
+        if outputs is not None or grad_output is not None or report is not None:
+            return await self._execute(self._core.activate_call(
+                name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace,
+                timeout=timeout, options=params, outputs=outputs, grad_output=grad_output,
+                report=report))
         need = self._core.shm_bytes(x, compute_dtype, amp, protocol)
         if need and await self._shared_memory_works():
             region = await self._lease(need)

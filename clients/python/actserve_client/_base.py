@@ -96,6 +96,17 @@ class Outcome:
         return self.value
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What ``activate`` returns when asked for a gradient or a report: ``value`` and
+    ``grad`` (each the same kind as the input, None when not asked for) and ``report``
+    (``{"numerics": {...}, "profile": {...}}``, the ones asked for)."""
+
+    value: Any = None
+    grad: Any = None
+    report: dict = field(default_factory=dict)
+
+
 def _info(a: Mapping[str, Any]) -> ActivationInfo:
     return ActivationInfo(a["name"], a.get("formula", ""), tuple(a.get("params", ())),
                           bool(a.get("inplace")), a.get("torch", ""), bool(a.get("custom")))
@@ -174,7 +185,8 @@ class ClientCore:
                       amp: bool | None = False, inplace: bool | None = False,
                       timeout: float | None = None, protocol: str | None = None,
                       options: Mapping[str, Any] | None = None,
-                      region: _shm.Region | None = None) -> Call:
+                      region: _shm.Region | None = None, outputs: Any = None,
+                      grad_output: Any = None, report: Any = None) -> Call:
         """The call for one activation; with ``region`` (a leased shared-memory region),
         the tensors travel through it (v2 only) and only JSON goes over HTTP."""
         protocol = self.protocol if protocol is None else protocol
@@ -203,6 +215,9 @@ class ClientCore:
                 raise InvalidInputError(f"expr must be a string, got {extra['expr']!r}")
             settings["expr"] = extra["expr"]
         request_id = uuid.uuid4().hex
+        if outputs is not None or grad_output is not None or report is not None:
+            return self._lab_call(name, wire, kind, settings, params, request_id, timeout,
+                                  outputs, grad_output, report)
         if region is not None:
             offset = _shm.out_offset(wire.nbytes)
             out_bytes = region.size - offset
@@ -226,6 +241,44 @@ class ClientCore:
                     f"the server answered shape {list(result.shape)} for an input of shape "
                     f"{list(wire.shape)}")
             return from_wire(result.storage, result.dtype, _kind)
+
+        return Call(request, parse, request_id)
+
+    def _lab_call(self, name: str, wire, kind: Kind, settings: dict, params: dict,
+                  request_id: str, timeout: float | None, outputs: Any, grad_output: Any,
+                  report: Any) -> Call:
+        """A gradient and/or reports (docs/lab.md): always the native binary format."""
+        if outputs is None:
+            outputs = ["value", "grad"] if grad_output is not None else ["value"]
+        names = _protocol.lab_names(outputs, _protocol.LAB_OUTPUTS, "outputs")
+        reports = _protocol.lab_names(report or [], _protocol.LAB_REPORTS, "report")
+        grad = None
+        if grad_output is not None:
+            grad, _ = to_wire(grad_output, "grad_output")
+            if grad.dtype != wire.dtype or grad.shape != wire.shape:
+                raise InvalidInputError(
+                    f"grad_output must have the input's dtype {wire.dtype} and shape "
+                    f"{list(wire.shape)}; got {grad.dtype} {list(grad.shape)}")
+        request = _protocol.build_native_lab(name, wire, settings, params, names, grad,
+                                             reports)
+        request.headers["X-Request-Id"] = request_id
+        if timeout is not None:
+            request = HttpRequest(request.method, request.path, request.headers,
+                                  request.content, request.params,
+                                  settings["timeout"] + DEADLINE_GRACE_S)
+
+        def parse(headers: Mapping[str, str], content: bytes) -> Answer:
+            parts = _protocol.parse_native_lab(headers, content)
+            out = {}
+            for part in ("value", "grad"):
+                w = parts.get(part)
+                if w is not None:
+                    if w.shape != wire.shape:
+                        raise MalformedResponseError(
+                            f"the server answered shape {list(w.shape)} for an input of "
+                            f"shape {list(wire.shape)}")
+                    out[part] = from_wire(w.storage, w.dtype, kind)
+            return Answer(out.get("value"), out.get("grad"), parts["report"])
 
         return Call(request, parse, request_id)
 

@@ -229,6 +229,62 @@ def parse_native(headers: Mapping[str, str], content: bytes) -> Wire:
         raise MalformedResponseError(str(exc)) from None
 
 
+# -- the lab: gradients and reports (native binary) -------------------------------------------
+LAB_OUTPUTS = ("value", "grad")
+LAB_REPORTS = ("numerics", "profile")
+
+
+def lab_names(raw: Any, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [raw] if isinstance(raw, str) else list(raw)
+    for item in items:
+        if item not in allowed:
+            raise InvalidInputError(f"{what} must name some of {', '.join(allowed)}; "
+                                    f"got {item!r}")
+    return [n for n in allowed if n in items]
+
+
+def build_native_lab(name: str, wire: Wire, settings: Mapping[str, Any],
+                     params: Mapping[str, Any], outputs: list[str], grad: Wire | None,
+                     report: list[str]) -> HttpRequest:
+    """A native binary request for a gradient and/or reports: the input's bytes, then the
+    upstream gradient's when there is one."""
+    request = build_native(name, wire, {**settings, "outputs": ",".join(outputs),
+                                        **({"report": ",".join(report)} if report else {})},
+                           params, "", binary=True)
+    content = request.content
+    if grad is not None:
+        request.params["grad_output"] = "true"
+        content += grad.storage.tobytes()
+    return HttpRequest(request.method, request.path, request.headers, content, request.params)
+
+
+def parse_native_lab(headers: Mapping[str, str], content: bytes) -> dict[str, Any]:
+    """A native binary lab answer -> {"value"?: Wire, "grad"?: Wire, "report": {...}}."""
+    try:
+        names = headers["x-outputs"].split(",")
+        kinds = headers["x-output-dtypes"].split(",")
+        sizes = [int(n) for n in headers["x-output-bytes"].split(",")]
+        text = headers.get("x-shape", "")
+        shape = [int(p) for p in text.split(",")] if text.strip() else []
+        if len(names) != len(kinds) or len(names) != len(sizes) or sum(sizes) != len(content):
+            raise ValueError("X-Outputs, X-Output-Dtypes and X-Output-Bytes do not match "
+                             "the body")
+        out: dict[str, Any] = {"report": {}}
+        if "x-report-numerics" in headers:
+            out["report"]["numerics"] = json.loads(headers["x-report-numerics"])
+        at = 0
+        for part, kind, size in zip(names, kinds, sizes, strict=True):
+            raw = content[at:at + size]
+            at += size
+            if kind == "json":
+                out["report"][part] = _loads(raw, f"the {part} report")
+            else:
+                out[part] = Wire(storage_from_buffer(raw, kind, shape), kind)
+        return out
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MalformedResponseError(f"unreadable gradient/report answer: {exc}") from None
+
+
 def build(protocol: str, name: str, wire: Wire, settings: Mapping[str, Any],
           params: Mapping[str, Any], request_id: str) -> HttpRequest:
     if protocol == "v2":

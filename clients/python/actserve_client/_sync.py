@@ -86,7 +86,9 @@ class Client:
     # -- the API --------------------------------------------------------------------------
     def activate(self, name: str, x: Any, /, *, compute_dtype: Any = None,
                  amp: bool | None = False, inplace: bool | None = False,
-                 timeout: float | None = None, protocol: str | None = None, **params: Any) -> Any:
+                 timeout: float | None = None, protocol: str | None = None,
+                 outputs: Any = None, grad_output: Any = None, report: Any = None,
+                 **params: Any) -> Any:
         """Apply activation ``name`` to ``x`` on the server and return the result as the
         same kind as ``x`` (numpy array, torch tensor, nested list or number), same shape.
 
@@ -97,7 +99,17 @@ class Client:
         the server's copy (None for either: the server's default).
         ``timeout``: seconds; the server's deadline for this request and the wait for it.
         ``protocol``: override the client's wire format for this call.
+
+        The lab (docs/lab.md): ``outputs`` ("value", "grad" or both), ``grad_output`` (the
+        upstream gradient of a vector-Jacobian product, the input's dtype and shape) and
+        ``report`` ("numerics", "profile") make the call return an ``Answer`` with
+        ``value``, ``grad`` and ``report``; such calls travel in the native binary format.
         """
+        if outputs is not None or grad_output is not None or report is not None:
+            return self._execute(self._core.activate_call(
+                name, x, compute_dtype=compute_dtype, amp=amp, inplace=inplace,
+                timeout=timeout, options=params, outputs=outputs, grad_output=grad_output,
+                report=report))
         need = self._core.shm_bytes(x, compute_dtype, amp, protocol)
         if need and self._shared_memory_works():
             region = self._lease(need)

@@ -2,9 +2,10 @@
 
 An existing model can swap ``nn.ReLU()`` for ``RemoteActivation("relu", client=client)``;
 the output keeps the input's shape, dtype (unless ``compute_dtype`` or ``amp`` says
-otherwise) and device. It is for inference: gradients do not flow through the network, so a
-forward pass on a tensor that requires grad, with grad enabled, raises (wrap the call in
-``torch.no_grad()`` or ``torch.inference_mode()``).
+otherwise) and device. Gradients flow through it: with autograd recording, the forward pass
+is a ``torch.autograd.Function`` whose backward asks the server for the vector-Jacobian
+product (``outputs=["grad"]`` with the upstream gradient), which is what autograd computes
+locally for the same activation, bit for bit, on CPU (docs/lab.md).
 
 Importing this module needs torch (``pip install actserve-client[torch]``).
 """
@@ -25,6 +26,28 @@ except ImportError as exc:  # pragma: no cover - exercised in the no-torch envir
 from ._sync import Client
 
 __all__ = ["RemoteActivation"]
+
+
+class _Remote(torch.autograd.Function):
+    """Forward: the value from the server; backward: the server's vector-Jacobian product
+    for the saved input and the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: RemoteActivation) -> torch.Tensor:
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return module.client.activate(module.name, x.detach(), **module.options)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        module = ctx.module
+        # the upstream gradient travels in the input's dtype (exact for a wider input)
+        options = {k: v for k, v in module.options.items() if k not in ("inplace", "protocol")}
+        answer = module.client.activate(module.name, x.detach(), outputs=["grad"],
+                                        grad_output=grad_y.detach().to(x.dtype).contiguous(),
+                                        inplace=False, **options)
+        return answer.grad, None
 
 
 class RemoteActivation(nn.Module):
@@ -53,11 +76,7 @@ class RemoteActivation(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RemoteActivation expects a torch.Tensor, got {type(x).__name__}")
         if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"RemoteActivation({self.name!r}) is inference-only and gradients cannot flow "
-                "through the network; call the model under torch.no_grad() or "
-                "torch.inference_mode()"
-            )
+            return _Remote.apply(x, self)
         return self.client.activate(self.name, x, **self.options)
 
     def close(self) -> None:
