@@ -229,3 +229,60 @@ def test_v2_grad_output_must_match_the_input(client):
     assert r.status_code == 400 and "grad_output" in r.json()["error"]
     body["inputs"][1]["name"] = "other"
     assert client.post("/v2/models/relu/infer", json=body).status_code == 400
+
+
+def test_custom_and_inline_activations_have_gradients(server):
+    """A registered composition with a param and an inline expression: their gradients
+    equal autograd of the hand-written torch composition, bit for bit."""
+    from actserve_client import Client
+
+    x = _values(np.random.default_rng(5), 3000, "float32")
+    g = _values(np.random.default_rng(6), 3000, "float32")
+
+    def by_hand(fn):
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        y = fn(xt)
+        (grad,) = torch.autograd.grad(y, xt, torch.from_numpy(g.copy()))
+        return y.detach().numpy(), grad.numpy()
+
+    with Client(server.url) as client:
+        client.register("grad_gate", "x * sigmoid(k * x)", k={"default": 1.702})
+        try:
+            ans = client.activate("grad_gate", x, grad_output=g, k=1.5)
+            value, grad = by_hand(lambda t: t * torch.sigmoid(1.5 * t))
+            assert same_bits(ans.value, value) and same_bits(ans.grad, grad)
+        finally:
+            client.unregister("grad_gate")
+        ans = client.activate("expr", x, expr="relu(x) * tanh(x)", outputs="grad",
+                              grad_output=g)
+        assert ans.value is None
+        assert same_bits(ans.grad, by_hand(lambda t: torch.relu(t) * torch.tanh(t))[1])
+        rep = client.activate("expr", x, expr="relu(x) * tanh(x)", report="numerics").report
+        assert rep["numerics"]["dtype"] == "float32" and rep["numerics"]["elements"] == 3000
+
+
+def test_engine_process_and_grpc_refuse_lab_requests_clearly():
+    """Where gradients and reports are not served, the refusal says so (400), before
+    anything is queued."""
+    from service.engine.ipc.remote import RemoteEngine
+    from service.errors import InvalidRequest
+    from service.grpc import codec as grpc_codec
+    from service.grpc import messages
+    from service.settings import Settings
+
+    remote = RemoteEngine(Settings(engine="process"))
+    act = remote.registry.get("relu")
+    x = np.ones(3, np.float32)
+    with pytest.raises(InvalidRequest, match="--engine inline"):
+        remote.jobs.build(act, x, "float32", {"outputs": ["grad"]}, {}, api="native")
+    remote.jobs.build(act, x, "float32", {}, {}, api="native")  # values are served
+    req = messages.ModelInferRequest(model_name="relu")
+    req.inputs.add(name="input", datatype="FP32", shape=[3])
+    req.raw_input_contents.append(x.tobytes())
+    req.parameters["report"].string_param = "numerics"
+    with pytest.raises(InvalidRequest, match="HTTP only"):
+        grpc_codec.decode(req, 100, None)
+    del req.parameters["report"]
+    req.outputs.add(name="grad")
+    with pytest.raises(InvalidRequest, match="HTTP only"):
+        grpc_codec.decode(req, 100, None)
