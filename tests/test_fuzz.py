@@ -79,7 +79,8 @@ shape_text = st.one_of(
 @given(body=st.binary(max_size=512), shape=shape_text,
        dtype=st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", "", "x" * 300]),
        extra=st.dictionaries(st.sampled_from(["compute_dtype", "amp", "inplace", "timeout",
-                                              "negative_slope", "priority", "zzz"]),
+                                              "negative_slope", "priority", "zzz", "outputs",
+                                              "report", "grad_output"]),
                              st.text(max_size=12), max_size=3))
 def test_native_binary_raw_bodies(target, body, shape, dtype, extra):
     _, _, c = target
@@ -106,7 +107,8 @@ json_values = st.recursive(
     st.builds(lambda d: f'{{"data": {_nested(d)}}}'.encode(), st.integers(1, 5000)),
     st.builds(lambda obj: json.dumps(obj).encode(),
               st.dictionaries(st.sampled_from(["data", "shape", "dtype", "params", "amp",
-                                               "inplace", "compute_dtype", "timeout", "x"]),
+                                               "inplace", "compute_dtype", "timeout", "x",
+                                               "outputs", "report", "grad_output"]),
                               json_values, max_size=5)),
     st.binary(max_size=64).map(lambda b: b'{"data": "' + b + b'"}'),  # non-UTF-8 inside JSON
 ))

@@ -127,7 +127,8 @@ def test_every_v2_error_is_an_error_object(client, method, path, status):
     (json.dumps(v2_json(parameters={"binary_data_output": "yes"})).encode(), ["binary_data_output"]),
     (json.dumps(v2_json(id=5)).encode(), ["id"]),
     (json.dumps(v2_json(outputs=[{"name": "y"}])).encode(), ["'y'", "'output'"]),
-    (json.dumps(v2_json(outputs=[{"name": "output"}, {"name": "output"}])).encode(), ["one output"]),
+    (json.dumps(v2_json(outputs=[{"name": "output"}, {"name": "output"}])).encode(),
+     ["'output'", "twice"]),
     (json.dumps(v2_json(outputs=[{"name": "output", "parameters": {"classification": 2}}])).encode(),
      ["classification"]),
 ])

@@ -257,7 +257,7 @@ def requested_outputs(raw: object, binary_default: bool) -> Wanted:
     shm: dict = {}
     for i, out in enumerate(raw):
         name = out.get("name") if isinstance(out, dict) else out
-        if not isinstance(out, dict) or name not in OUTPUT_KINDS:
+        if not isinstance(out, dict) or not isinstance(name, str) or name not in OUTPUT_KINDS:
             raise InvalidRequest(f"unknown output {echo(name)}; the model's output is named "
                                  f"{OUTPUT_NAME!r} (and {GRAD_OUTPUT!r}, its gradient)")
         kind = OUTPUT_KINDS[name]
