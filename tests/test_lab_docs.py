@@ -10,19 +10,24 @@ from .conftest import ROOT, serve
 from .test_client_readme import DOC_URL, python_blocks
 
 LAB = ROOT / "docs" / "lab.md"
+PART2 = "## Gradients, numerics and profiles"
+
+
+def _run_blocks(blocks: list[str], url: str) -> str:
+    out = io.StringIO()
+    for i, block in enumerate(blocks):
+        assert DOC_URL in block
+        code = block.replace(DOC_URL, url)
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"lab.md[block {i}]", "exec"), {"__name__": "__lab__"})
+    return out.getvalue()
 
 
 def test_every_lab_block_runs_and_prints_the_articles_values():
-    out = io.StringIO()
-    blocks = python_blocks(LAB.read_text())
+    blocks = python_blocks(LAB.read_text().split(PART2)[0])
     assert len(blocks) == 4
     with serve() as srv:
-        for i, block in enumerate(blocks):
-            assert DOC_URL in block
-            code = block.replace(DOC_URL, srv.url)
-            with contextlib.redirect_stdout(out):
-                exec(compile(code, f"lab.md[block {i}]", "exec"), {"__name__": "__lab__"})
-    printed = out.getvalue()
+        printed = _run_blocks(blocks, srv.url)
     for line in ("lab_relu [0.0, 0.0, 1.0, 2.0]", "lab_leaky [-0.01, 0.0, 1.0, 2.0]",
                  "lab_sigmoid [0.2689, 0.5, 0.7311, 0.8808]",
                  "lab_tanh [-0.7616, 0.0, 0.7616, 0.964]",
@@ -86,3 +91,51 @@ def test_lab_bench_measures_both_sides_on_the_compute_path():
     assert res["custom_ms"] > 0 and res["hand_ms"] > 0
     assert res["passed"] == (res["custom_ms"] / res["hand_ms"] <= lab_bench.BAR) or \
         abs(res["ratio"] - lab_bench.BAR) < 0.01
+
+
+def test_gradient_numerics_and_profile_blocks_run():
+    blocks = python_blocks(LAB.read_text().split(PART2)[1])
+    assert len(blocks) == 3
+    with serve(allow_profile=True) as srv:
+        printed = _run_blocks(blocks, srv.url)
+    for line in ("elu [-0.6321, 0.0, 1.0, 2.0] d/dx [0.3679, 1.0, 1.0, 1.0]",
+                 "vjp [0.1839, 0.5, 0.5, 0.5]", "same parameter gradients: True",
+                 "float16 sigmoid: float16 max ULP", "rows 12",
+                 "profiled on cpu - aten::gelu listed: True", "trace events: True"):
+        assert line in printed, (line, printed)
+
+
+def _cells(table: str) -> dict[tuple[str, str], list[str]]:
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    return {(r[0].strip(), r[1].strip()): [c.strip() for c in r[2:]] for r in rows}
+
+
+def _close(a: str, b: str) -> bool:
+    """Two cells agree: the same dtype and non-finite notes, errors within 1 ULP or 25 %
+    (another CPU's vector kernels may round a last bit differently)."""
+    if a == b:
+        return True
+    wa, wb = a.split(), b.split()
+    if len(wa) != len(wb) or (wa[1:] != wb[1:] and "/" not in a):
+        return False
+    try:
+        x, y = float(wa[0]), float(wb[0])
+    except ValueError:
+        return False
+    return abs(x - y) <= max(1.0, 0.25 * max(abs(x), abs(y)))
+
+
+def test_the_published_accuracy_table_matches_a_fresh_sweep():
+    """docs/lab.md's table has every built-in activation and dtype, and its cells are what
+    ``loadtest.accuracy_table`` computes now."""
+    from loadtest.accuracy_table import END, START, markdown, sweep_all
+    from service.engine.activations import Registry
+
+    text = LAB.read_text()
+    published = _cells(text[text.index(START) + len(START):text.index(END)].strip())
+    fresh = _cells(markdown(sweep_all()))
+    assert set(published) == set(fresh)
+    assert {name for name, _ in published} == set(Registry().names())
+    for key, cells in fresh.items():
+        for a, b in zip(published[key], cells, strict=True):
+            assert _close(a, b), (key, a, b)
