@@ -286,3 +286,21 @@ def test_engine_process_and_grpc_refuse_lab_requests_clearly():
     req.outputs.add(name="grad")
     with pytest.raises(InvalidRequest, match="HTTP only"):
         grpc_codec.decode(req, 100, None)
+
+
+AMP_SETTINGS = [(False, None), (True, None), (True, "float16"), (True, "bfloat16")]
+
+
+def test_every_activation_dtype_and_amp_setting(server):
+    """One vector-Jacobian product request per activation x input dtype x AMP setting (with
+    special values), all sent at once: each equals autograd alone, bit for bit."""
+    specs = [dict(name=name, wire=wire, compute=None, amp=amp, amp_dtype=amp_dtype,
+                  inplace=False, params={}, shape=(257,), seed=11 + i)
+             for i, (name, wire, (amp, amp_dtype)) in enumerate(
+                 (n, w, a) for n in REGISTRY.names() for w in dtypes.NAMES for a in AMP_SETTINGS)]
+    values = [_values(np.random.default_rng(s["seed"]), 257, s["wire"]) for s in specs]
+    ups = [_values(np.random.default_rng(s["seed"] + 1), 257, s["wire"]) for s in specs]
+    reqs = [binary_request(s, v, u) for s, v, u in zip(specs, values, ups, strict=True)]
+    responses = asyncio.run(_send(server.url, reqs))
+    for s, v, u, r in zip(specs, values, ups, responses, strict=True):
+        check(s, v, u, r)
