@@ -304,3 +304,19 @@ def test_every_activation_dtype_and_amp_setting(server):
     responses = asyncio.run(_send(server.url, reqs))
     for s, v, u, r in zip(specs, values, ups, responses, strict=True):
         check(s, v, u, r)
+
+
+def test_async_client_asks_for_gradients_and_reports(server):
+    from actserve_client import Answer, AsyncClient
+
+    x = np.array([-2.0, 0.5, 3.0], np.float32)
+
+    async def run():
+        async with AsyncClient(server.url) as ac:
+            return await ac.activate("sigmoid", x, outputs="grad", report="numerics")
+
+    ans = asyncio.run(run())
+    assert isinstance(ans, Answer) and ans.value is None
+    (_, _), (grad, _) = autograd("sigmoid", x, "float32", {}, None, False, None, None)
+    assert same_bits(ans.grad, grad)
+    assert ans.report["numerics"]["elements"] == 3
