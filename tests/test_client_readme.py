@@ -21,7 +21,7 @@ def test_the_guide_has_examples_for_every_part():
     assert len(blocks) >= 7
     joined = "\n".join(blocks)
     for needle in ("activate_many", "AsyncClient", "RemoteActivation", "NotFoundError",
-                   "compute_dtype", "activations()", "bfloat16", "grad_output"):
+                   "compute_dtype", "activations()", "bfloat16", "outputs=["):
         assert needle in joined, needle
 
 
