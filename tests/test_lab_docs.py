@@ -15,7 +15,7 @@ LAB = ROOT / "docs" / "lab.md"
 def test_every_lab_block_runs_and_prints_the_articles_values():
     out = io.StringIO()
     blocks = python_blocks(LAB.read_text())
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     with serve() as srv:
         for i, block in enumerate(blocks):
             assert DOC_URL in block
@@ -27,7 +27,8 @@ def test_every_lab_block_runs_and_prints_the_articles_values():
                  "lab_sigmoid [0.2689, 0.5, 0.7311, 0.8808]",
                  "lab_tanh [-0.7616, 0.0, 0.7616, 0.964]",
                  "lab_elu [-0.6321, 0.0, 1.0, 2.0]", "gate [0.0, 0.0, 0.7311, 1.7616]",
-                 "model (2, 4) torch.float32", "(x if x > 0.0 else (alpha * (exp(x) - 1.0))) True"):
+                 "model (2, 4) torch.float32",
+                 "article CustomLayer (3, 4, 5) True", "(x if x > 0.0 else (alpha * (exp(x) - 1.0))) True"):
         assert line in printed, (line, printed)
     assert "leaky 0.1 [-0.1" in printed
     assert "409" in printed and "400" in printed and "column 5" in printed

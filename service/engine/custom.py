@@ -44,10 +44,12 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    unknown = set(raw) - {"name", "expr", "params", "batch_norm"}
+    unknown = set(raw) - {"name", "expr", "params", "batch_norm", "batchnorm"}
     if unknown:
         raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; "
-                             "allowed: name, expr, params, batch_norm")
+                             "allowed: name, expr, params, batch_norm (or batchnorm)")
+    if "batch_norm" in raw and "batchnorm" in raw:
+        raise InvalidRequest(f"{where}: give batch_norm or its spelling batchnorm, not both")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
@@ -55,9 +57,10 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
         raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
-    if raw.get("batch_norm") is None:
+    bn_key = "batchnorm" if "batchnorm" in raw else "batch_norm"
+    if raw.get(bn_key) is None:
         return from_expression(name, expr, params)
-    bn = batchnorm.parse(raw["batch_norm"], f"{where}.batch_norm")
+    bn = batchnorm.parse(raw[bn_key], f"{where}.{bn_key}")
 
     def layer(x, batch_stats: bool = False, **values):
         return expr(bn.apply(x, batch_stats), **values)
