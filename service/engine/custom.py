@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
+from service.engine.fusion import Slot
 from service.engine.params import BoolParam, FloatParam
 from service.errors import Conflict, InvalidRequest, echo
 
@@ -25,12 +26,28 @@ _BIG = 1e6
 class CustomActivation(Activation):
     expression: expressions.Expression | None = None
     batch_norm: batchnorm.BatchNorm | None = None
+    fusion: Slot = field(default_factory=Slot, compare=False, repr=False)
 
     def describe(self) -> dict:
         out = {**super().describe(), "custom": True}
         if self.batch_norm is not None:
             out["batch_norm"] = self.batch_norm.describe()
+        out["fusion"] = self.fusion.describe()
         return out
+
+    def apply(self, x, inplace: bool, params: tuple):
+        """Eager (``Activation.apply``), or the compiled form once ``fusion.py`` has chosen
+        it and it serves this tensor (never for in-place: that stays eager, refused)."""
+        fused = self.fusion.entry
+        if inplace or fused is None or fused.state != "compiled":
+            return super().apply(x, inplace, params)
+        values = dict(params)
+        batch_stats = values.pop("batch_stats", False)
+        if not fused.takes(x, values):
+            return super().apply(x, inplace, params)
+        if self.batch_norm is not None:
+            x = self.batch_norm.apply(x, batch_stats)
+        return fused(x)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return self.batch_norm.check_shape(shape) if self.batch_norm is not None else None

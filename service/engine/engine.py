@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.engine import selftest
+from service.engine import fusion, selftest
 from service.engine.activations import INLINE, Activation, Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
@@ -45,6 +45,7 @@ class Engine:
         self.jobs = JobFactory(settings, self.capabilities)
         self.expressions = ExpressionCache(self.check_activation)
         self.jobs.inline = self.expressions.resolve
+        self.fuser = fusion.Fuser(settings.fusion, self.devices[0])
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,6 +136,7 @@ class Engine:
         if activation.name in self.registry:  # registered meanwhile by another request
             raise Conflict(f"activation {activation.name!r} exists")
         self.registry.add(activation)
+        self.fuser.attach(activation)  # compiled in the background (fusion.py); eager until then
 
     def unregister(self, name: str) -> None:
         act = self.registry.get(name)  # 404 when unknown
