@@ -54,3 +54,32 @@ def test_server_on_cuda_serves_registered_and_inline_expressions():
         r = c.post("/v1/activations/expr", params={"shape": "4099", "expr": EXPRS[0]},
                    content=x.tobytes(), headers=headers)
         assert r.status_code == 200 and same_bits(np.frombuffer(r.content, np.float32), expected)
+
+
+def test_fusion_compiles_on_cuda_and_a_packed_batch_equals_each_request_alone():
+    """A registered expression is compiled (fusion.py); the packed CUDA batch, computed with
+    the compiled kernel, equals each request computed alone with it, bit for bit."""
+    from service.engine import fusion
+
+    act = custom.build({"name": "fused", "expr": "x * sigmoid(1.702 * x)"})
+    fuser = fusion.Fuser("auto", "cuda:0")
+    fuser.attach(act)
+    assert act.fusion.entry.ready.wait(240), "compiling took over 240 s"
+    described = act.describe()["fusion"]
+    assert described["state"] == "compiled", described
+    assert set(described["max_ulp_vs_eager"]) == {"float32", "float16", "bfloat16"}
+    assert all(0 <= v <= fusion.MAX_ULP for v in described["max_ulp_vs_eager"].values())
+    compute = DeviceCompute(torch.device("cuda:0"))
+    rng = np.random.default_rng(3)
+    mode = Mode(None, False, None, False)
+    sizes = (0, 1, 3, 1000, 65_537, 1_000_003)
+    for wire in ("float32", "float16", "bfloat16"):
+        jobs = [lone_job(act, (), dtypes.from_float(rng.standard_normal(n) * 5, wire), wire, mode)
+                for n in sizes]
+        # reference() goes through act.apply: the compiled form, on each request alone
+        alone = [reference(act, (), j.array, wire, mode, "cuda:0")[0] for j in jobs]
+        with torch.inference_mode():
+            got = compute.run(jobs)
+        for n, r, e in zip(sizes, got, alone, strict=True):
+            assert isinstance(r, JobResult), r
+            assert same_bits(np.asarray(r.array).reshape(e.shape), e), (wire, n)

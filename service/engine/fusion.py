@@ -19,9 +19,9 @@ The check runs the self-test grid (``selftest.sample``) in each dtype tried and 
 largest difference from eager in ULPs of that dtype (``max_ulp_vs_eager``).
 
 The compiled form takes one flattened tensor (``dynamic=True``), so one compile serves every
-request size of 2 elements and more; dynamic shapes specialise sizes 0 and 1, which would
-recompile on the request path, so those run eager, as do in-place and autocast requests,
-params other than the defaults, dtypes not tried and other devices. Batch-norm layers
+request size; dynamic shapes specialise sizes 0 and 1, which would recompile on the request
+path, so those are padded to 2 elements (the kernel is elementwise). In-place and autocast
+requests, params other than the defaults, dtypes not tried and other devices run eager. Batch-norm layers
 normalise eagerly and compile the expression after it. Compiled CUDA kernels are
 elementwise, so a packed batch equals each request alone there too.
 """
@@ -46,7 +46,8 @@ from service.engine.compute import wire_tensor
 MAX_ENTRIES = 64
 CPU_DTYPES = (torch.float32,)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-GRID_SIZES = (7, 64, 1000, 4099)  # the self-test's sizes of 2 elements and more
+GRID_SIZES = (0, 1, 7, 64, 1000, 4099)  # the self-test's sizes
+MIN_ELEMENTS = 2  # smaller inputs are padded: dynamic shapes specialise sizes 0 and 1
 TIME_ELEMENTS = 1 << 20
 TIME_RUNS = 5
 COMPILE_LIMIT_S = 300.0
@@ -114,11 +115,17 @@ class Fused:
     def takes(self, x: torch.Tensor, values: dict) -> bool:
         """Whether the compiled form serves this tensor (see the module's rules)."""
         return (self.state == "compiled" and x.dtype in self.compiled
-                and x.device == self.device and x.numel() >= 2 and values == self.defaults
+                and x.device == self.device and values == self.defaults
                 and not torch.is_autocast_enabled(x.device.type))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compiled[x.dtype](x.reshape(-1)).reshape(x.shape)
+        """The compiled form on ``x`` flattened; 0 and 1 elements are padded to 2 (the
+        kernel is elementwise), since dynamic shapes specialise those sizes."""
+        flat = x.reshape(-1)
+        n = flat.numel()
+        if n < MIN_ELEMENTS:
+            flat = torch.cat([flat, flat.new_zeros(MIN_ELEMENTS - n)])
+        return self.compiled[x.dtype](flat)[:n].reshape(x.shape)
 
     # -- the fusion thread ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -146,13 +153,13 @@ class Fused:
         compiled = {}
         with torch.inference_mode():
             for dtype in CUDA_DTYPES if cuda else CPU_DTYPES:
-                fast = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                compiled[dtype] = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                self.compiled = compiled  # not served before state is "compiled"
                 worst = 0.0
                 for i, n in enumerate(GRID_SIZES):
                     x = _tensor(selftest.sample(n, _WIRE[dtype], i), dtype).to(self.device)
-                    worst = max(worst, max_ulp(fast(x), self.fn(x)))
+                    worst = max(worst, max_ulp(self(x), self.fn(x)))
                 self.max_ulp_vs_eager[_WIRE[dtype]] = worst
-                compiled[dtype] = fast
             if cuda:
                 torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - t0
