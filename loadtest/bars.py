@@ -12,7 +12,8 @@ M = 1048576
 @dataclass(frozen=True)
 class Bar:
     name: str
-    kind: str  # "ratio" (a / b >= limit), "p50_gap" (a - b <= limit ms), "tail" (p99/p50 <= limit)
+    kind: str  # "ratio" (a / b >= limit), "p50_gap" (a - b <= limit ms), "tail" (p99/p50 <= limit),
+    # "lab" (loadtest/lab_bench.py: custom / hand-written median <= limit)
     a: tuple | None  # (server, protocol, size, concurrency)
     b: tuple | None
     limit: float
@@ -51,6 +52,8 @@ BARS = (
     Bar("--workers 2 vs 1, binary 1,048,576 el, 8 clients >= 1.3 x req/s", "ratio",
         ("actserve-workers2", "native-binary", M, 8),
         ("actserve-workers1", "native-binary", M, 8), 1.3),
+    Bar("lab: custom relu(x) * sigmoid(x) <= 1.3 x hand-written, executor path", "lab",
+        None, None, 1.3),
 )
 
 
@@ -73,6 +76,12 @@ def evaluate(results: dict) -> list[dict]:
             if a is not None and b is not None and b["rps"]:
                 row["value"] = a["rps"] / b["rps"]
                 row["detail"] = f"{a['rps']:.0f} vs {b['rps']:.0f} req/s"
+        elif bar.kind == "lab":
+            lab = results.get("lab")
+            if lab and lab.get("hand_ms"):
+                row["value"] = lab["custom_ms"] / lab["hand_ms"]
+                row["detail"] = (f"{lab['custom_ms']:.3f} vs {lab['hand_ms']:.3f} ms, "
+                                 f"{lab['elements']:,} el (medians)")
         elif bar.kind == "inprocess":
             ip = results.get("inprocess", {})
             raw = ip.get("raw", {}).get(str(M), {}).get("elements_per_s")

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import bars, client_cells, cpu, inprocess, payloads, report, servers, sweep, wrk
+from . import bars, client_cells, cpu, inprocess, lab_bench, payloads, report, servers, sweep, wrk
 
 SEED = 20240611
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,9 +186,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs of each cell the performance bar divides (median quoted)")
     p.add_argument("--groups",
                    default="grid,reference,batching,modes,metrics,accesslog,engine,shm,grpc,"
-                           "workers",
+                           "workers,lab",
                    help="comma-separated subset of grid,reference,batching,modes,metrics,"
-                        "accesslog,engine,shm,grpc,workers")
+                        "accesslog,engine,shm,grpc,workers,lab")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
@@ -196,23 +196,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ACTSERVE_DEVICE of the servers under test, e.g. cuda:0 (the in-process "
                         "measurements stay on CPU; scripts/gpu_check.sh has the GPU ones)")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process measurements")
+    p.add_argument("--lab-elements", type=int, default=lab_bench.ELEMENTS,
+                   help="elements of the lab group's request (custom vs hand-written)")
+    p.add_argument("--lab-repeats", type=int, default=lab_bench.REPEATS,
+                   help="timed runs of each side in the lab group")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if wrk.available() is None:
-        print(f"actserve bench: {wrk.INSTALL_HINT}", file=sys.stderr)
-        return 2
     seconds = a.duration or (1.0 if a.quick else 3.0)
+    groups = () if a.quick else tuple(a.groups.split(","))
     if a.quick:
         plan = sweep.quick_plan()
     else:
         plan = sweep.full_plan(
             max(1, a.repeats), sizes=[int(s) for s in a.sizes.split(",")],
             concurrency=[int(c) for c in a.concurrency.split(",")],
-            protocols=a.protocols.split(","), groups=tuple(a.groups.split(",")))
+            protocols=a.protocols.split(","), groups=groups)
+    client_groups = tuple(g for g in groups if g in sweep.CLIENT_GROUPS)
+    if (plan.cells or client_groups) and wrk.available() is None:
+        print(f"actserve bench: {wrk.INSTALL_HINT}", file=sys.stderr)
+        return 2
     out = a.out or ROOT / "loadtest" / "reports" / time.strftime("bench-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -226,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"actserve bench: {len(plan.cells)} cells, {seconds:g}s each, "
           f"{sum(c.repeats for c in plan.cells)} wrk runs -> {out}", flush=True)
 
-    client_groups = () if a.quick else tuple(g for g in a.groups.split(",")
-                                              if g in sweep.CLIENT_GROUPS)
     names = plan.servers() + (["actserve-grpc"] if client_groups else [])
     children = []
     for name in names:
@@ -282,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         t_ip = time.time()
         results["inprocess"] = measure_inprocess(a.quick)
         meta["inprocess_s"] = round(time.time() - t_ip, 1)
+    if "lab" in groups:
+        print(f"lab: custom relu(x) * sigmoid(x) vs hand-written, {a.lab_elements:,} el",
+              flush=True)
+        t_lab = time.time()
+        results["lab"] = lab_bench.measure(a.lab_elements, a.lab_repeats)
+        meta["lab_s"] = round(time.time() - t_lab, 1)
     results["bars"] = bars.evaluate(results)
     meta["load_after"] = os.getloadavg()
     meta["wall_s"] = round(time.time() - started, 1)

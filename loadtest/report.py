@@ -127,6 +127,15 @@ def markdown(results: dict) -> str:
                 out.append(f"| {mode} | {m['ms_per_request']:.3f} | {m['allocated_bytes']:,} | "
                            f"{m['out_dtype']} |")
         out.append("")
+    lab = results.get("lab")
+    if lab:
+        out += ["## Lab: a custom activation vs the hand-written composition", "",
+                f"`loadtest/lab_bench.py`: a registered `relu(x) * sigmoid(x)` and the built-in "
+                f"`relu_sigmoid`, each on the executor's CPU path, one request of "
+                f"{lab['elements']:,} float32 elements, 1 intra-op thread (medians).", "",
+                "| custom | hand-written | ratio | bar |", "| ---: | ---: | ---: | ---: |",
+                f"| {lab['custom_ms']:.3f} ms | {lab['hand_ms']:.3f} ms | {lab['ratio']:.2f}x | "
+                f"<= {lab['bar']}x ({'pass' if lab['passed'] else 'missed'}) |", ""]
     peaks = results.get("server_rss_peak_bytes") or {}
     if peaks:
         out += ["Server peak RSS: " + ", ".join(

@@ -21,6 +21,8 @@ timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/
   | tee "$OUTDIR/gpu_tests.log" || status=1
 timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
 timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
+# fusion: compiled x * sigmoid(1.702 * x) vs eager, 16M float32 (bar >= 2x)
+timeout 150 $PY scripts/gpu_fusion_bench.py 2>&1 | tee "$OUTDIR/gpu_fusion_bench.md" || status=1
 # the engine process on CUDA behind 1, 4 and 8 HTTP workers (--engine auto is process on CUDA)
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_engine_process.py 2>&1 \
   | tee "$OUTDIR/engine_process_tests.log" || status=1

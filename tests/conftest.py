@@ -4,6 +4,7 @@ and the reference computation the server's answers are compared with, bit for bi
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -26,6 +27,10 @@ from service.http.app import create_app
 from service.http.server import uvicorn_config
 from service.settings import Settings
 
+# Fusion (service/engine/fusion.py) compiles every registered custom activation with
+# torch.compile, seconds of CPU each; the servers of the tests run eager unless a test asks
+# for fusion (tests/test_fusion.py). The product default stays "auto".
+os.environ.setdefault("ACTSERVE_FUSION", "off")
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_THREADS = 1  # the server's default; the reference must use the same count
 torch.set_num_threads(TORCH_THREADS)

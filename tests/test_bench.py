@@ -113,6 +113,29 @@ def test_workers_group_pairs_one_and_two_workers_in_the_same_rounds():
                    (1.2, False)}
 
 
+def test_lab_group_is_wired_into_the_sweep_and_its_bar(tmp_path, capsys):
+    from loadtest import lab_bench
+
+    assert "lab" in bench.parse_args([]).groups.split(",")  # part of `make bench`
+    assert bench.main(["--groups", "lab", "--lab-elements", "4096", "--lab-repeats", "3",
+                       "--no-inprocess", "--no-plots", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["cells"] == [] and results["meta"]["lab_s"] >= 0
+    lab = results["lab"]
+    assert lab["group"] == "lab" and lab["elements"] == 4096
+    assert lab["custom_ms"] > 0 and lab["hand_ms"] > 0
+    row = next(r for r in results["bars"] if r["bar"].startswith("lab:"))
+    assert row["limit"] == lab_bench.BAR
+    assert row["value"] == pytest.approx(lab["custom_ms"] / lab["hand_ms"])
+    assert row["pass"] == (row["value"] <= lab_bench.BAR)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Lab: a custom activation vs the hand-written composition" in md
+    assert "4,096 float32 elements" in md and "lab: custom relu(x)" in md
+    # a run without the group leaves the bar unmeasured
+    rows = bars.evaluate({"cells": []})
+    assert next(r for r in rows if r["bar"].startswith("lab:"))["value"] is None
+
+
 @pytest.mark.slow
 @NEED_WRK
 def test_quick_sweep_end_to_end(tmp_path):

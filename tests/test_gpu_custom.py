@@ -22,22 +22,29 @@ EXPRS = ["relu(x) * sigmoid(x)", "x if x > 0 else 0.5 * (exp(x) - 1)",
          "clamp(x, -1, 1) ** 2 + maximum(x, 0.1 * x)", "tanh(softplus(x)) * x"]
 
 
-@pytest.mark.parametrize("text", EXPRS)
-@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
-def test_packed_gpu_batch_equals_lone_gpu_reference(text, wire):
-    act = custom.build({"name": "g", "expr": text})
+SIZES = (0, 1, 3, 1000, 65_537, 1_000_003)
+
+
+def _check_packed_equals_alone(act, wire: str, seed: int) -> None:
+    """One packed CUDA batch of ``SIZES`` equals each request alone on the GPU
+    (``reference``, through ``act.apply``), bit for bit."""
     compute = DeviceCompute(torch.device("cuda:0"))
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     mode = Mode(None, False, None, False)
-    sizes = (0, 1, 3, 1000, 65_537, 1_000_003)
     jobs = [lone_job(act, (), dtypes.from_float(rng.standard_normal(n) * 5, wire), wire, mode)
-            for n in sizes]
+            for n in SIZES]
     expected = [reference(act, (), j.array, wire, mode, "cuda:0")[0] for j in jobs]
     with torch.inference_mode():
         got = compute.run(jobs)
-    for n, r, e in zip(sizes, got, expected, strict=True):
+    for n, r, e in zip(SIZES, got, expected, strict=True):
         assert isinstance(r, JobResult), r
-        assert same_bits(np.asarray(r.array).reshape(e.shape), e), (text, wire, n)
+        assert same_bits(np.asarray(r.array).reshape(e.shape), e), (act.formula, wire, n)
+
+
+@pytest.mark.parametrize("text", EXPRS)
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+def test_packed_gpu_batch_equals_lone_gpu_reference(text, wire):
+    _check_packed_equals_alone(custom.build({"name": "g", "expr": text}), wire, 1)
 
 
 def test_server_on_cuda_serves_registered_and_inline_expressions():
@@ -54,3 +61,20 @@ def test_server_on_cuda_serves_registered_and_inline_expressions():
         r = c.post("/v1/activations/expr", params={"shape": "4099", "expr": EXPRS[0]},
                    content=x.tobytes(), headers=headers)
         assert r.status_code == 200 and same_bits(np.frombuffer(r.content, np.float32), expected)
+
+
+def test_fusion_compiles_on_cuda_and_a_packed_batch_equals_each_request_alone():
+    """A registered expression is compiled (fusion.py); the packed CUDA batch, computed with
+    the compiled kernel, equals each request computed alone with it, bit for bit."""
+    from service.engine import fusion
+
+    act = custom.build({"name": "fused", "expr": "x * sigmoid(1.702 * x)"})
+    fuser = fusion.Fuser("auto", "cuda:0")
+    fuser.attach(act)
+    assert act.fusion.entry.ready.wait(240), "compiling took over 240 s"
+    described = act.describe()["fusion"]
+    assert described["state"] == "compiled", described
+    assert set(described["max_ulp_vs_eager"]) == {"float32", "float16", "bfloat16"}
+    assert all(0 <= v <= fusion.MAX_ULP for v in described["max_ulp_vs_eager"].values())
+    for wire in ("float32", "float16", "bfloat16"):
+        _check_packed_equals_alone(act, wire, 3)  # the compiled form, packed and alone

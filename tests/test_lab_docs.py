@@ -25,14 +25,15 @@ def _run_blocks(blocks: list[str], url: str) -> str:
 
 def test_every_lab_block_runs_and_prints_the_articles_values():
     blocks = python_blocks(LAB.read_text().split(PART2)[0])
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     with serve() as srv:
         printed = _run_blocks(blocks, srv.url)
     for line in ("lab_relu [0.0, 0.0, 1.0, 2.0]", "lab_leaky [-0.01, 0.0, 1.0, 2.0]",
                  "lab_sigmoid [0.2689, 0.5, 0.7311, 0.8808]",
                  "lab_tanh [-0.7616, 0.0, 0.7616, 0.964]",
                  "lab_elu [-0.6321, 0.0, 1.0, 2.0]", "gate [0.0, 0.0, 0.7311, 1.7616]",
-                 "model (2, 4) torch.float32", "(x if x > 0.0 else (alpha * (exp(x) - 1.0))) True"):
+                 "model (2, 4) torch.float32",
+                 "article CustomLayer (3, 4, 5) True", "(x if x > 0.0 else (alpha * (exp(x) - 1.0))) True"):
         assert line in printed, (line, printed)
     assert "leaky 0.1 [-0.1" in printed
     assert "409" in printed and "400" in printed and "column 5" in printed

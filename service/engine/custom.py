@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
+from service.engine.fusion import Slot
 from service.engine.params import BoolParam, FloatParam
 from service.errors import Conflict, InvalidRequest, echo
 
@@ -25,12 +26,28 @@ _BIG = 1e6
 class CustomActivation(Activation):
     expression: expressions.Expression | None = None
     batch_norm: batchnorm.BatchNorm | None = None
+    fusion: Slot = field(default_factory=Slot, compare=False, repr=False)
 
     def describe(self) -> dict:
         out = {**super().describe(), "custom": True}
         if self.batch_norm is not None:
             out["batch_norm"] = self.batch_norm.describe()
+        out["fusion"] = self.fusion.describe()
         return out
+
+    def apply(self, x, inplace: bool, params: tuple):
+        """Eager (``Activation.apply``), or the compiled form once ``fusion.py`` has chosen
+        it and it serves this tensor (never for in-place: that stays eager, refused)."""
+        fused = self.fusion.entry
+        if inplace or fused is None or fused.state != "compiled":
+            return super().apply(x, inplace, params)
+        values = dict(params)
+        batch_stats = values.pop("batch_stats", False)
+        if not fused.takes(x, values):
+            return super().apply(x, inplace, params)
+        if self.batch_norm is not None:
+            x = self.batch_norm.apply(x, batch_stats)
+        return fused(x)
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return self.batch_norm.check_shape(shape) if self.batch_norm is not None else None
@@ -44,10 +61,12 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    unknown = set(raw) - {"name", "expr", "params", "batch_norm"}
+    unknown = set(raw) - {"name", "expr", "params", "batch_norm", "batchnorm"}
     if unknown:
         raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; "
-                             "allowed: name, expr, params, batch_norm")
+                             "allowed: name, expr, params, batch_norm (or batchnorm)")
+    if "batch_norm" in raw and "batchnorm" in raw:
+        raise InvalidRequest(f"{where}: give batch_norm or its spelling batchnorm, not both")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
@@ -55,9 +74,10 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
         raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
-    if raw.get("batch_norm") is None:
+    bn_key = "batchnorm" if "batchnorm" in raw else "batch_norm"
+    if raw.get(bn_key) is None:
         return from_expression(name, expr, params)
-    bn = batchnorm.parse(raw["batch_norm"], f"{where}.batch_norm")
+    bn = batchnorm.parse(raw[bn_key], f"{where}.{bn_key}")
 
     def layer(x, batch_stats: bool = False, **values):
         return expr(bn.apply(x, batch_stats), **values)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from service.engine import selftest
+from service.engine import fusion, selftest
 from service.engine.activations import INLINE, Activation, Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
@@ -46,6 +46,7 @@ class Engine:
         self.expressions = ExpressionCache(self.check_activation)
         self.jobs.inline = self.expressions.resolve
         self._accuracy: dict[tuple[str, int], dict] = {}
+        self.fuser = fusion.Fuser(settings.fusion, self.devices[0])
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,6 +137,7 @@ class Engine:
         if activation.name in self.registry:  # registered meanwhile by another request
             raise Conflict(f"activation {activation.name!r} exists")
         self.registry.add(activation)
+        self.fuser.attach(activation)  # compiled in the background (fusion.py); eager until then
 
     def unregister(self, name: str) -> None:
         act = self.registry.get(name)  # 404 when unknown

@@ -37,6 +37,9 @@ FUNCS = {
     "expm1": torch.expm1, "log": torch.log, "log1p": torch.log1p, "abs": torch.abs,
     "sqrt": torch.sqrt, "softplus": F.softplus, "gelu": F.gelu, "silu": F.silu,
     "mish": F.mish, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos,
+    # nn.ELU(): its kernel takes expm1 in the vector body and exp(x) - 1 in the scalar tail,
+    # so no composition of the others gives its bits; elu(x) is F.elu (alpha 1)
+    "elu": F.elu,
 }
 PAIRS = {"maximum", "minimum"}
 ALLOWED = ("numbers, x, declared params, + - * / ** (unary -/+), "
