@@ -13,7 +13,8 @@ M = 1048576
 class Bar:
     name: str
     kind: str  # "ratio" (a / b >= limit), "p50_gap" (a - b <= limit ms), "tail" (p99/p50 <= limit),
-    # "lab" (loadtest/lab_bench.py: custom / hand-written median <= limit)
+    # "lab" (loadtest/lab_bench.py: custom / hand-written median <= limit),
+    # "lab_reports" (loadtest/lab_reports_bench.py: profile-allowed / default p50 <= limit)
     a: tuple | None  # (server, protocol, size, concurrency)
     b: tuple | None
     limit: float
@@ -54,6 +55,8 @@ BARS = (
         ("actserve-workers1", "native-binary", M, 8), 1.3),
     Bar("lab: custom relu(x) * sigmoid(x) <= 1.3 x hand-written, executor path", "lab",
         None, None, 1.3),
+    Bar("lab reports: a plain request on a profile-allowed server <= 1.05 x the default server, p50",
+        "lab_reports", None, None, 1.05),
 )
 
 
@@ -82,6 +85,12 @@ def evaluate(results: dict) -> list[dict]:
                 row["value"] = lab["custom_ms"] / lab["hand_ms"]
                 row["detail"] = (f"{lab['custom_ms']:.3f} vs {lab['hand_ms']:.3f} ms, "
                                  f"{lab['elements']:,} el (medians)")
+        elif bar.kind == "lab_reports":
+            rep = results.get("lab_reports")
+            if rep:
+                row["value"] = rep["allowed_vs_default"]
+                row["detail"] = (f"{rep['plain_profile_allowed_ms']:.3f} vs "
+                                 f"{rep['plain_default_ms']:.3f} ms, {rep['elements']:,} el")
         elif bar.kind == "inprocess":
             ip = results.get("inprocess", {})
             raw = ip.get("raw", {}).get(str(M), {}).get("elements_per_s")

@@ -22,7 +22,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import bars, client_cells, cpu, inprocess, lab_bench, payloads, report, servers, sweep, wrk
+from . import (
+    bars,
+    client_cells,
+    cpu,
+    inprocess,
+    lab_bench,
+    lab_reports_bench,
+    payloads,
+    report,
+    servers,
+    sweep,
+    wrk,
+)
 
 SEED = 20240611
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,9 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs of each cell the performance bar divides (median quoted)")
     p.add_argument("--groups",
                    default="grid,reference,batching,modes,metrics,accesslog,engine,shm,grpc,"
-                           "workers,lab",
+                           "workers,lab,lab-reports",
                    help="comma-separated subset of grid,reference,batching,modes,metrics,"
-                        "accesslog,engine,shm,grpc,workers,lab")
+                        "accesslog,engine,shm,grpc,workers,lab,lab-reports")
     p.add_argument("--sizes", default=",".join(map(str, sweep.SIZES)))
     p.add_argument("--concurrency", default=",".join(map(str, sweep.CONCURRENCY)))
     p.add_argument("--protocols", default=",".join(sweep.PROTOCOLS))
@@ -198,6 +210,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process measurements")
     p.add_argument("--lab-elements", type=int, default=lab_bench.ELEMENTS,
                    help="elements of the lab group's request (custom vs hand-written)")
+    p.add_argument("--lab-reports-rounds", type=int, default=5,
+                   help="rounds of the lab-reports group (each cell's median is quoted)")
+    p.add_argument("--lab-reports-requests", type=int, default=200,
+                   help="requests per cell and round in the lab-reports group")
     p.add_argument("--lab-repeats", type=int, default=lab_bench.REPEATS,
                    help="timed runs of each side in the lab group")
     p.add_argument("--no-plots", action="store_true")
@@ -292,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         t_lab = time.time()
         results["lab"] = lab_bench.measure(a.lab_elements, a.lab_repeats)
         meta["lab_s"] = round(time.time() - t_lab, 1)
+    if "lab-reports" in groups:
+        print("lab-reports: what gradients and reports cost, two servers side by side",
+              flush=True)
+        t_lab = time.time()
+        results["lab_reports"] = lab_reports_bench.measure(
+            rounds=a.lab_reports_rounds, requests=a.lab_reports_requests)
+        meta["lab_reports_s"] = round(time.time() - t_lab, 1)
     results["bars"] = bars.evaluate(results)
     meta["load_after"] = os.getloadavg()
     meta["wall_s"] = round(time.time() - started, 1)

@@ -136,6 +136,18 @@ def markdown(results: dict) -> str:
                 "| custom | hand-written | ratio | bar |", "| ---: | ---: | ---: | ---: |",
                 f"| {lab['custom_ms']:.3f} ms | {lab['hand_ms']:.3f} ms | {lab['ratio']:.2f}x | "
                 f"<= {lab['bar']}x ({'pass' if lab['passed'] else 'missed'}) |", ""]
+    rep = results.get("lab_reports")
+    if rep:
+        out += ["## Lab: what gradients and reports cost", "",
+                f"`loadtest/lab_reports_bench.py`: one client, GELU on {rep['elements']:,} float32 "
+                f"elements over native binary, two servers side by side (default, and "
+                f"`ACTSERVE_ALLOW_PROFILE=true`), medians of {rep['rounds']} rounds.", "",
+                "| plain, default | plain, profiles allowed | numerics report | value + grad |",
+                "| ---: | ---: | ---: | ---: |",
+                f"| {rep['plain_default_ms']:.3f} ms | {rep['plain_profile_allowed_ms']:.3f} ms "
+                f"({rep['allowed_vs_default']:.2f}x) | {rep['numerics_ms']:.3f} ms "
+                f"({rep['numerics_vs_plain']:.2f}x) | {rep['grad_ms']:.3f} ms "
+                f"({rep['grad_vs_plain']:.2f}x) |", ""]
     peaks = results.get("server_rss_peak_bytes") or {}
     if peaks:
         out += ["Server peak RSS: " + ", ".join(

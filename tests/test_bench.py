@@ -136,6 +136,24 @@ def test_lab_group_is_wired_into_the_sweep_and_its_bar(tmp_path, capsys):
     assert next(r for r in rows if r["bar"].startswith("lab:"))["value"] is None
 
 
+def test_lab_reports_group_compares_two_servers_in_one_run(tmp_path):
+    from loadtest import lab_reports_bench
+
+    assert "lab-reports" in bench.parse_args([]).groups.split(",")
+    assert bench.main(["--groups", "lab-reports", "--lab-reports-rounds", "1",
+                       "--lab-reports-requests", "20", "--no-inprocess", "--no-plots",
+                       "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rep = results["lab_reports"]
+    for cell in ("plain_default_ms", "plain_profile_allowed_ms", "numerics_ms", "grad_ms"):
+        assert rep[cell] > 0, cell
+    assert rep["allowed_vs_default"] == pytest.approx(
+        rep["plain_profile_allowed_ms"] / rep["plain_default_ms"], rel=1e-2)
+    row = next(r for r in results["bars"] if r["bar"].startswith("lab reports:"))
+    assert row["limit"] == lab_reports_bench.BAR and row["value"] == rep["allowed_vs_default"]
+    assert "## Lab: what gradients and reports cost" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.slow
 @NEED_WRK
 def test_quick_sweep_end_to_end(tmp_path):
