@@ -88,3 +88,35 @@ def test_traces_expire_and_are_bounded():
     assert traces.get(a) is None and traces.get(c) == b"c" and len(traces) == 2
     now[0] = 10.5
     assert traces.get(b) is None and traces.get(c) is None and len(traces) == 0
+
+
+def test_traces_as_files_expire_and_are_bounded(tmp_path):
+    now = [1000.0]
+    traces = ProfileTraces(ttl_s=10, max_traces=2, clock=lambda: now[0], directory=tmp_path)
+    a = traces.put(b"a")
+    now[0] += 1
+    b = traces.put(b"b")
+    other = ProfileTraces(ttl_s=10, max_traces=2, clock=lambda: now[0], directory=tmp_path)
+    assert other.get(a) == b"a" and other.get(b) == b"b"  # another worker sees them
+    now[0] += 1
+    c = traces.put(b"c")
+    assert other.get(a) is None and other.get(c) == b"c" and len(other) == 2
+    assert other.get("../../etc/passwd") is None
+    now[0] += 20
+    assert other.get(b) is None and len(traces) == 0
+
+
+def test_with_workers_any_worker_serves_the_trace():
+    """--workers 2: the profile runs on one worker; the trace downloads from either (12 fresh
+    connections, which the kernel spreads over both workers)."""
+    from .conftest import subprocess_server
+
+    env = {"ACTSERVE_WORKERS": "2", "ACTSERVE_ALLOW_PROFILE": "true"}
+    with subprocess_server(env) as (_, url):
+        r = httpx.post(url + "/v1/activations/tanh", json={"data": [0.5] * 100,
+                                                           "report": ["profile"]}, timeout=60)
+        assert r.status_code == 200, r.text
+        path = r.json()["report"]["profile"]["trace_url"]
+        for _ in range(12):
+            got = httpx.get(url + path, headers={"connection": "close"}, timeout=30)
+            assert got.status_code == 200 and "traceEvents" in got.json()

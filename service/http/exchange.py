@@ -85,8 +85,8 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
         t_decoded = time.perf_counter()
         result = await _wait(engine, job, request.receive)
         t_computed = time.perf_counter()
-        if result.reports and svc.traces is not None:
-            svc.traces.keep(result.reports)
+        if "profile" in result.reports and svc.traces is not None:
+            await asyncio.to_thread(svc.traces.keep, result.reports)
         encoded = await encode_off_loop(request, codec.encode, job, answer, result)
         response = to_response(encoded, result.release)
         result.release = None  # the response owns it now

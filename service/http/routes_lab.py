@@ -3,6 +3,8 @@ traces of profiled requests."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -20,7 +22,7 @@ async def accuracy(name: str, request: Request) -> Response:
 
 @router.get("/v1/profiles/{trace_id}", summary="The Chrome trace of a profiled request")
 async def trace(trace_id: str, request: Request) -> Response:
-    data = request.app.state.services.traces.get(trace_id)
+    data = await asyncio.to_thread(request.app.state.services.traces.get, trace_id)
     if data is None:
         raise UnknownActivation(f"no profile trace {echo(trace_id)}: traces are kept for "
                                 f"{request.app.state.services.settings.profile_trace_ttl_s:g} s "

@@ -52,8 +52,10 @@ def main() -> int:
         app = create_app(settings)
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
-    cluster = Cluster(slot, spec["count"], RunDir(Path(spec["run_dir"])),
-                      app.state.services)
+    run_dir = RunDir(Path(spec["run_dir"]))
+    # any worker may be asked for a profile's trace: keep them where all workers look
+    app.state.services.traces.directory = run_dir.path / "traces"
+    cluster = Cluster(slot, spec["count"], run_dir, app.state.services)
     app.state.cluster = cluster
 
     class WorkerServer(DrainingServer):
