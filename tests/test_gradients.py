@@ -261,13 +261,11 @@ def test_custom_and_inline_activations_have_gradients(server):
         assert rep["numerics"]["dtype"] == "float32" and rep["numerics"]["elements"] == 3000
 
 
-def test_engine_process_and_grpc_refuse_lab_requests_clearly():
+def test_engine_process_refuses_lab_requests_clearly():
     """Where gradients and reports are not served, the refusal says so (400), before
     anything is queued."""
     from service.engine.ipc.remote import RemoteEngine
     from service.errors import InvalidRequest
-    from service.grpc import codec as grpc_codec
-    from service.grpc import messages
     from service.settings import Settings
 
     remote = RemoteEngine(Settings(engine="process"))
@@ -276,16 +274,36 @@ def test_engine_process_and_grpc_refuse_lab_requests_clearly():
     with pytest.raises(InvalidRequest, match="--engine inline"):
         remote.jobs.build(act, x, "float32", {"outputs": ["grad"]}, {}, api="native")
     remote.jobs.build(act, x, "float32", {}, {}, api="native")  # values are served
-    req = messages.ModelInferRequest(model_name="relu")
-    req.inputs.add(name="input", datatype="FP32", shape=[3])
-    req.raw_input_contents.append(x.tobytes())
-    req.parameters["report"].string_param = "numerics"
-    with pytest.raises(InvalidRequest, match="HTTP only"):
-        grpc_codec.decode(req, 100, None)
-    del req.parameters["report"]
-    req.outputs.add(name="grad")
-    with pytest.raises(InvalidRequest, match="HTTP only"):
-        grpc_codec.decode(req, 100, None)
+
+
+def test_grpc_tritonclient_asks_for_output_grad_and_a_report():
+    """Stock tritonclient.grpc: inputs 'input' and 'grad_output', requested outputs
+    'output' and 'grad', parameter report=numerics."""
+    import tritonclient.grpc as tg
+
+    from loadtest.servers import free_port
+
+    from .conftest import serve
+
+    port = free_port()
+    x = _values(np.random.default_rng(8), 1000, "float16")
+    g = _values(np.random.default_rng(9), 1000, "float16")
+    with serve(grpc_port=port), tg.InferenceServerClient(f"127.0.0.1:{port}") as c:
+        inputs = [tg.InferInput("input", [1000], "FP16"), tg.InferInput("grad_output", [1000],
+                                                                         "FP16")]
+        inputs[0].set_data_from_numpy(x.view(np.float16))
+        inputs[1].set_data_from_numpy(g.view(np.float16))
+        outs = [tg.InferRequestedOutput("grad"), tg.InferRequestedOutput("output")]
+        res = c.infer("silu", inputs, outputs=outs, parameters={"report": "numerics"})
+        (value, _), (grad, _) = autograd("silu", x, "float16", {}, None, False, None, g)
+        assert same_bits(res.as_numpy("output"), value.view(np.float16))
+        assert same_bits(res.as_numpy("grad"), grad.view(np.float16))
+        rep = json.loads(res.get_response().parameters["report_numerics"].string_param)
+        assert rep["dtype"] == "float16" and rep["elements"] == 1000
+        with pytest.raises(tg.InferenceServerException, match="grad_output"):
+            bad = tg.InferInput("grad_output", [3], "FP16")
+            bad.set_data_from_numpy(np.zeros(3, np.float16))
+            c.infer("silu", [inputs[0], bad], outputs=outs)
 
 
 AMP_SETTINGS = [(False, None), (True, None), (True, "float16"), (True, "bfloat16")]

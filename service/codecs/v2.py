@@ -280,16 +280,6 @@ def requested_outputs(raw: object, binary_default: bool) -> Wanted:
     return Wanted(tuple(k for k in ("value", "grad") if k in binary), binary, shm)
 
 
-def outputs(raw: object, binary_default: bool) -> tuple[bool, dict]:
-    """Whether the value goes back as binary, and its shared-memory parameters; a request
-    for anything but the value is refused (gRPC serves values only)."""
-    wanted = requested_outputs(raw, binary_default)
-    if wanted.names not in (None, ("value",)):
-        raise InvalidRequest(f"output {GRAD_OUTPUT!r} is served over HTTP only "
-                             "(POST /v2/models/{name}/infer)")
-    return wanted.binary["value"], wanted.shm
-
-
 # -- shared memory -------------------------------------------------------------------------
 def shm_input(params: dict, wire: str, shape: tuple[int, ...],
               regions: SystemRegions | None, where: str) -> np.ndarray:

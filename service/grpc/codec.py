@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import orjson
 
 from service import dtypes
 from service.codecs import v2
@@ -42,26 +43,29 @@ def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Re
     if raw and len(raw) != len(inputs):
         raise InvalidRequest(f"raw_input_contents has {len(raw)} entries for {len(inputs)} "
                              "inputs; send one per input, in the order of inputs")
-    if len(inputs) != 1:
-        raise InvalidRequest(
-            f"the model has exactly one input, {v2.INPUT_NAME!r}; the request has {len(inputs)}"
-        )
+    order = v2.input_order([t.name for t in inputs])
     settings, params, _ = v2.parameters(param_dict(request.parameters))
-    lab = [k for k in ("outputs", "report") if k in settings]
-    if lab:
-        raise InvalidRequest(f"parameters.{lab[0]}: gradients and reports are served over "
-                             "HTTP only (POST /v2/models/{name}/infer or /v1/activations)")
-    wanted = [{"name": o.name, "parameters": param_dict(o.parameters)} for o in request.outputs]
-    _, out_params = v2.outputs(wanted, True)
-    array, wire = _tensor(inputs[0], raw[0] if raw else None, max_elements, regions)
-    return v2.V2Request(request.id or None, array, wire, settings, params, True,
-                        v2.shm_output(out_params, regions))
+    wanted = v2.requested_outputs(
+        [{"name": o.name, "parameters": param_dict(o.parameters)} for o in request.outputs],
+        True)
+    first = order[0]
+    array, wire = _tensor(inputs[first], raw[first] if raw else None, max_elements, regions)
+    req = v2.V2Request(request.id or None, array, wire, settings, params, True,
+                       v2.shm_output(wanted.shm, regions), wanted.names, True)
+    if len(order) == 2:
+        i = order[1]
+        req.grad_output, grad_wire = _tensor(inputs[i], raw[i] if raw else None, max_elements,
+                                             regions, v2.GRAD_INPUT)
+        if grad_wire != wire or req.grad_output.shape != array.shape:
+            raise InvalidRequest(f"input {v2.GRAD_INPUT!r} must have the datatype and shape "
+                                 f"of input {v2.INPUT_NAME!r}")
+    return req
 
 
-def _tensor(tensor, raw: bytes | None, max_elements: int,
-            regions: SystemRegions | None) -> tuple[np.ndarray, str]:
+def _tensor(tensor, raw: bytes | None, max_elements: int, regions: SystemRegions | None,
+            expected: str = v2.INPUT_NAME) -> tuple[np.ndarray, str]:
     wire, shape, where = v2.tensor_meta(tensor.name, tensor.datatype, list(tensor.shape),
-                                        max_elements)
+                                        max_elements, expected)
     params = param_dict(tensor.parameters)
     has_contents = tensor.HasField("contents")
     sources = (raw is not None) + has_contents + (v2.SHM_REGION in params)
@@ -107,6 +111,25 @@ def encode(model: str, req: v2.V2Request, array: np.ndarray, dtype: str,
         out.parameters[v2.SHM_SIZE].int64_param = nbytes
         return resp
     resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return resp
+
+
+def encode_lab(model: str, req: v2.V2Request, job, result):
+    """The response of a request that asked for a gradient or a report: the outputs asked
+    for (``output``, ``grad``) as raw contents, the reports as string parameters
+    (``report_numerics``, ``report_profile``: JSON text), as over HTTP."""
+    resp = messages.ModelInferResponse(model_name=model, model_version=v2.MODEL_VERSION,
+                                       id=req.id or "")
+    tensors = []
+    if "value" in job.outputs:
+        tensors.append((v2.OUTPUT_NAME, result.array, result.dtype))
+    if result.grad is not None:
+        tensors.append((v2.GRAD_OUTPUT, result.grad, result.grad_dtype))
+    for name, array, dtype in tensors:
+        resp.outputs.add(name=name, datatype=dtypes.NAME_TO_V2[dtype], shape=list(array.shape))
+        resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    for key, report in result.reports.items():
+        resp.parameters[f"report_{key}"].string_param = orjson.dumps(report).decode()
     return resp
 
 

@@ -34,8 +34,9 @@ def _timing(decode: float, queue: float, compute: float, encode: float, total: f
 
 class Inference:
     def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions) -> None:
+                 regions: SystemRegions, traces=None) -> None:
         self.settings = settings
+        self.traces = traces  # profiled requests' Chrome traces (service/http/traces.py)
         self.engine = engine
         self.recorder = recorder
         self.regions = regions
@@ -68,8 +69,13 @@ class Inference:
                 engine.abandon(job)
                 raise
             t_computed = time.perf_counter()
-            response = codec.encode(activation.name, req, result.array, result.dtype,
-                                    self.regions)
+            if "profile" in result.reports and self.traces is not None:
+                await asyncio.to_thread(self.traces.keep, result.reports)
+            if job.lab:
+                response = codec.encode_lab(activation.name, req, job, result)
+            else:
+                response = codec.encode(activation.name, req, result.array, result.dtype,
+                                        self.regions)
             t_end = time.perf_counter()
             bytes_out = sum(len(b) for b in response.raw_output_contents)
             status = 200

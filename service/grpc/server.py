@@ -24,9 +24,10 @@ log = logging.getLogger("actserve")
 
 class GrpcServer:
     def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, cuda_regions: CudaRegions) -> None:
+                 regions: SystemRegions, cuda_regions: CudaRegions, traces=None) -> None:
         self.settings = settings
-        self.service = InferenceService(settings, engine, recorder, regions, cuda_regions)
+        self.service = InferenceService(settings, engine, recorder, regions, cuda_regions,
+                                        traces)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 

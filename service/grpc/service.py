@@ -46,14 +46,14 @@ def code_of(exc: ActserveError) -> grpc.StatusCode:
 
 class InferenceService:
     def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, cuda_regions: CudaRegions) -> None:
+                 regions: SystemRegions, cuda_regions: CudaRegions, traces=None) -> None:
         self.settings = settings
         self.engine = engine
         self.recorder = recorder
         self.regions = regions
         self.cuda = cuda_regions
         self.keys = [k.encode() for k in settings.api_key_list]
-        self.inference = Inference(settings, engine, recorder, regions)
+        self.inference = Inference(settings, engine, recorder, regions, traces)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _authorised(self, context) -> bool:

@@ -52,7 +52,7 @@ async def _start_grpc(services: Services):
     from service.grpc.server import GrpcServer  # grpcio is loaded only when gRPC is on
 
     server = GrpcServer(services.settings, services.engine, services.recorder,
-                        services.regions, services.cuda_regions)
+                        services.regions, services.cuda_regions, traces=services.traces)
     await server.start()
     return server
 
