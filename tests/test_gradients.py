@@ -261,19 +261,40 @@ def test_custom_and_inline_activations_have_gradients(server):
         assert rep["numerics"]["dtype"] == "float32" and rep["numerics"]["elements"] == 3000
 
 
-def test_engine_process_refuses_lab_requests_clearly():
-    """Where gradients and reports are not served, the refusal says so (400), before
-    anything is queued."""
-    from service.engine.ipc.remote import RemoteEngine
-    from service.errors import InvalidRequest
-    from service.settings import Settings
+def test_engine_process_serves_gradients_and_reports():
+    """--engine process: the gradient, the upstream gradient and the answer travel through
+    the shared-memory slots; a shared batch of gradient and value requests is exact, and the
+    reports (numerics, profile with its trace) come back from the engine process."""
+    from .conftest import serve
 
-    remote = RemoteEngine(Settings(engine="process"))
-    act = remote.registry.get("relu")
-    x = np.ones(3, np.float32)
-    with pytest.raises(InvalidRequest, match="--engine inline"):
-        remote.jobs.build(act, x, "float32", {"outputs": ["grad"]}, {}, api="native")
-    remote.jobs.build(act, x, "float32", {}, {}, api="native")  # values are served
+    specs = [dict(name=n, wire=w, compute=c, amp=False, amp_dtype=None, inplace=False,
+                  params={}, shape=(n_el,), seed=i)
+             for i, (n, w, c, n_el) in enumerate([
+                 ("gelu", "float32", None, 4099), ("silu", "float16", None, 1),
+                 ("elu", "bfloat16", "float32", 1000), ("tanh", "float32", "float16", 333),
+                 ("relu", "float64", None, 0)])]
+    values = [_values(np.random.default_rng(s["seed"]), s["shape"][0], s["wire"])
+              for s in specs]
+    ups = [_values(np.random.default_rng(s["seed"] + 5), s["shape"][0], s["wire"])
+           if i % 2 == 0 else None for i, s in enumerate(specs)]
+    reqs = [binary_request(s, v, u) for s, v, u in zip(specs, values, ups, strict=True)]
+    plain = {**specs[0]}
+    reqs.append(binary_request(plain, values[0], None, outputs="value"))
+    with serve(engine="process", allow_profile=True, max_delay_us=200_000) as srv:
+        responses = asyncio.run(_send(srv.url, reqs))
+        for s, v, u, r in zip(specs, values, ups, responses[:-1], strict=True):
+            check(s, v, u, r)
+        assert responses[-1].status_code == 200
+        assert responses[-1].content == split_parts(responses[0])["value"].tobytes()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/activations/sigmoid", json={"data": [0.5, -2.0],
+                                                        "report": ["numerics", "profile"]})
+            assert r.status_code == 200, r.text
+            rep = r.json()["report"]
+            assert rep["numerics"]["elements"] == 2
+            assert any(row["name"] == "aten::sigmoid" for row in rep["profile"]["operators"])
+            assert "traceEvents" in c.get(rep["profile"]["trace_url"]).json()
+            assert c.get("/v1/activations/relu/accuracy").status_code == 400
 
 
 def test_grpc_tritonclient_asks_for_output_grad_and_a_report():

@@ -108,13 +108,24 @@ def apply_alone(job_like: Job, x: torch.Tensor) -> torch.Tensor:
 
 def _deliver(job: Job, result: JobResult) -> JobResult | ComputeError:
     """Copy the answer into the room its caller lent (``job.out``, bytes) and point the
-    result at it, here in the compute thread, so nobody copies it on an event loop."""
+    result at it, here in the compute thread, so nobody copies it on an event loop. A
+    gradient goes at the end of that room (``RemoteEngine`` reserves it there)."""
+    room = job.out
+    if result.grad is not None:
+        grad = np.ascontiguousarray(result.grad)
+        at = room.nbytes - grad.nbytes
+        if at < 0:
+            return ComputeError(f"the gradient ({grad.nbytes} bytes) is larger than the "
+                                f"{room.nbytes} bytes reserved for the answer")
+        room[at:] = grad.reshape(-1).view(np.uint8)
+        result.grad = room[at:].view(grad.dtype).reshape(result.grad.shape)
+        room = room[:at]
     shape = result.array.shape
     src = np.ascontiguousarray(result.array)  # (1-d for a 0-d array: shape kept above)
-    if src.nbytes > job.out.nbytes:
+    if src.nbytes > room.nbytes:
         return ComputeError(f"the answer ({src.nbytes} bytes) is larger than the "
-                            f"{job.out.nbytes} bytes reserved for it")
-    dst = job.out[:src.nbytes]
+                            f"{room.nbytes} bytes reserved for it")
+    dst = room[:src.nbytes]
     dst[:] = src.reshape(-1).view(np.uint8)
     result.array = dst.view(src.dtype).reshape(shape)
     return result

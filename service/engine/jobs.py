@@ -33,8 +33,6 @@ class JobFactory:
         self.capabilities = capabilities
         # text -> the inline expression's activation (inline.py); None: not available here
         self.inline: Callable[[object], Activation] | None = None
-        # gradients and reports (docs/lab.md); the engine process does not serve them
-        self.lab_refusal: str | None = None
 
     def build(
         self,
@@ -102,8 +100,6 @@ class JobFactory:
         report = frozenset(_names(settings.get("report"), REPORTS, "report", where))
         if outputs == VALUE_ONLY and not report and grad_output is None:
             return VALUE_ONLY, report
-        if self.lab_refusal is not None:
-            raise InvalidRequest(f"{where}: {self.lab_refusal}")
         if grad_output is not None:
             if "grad" not in outputs:
                 raise InvalidRequest(f"{where}: grad_output is the upstream gradient of a "

@@ -6,14 +6,16 @@ Worker -> engine::
 
     ["hello", pid, arena_name]
     ["job", id, activation, params, wire_dtype, shape, in_offset, out_offset, out_capacity,
-     compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault]
+     compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault,
+     outputs, report, has_grad_output]  # the lab's fields (docs/lab.md)
     ["cancel", id]
 
 Engine -> worker (every job gets exactly one of done/error/cancelled)::
 
     ["state", ready, reason, devices, capability_failures, restarts, waiting]
     ["done", id, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
-     extra, batch]          # batch: the BatchReport fields, on the batch's first job only
+     extra, batch, grad_dtype, reports]  # batch: the BatchReport fields, on the batch's
+                                         # first job only; grad_dtype None: no gradient
     ["error", id, error_type, message, batch]
     ["cancelled", id]
 """

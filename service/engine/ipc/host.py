@@ -25,7 +25,7 @@ import sys
 from service import dtypes
 from service.engine.engine import Engine
 from service.engine.ipc import channel
-from service.engine.ipc.arena import Arena, pid_alive, sweep_stale, unlink
+from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
 from service.engine.job import BatchReport, Job, JobResult, Mode
 from service.errors import ActserveError, InvalidRequest
 from service.settings import Settings
@@ -118,15 +118,20 @@ class EngineHost:
     # -- jobs ---------------------------------------------------------------------------
     def _job(self, worker: Worker, m: list) -> None:
         (_, jid, name, params, wire, shape, in_off, out_off, out_cap, compute, amp, amp_dtype,
-         inplace, deadline, priority, api, request_id, fault) = m
+         inplace, deadline, priority, api, request_id, fault, outputs, report, upstream) = m
         try:
             if worker.arena is None:
                 raise InvalidRequest("job before hello")
             storage = dtypes.STORAGE[wire]
-            job = Job(self.engine.registry.get(name), tuple(map(tuple, params)),
-                      worker.arena.array(in_off, storage, tuple(shape)), wire,
+            shape = tuple(shape)
+            array = worker.arena.array(in_off, storage, shape)
+            job = Job(self.engine.registry.get(name), tuple(map(tuple, params)), array, wire,
                       Mode(compute, amp, amp_dtype, inplace), deadline, priority, api,
-                      request_id, fault=fault, out=worker.arena.view(out_off, out_cap))
+                      request_id, fault=fault, out=worker.arena.view(out_off, out_cap),
+                      outputs=tuple(outputs), report=frozenset(report))
+            if upstream:  # the upstream gradient follows the input on a slot boundary
+                at = in_off + -(-array.nbytes // ALIGN) * ALIGN
+                job.grad_output = worker.arena.array(at, storage, shape)
             future = self.engine.submit(job)
         except ActserveError as exc:
             worker.send(["error", jid, exc.type, exc.message, None])
@@ -161,7 +166,7 @@ class EngineHost:
             r: JobResult = future.result()
             worker.send(["done", jid, r.dtype, list(r.array.shape), r.compute_s,
                          r.batch_requests, r.batch_elements, r.device, r.queue_s, r.extra,
-                         batch])
+                         batch, r.grad_dtype, _reports_out(r.reports)])
         self._maybe_release(worker)
 
     def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:
@@ -171,6 +176,14 @@ class EngineHost:
             if job.future is not None and not job.future.cancelled():
                 self.reports[job] = report
                 return
+
+
+def _reports_out(reports: dict) -> dict:
+    """Reports as the channel carries them: a profile's trace (JSON bytes) as text."""
+    trace = reports.get("profile", {}).get("trace")
+    if isinstance(trace, bytes):
+        reports["profile"]["trace"] = trace.decode()
+    return reports
 
 
 async def serve(socket_path: str, settings: Settings) -> int:

@@ -29,7 +29,7 @@ from service import dtypes
 from service.engine.activations import Registry
 from service.engine.capabilities import Capabilities
 from service.engine.ipc import channel
-from service.engine.ipc.arena import Arena, ArenaFull, sweep_stale
+from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
 from service.engine.ipc.process import EngineProcess
 from service.engine.job import BatchReport, Job, JobResult
 from service.engine.jobs import JobFactory
@@ -60,17 +60,12 @@ class _Pending:
     sent: bool = False
 
 
-LAB_REFUSAL = ("gradients and reports need --engine inline: the shared engine process "
-               "(--engine process) serves values only (docs/lab.md)")
-
-
 class RemoteEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry()
         self.capabilities = Capabilities()
         self.jobs = JobFactory(settings, self.capabilities)
-        self.jobs.lab_refusal = LAB_REFUSAL
         self.devices: list[str] = []
         self.restarts = 0
         self.engine_waiting = 0
@@ -160,7 +155,9 @@ class RemoteEngine:
     # -- the request path ---------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
         self.registry.get(name)  # 404 when unknown
-        raise InvalidRequest(LAB_REFUSAL.replace("gradients and reports", "accuracy tables"))
+        raise InvalidRequest("accuracy tables need --engine inline: ask a server without the "
+                             "shared engine process (docs/lab.md); gradients and reports are "
+                             "served here")
 
     def admit(self) -> None:
         if self._draining or self._stopped:
@@ -174,7 +171,12 @@ class RemoteEngine:
     def submit(self, job: Job) -> asyncio.Future:
         self.admit()
         out_bytes = job.numel * _answer_itemsize(job)
-        need = job.array.nbytes + out_bytes
+        in_bytes = job.array.nbytes
+        if job.grad_output is not None:  # after the input, on a slot boundary
+            in_bytes = _aligned(in_bytes) + job.grad_output.nbytes
+        if "grad" in job.outputs:  # at the end of the answer's room, on a slot boundary
+            out_bytes = _aligned(out_bytes) + job.array.nbytes
+        need = in_bytes + out_bytes
         if need > self._arena.size:
             raise RequestTooLarge(
                 f"the request needs {need} bytes of shared memory for its input and answer; "
@@ -182,7 +184,7 @@ class RemoteEngine:
         jid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         job.future = future
-        p = _Pending(job, future, -1, job.array.nbytes, -1, out_bytes)
+        p = _Pending(job, future, -1, in_bytes, -1, out_bytes)
         self._pending[jid] = p
         self._by_job[job] = jid
         if self._backlog or not self._place(jid, p):
@@ -217,13 +219,16 @@ class RemoteEngine:
             p.in_off = -1
             return False
         job = p.job
-        arena.view(p.in_off, p.in_bytes)[:] = job.array.reshape(-1).view("u1")
+        arena.view(p.in_off, job.array.nbytes)[:] = job.array.reshape(-1).view("u1")
+        if job.grad_output is not None:
+            at = p.in_off + _aligned(job.array.nbytes)
+            arena.view(at, job.grad_output.nbytes)[:] = job.grad_output.reshape(-1).view("u1")
         m = job.mode
         p.sent = self._send([
             "job", jid, job.activation.name, list(job.params), job.wire_dtype,
             list(job.array.shape), p.in_off, p.out_off, p.out_bytes, m.compute_dtype, m.amp,
             m.amp_dtype, m.inplace, job.deadline, job.priority, job.api, job.request_id,
-            job.fault])
+            job.fault, list(job.outputs), sorted(job.report), job.grad_output is not None])
         if not p.sent:
             self._resolve(jid, error=Unavailable(_GONE))
         return True
@@ -321,13 +326,20 @@ class RemoteEngine:
         kind = m[0]
         if kind == "done":
             (_, jid, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
-             extra, batch) = m
+             extra, batch, grad_dtype, reports) = m
             p = self._pending.get(jid)
             if p is not None:
-                array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], tuple(shape))
+                shape = tuple(shape)
+                array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], shape)
                 self._report(batch)
-                self._resolve(jid, JobResult(array, dtype, compute_s, batch_requests,
-                                             batch_elements, device, queue_s, extra))
+                result = JobResult(array, dtype, compute_s, batch_requests, batch_elements,
+                                   device, queue_s, extra, reports=_reports_in(reports))
+                if grad_dtype is not None:
+                    nbytes = p.job.array.nbytes
+                    result.grad = self._arena.array(p.out_off + p.out_bytes - nbytes,
+                                                     dtypes.STORAGE[grad_dtype], shape)
+                    result.grad_dtype = grad_dtype
+                self._resolve(jid, result)
         elif kind == "error":
             _, jid, error_type, message, batch = m
             self._report(batch)
@@ -347,6 +359,18 @@ class RemoteEngine:
     def _report(self, batch: list | None) -> None:
         if batch is not None and self._observer is not None:
             self._observer(BatchReport(*batch), [])
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _reports_in(reports: dict) -> dict:
+    """A profile's trace travels as text on the channel; the HTTP layer keeps bytes."""
+    trace = reports.get("profile", {}).get("trace")
+    if isinstance(trace, str):
+        reports["profile"]["trace"] = trace.encode()
+    return reports
 
 
 def _answer_itemsize(job: Job) -> int:
