@@ -79,3 +79,43 @@ def test_cuda_numerics_and_profile(cuda_server):
         assert prof["device"] == "cuda:0"
         assert any(row["self_device_us"] > 0 for row in prof["operators"]), prof["operators"]
         assert c.get(prof["trace_url"]).status_code == 200
+
+
+def test_cuda_batch_norm_layers_are_computed_request_by_request(cuda_server):
+    """A batch-norm layer on CUDA: requests held in one batch (eval mode and batch_stats)
+    each equal the layer applied to that request alone on the GPU."""
+    from service.engine import custom
+    from service.engine.job import Mode
+    from service.engine.reference import reference
+
+    from .gates import held
+
+    spec = {"name": "gpu_bn_elu", "expr": "elu(x)",
+            "batch_norm": {"running_mean": [0.5, -1.0, 0.0, 2.0],
+                           "running_var": [1.5, 0.25, 1.0, 4.0],
+                           "weight": [1.0, 2.0, 0.5, -1.0], "bias": [0.0, 0.1, -0.2, 0.3]}}
+    act = custom.build(spec)
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(shape).astype(np.float32) * 3
+          for shape in ((1, 4), (7, 4), (64, 4), (5, 4, 33))]
+    stats = [False, True, False, True]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=cuda_server.url, timeout=60) as c:
+            assert (await c.post("/v1/activations", json=spec)).status_code == 201
+            async with held(cuda_server.engine, len(xs)):
+                tasks = [asyncio.ensure_future(c.post(
+                    "/v1/activations/gpu_bn_elu", content=x.tobytes(),
+                    params={"shape": ",".join(map(str, x.shape)),
+                            "batch_stats": str(s).lower()},
+                    headers={"content-type": "application/octet-stream"}))
+                    for x, s in zip(xs, stats, strict=True)]
+            return [await t for t in tasks]
+
+    responses = asyncio.run(run())
+    for x, s, r in zip(xs, stats, responses, strict=True):
+        assert r.status_code == 200, r.text
+        params = act.parse_params({"batch_stats": s})
+        want = reference(act, params, x, "float32", Mode(None, False, None, False), "cuda:0")[0]
+        assert same_bits(np.frombuffer(r.content, np.float32).reshape(x.shape), want)
+    assert max(int(r.headers["x-batch-size"]) for r in responses) >= 2

@@ -34,6 +34,13 @@ class Activation:
     )
 
     @property
+    def packs(self) -> bool:
+        """Whether requests may be concatenated into one tensor and computed at once (the
+        CUDA path): true for elementwise functions; layers that look across elements
+        (batch norm) are computed request by request."""
+        return True
+
+    @property
     def supports_inplace(self) -> bool:
         return self.inplace_fn is not None
 

@@ -186,24 +186,24 @@ class DeviceCompute:
 
     def _run(self, jobs: list[Job]) -> list[JobResult | Exception]:
         self._check_faults(jobs)
-        if any(j.lab for j in jobs):
-            return self._run_lab(jobs)
+        if any(j.alone for j in jobs):
+            return self._run_alone(jobs)
         if self.is_cuda:
             return self._run_cuda(jobs)
         return self._run_cpu(jobs)
 
-    def _run_lab(self, jobs: list[Job]) -> list[JobResult | Exception]:
-        """Jobs asking for a gradient or a report are computed alone (``lab.py``); the
-        rest of the batch as usual."""
+    def _run_alone(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        """Jobs asking for a gradient or a report, and layers that do not pack (batch
+        norm), are computed one by one (``lab.py``); the rest of the batch as usual."""
         from service.engine import lab  # the lab's modules load on first use
 
         out: list[JobResult | Exception] = [None] * len(jobs)  # type: ignore[list-item]
-        plain = [i for i, j in enumerate(jobs) if not j.lab]
+        plain = [i for i, j in enumerate(jobs) if not j.alone]
         if plain:
             for i, r in zip(plain, self._run([jobs[i] for i in plain]), strict=True):
                 out[i] = r
         for i, job in enumerate(jobs):
-            if job.lab:
+            if job.alone:
                 out[i] = lab.compute(job, self.device)
         return out
 

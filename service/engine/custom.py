@@ -49,6 +49,10 @@ class CustomActivation(Activation):
             x = self.batch_norm.apply(x, batch_stats)
         return fused(x)
 
+    @property
+    def packs(self) -> bool:
+        return self.batch_norm is None  # a batch norm reads channels (and batch statistics)
+
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         return self.batch_norm.check_shape(shape) if self.batch_norm is not None else None
 

@@ -127,10 +127,6 @@ class Engine:
         if activation.name in self.registry:
             raise Conflict(f"activation {activation.name!r} exists; DELETE it first "
                            "(custom ones only)")
-        if getattr(activation, "batch_norm", None) is not None \
-                and any(d.startswith("cuda") for d in self.devices):
-            raise InvalidRequest("batch_norm layers run on CPU servers only (the CUDA path "
-                                 "packs requests together; see docs/custom-activations.md)")
         problem = await self.check_activation(activation)
         if problem:
             raise InvalidRequest(f"{activation.name} failed its self-test {problem}")

@@ -62,6 +62,11 @@ class Job:
         return self.outputs != VALUE_ONLY or bool(self.report)
 
     @property
+    def alone(self) -> bool:
+        """Computed by itself on its device, never packed with others (``lab.py``)."""
+        return self.lab or not self.activation.packs
+
+    @property
     def numel(self) -> int:
         return int(self.array.size)
 

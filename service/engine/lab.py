@@ -1,6 +1,7 @@
-"""A request that asks for more than its value (docs/lab.md): a gradient, a numerics
-report, a profile. Computed alone, on its device, in the compute thread; its batch still
-carries it (queueing, deadlines and metrics are a batch's), but no packing touches it.
+"""A request computed by itself on its device, in the compute thread: one that asks for
+more than its value (docs/lab.md: a gradient, a numerics report, a profile), or one whose
+activation does not pack (a batch-norm layer on CUDA). Its batch still carries it
+(queueing, deadlines and metrics are a batch's), but no packing touches it.
 """
 
 from __future__ import annotations
