@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 OUTDIR=${OUT:-/tmp}
 status=0  # every step runs even when an earlier one fails: one GPU run should tell all
-timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_custom.py 2>&1 \
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_custom.py \
+  tests/test_gpu_lab.py 2>&1 \
   | tee "$OUTDIR/gpu_tests.log" || status=1
 timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
 timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
