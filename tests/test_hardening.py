@@ -486,3 +486,39 @@ def test_parser_rejects_have_a_request_id_and_an_access_log_line(caplog):
     assert refused and refused[0]["status"] == 400 and refused[0]["client"] == "127.0.0.1"
     assert any(line.get("path") == "/healthz" and line["client"] == "127.0.0.1"
                for line in lines)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length body, read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ")[1]), head
+
+
+def test_a_body_still_arriving_after_an_early_answer_is_not_the_next_requests_headers():
+    """A 413 sent before the body is read: the rest of that body (more than the header
+    limit) still arrives on the kept-alive connection; it belongs to the refused request,
+    and the next request on the connection is served (it was a 431 before)."""
+    with serve(max_request_bytes=4096, max_header_bytes=16384) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        body = np.zeros(3000, np.float64).tobytes()  # 24,000 bytes
+        sock.sendall(b"POST /v1/activations/relu?shape=3000&dtype=float64 HTTP/1.1\r\n"
+                     b"Host: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:100])
+        status, head = _read_response(sock)
+        assert status == 413
+        assert b"connection: close" not in head.lower()  # kept alive: the case at hand
+        sock.sendall(body[100:])
+        x = np.ones(4, np.float32).tobytes()
+        sock.sendall(b"POST /v1/activations/relu?shape=4 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: 16\r\n\r\n" + x)
+        status, _ = _read_response(sock)
+        assert status == 200

@@ -69,6 +69,7 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         _tail = b""
         _refusal: tuple[int, str] | None = None
         _discarding = False
+        _message_done = True  # the parser has seen the whole of the last request
 
         def _arm(self) -> None:
             if self not in waiting:
@@ -88,8 +89,11 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         def data_received(self, data: bytes) -> None:
             if self._discarding:
                 return
-            if self.cycle is None or self.cycle.response_complete:
-                self._arm()  # a new request starts on this connection
+            if self.cycle is None or (self.cycle.response_complete and self._message_done):
+                # a new request starts on this connection (an answer sent before its
+                # request's body was read, a 413 say, leaves that body still arriving:
+                # those bytes are the old request's, not the next one's headers)
+                self._arm()
             if self in waiting and not self._headers_fit(data):
                 self._refuse(431, f"request line and headers over {max_bytes} bytes")
                 return
@@ -116,6 +120,14 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                     return False
             self._tail = data[-3:]
             return True
+
+        def on_message_begin(self) -> None:
+            self._message_done = False
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._message_done = True
+            super().on_message_complete()
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._header_count += 1
