@@ -187,14 +187,23 @@ def test_activations_file_at_start_up(tmp_path):
         assert same_bits(np.frombuffer(r.content, np.float32), _lone(ELU, x))
 
 
-def test_engine_process_refuses_custom_and_inline_clearly():
+def test_engine_process_serves_custom_and_inline():
+    x = sample(300, "float32", 5)
     with serve(engine="process") as s:
-        r = httpx.post(s.url + "/v1/activations", json=GATE)
-        assert r.status_code == 400 and "--engine inline" in r.json()["error"]["message"]
-        r = httpx.post(s.url + "/v1/activations/expr", json={"data": [1.0], "expr": "x"})
-        assert r.status_code == 400 and "--engine inline" in r.json()["error"]["message"]
-        r = httpx.post(s.url + "/v1/activations/relu", json={"data": [-1.0]})
-        assert r.status_code == 200 and r.json()["data"] == [0.0]
+        r = httpx.post(s.url + "/v1/activations", json=GATE, timeout=60)
+        assert r.status_code == 201 and r.json()["custom"] is True
+        # the server process never compiles: the catalogue leaves fusion to the engine's entry
+        assert "fusion" not in httpx.get(s.url + "/v1/activations/gate").json()
+        r = httpx.post(s.url + "/v1/activations/gate?shape=300", content=x.tobytes(),
+                       headers={"content-type": "application/octet-stream"})
+        assert same_bits(np.frombuffer(r.content, np.float32), _lone(GATE, x))
+        r = httpx.post(s.url + "/v1/activations/expr?shape=300&expr=relu(x)*sigmoid(x)",
+                       content=x.tobytes(), headers={"content-type": "application/octet-stream"})
+        assert same_bits(np.frombuffer(r.content, np.float32), _lone(GATE, x))
+        r = httpx.post(s.url + "/v1/activations/expr", json={"data": [1.0], "expr": "x + y"})
+        assert r.status_code == 400 and "'y'" in r.json()["error"]["message"]
+        assert httpx.delete(s.url + "/v1/activations/gate").status_code == 204
+        assert httpx.post(s.url + "/v1/activations/gate", json={"data": [1.0]}).status_code == 404
 
 
 def test_custom_and_inline_over_grpc():
@@ -233,7 +242,8 @@ def test_any_text_over_http_is_served_or_a_400_never_a_500(srv, text):
         assert httpx.delete(f"{srv.url}/v1/activations/{name}").status_code == 204
 
 
-def test_a_bad_activations_file_stops_start_up_naming_the_entry(tmp_path):
+@pytest.mark.parametrize("engine", ["inline", "process"])
+def test_a_bad_activations_file_stops_start_up_naming_the_entry(tmp_path, engine):
     from service.errors import InvalidRequest
     from service.http.app import create_app
     from service.settings import Settings
@@ -241,7 +251,8 @@ def test_a_bad_activations_file_stops_start_up_naming_the_entry(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[[activation]]\nname = "ok"\nexpr = "x"\n\n'
                     '[[activation]]\nname = "bad"\nexpr = "x + open(1)"\n')
-    app = create_app(Settings(activations_file=str(path), grpc_port=0, access_log=False))
+    app = create_app(Settings(activations_file=str(path), grpc_port=0, access_log=False,
+                              engine=engine))
 
     async def start():
         async with app.router.lifespan_context(app):

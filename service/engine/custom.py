@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import tomllib
+
 from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
 from service.engine.fusion import Slot
@@ -32,7 +34,9 @@ class CustomActivation(Activation):
         out = {**super().describe(), "custom": True}
         if self.batch_norm is not None:
             out["batch_norm"] = self.batch_norm.describe()
-        out["fusion"] = self.fusion.describe()
+        fused = self.fusion.describe()
+        if fused is not None:  # None: decided in the engine process, not shown here
+            out["fusion"] = fused
         return out
 
     def apply(self, x, inplace: bool, params: tuple):
@@ -90,6 +94,14 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     return CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
                             (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
                             expression=expr, batch_norm=bn)
+
+
+def file_entries(path: str) -> list[tuple[object, str]]:
+    """``--activations-file``: the raw ``[[activation]]`` tables of a TOML file, each with
+    the name of its place in the file (for messages); OSError or TOMLDecodeError as raised."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    return [(raw, f"{path}: activation[{i}]") for i, raw in enumerate(doc.get("activation", []))]
 
 
 def from_expression(name: str, expr: expressions.Expression,

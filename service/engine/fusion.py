@@ -199,13 +199,17 @@ def _tensor(array, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Slot:
-    """A custom activation's hold on its ``Fused`` entry (None: eager, for ``note``)."""
+    """A custom activation's hold on its ``Fused`` entry (None: eager, for ``note``). A
+    server process in front of the engine process (``--engine process``) never compiles:
+    its copies have no entry and no note, and describe nothing (``describe`` is None)."""
 
-    def __init__(self, note: str = "inline expressions run eagerly") -> None:
+    def __init__(self, note: str | None = "inline expressions run eagerly") -> None:
         self.entry: Fused | None = None
         self.note = note
 
-    def describe(self) -> dict:
+    def describe(self) -> dict | None:
+        if self.entry is None and self.note is None:
+            return None
         if self.entry is None:
             return {"state": "eager", "reason": self.note, "max_ulp_vs_eager": {}}
         return self.entry.describe()

@@ -18,7 +18,7 @@ from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
 from service.http.middleware import RequestContext
-from service.http.routes_custom import load_file as load_activations_file
+from service.http.registrations import for_engine
 from service.http.routes_custom import router as custom_router
 from service.http.routes_lab import router as lab_router
 from service.http.routes_native import activate
@@ -71,19 +71,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
                         cuda_regions=CudaRegions(engine.devices),
-                        traces=ProfileTraces(settings.profile_trace_ttl_s))
+                        traces=ProfileTraces(settings.profile_trace_ttl_s),
+                        registrations=for_engine(engine, recorder.model_stats))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if access_log is not None:
             access_log.start()
         await engine.start()
-        if settings.activations_file:
-            try:
-                await load_activations_file(services, settings.activations_file)
-            except BaseException:
-                await engine.stop()  # start-up fails with the file's problem
-                raise
+        try:
+            if settings.activations_file:
+                await services.registrations.load_file(settings.activations_file)
+            await services.registrations.start()  # several workers: what the others have
+        except BaseException:
+            await engine.stop()  # start-up fails with the file's problem
+            raise
         # Everything alive now (torch, the app, the registry) lives as long as the process:
         # move it out of the collector's sight, so that full collections during serving
         # walk only the objects requests create (shorter GC pauses, a shorter tail).

@@ -9,6 +9,7 @@ from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.engine import Engine
 from service.http.body_budget import BodyBudget
+from service.http.registrations import LocalRegistrations
 from service.http.traces import ProfileTraces
 from service.observability.recorder import Recorder
 from service.settings import Settings
@@ -25,3 +26,4 @@ class Services:
     regions: SystemRegions | None = None  # system shared memory (HTTP and gRPC)
     cuda_regions: CudaRegions | None = None
     traces: ProfileTraces | None = None  # profiled requests' Chrome traces (docs/lab.md)
+    registrations: LocalRegistrations | None = None  # custom activations (registrations.py)

@@ -19,6 +19,7 @@ from service.observability.stats import summarize
 from service.process import merge
 from service.process.peers import PeerServer, ask
 from service.process.rundir import ReadyFlags, RunDir
+from service.process.shared_registrations import SYNC_TIMEOUT_S
 from service.process.snapshots import PERIOD_S, SnapshotFiles
 
 PUBLISH_S = 0.05  # how often a worker writes its readiness flag
@@ -29,6 +30,7 @@ class Cluster:
         self.slot = slot
         self.count = count
         self.run = run
+        self.services = services
         self.engine = services.engine
         self.recorder = services.recorder
         self.settings = services.settings
@@ -41,6 +43,8 @@ class Cluster:
     # -- lifecycle (the worker's server calls these) ---------------------------------------
     async def start(self) -> None:
         await self.peer_server.start()
+        # a registration made while this worker started, before its peer socket was up
+        await self.services.registrations.sync()
         self._publish()
         self._task = asyncio.ensure_future(self._publisher())
 
@@ -100,11 +104,19 @@ class Cluster:
                 "uptime_s": round(time.time() - recorder.started, 3)}
 
     def _answer(self, kind: str) -> object:
+        if kind == "sync":
+            return self.services.registrations.sync()  # awaited by the peer server
         if kind == "metrics":
             return self._families()
         if kind == "models":
             return self.recorder.model_stats.snapshot()
         return {"state": self._state(), "window": self.recorder.stats.window()}
+
+    async def sync_peers(self) -> None:
+        """Every other worker catches up with the shared custom activations (bounded; a
+        silent one catches up at its next sync or start)."""
+        peers = [s for s in range(self.count) if s != self.slot]
+        await asyncio.gather(*(ask(self.run.socket(s), "sync", SYNC_TIMEOUT_S) for s in peers))
 
     # -- merged views ---------------------------------------------------------------------
     async def _gather(self, kind: str) -> tuple[dict[int, object], dict[int, dict], list[dict]]:

@@ -5,11 +5,16 @@ The supervisor assigns each worker slot a socket path in the instance's run dire
 its event loop; another worker connects, writes one request line (``metrics``, ``models``
 or ``stats``) and reads one answer: an 8-byte length and the snapshot (``wire.py``). Every call is bounded in
 time; a peer that does not answer (dead, restarting) is reported as ``None``.
+
+``sync`` asks a peer to catch up with the shared custom activations
+(``shared_registrations.py``); its answer is awaited (self-tests take milliseconds), so
+the asker gives it a longer timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +23,12 @@ from service.process import wire
 
 ASK_TIMEOUT_S = 2.0
 _LEN = struct.Struct(">Q")
-KINDS = ("metrics", "models", "stats")
+KINDS = ("metrics", "models", "stats", "sync")
 
 
 class PeerServer:
-    """Answers snapshot requests on ``path``; ``answer(kind)`` runs on the event loop."""
+    """Answers snapshot requests on ``path``; ``answer(kind)`` runs on the event loop (an
+    awaitable answer is awaited)."""
 
     def __init__(self, path: Path, answer: Callable[[str], object]) -> None:
         self.path = path
@@ -44,7 +50,10 @@ class PeerServer:
         try:
             kind = (await asyncio.wait_for(reader.readline(), ASK_TIMEOUT_S)).decode().strip()
             if kind in KINDS:
-                payload = wire.dumps(self._answer(kind))
+                answer = self._answer(kind)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+                payload = wire.dumps(answer)
                 writer.write(_LEN.pack(len(payload)))
                 writer.write(payload)
                 await writer.drain()

@@ -5,7 +5,9 @@ system temp dir where there is no ``/dev/shm``), made by the supervisor, mode 07
 
 * ``ready``: one byte per worker slot, 1 while that worker is ready (``ReadyFlags``);
 * ``w<slot>.sock``: the worker's Unix socket for snapshots (``peers.py``);
-* ``snap/``: each worker's periodic snapshot and the retired snapshots of dead workers.
+* ``snap/``: each worker's periodic snapshot and the retired snapshots of dead workers;
+* ``activations/``: with the inline engine, one ``<name>.json`` per custom activation
+  registered at run time (``shared_registrations.py``).
 
 The supervisor removes the directory when it exits. A server that was killed (SIGKILL, a
 crash) leaves it behind: the next supervisor to start removes every ``actserve-<pid>-<token>``
@@ -57,6 +59,7 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.snapshots = path / "snap"
+        self.activations = path / "activations"
 
     @classmethod
     def create(cls, base: Path | None = None) -> RunDir:
@@ -65,6 +68,7 @@ class RunDir:
         path = base / prefix
         path.mkdir(mode=0o700)
         (path / "snap").mkdir(mode=0o700)
+        (path / "activations").mkdir(mode=0o700)
         return cls(path)
 
     @property

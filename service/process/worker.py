@@ -55,8 +55,18 @@ def main() -> int:
     run_dir = RunDir(Path(spec["run_dir"]))
     # any worker may be asked for a profile's trace: keep them where all workers look
     app.state.services.traces.directory = run_dir.path / "traces"
-    cluster = Cluster(slot, spec["count"], run_dir, app.state.services)
+    services = app.state.services
+    cluster = Cluster(slot, spec["count"], run_dir, services)
     app.state.cluster = cluster
+    from service.engine.engine import Engine
+
+    if isinstance(services.engine, Engine):
+        # inline engines: registrations are files in the run directory, synced by peers
+        # (with the engine process, the engine holds them: registrations.py)
+        from service.process.shared_registrations import SharedRegistrations
+
+        services.registrations = SharedRegistrations(services.registrations,
+                                                     run_dir.activations, cluster.sync_peers)
 
     class WorkerServer(DrainingServer):
         async def startup(self, sockets=None) -> None:

@@ -7,17 +7,27 @@ Worker -> engine::
     ["hello", pid, arena_name]
     ["job", id, activation, params, wire_dtype, shape, in_offset, out_offset, out_capacity,
      compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault,
-     outputs, report, has_grad_output]  # the lab's fields (docs/lab.md)
+     outputs, report, has_grad_output,  # the lab's fields (docs/lab.md)
+     expr]  # an inline expression's normalized text (the engine resolves it), else None
     ["cancel", id]
+    ["register", request_id, raw]   # a custom activation's raw registration (custom.build)
+    ["unregister", request_id, name]
 
-Engine -> worker (every job gets exactly one of done/error/cancelled)::
+Engine -> worker (every job gets exactly one of done/error/cancelled; every register or
+unregister exactly one registered)::
 
-    ["state", ready, reason, devices, capability_failures, restarts, waiting]
+    ["state", ready, reason, devices, capability_failures, restarts, waiting, fatal]
+                             # fatal: the engine cannot start (a bad --activations-file)
     ["done", id, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
      extra, batch, grad_dtype, reports]  # batch: the BatchReport fields, on the batch's
                                          # first job only; grad_dtype None: no gradient
     ["error", id, error_type, message, batch]
     ["cancelled", id]
+    ["registered", request_id, error_type, message, entry]  # error_type None: done; entry:
+                                                            # the catalogue entry, or None
+    ["activation", raw]  # to every worker: a custom activation the engine now serves (also
+                         # each one it has, right after hello and before its state)
+    ["removed", name]    # to every worker: one it no longer serves
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ HEAD = struct.Struct("<I")
 SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engine process
 SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"  # the engine process's settings, as JSON
 MAX_MESSAGE = 1 << 20
+REGISTER_TIMEOUT_S = 60.0  # a registration's probe and self-test in every compute thread
 
 ERRORS: dict[str, type[ActserveError]] = {cls.type: cls for cls in STATUS_TABLE}
 ERRORS[Unavailable.type] = Unavailable

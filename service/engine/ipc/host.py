@@ -7,6 +7,13 @@ the compute thread writes each answer straight into the slot the worker reserved
 engine sends exactly one final message per job (done, error or cancelled), after which
 it never touches that job's slots again, so the worker may reuse them.
 
+It is also the source of truth for custom activations (docs/custom-activations.md): it
+loads ``--activations-file`` at its start, registers what workers forward (``register``,
+``unregister``; probe and self-test in its compute threads), and announces every change
+to every connected worker (``activation``, ``removed``), and everything it serves to a
+worker that says hello. Inline expressions arrive as text on the job and are resolved by
+its own ``ExpressionCache``, so the same expression from any worker batches here.
+
 Settings come from the parent as JSON in ``ACTSERVE_ENGINE_SETTINGS``. The parent holds
 the engine's standard input: when it closes it (or dies), the engine drains (accepted
 jobs finish) and exits 0. SIGINT and SIGTERM are ignored: a Ctrl-C or a signal sent to
@@ -22,7 +29,10 @@ import os
 import signal
 import sys
 
+import tomllib
+
 from service import dtypes
+from service.engine import custom
 from service.engine.engine import Engine
 from service.engine.ipc import channel
 from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
@@ -57,18 +67,82 @@ class EngineHost:
         self.reports: dict[Job, BatchReport] = {}
         self.engine.observe_batches(self._batch_done)
         self.engine.pool.on_readiness_change = lambda _ready: self._broadcast_state()
+        self.customs: dict[str, object] = {}  # name -> raw registration, in order
+        self.loaded = asyncio.Event()  # the activations file is in (or there is none)
+        self.fatal: str | None = None  # why the engine cannot serve (a bad file)
+        self.tasks: set[asyncio.Task] = set()
 
     # -- state ---------------------------------------------------------------------------
     def _state(self) -> list:
         e = self.engine
         failures = [[list(k), v] for k, v in e.capabilities.failures().items()]
-        return ["state", e.ready, "" if e.ready else e.not_ready_reason(), e.devices,
-                failures, e.restarts, e.waiting]
+        ready = e.ready and self.loaded.is_set() and self.fatal is None
+        if self.fatal is not None:
+            reason = self.fatal
+        elif not self.loaded.is_set() and e.ready:
+            reason = "loading the activations file"
+        else:
+            reason = "" if ready else e.not_ready_reason()
+        return ["state", ready, reason, e.devices, failures, e.restarts, e.waiting,
+                self.fatal is not None]
+
+    def _broadcast(self, message: list) -> None:
+        for w in self.workers:
+            w.send(message)
 
     def _broadcast_state(self) -> None:
-        state = self._state()
-        for w in self.workers:
-            w.send(state)
+        self._broadcast(self._state())
+
+    # -- custom activations ---------------------------------------------------------------
+    async def load_file(self) -> None:
+        """``--activations-file``: registered before the engine says it is ready; a bad
+        entry makes the engine's state fatal (the servers stop starting, naming it)."""
+        path = self.settings.activations_file
+        try:
+            for raw, where in custom.file_entries(path) if path else []:
+                await self._register(custom.build(raw, where), raw)
+        except (ActserveError, OSError, tomllib.TOMLDecodeError) as exc:
+            message = exc.message if isinstance(exc, ActserveError) else str(exc)
+            self.fatal = message if path in message else f"{path}: {message}"
+            log.error("engine: %s", self.fatal)
+        finally:
+            self.loaded.set()
+
+    async def _register(self, activation, raw: object) -> None:
+        await self.engine.register(activation)  # probe + self-test; 400 or 409
+        self.customs[activation.name] = raw
+        self._broadcast(["activation", raw])
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _register_for(self, worker: Worker, rid: int, raw: object) -> None:
+        """A worker's POST: every worker hears ``activation`` before the asker hears
+        ``registered`` (one stream, in order), so its registry has it when it answers."""
+        try:
+            await self.loaded.wait()
+            activation = custom.build(raw)
+            await self._register(activation, raw)
+        except ActserveError as exc:
+            worker.send(["registered", rid, exc.type, exc.message, None])
+        except Exception as exc:  # noqa: BLE001 - answered, never a hang
+            log.exception("engine: registering failed")
+            worker.send(["registered", rid, "internal_error", f"{type(exc).__name__}: {exc}",
+                         None])
+        else:
+            worker.send(["registered", rid, None, None, activation.describe()])
+
+    def _unregister_for(self, worker: Worker, rid: int, name: str) -> None:
+        try:
+            self.engine.unregister(name)  # 404 unknown, 400 built in
+        except ActserveError as exc:
+            worker.send(["registered", rid, exc.type, exc.message, None])
+            return
+        self.customs.pop(name, None)
+        self._broadcast(["removed", name])
+        worker.send(["registered", rid, None, None, None])
 
     # -- a worker's connection ------------------------------------------------------------
     async def serve_worker(self, reader: asyncio.StreamReader,
@@ -85,9 +159,15 @@ class EngineHost:
                     self._job(worker, message)
                 elif kind == "cancel":
                     self._cancel(worker, message[1])
+                elif kind == "register":
+                    self._spawn(self._register_for(worker, message[1], message[2]))
+                elif kind == "unregister":
+                    self._unregister_for(worker, message[1], message[2])
                 elif kind == "hello":
                     worker.pid = int(message[1])
                     worker.arena = Arena.attach(message[2])
+                    for raw in self.customs.values():  # what it serves, before its state
+                        worker.send(["activation", raw])
                     worker.send(self._state())
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away (or is stopping)
@@ -118,14 +198,18 @@ class EngineHost:
     # -- jobs ---------------------------------------------------------------------------
     def _job(self, worker: Worker, m: list) -> None:
         (_, jid, name, params, wire, shape, in_off, out_off, out_cap, compute, amp, amp_dtype,
-         inplace, deadline, priority, api, request_id, fault, outputs, report, upstream) = m
+         inplace, deadline, priority, api, request_id, fault, outputs, report, upstream,
+         expr) = m
         try:
             if worker.arena is None:
                 raise InvalidRequest("job before hello")
             storage = dtypes.STORAGE[wire]
             shape = tuple(shape)
             array = worker.arena.array(in_off, storage, shape)
-            job = Job(self.engine.registry.get(name), tuple(map(tuple, params)), array, wire,
+            # an unknown name (a custom one this engine does not have) is a clear 404
+            activation = self.engine.expressions.resolve(expr) if expr is not None \
+                else self.engine.registry.get(name)
+            job = Job(activation, tuple(map(tuple, params)), array, wire,
                       Mode(compute, amp, amp_dtype, inplace), deadline, priority, api,
                       request_id, fault=fault, out=worker.arena.view(out_off, out_cap),
                       outputs=tuple(outputs), report=frozenset(report))
@@ -197,8 +281,10 @@ async def serve(socket_path: str, settings: Settings) -> int:
         signal.signal(sig, signal.SIG_IGN)
     parent_gone = await _until_stdin_closes()
     await host.engine.start()
+    await host.load_file()
     host._broadcast_state()
-    log.info("engine ready=%s on %s", host.engine.ready, host.engine.devices)
+    log.info("engine ready=%s on %s; %d custom activations", host.engine.ready,
+             host.engine.devices, len(host.customs))
     await parent_gone
     host.engine.begin_drain()
     host._broadcast_state()

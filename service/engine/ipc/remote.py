@@ -11,6 +11,13 @@ per job; slots are freed only then, so the engine never writes into a reused slo
 If the engine process goes away, every job waiting on it is answered 503 at once,
 readiness turns false, and the connection is retried until the engine (restarted by
 whoever started it) is back and says it is ready.
+
+Custom activations live in the engine process (``host.py``): ``register_custom`` and
+``unregister_custom`` forward a registration and await the engine's answer; the engine
+announces every change to every worker, and this process keeps its registry (and the
+model statistics, through ``on_custom``) in step. On reconnecting to a restarted engine it
+sends back every custom activation it knows and stays not ready until each is answered.
+Inline expressions are parsed here (a 400 before anything is sent) and travel as text.
 """
 
 from __future__ import annotations
@@ -26,14 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service import dtypes
-from service.engine.activations import Registry
+from service.engine import custom
+from service.engine.activations import Activation, Registry
 from service.engine.capabilities import Capabilities
+from service.engine.inline import ExpressionCache
 from service.engine.ipc import channel
 from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
 from service.engine.ipc.process import EngineProcess
 from service.engine.job import BatchReport, Job, JobResult
 from service.engine.jobs import JobFactory
 from service.errors import (
+    ActserveError,
     DeadlineExceeded,
     Draining,
     InvalidRequest,
@@ -47,6 +57,10 @@ from service.settings import Settings
 log = logging.getLogger("actserve.engine")
 RECONNECT_S = (0.02, 0.5)  # first and longest pause between connection attempts
 _GONE = "the engine process went away while holding this request; retry"
+
+
+async def _checked_in_the_engine(activation: Activation) -> str | None:
+    return None  # never called here: the engine process checks inline expressions
 
 
 @dataclass(slots=True, eq=False)
@@ -84,6 +98,13 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
         self._first_state = asyncio.Event()
+        self.expressions = ExpressionCache(_checked_in_the_engine)
+        self.jobs.inline = self.expressions.resolve
+        self.customs: dict[str, object] = {}  # name -> raw registration, as the engine has it
+        self.on_custom: Callable[[str, bool], None] | None = None  # (name, added)
+        self._requests: dict[int, asyncio.Future] = {}  # registrations awaiting the engine
+        self._resync: set[int] = set()  # re-registrations after a reconnect, unanswered
+        self._fatal: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,13 +119,21 @@ class RemoteEngine:
         # The engine probes and self-tests its devices before it says it is ready.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._ready_event(), 300)
-        if not self._ready:
+        if self._fatal is not None:
+            await self.stop()
+            raise InvalidRequest(self._fatal)  # start-up stops, naming the problem
+        if not self._serving:
             log.error("engine not ready after warm-up: %s", self._reason)
 
     async def _ready_event(self) -> None:
-        while not self._ready:
+        while not self._serving and self._fatal is None:
             self._first_state.clear()
             await self._first_state.wait()
+
+    @property
+    def _serving(self) -> bool:
+        """The engine is ready and has every custom activation this process serves."""
+        return self._ready and not self._resync
 
     async def drain(self) -> None:
         self._draining = True
@@ -130,14 +159,18 @@ class RemoteEngine:
     # -- state ------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._ready and not self._draining
+        return self._serving and not self._draining
 
     @property
     def draining(self) -> bool:
         return self._draining
 
     def not_ready_reason(self) -> str:
-        return "draining" if self._draining else self._reason
+        if self._draining:
+            return "draining"
+        if self._ready and self._resync:
+            return "registering the custom activations again with the restarted engine"
+        return self._reason
 
     @property
     def waiting(self) -> int:
@@ -152,6 +185,74 @@ class RemoteEngine:
         of this process's jobs: summed over processes, each batch counts once."""
         self._observer = observer
 
+    # -- custom activations (the engine process holds them) ------------------------------
+    async def register_custom(self, raw: object) -> dict:
+        """Forward a raw registration (already built here: its 400s are local); the
+        engine's catalogue entry once it serves it, and this registry has it too."""
+        return await self._ask("register", raw)
+
+    async def unregister_custom(self, name: str) -> None:
+        await self._ask("unregister", name)
+
+    async def _ask(self, kind: str, payload: object):
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._requests[rid] = future
+        try:
+            if not self._send([kind, rid, payload]):
+                raise Unavailable("the engine process is restarting; retry")
+            try:
+                return await asyncio.wait_for(future, channel.REGISTER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise Unavailable(f"the engine process did not answer within "
+                                  f"{channel.REGISTER_TIMEOUT_S:g} s; retry") from None
+        finally:
+            self._requests.pop(rid, None)
+
+    def _activation(self, raw: object) -> None:
+        try:
+            act = custom.build(raw)  # no self-test: the engine ran it
+        except ActserveError:
+            log.exception("the engine announced an activation this process cannot build")
+            return
+        act.fusion.note = None  # compiled (or not) in the engine process; not shown here
+        self.registry.add(act)
+        self.customs[act.name] = raw
+        if self.on_custom is not None:
+            self.on_custom(act.name, True)
+
+    def _removed(self, name: str) -> None:
+        self.registry.remove(name)
+        self.capabilities.forget(name)
+        self.customs.pop(name, None)
+        if self.on_custom is not None:
+            self.on_custom(name, False)
+
+    def _registered(self, rid: int, error_type: str | None, message: str | None,
+                    entry: dict | None) -> None:
+        if rid in self._resync:
+            self._resync.discard(rid)
+            if error_type not in (None, "conflict"):  # conflict: another worker was first
+                log.error("re-registering with the restarted engine failed: %s", message)
+            if not self._resync:
+                self._first_state.set()
+            return
+        future = self._requests.get(rid)
+        if future is None or future.done():
+            return
+        if error_type is None:
+            future.set_result(entry)
+        else:
+            future.set_exception(channel.error_from(error_type, message))
+
+    def _register_again(self) -> None:
+        """After a reconnect: the engine may be a new one that has none of them."""
+        self._resync = set()
+        for raw in list(self.customs.values()):
+            rid = next(self._ids)
+            self._resync.add(rid)
+            self._send(["register", rid, raw])
+
     # -- the request path ---------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
         self.registry.get(name)  # 404 when unknown
@@ -162,8 +263,8 @@ class RemoteEngine:
     def admit(self) -> None:
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
-        if not self._ready:
-            raise NotReady(f"the server is not ready ({self._reason})")
+        if not self._serving:
+            raise NotReady(f"the server is not ready ({self.not_ready_reason()})")
         if len(self._pending) >= self.settings.max_queue_requests:
             raise QueueFull(
                 f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry")
@@ -228,7 +329,8 @@ class RemoteEngine:
             "job", jid, job.activation.name, list(job.params), job.wire_dtype,
             list(job.array.shape), p.in_off, p.out_off, p.out_bytes, m.compute_dtype, m.amp,
             m.amp_dtype, m.inplace, job.deadline, job.priority, job.api, job.request_id,
-            job.fault, list(job.outputs), sorted(job.report), job.grad_output is not None])
+            job.fault, list(job.outputs), sorted(job.report), job.grad_output is not None,
+            job.activation.formula if self.expressions.is_inline(job.activation) else None])
         if not p.sent:
             self._resolve(jid, error=Unavailable(_GONE))
         return True
@@ -306,6 +408,7 @@ class RemoteEngine:
             pause = RECONNECT_S[0]
             self._writer = writer
             writer.write(channel.pack(["hello", os.getpid(), self._arena.name]))
+            self._register_again()
             try:
                 while True:
                     self._on_message(await channel.receive(reader))
@@ -320,6 +423,10 @@ class RemoteEngine:
             self._reason = "the engine process is restarting"
             log.error("lost the engine process; failing %d waiting requests", len(self._pending))
             self._fail_all(Unavailable(_GONE))
+            self._resync = set()
+            for future in self._requests.values():
+                if not future.done():
+                    future.set_exception(Unavailable(_GONE))
             self._first_state.set()
 
     def _on_message(self, m: list) -> None:
@@ -346,8 +453,16 @@ class RemoteEngine:
             self._resolve(jid, error=channel.error_from(error_type, message))
         elif kind == "cancelled":
             self._forget(m[1])
+        elif kind == "activation":
+            self._activation(m[1])
+        elif kind == "removed":
+            self._removed(m[1])
+        elif kind == "registered":
+            self._registered(*m[1:])
         elif kind == "state":
-            _, ready, reason, devices, failures, restarts, waiting = m
+            _, ready, reason, devices, failures, restarts, waiting, fatal = m
+            if fatal:
+                self._fatal = reason
             self.capabilities.record({tuple(k): v for k, v in failures})
             self.devices = devices
             self.restarts = restarts + (self._process.restarts if self._process else 0)
