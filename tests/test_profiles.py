@@ -120,3 +120,18 @@ def test_with_workers_any_worker_serves_the_trace():
         for _ in range(12):
             got = httpx.get(url + path, headers={"connection": "close"}, timeout=30)
             assert got.status_code == 200 and "traceEvents" in got.json()
+
+
+def test_an_engine_process_trace_too_big_for_a_control_message_is_dropped_with_a_note():
+    """The engine process passes a profile's trace on its "done" message: one over the
+    message limit is replaced by a note, so the connection (and every request on it) is
+    never put at risk; a small one travels as text."""
+    from service.engine.ipc import channel
+    from service.engine.ipc.host import _reports_out
+
+    big = {"profile": {"operators": [], "trace": b"x" * (channel.MAX_TRACE + 1)}}
+    out = _reports_out(big)["profile"]
+    assert out["trace"] is None and "--engine inline" in out["trace_note"]
+    assert len(channel.pack(["done", 1, out])) < channel.MAX_MESSAGE
+    small = _reports_out({"profile": {"operators": [], "trace": b'{"traceEvents": []}'}})
+    assert small["profile"]["trace"] == '{"traceEvents": []}'

@@ -42,7 +42,8 @@ from service.errors import STATUS_TABLE, ActserveError, Unavailable
 HEAD = struct.Struct("<I")
 SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engine process
 SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"  # the engine process's settings, as JSON
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 8 << 20  # a profile's trace rides on its "done"
+MAX_TRACE = MAX_MESSAGE - (64 << 10)  # the rest of that message fits in 64 KiB
 REGISTER_TIMEOUT_S = 60.0  # a registration's probe and self-test in every compute thread
 
 ERRORS: dict[str, type[ActserveError]] = {cls.type: cls for cls in STATUS_TABLE}

@@ -263,10 +263,18 @@ class EngineHost:
 
 
 def _reports_out(reports: dict) -> dict:
-    """Reports as the channel carries them: a profile's trace (JSON bytes) as text."""
-    trace = reports.get("profile", {}).get("trace")
+    """Reports as the channel carries them: a profile's trace (JSON bytes) as text, unless
+    it would not fit in one control message (then the answer says so instead)."""
+    profile = reports.get("profile")
+    trace = profile.get("trace") if profile else None
     if isinstance(trace, bytes):
-        reports["profile"]["trace"] = trace.decode()
+        if len(trace) > channel.MAX_TRACE:
+            profile["trace"] = None
+            profile["trace_note"] = (f"the trace ({len(trace)} bytes) is over the "
+                                     f"{channel.MAX_TRACE} bytes the engine process passes "
+                                     "on; profile with --engine inline for this one")
+        else:
+            profile["trace"] = trace.decode()
     return reports
 
 
