@@ -76,7 +76,8 @@ def server(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("acts") / "acts.toml"
     path.write_text(f'[[activation]]\nname = "{FILE_GATE["name"]}"\nexpr = "{FILE_GATE["expr"]}"\n')
     env = {**MODES[request.param], "ACTSERVE_ACTIVATIONS_FILE": str(path),
-           "ACTSERVE_MAX_DELAY_US": "200000", "ACTSERVE_MAX_BATCH_REQUESTS": "4"}
+           "ACTSERVE_MAX_DELAY_US": "200000", "ACTSERVE_MAX_BATCH_REQUESTS": "4",
+           "ACTSERVE_ALLOW_PROFILE": "true"}
     with subprocess_server(env) as (proc, url):
         yield request.param, proc, url
         proc.send_signal(signal.SIGTERM)
@@ -166,3 +167,19 @@ def test_delete_removes_it_everywhere(server):
     # registered again after the delete: served everywhere again
     assert httpx.post(url + "/v1/activations", json=ELU, timeout=60).status_code == 201
     served_everywhere(url, ELU)
+
+
+def test_a_profile_trace_downloads_from_any_worker(server):
+    """A profiled request (docs/lab.md) runs on one worker (or in the engine process); its
+    Chrome trace downloads on every fresh connection, whichever worker takes it."""
+    mode, _, url = server
+    r = httpx.post(url + "/v1/activations/tanh", json={"data": [0.5] * 100,
+                                                       "report": ["profile"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    path = r.json()["report"]["profile"]["trace_url"]
+    prefixes = set()
+    for _ in range(FRESH):
+        got = get_fresh(url, path)
+        assert got.status_code == 200 and "traceEvents" in got.json()
+        prefixes.add(got.headers["x-request-id"].split("-")[0])
+    assert len(prefixes) == int(MODES[mode]["ACTSERVE_WORKERS"])  # every worker served it

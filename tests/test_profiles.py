@@ -106,22 +106,6 @@ def test_traces_as_files_expire_and_are_bounded(tmp_path):
     assert other.get(b) is None and len(traces) == 0
 
 
-def test_with_workers_any_worker_serves_the_trace():
-    """--workers 2: the profile runs on one worker; the trace downloads from either (12 fresh
-    connections, which the kernel spreads over both workers)."""
-    from .conftest import subprocess_server
-
-    env = {"ACTSERVE_WORKERS": "2", "ACTSERVE_ALLOW_PROFILE": "true"}
-    with subprocess_server(env) as (_, url):
-        r = httpx.post(url + "/v1/activations/tanh", json={"data": [0.5] * 100,
-                                                           "report": ["profile"]}, timeout=60)
-        assert r.status_code == 200, r.text
-        path = r.json()["report"]["profile"]["trace_url"]
-        for _ in range(12):
-            got = httpx.get(url + path, headers={"connection": "close"}, timeout=30)
-            assert got.status_code == 200 and "traceEvents" in got.json()
-
-
 def test_an_engine_process_trace_too_big_for_a_control_message_is_dropped_with_a_note():
     """The engine process passes a profile's trace on its "done" message: one over the
     message limit is replaced by a note, so the connection (and every request on it) is
