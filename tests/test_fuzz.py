@@ -310,3 +310,36 @@ def test_fuzz_left_the_server_serving(target):
     r = c.post("/v1/activations/relu", params={"shape": "2"}, content=struct.pack("<2f", -1, 3),
                headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200 and struct.unpack("<2f", r.content) == (0.0, 3.0)
+
+
+lab_names = st.one_of(st.sampled_from(["output", "grad", "input", "grad_output", "", "GRAD"]),
+                      st.integers(-1, 3), st.none(), st.lists(st.just("grad"), max_size=2),
+                      st.dictionaries(st.just("a"), st.integers(), max_size=1))
+
+
+@FUZZ
+@given(outputs=st.lists(st.one_of(st.fixed_dictionaries({"name": lab_names}), lab_names,
+                                  st.fixed_dictionaries({"name": lab_names, "parameters":
+                                                         st.dictionaries(st.sampled_from(
+                                                             ["binary_data", "shared_memory_region",
+                                                              "zzz"]), json_values, max_size=2)})),
+                        max_size=3),
+       second=st.one_of(st.none(), st.fixed_dictionaries({
+           "name": lab_names, "datatype": st.sampled_from(["FP32", "FP16", "INT8", 3]),
+           "shape": st.one_of(st.just([3]), st.just([2]), st.lists(st.integers(-1, 4), max_size=2)),
+           "data": st.one_of(st.just([1.0, 2.0, 3.0]), st.just([]), json_values)})),
+       report=st.one_of(st.none(), st.sampled_from(["numerics", "profile", "numerics,grad", ""]),
+                        json_values),
+       binary=st.booleans())
+def test_v2_gradient_and_report_fields(target, outputs, second, report, binary):
+    """The lab's v2 fields (a second input, requested outputs output/grad, parameters.report)
+    with hostile values: a 2xx or a 4xx with an error, never a 5xx."""
+    _, _, c = target
+    inputs = [{"name": "input", "shape": [3], "datatype": "FP32", "data": [1.0, -2.0, 0.5]}]
+    if second is not None:
+        inputs.append(second)
+    body = {"inputs": inputs, "outputs": outputs, "parameters": {"binary_data_output": binary}}
+    if report is not None:
+        body["parameters"]["report"] = report
+    _ok(c.post("/v2/models/elu/infer", content=json.dumps(body),  # Infinity tokens too
+               headers={"content-type": "application/json"}))
