@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service import dtypes
-from service.engine.compute import TORCH_DTYPES
+from service.engine.compute import NAMES, TORCH_DTYPES, tensor_storage, wire_tensor
 
 from .conftest import REGISTRY, same_bits
 from .gates import held
@@ -29,10 +29,7 @@ def autograd(name: str, values: np.ndarray, wire: str, params: dict, compute: st
     differentiated with ``torch.autograd.grad`` with respect to the input as sent."""
     act = REGISTRY.get(name)
     kwargs = dict(act.parse_params(params))
-    storage = np.array(values, copy=True)
-    x = torch.from_numpy(storage.view(np.int16)).view(torch.bfloat16) if wire == "bfloat16" \
-        else torch.from_numpy(storage)
-    x.requires_grad_(True)
+    x = wire_tensor(np.array(values, copy=True), wire).requires_grad_(True)
     xc = x.to(TORCH_DTYPES[compute]) if compute else x
     if amp:
         dt = TORCH_DTYPES[amp_dtype] if amp_dtype else torch.bfloat16
@@ -43,19 +40,13 @@ def autograd(name: str, values: np.ndarray, wire: str, params: dict, compute: st
     if upstream is None:
         g = torch.ones_like(y)
     else:
-        u = np.array(upstream, copy=True)
-        g = (torch.from_numpy(u.view(np.int16)).view(torch.bfloat16) if wire == "bfloat16"
-             else torch.from_numpy(u)).to(y.dtype)
+        g = wire_tensor(np.array(upstream, copy=True), wire).to(y.dtype)
     (grad,) = torch.autograd.grad(y, x, g)
     return _storage(y.detach()), _storage(grad)
 
 
 def _storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    name = {v: k for k, v in TORCH_DTYPES.items()}[t.dtype]
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16), name
-    return t.numpy(), name
+    return tensor_storage(t.contiguous()), NAMES[t.dtype]
 
 
 def binary_request(spec: dict, values: np.ndarray, upstream: np.ndarray | None,

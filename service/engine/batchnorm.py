@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from service.engine.params import refuse_unknown
 from service.errors import InvalidRequest, echo
 
 MAX_CHANNELS = 4096
@@ -68,10 +69,7 @@ def parse(raw: object, where: str) -> BatchNorm:
     "eps"?: 1e-5}`` (weight defaults to ones, bias to zeros, as a fresh module's)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with running_mean and running_var")
-    extra = set(raw) - {"running_mean", "running_var", "weight", "bias", "eps"}
-    if extra:
-        raise InvalidRequest(f"{where}: unknown field {echo(sorted(extra)[0])}; allowed: "
-                             "running_mean, running_var, weight, bias, eps")
+    refuse_unknown(raw, ("running_mean", "running_var", "weight", "bias", "eps"), where)
     mean = _vector(raw.get("running_mean"), f"{where}.running_mean", None)
     n = len(mean)
     var = _vector(raw.get("running_var"), f"{where}.running_var", n)

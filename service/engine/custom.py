@@ -16,7 +16,7 @@ import tomllib
 from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
 from service.engine.fusion import Slot
-from service.engine.params import BoolParam, FloatParam
+from service.engine.params import BoolParam, FloatParam, refuse_unknown
 from service.errors import Conflict, InvalidRequest, echo
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -69,10 +69,8 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    unknown = set(raw) - {"name", "expr", "params", "batch_norm", "batchnorm"}
-    if unknown:
-        raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; "
-                             "allowed: name, expr, params, batch_norm (or batchnorm)")
+    refuse_unknown(raw, ("name", "expr", "params", "batch_norm", "batchnorm"), where,
+                   "name, expr, params, batch_norm (or batchnorm)")
     if "batch_norm" in raw and "batchnorm" in raw:
         raise InvalidRequest(f"{where}: give batch_norm or its spelling batchnorm, not both")
     name = raw.get("name")
@@ -122,10 +120,7 @@ def _params(raw: object, where: str) -> tuple[FloatParam, ...]:
             raise InvalidRequest(f"{where}: {echo(pname)} is not a usable param name")
         if not isinstance(spec, Mapping):
             spec = {"default": spec}
-        extra = set(spec) - {"default", "min", "max", "doc"}
-        if extra:
-            raise InvalidRequest(f"{where}.{pname}: unknown field {echo(sorted(extra)[0])}; "
-                                 "allowed: default, min, max, doc")
+        refuse_unknown(spec, ("default", "min", "max", "doc"), f"{where}.{pname}")
         low = _num(spec.get("min", -_BIG), f"{where}.{pname}.min")
         high = _num(spec.get("max", _BIG), f"{where}.{pname}.max")
         if "default" not in spec:

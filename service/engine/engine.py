@@ -42,9 +42,8 @@ class Engine:
         self.pool = ExecutorPool(executors, self.registry, self.capabilities,
                                  restart_limit=settings.executor_restart_limit)
         self.batcher = Batcher(settings, self.pool)
-        self.jobs = JobFactory(settings, self.capabilities)
         self.expressions = ExpressionCache(self.check_activation)
-        self.jobs.inline = self.expressions.resolve
+        self.jobs = JobFactory(settings, self.capabilities, self.expressions.resolve)
         self._accuracy: dict[tuple[str, int], dict] = {}
         self.fuser = fusion.Fuser(settings.fusion, self.devices[0])
 

@@ -28,11 +28,11 @@ INLINE_NAME = "expr"  # activations.INLINE
 class JobFactory:
     """Turns decoded arrays and raw settings into validated ``Job`` objects."""
 
-    def __init__(self, settings: Settings, capabilities: Capabilities) -> None:
+    def __init__(self, settings: Settings, capabilities: Capabilities,
+                 inline: Callable[[object], Activation]) -> None:
         self.settings = settings
         self.capabilities = capabilities
-        # text -> the inline expression's activation (inline.py); None: not available here
-        self.inline: Callable[[object], Activation] | None = None
+        self.inline = inline  # text -> the inline expression's activation (inline.py)
 
     def build(
         self,
@@ -126,9 +126,6 @@ class JobFactory:
                 raise InvalidRequest(f"{where}: expr is read only by the 'expr' activation "
                                      "(POST /v1/activations/expr, v2 model 'expr')")
             return activation
-        if self.inline is None:
-            raise InvalidRequest("inline expressions need --engine inline: the shared engine "
-                                 "process (--engine process) serves the built-in ones only")
         if text is None:
             raise InvalidRequest(f"{where}: send the expression to compute as expr "
                                  "(JSON field, query or v2 parameter), e.g. relu(x) * sigmoid(x)")

@@ -21,15 +21,10 @@ import torch
 from service import dtypes
 from service.engine.compute import NAMES, apply_alone, wire_tensor
 from service.engine.job import Job, Mode
+from service.engine.reference import lone_job
 
 FLOAT64 = Mode("float64", False, None, False)
 FLOAT32 = Mode("float32", False, None, False)
-
-
-def _lone(job: Job, mode: Mode) -> Job:
-    """``job``'s activation and params under another mode (value only)."""
-    return Job(activation=job.activation, params=job.params, array=job.array,
-               wire_dtype=job.wire_dtype, mode=mode, deadline=math.inf)
 
 
 def _precision(dtype: torch.dtype) -> tuple[int, int]:
@@ -80,8 +75,10 @@ def report(job: Job, answer: torch.Tensor) -> dict:
     """The numerics report of ``job``'s ``answer`` (the value returned, on any device)."""
     device = answer.device
     x = wire_tensor(job.array, job.wire_dtype)
-    exact = apply_alone(_lone(job, FLOAT64), x.to(device)).cpu()
-    f32 = apply_alone(_lone(job, FLOAT32), x.to(device)).to(answer.dtype)
+    exact = apply_alone(lone_job(job.activation, job.params, job.array, job.wire_dtype, FLOAT64),
+                        x.to(device)).cpu()
+    f32 = apply_alone(lone_job(job.activation, job.params, job.array, job.wire_dtype, FLOAT32),
+                      x.to(device)).to(answer.dtype)
     out = {
         "dtype": NAMES[answer.dtype],
         "compute_dtype": job.compute_dtype,
@@ -131,8 +128,7 @@ def sweep(activation, device: torch.device, refuse) -> list[dict]:
             if problem:
                 rows.append({**row, "unsupported": problem})
                 continue
-            job = Job(activation=activation, params=params, array=array, wire_dtype=wire,
-                      mode=mode, deadline=math.inf)
+            job = lone_job(activation, params, array, wire, mode)
             y = apply_alone(job, wire_tensor(array, wire).to(device))
             r = report(job, y)
             rows.append({**row, "out_dtype": r["dtype"], "max_abs_error": r["max_abs_error"],

@@ -10,6 +10,14 @@ from dataclasses import dataclass
 
 from service.errors import InvalidRequest, echo
 
+
+def refuse_unknown(raw, allowed: tuple[str, ...], where: str, shown: str = "") -> None:
+    """400 naming the first field of ``raw`` that is not in ``allowed``."""
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown field {echo(sorted(unknown)[0])}; allowed: "
+                             f"{shown or ', '.join(allowed)}")
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 

@@ -79,7 +79,8 @@ class RemoteEngine:
         self.settings = settings
         self.registry = Registry()
         self.capabilities = Capabilities()
-        self.jobs = JobFactory(settings, self.capabilities)
+        self.expressions = ExpressionCache(_checked_in_the_engine)
+        self.jobs = JobFactory(settings, self.capabilities, self.expressions.resolve)
         self.devices: list[str] = []
         self.restarts = 0
         self.engine_waiting = 0
@@ -98,8 +99,6 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
         self._first_state = asyncio.Event()
-        self.expressions = ExpressionCache(_checked_in_the_engine)
-        self.jobs.inline = self.expressions.resolve
         self.customs: dict[str, object] = {}  # name -> raw registration, as the engine has it
         self.on_custom: Callable[[str, bool], None] | None = None  # (name, added)
         self._requests: dict[int, asyncio.Future] = {}  # registrations awaiting the engine
