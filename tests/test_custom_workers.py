@@ -22,7 +22,15 @@ from service.engine.reference import reference
 from service.engine.selftest import sample
 
 from .conftest import same_bits, subprocess_server
-from .test_workers import get_fresh, pid_gone, run_dirs, status_or_none, wait_until
+from .test_workers import (
+    get_fresh,
+    pid_gone,
+    restarted,
+    run_dirs,
+    status_or_none,
+    wait_until,
+    worker_pid,
+)
 from .test_workers_engine import engines
 
 pytestmark = pytest.mark.slow
@@ -106,16 +114,10 @@ def test_a_killed_worker_comes_back_serving_it(server):
     mode, _, url = server
     if MODES[mode]["ACTSERVE_WORKERS"] == "1":
         pytest.skip("one server process: no supervisor restarts it")
-    victim = get_fresh(url, "/v1/stats").json()["workers"][1]["pid"]
+    victim = worker_pid(url, 1)
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: pid_gone(victim), 30, "the worker's death")
-
-    def back() -> bool:
-        r = status_or_none(url, "/v1/stats")
-        return r is not None and r.status_code == 200 and r.json()["ready"] \
-            and r.json()["workers"][1]["pid"] != victim
-
-    wait_until(back, 120, "worker 1 restarted")
+    wait_until(lambda: restarted(url, 1, victim), 120, "worker 1 restarted")
     assert len(served_everywhere(url, ELU, {"alpha": 0.25})) == 2  # the new worker too
     served_everywhere(url, FILE_GATE)
 

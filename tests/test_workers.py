@@ -71,6 +71,21 @@ def run_dirs(pid: int) -> list[Path]:
     return [p for p in base_dir().iterdir() if p.name.startswith(f"actserve-{pid}-")]
 
 
+def worker_pid(url: str, slot: int) -> int | None:
+    """The pid /v1/stats reports for worker ``slot``; None while that worker is missing
+    from the answer (dead, restarting, or too slow to answer its peer)."""
+    r = status_or_none(url, "/v1/stats")
+    if r is None or r.status_code != 200 or not r.json()["ready"]:
+        return None
+    return next((w["pid"] for w in r.json()["workers"] if w["slot"] == slot), None)
+
+
+def restarted(url: str, slot: int, old_pid: int) -> bool:
+    """The server is ready and worker ``slot`` answers with a pid other than ``old_pid``."""
+    pid = worker_pid(url, slot)
+    return pid is not None and pid != old_pid
+
+
 def wait_until(predicate, timeout: float, what):
     """Poll ``predicate`` until it is true (bounded); ``what``: a text, or a function giving
     one at the time of the failure."""

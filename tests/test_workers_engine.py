@@ -18,13 +18,14 @@ from service.engine.ipc import arena
 from .conftest import same_bits, subprocess_server
 from .test_workers import (
     exact_silu_answers,
-    get_fresh,
     pid_gone,
     post_fresh,
     post_silu_all,
+    restarted,
     run_dirs,
     status_or_none,
     wait_until,
+    worker_pid,
 )
 
 pytestmark = pytest.mark.slow
@@ -97,18 +98,10 @@ def test_killed_workers_leave_no_shared_memory_behind(server):
     before = arenas()
     assert len(before) >= 2  # one arena per worker
     for _ in range(5):
-        victim = get_fresh(url, "/v1/stats").json()["workers"][1]["pid"]
+        victim = worker_pid(url, 1)
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda v=victim: pid_gone(v), 30, "the worker's death")
-
-        def back(v=victim) -> bool:
-            r = status_or_none(url, "/v1/stats")
-            if r is None or r.status_code != 200:
-                return False
-            body = r.json()
-            return body["ready"] and body["workers"][1]["pid"] != v
-
-        wait_until(back, 120, "worker 1 restarted")
+        wait_until(lambda v=victim: restarted(url, 1, v), 120, "worker 1 restarted")
         assert post_fresh(port)[0] == 200
         # the dead worker's arena is gone (the engine unlinks it when it sees the worker go)
         wait_until(lambda: len(arenas()) == len(before), 30, lambda: f"arenas {arenas()}")
