@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from service.engine.ipc import arena as arena_mod
 from service.engine.ipc.remote import RemoteEngine
 
-from .conftest import serve
+from .conftest import reference, serve
 from .test_correctness import _send_all, check_concurrent, request_spec
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,59 @@ def test_json_v2_and_errors_through_the_engine(proc_server):
         assert c.get("/readyz").json()["devices"] == ["cpu"]
         # the capability table came from the engine's probe
         assert isinstance(c.get("/v1/activations").json()["unsupported"], list)
+
+
+def test_large_binary_bodies_are_read_straight_into_the_arena(proc_server):
+    """Native binary and v2 binary bodies of 64 KiB and more land in an arena slot as they
+    arrive and go to the engine from there; the answers are exact either way."""
+    import gzip
+
+    eng = proc_server.engine
+    x = np.linspace(-4, 4, 1 << 18, dtype=np.float32)
+    want, _ = reference("gelu", x, "float32")
+    binary = {"content-type": "application/octet-stream"}
+    with httpx.Client(base_url=proc_server.url, timeout=60) as c:
+        before = eng.bodies_in_place
+        r = c.post("/v1/activations/gelu", params={"shape": str(x.size)}, content=x.tobytes(),
+                   headers=binary)
+        assert r.status_code == 200
+        assert np.array_equal(np.frombuffer(r.content, np.float32), want)
+        assert eng.bodies_in_place == before + 1
+        # the v2 binary extension: the tensor after a JSON header of any length
+        header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                           "shape": [x.size],
+                                           "parameters": {"binary_data_size": x.nbytes}}],
+                               "outputs": [{"name": "output",
+                                            "parameters": {"binary_data": True}}]})
+        r = c.post("/v2/models/gelu/infer", content=header + x.tobytes(),
+                   headers={"inference-header-content-length": str(len(header))})
+        assert r.status_code == 200
+        at = int(r.headers["inference-header-content-length"])
+        assert np.array_equal(np.frombuffer(r.content[at:], np.float32), want)
+        assert eng.bodies_in_place == before + 2
+        # input and upstream gradient in one body
+        g = np.full(x.size, 0.5, dtype=np.float32)
+        r = c.post("/v1/activations/tanh", params={"shape": str(x.size), "grad_output": "true",
+                                                    "outputs": "value,grad"},
+                   content=x.tobytes() + g.tobytes(), headers=binary)
+        assert r.status_code == 200
+        assert eng.bodies_in_place == before + 3
+        value = np.frombuffer(r.content[:x.nbytes], np.float32)
+        assert np.array_equal(value, reference("tanh", x, "float32")[0])
+        # an encoded body, a small body and JSON are read as before, and are exact too
+        r = c.post("/v1/activations/gelu", params={"shape": str(x.size)},
+                   content=gzip.compress(x.tobytes()),
+                   headers={**binary, "content-encoding": "gzip"})
+        assert np.array_equal(np.frombuffer(r.content, np.float32), want)
+        r = c.post("/v1/activations/gelu", params={"shape": "1000"}, content=x[:1000].tobytes(),
+                   headers=binary)
+        assert np.array_equal(np.frombuffer(r.content, np.float32), want[:1000])
+        # a body that breaks its promise gives its slot back
+        r = c.post("/v1/activations/gelu", params={"shape": "5"}, content=x.tobytes(),
+                   headers=binary)
+        assert r.status_code == 400
+        assert eng.bodies_in_place == before + 3
+    _wait(lambda: eng._arena.used == 0 and eng._lender.held == 0)
 
 
 def test_batches_form_in_the_engine():

@@ -54,3 +54,9 @@ class Codec(Protocol):
 
     def encode(self, job: Job, answer: Any, result: JobResult) -> Encoded:
         ...
+
+    def tensor_at(self, wire: Wire) -> int | None:
+        """Where the first tensor's raw bytes start in a body of this format (so the body
+        can be read straight into memory the engine lends, tensor aligned), or None when
+        the body is not raw tensor bytes (JSON)."""
+        ...

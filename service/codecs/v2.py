@@ -568,5 +568,11 @@ class V2Codec:
             headers["Content-Encoding"] = compression
         return Encoded(body, media, headers)
 
+    def tensor_at(self, wire: Wire) -> int | None:
+        """The binary extension's tensors follow the JSON header; a header length that is
+        not a plain number is left to ``decode`` to refuse."""
+        text = (wire.header_length or "").strip()
+        return int(text) if text.isdigit() and text.isascii() and len(text) < 12 else None
+
 
 CODEC = V2Codec()

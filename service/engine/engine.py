@@ -177,6 +177,11 @@ class Engine:
         """Raise what ``submit`` would raise for overload, before a body is read."""
         self.batcher.admit()
 
+    def lend_body(self, nbytes: int, tensor_at: int) -> None:
+        """Inline, a body is computed from where it was read: nothing to lend (the engine
+        process lends arena room, ``ipc/lending.py``)."""
+        return None
+
     def submit(self, job: Job) -> asyncio.Future:
         """Queue ``job``; the future resolves exactly once (see ``Batcher``). An inline
         expression's first request waits for its checks (``inline.py``) first."""

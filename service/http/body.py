@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
 from service.codecs.jsonbound import VALUE_SLACK
@@ -44,13 +45,16 @@ def declared_size(request: Request, limit: int) -> int | None:
 async def read_body(request: Request, size: int | None, limit: int,
                     timeout_s: float = 30.0, budget: BodyBudget | None = None,
                     granted: int = 0, min_rate: int = 0,
-                    max_values: int | None = None) -> tuple[bytearray, int]:
+                    max_values: int | None = None,
+                    into: np.ndarray | None = None) -> tuple[bytearray | np.ndarray, int]:
     """The whole (inflated) body of ``declared_size`` ``size`` and the bytes it now holds
     of ``budget`` (``granted`` plus what inflating charged), or an error: 413 over
     ``limit``, 408 when the client takes longer than ``timeout_s`` to send it, or, holding
     a share of the budget, sends slower than ``min_rate`` bytes/s on average after a
     one-second grace. A JSON body inflating to more than ``max_values`` values (plus the
-    request's other fields) is refused as soon as it does (413)."""
+    request's other fields) is refused as soon as it does (413). ``into``: bytes of exactly
+    ``size`` to read a plain (not encoded) body into, returned as the body; an encoded body
+    is read as usual."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     fired: list[str] = []
@@ -76,7 +80,7 @@ async def read_body(request: Request, size: int | None, limit: int,
         rate_timer = loop.call_later(RATE_GRACE_S, check_rate)
     charge = _Charge(budget)
     try:
-        body = await _read_body(request, size, limit, progress, charge, max_values)
+        body = await _read_body(request, size, limit, progress, charge, max_values, into)
         return body, granted + charge.held
     except asyncio.CancelledError:
         charge.release()
@@ -133,7 +137,8 @@ class _Charge:
 
 
 async def _read_body(request: Request, size: int | None, limit: int, progress: _Progress,
-                     charge: _Charge, max_values: int | None) -> bytearray:
+                     charge: _Charge, max_values: int | None,
+                     into: np.ndarray | None) -> bytearray | np.ndarray:
     receive = request.receive  # the ASGI channel itself: no stream wrapper per request
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity", "gzip", "deflate"):
@@ -145,6 +150,8 @@ async def _read_body(request: Request, size: int | None, limit: int, progress: _
         _Inflater(encoding, limit, charge, json_values)
     if size is None:
         body = await _read_chunked(receive, limit, progress, inflater)
+    elif inflater is None and into is not None and into.nbytes == size:
+        body = await _read_into(receive, into, progress)
     else:
         body = await _read_sized(receive, size, progress, inflater)
     if inflater is None:
@@ -160,6 +167,29 @@ async def _read_sized(receive, size: int, progress: _Progress, inflater) -> byte
         raise InvalidRequest(
             f"the body has {progress.received} bytes but Content-Length says {size}")
     return body
+
+
+async def _read_into(receive, into: np.ndarray, progress: _Progress) -> np.ndarray:
+    """A plain body of a declared size, each piece copied where it belongs in ``into`` as
+    it arrives (no joining copy)."""
+    size = into.nbytes
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        at = progress.received
+        progress.received += len(chunk)
+        if progress.received > size:
+            raise InvalidRequest(f"the body is longer than its Content-Length ({size})")
+        if chunk:
+            into[at:progress.received] = np.frombuffer(chunk, np.uint8)
+        if not message.get("more_body", False):
+            break
+    if progress.received != size:
+        raise InvalidRequest(
+            f"the body has {progress.received} bytes but Content-Length says {size}")
+    return into
 
 
 async def _read_chunked(receive, limit: int, progress: _Progress, inflater,

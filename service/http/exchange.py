@@ -27,6 +27,7 @@ from service.http.parts_response import PartsResponse
 from service.http.services import Services
 
 CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
+LEND_BYTES = 64 << 10  # binary bodies this large are read straight into engine memory
 WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
 
 
@@ -64,6 +65,7 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
     status = 500
     t_decoded = t_computed = t0
     granted = 0
+    lent = None
     try:
         engine.admit()  # overload is refused before the body is read
         limit = settings.max_request_bytes
@@ -71,9 +73,11 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
         # unknown (chunked) size: claim the limit
         granted = await svc.bodies.acquire(limit if size is None else size,
                                            settings.body_timeout_s)
+        lent = _lend(engine, codec, wire, request, size)
         body, granted = await read_body(request, size, limit, settings.body_timeout_s,
                                         svc.bodies, granted, settings.min_body_rate_bytes_s,
-                                        settings.max_batch_elements)
+                                        settings.max_batch_elements,
+                                        lent.view if lent is not None else None)
         bytes_in = len(body)
         if activation is None:
             activation = engine.registry.get(name)  # raises UnknownActivation
@@ -126,11 +130,26 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
     finally:
         if result is not None:
             _release(result)  # no response took the lent memory
+        if lent is not None:
+            lent.release()  # a no-op when the job took the slot
         svc.bodies.release(granted)
         now = time.perf_counter()
         recorder.record(api, label, status, total=now - t0, decode=t_decoded - t0,
                         encode=now - t_computed if result is not None else 0.0, job=job,
                         result=result, bytes_in=bytes_in, bytes_out=bytes_out)
+
+
+def _lend(engine: Engine, codec: Codec, wire: Wire, request: Request, size: int | None):
+    """Room the engine lends to read a large plain binary body into, or None."""
+    if size is None or size < LEND_BYTES:
+        return None
+    if request.headers.get("content-encoding", "identity").strip().lower() not in (
+            "", "identity"):
+        return None
+    at = codec.tensor_at(wire)
+    if at is None or at > size:
+        return None
+    return engine.lend_body(size, at)
 
 
 async def _wait(engine: Engine, job: Job, receive) -> JobResult:

@@ -39,6 +39,7 @@ from service.engine.capabilities import Capabilities
 from service.engine.inline import ExpressionCache
 from service.engine.ipc import channel
 from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
+from service.engine.ipc.lending import Lender, LentBody
 from service.engine.ipc.process import EngineProcess
 from service.engine.job import BatchReport, Job, JobResult
 from service.engine.jobs import JobFactory
@@ -72,6 +73,7 @@ class _Pending:
     out_off: int
     out_bytes: int
     sent: bool = False
+    lent: tuple[int, int] | None = None  # the input's slot when the body was read into it
 
 
 class RemoteEngine:
@@ -90,6 +92,8 @@ class RemoteEngine:
         self._stopped = False
         self._observer: Callable[[BatchReport, list], None] | None = None
         self._arena: Arena | None = None
+        self._lender: Lender | None = None
+        self.bodies_in_place = 0  # jobs whose input went to the engine where it was read
         self._process: EngineProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
@@ -109,6 +113,7 @@ class RemoteEngine:
     async def start(self) -> None:
         sweep_stale()
         self._arena = Arena.create(self.settings.shm_arena_mib << 20)
+        self._lender = Lender(self._arena, self._room_freed)
         path = os.environ.get(channel.SOCKET_ENV)
         if path is None:
             self._process = EngineProcess(self.settings)
@@ -268,6 +273,12 @@ class RemoteEngine:
             raise QueueFull(
                 f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry")
 
+    def lend_body(self, nbytes: int, tensor_at: int) -> LentBody | None:
+        """Arena room to read a binary body into (``lending.py``); None: read it as usual."""
+        if self._lender is None or self._backlog or self._stopped:
+            return None
+        return self._lender.lend(nbytes, tensor_at)
+
     def submit(self, job: Job) -> asyncio.Future:
         self.admit()
         out_bytes = job.numel * _answer_itemsize(job)
@@ -287,6 +298,13 @@ class RemoteEngine:
         p = _Pending(job, future, -1, in_bytes, -1, out_bytes)
         self._pending[jid] = p
         self._by_job[job] = jid
+        lent = self._lender.holding(job.array) if self._lender is not None else None
+        if lent is not None:
+            if not self._backlog and self._adopt(p, lent):
+                self._send_job(jid, p)
+                return future
+            _copy_out(job)  # the usual path: the lent slot never waits for room
+            lent.release()
         if self._backlog or not self._place(jid, p):
             self._backlog.append(jid)
         return future
@@ -305,6 +323,28 @@ class RemoteEngine:
             self._forget(jid)  # never left this process
 
     # -- internals ---------------------------------------------------------------------
+    def _adopt(self, p: _Pending, lent: LentBody) -> bool:
+        """Use the lent slot the job's input already lies in; False when the layout is not
+        the engine's (input on a slot boundary, the upstream gradient on the next) or the
+        answer has no room now."""
+        job = p.job
+        at = self._lender.offset(job.array)
+        if at % ALIGN or not job.array.flags.c_contiguous:
+            return False
+        if job.grad_output is not None and (
+                not job.grad_output.flags.c_contiguous
+                or self._lender.offset(job.grad_output) != at + _aligned(job.array.nbytes)):
+            return False
+        try:
+            p.out_off = self._arena.alloc(p.out_bytes)
+        except ArenaFull:
+            return False
+        self._lender.adopt(lent)
+        self.bodies_in_place += 1
+        p.in_off = at
+        p.lent = (lent.slot, lent.slot_bytes)
+        return True
+
     def _place(self, jid: int, p: _Pending) -> bool:
         """Copy the input into a slot and send the job; False when the arena is full."""
         arena = self._arena
@@ -323,6 +363,11 @@ class RemoteEngine:
         if job.grad_output is not None:
             at = p.in_off + _aligned(job.array.nbytes)
             arena.view(at, job.grad_output.nbytes)[:] = job.grad_output.reshape(-1).view("u1")
+        self._send_job(jid, p)
+        return True
+
+    def _send_job(self, jid: int, p: _Pending) -> None:
+        job = p.job
         m = job.mode
         p.sent = self._send([
             "job", jid, job.activation.name, list(job.params), job.wire_dtype,
@@ -332,7 +377,10 @@ class RemoteEngine:
             job.activation.formula if self.expressions.is_inline(job.activation) else None])
         if not p.sent:
             self._resolve(jid, error=Unavailable(_GONE))
-        return True
+
+    def _room_freed(self) -> None:
+        if self._backlog:
+            self._drain_backlog()
 
     def _drain_backlog(self) -> None:
         now = time.monotonic()
@@ -366,7 +414,9 @@ class RemoteEngine:
         if p is None:
             return
         self._by_job.pop(p.job, None)
-        if p.in_off >= 0:
+        if p.lent is not None:
+            self._arena.free(*p.lent)
+        elif p.in_off >= 0:
             self._arena.free(p.in_off, p.in_bytes)
         if p.out_off >= 0:
             self._arena.free(p.out_off, p.out_bytes)
@@ -473,6 +523,13 @@ class RemoteEngine:
     def _report(self, batch: list | None) -> None:
         if batch is not None and self._observer is not None:
             self._observer(BatchReport(*batch), [])
+
+
+def _copy_out(job: Job) -> None:
+    """Move a job's tensors out of a lent slot (it is given back)."""
+    job.array = job.array.copy()
+    if job.grad_output is not None:
+        job.grad_output = job.grad_output.copy()
 
 
 def _aligned(nbytes: int) -> int:
