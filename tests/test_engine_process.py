@@ -126,6 +126,50 @@ def test_large_binary_bodies_are_read_straight_into_the_arena(proc_server):
     _wait(lambda: eng._arena.used == 0 and eng._lender.held == 0)
 
 
+def _metric(url: str, line_start: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_start))
+
+
+def test_an_answer_a_slow_client_has_not_read_is_never_overwritten():
+    """An answer is sent from its arena slot. A client that reads slowly leaves part of it
+    in the server's write buffer; the slot must not be reused (here by the next request's
+    body and answer) until those bytes are in the kernel. Before the fix the slow client got
+    the tail of the next request's answer."""
+    import socket
+
+    with serve(engine="process") as srv:
+        n = 4 << 20  # 16 MiB each way: more than the kernel's socket buffers hold
+        xa = np.linspace(-3, 3, n, dtype=np.float32)
+        xb = np.linspace(5, 9, n, dtype=np.float32)
+        count = 'actserve_requests_total{activation="relu",api="native"'
+        before = _metric(srv.url, count)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
+        slow.connect(("127.0.0.1", srv.port))
+        head = (f"POST /v1/activations/relu?shape={n} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                f"content-type: application/octet-stream\r\ncontent-length: {xa.nbytes}"
+                "\r\n\r\n").encode()
+        slow.sendall(head + xa.tobytes())
+        _wait(lambda: _metric(srv.url, count) > before)  # answered; not yet read
+        r = httpx.post(srv.url + "/v1/activations/relu", params={"shape": str(n)},
+                       content=xb.tobytes(), headers={"content-type": "application/octet-stream"},
+                       timeout=60)
+        assert r.status_code == 200
+        assert np.array_equal(np.frombuffer(r.content, np.float32), xb)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += slow.recv(65536)
+        headers, got = raw.split(b"\r\n\r\n", 1)
+        assert headers.startswith(b"HTTP/1.1 200")
+        while len(got) < xa.nbytes:
+            got += slow.recv(1 << 20)
+        slow.close()
+        assert np.array_equal(np.frombuffer(got, np.float32), np.maximum(xa, 0))
+        _wait(lambda: srv.engine._arena.used == 0)
+
+
 def test_batches_form_in_the_engine():
     """With the engine holding batches open, concurrent requests share one batch there."""
     with serve(engine="process", max_delay_us=1_000_000, max_batch_requests=4) as srv:

@@ -17,6 +17,11 @@ connection closed. Bytes are counted as they arrive, before the parser sees them
 would otherwise gather a 64 MiB header value by repeated concatenation first), so a refusal
 costs about the time to receive the limit, not the size sent.
 
+**Answers leave user space.** Each connection's write buffer limits are zero: writing pauses
+whenever the socket did not take everything, and uvicorn drains before the next message, so
+an answer sent from memory lent by the engine is in the kernel before that memory is reused
+(``parts_response.py``).
+
 **Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
 before any application code runs: with an ``X-Request-Id`` and, when the access log is on,
 an access-log line with the client's address, like every other answer.
@@ -84,6 +89,9 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # pause writing while anything waits in user space, so an answer sent from
+            # lent memory is known to have reached the kernel (parts_response.py)
+            transport.set_write_buffer_limits(high=0, low=0)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
