@@ -35,6 +35,13 @@ class _Handle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
 
 
+def _handle(raw: bytes) -> _Handle:
+    """The struct, byte for byte (NUL bytes included), passed by value."""
+    handle = _Handle()
+    ctypes.memmove(ctypes.addressof(handle), raw, IPC_HANDLE_BYTES)
+    return handle
+
+
 _runtime: ctypes.CDLL | None = None
 
 
@@ -85,7 +92,8 @@ class _Memory:
 
     def __init__(self, ptr: int, nbytes: int) -> None:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
-                                         "data": (ptr, False), "version": 2}
+                                         "data": (ptr, False), "strides": None,
+                                         "version": 2}
 
 
 class OpenedRegion:
@@ -148,7 +156,7 @@ def open_region(name: str, raw: bytes, device: torch.device, byte_size: int,
     ptr = ctypes.c_void_p()
     with torch.cuda.device(device):
         torch.cuda.init()
-        code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _Handle(raw),
+        code = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), _handle(raw),
                                         LAZY_ENABLE_PEER_ACCESS)
         if code != 0:
             raise InvalidRequest(f"CUDA shared memory region {name!r}: cudaIpcOpenMemHandle "
