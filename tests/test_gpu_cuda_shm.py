@@ -73,7 +73,8 @@ def test_tritonclient_regions_bit_for_bit(gsrv, proto, datatype, dtype):
     src = cudashm.create_shared_memory_region("in", nbytes, 0)
     dst = cudashm.create_shared_memory_region("out", nbytes, 0)
     try:
-        cudashm.set_shared_memory_region_from_dlpack(src, [x])
+        # raw bytes through DLPack (a device-to-device copy; uint8 for every dtype)
+        cudashm.set_shared_memory_region_from_dlpack(src, [x.view(torch.uint8)])
         c.register_cuda_shared_memory("in", cudashm.get_raw_handle(src), 0, nbytes)
         c.register_cuda_shared_memory("out", cudashm.get_raw_handle(dst), 0, nbytes)
         for name, fn in FUNCS.items():
@@ -103,36 +104,41 @@ def test_tritonclient_regions_bit_for_bit(gsrv, proto, datatype, dtype):
 # -- with torch's own IPC handles (no cuda-python needed) ---------------------------------------
 def _torch_handle(t: torch.Tensor) -> tuple[bytes, int, int]:
     """(64-byte cudaIpcMemHandle of the allocation, its size, the tensor's offset in it)."""
-    storage = t.untyped_storage()
-    shared = storage._share_cuda_()
-    handle, size, offset = shared[1], shared[2], shared[3]
+    shared = t.untyped_storage()._share_cuda_()
+    handle, size, offset = shared[1], int(shared[2]), int(shared[3])
     assert len(handle) == 64
-    return handle, int(size) + int(offset), int(offset) + t.storage_offset() * t.element_size()
+    return handle, offset + size, offset + t.storage_offset() * t.element_size()
 
 
 @pytest.mark.parametrize("proto", ["http", "grpc"])
 @pytest.mark.parametrize(("datatype", "dtype"), CASES)
 def test_torch_ipc_handles_bit_for_bit(gsrv, proto, datatype, dtype):
+    """Input and output in one allocation (small tensors share the caching allocator's
+    segments, so one handle is registered once), at their offsets in it."""
     module, c = _client(proto, gsrv)
-    x = _sample(dtype, 1000)
-    y = torch.zeros_like(x)
+    n = 1000
+    buf = torch.zeros(2 * n + 64, dtype=dtype, device="cuda:0")
+    x, y = buf[:n], buf[n + 64:]
+    x.copy_(_sample(dtype, n))
+    x0 = x.clone()
     torch.cuda.synchronize()
-    nbytes = x.numel() * x.element_size()
-    (hx, size_x, off_x), (hy, size_y, off_y) = _torch_handle(x), _torch_handle(y)
+    nbytes = n * x.element_size()
+    handle, size, off_x = _torch_handle(x)
+    off_y = off_x + (n + 64) * x.element_size()
     try:
-        c.register_cuda_shared_memory("tx", base64.b64encode(hx), 0, size_x)
-        c.register_cuda_shared_memory("ty", base64.b64encode(hy), 0, size_y)
+        c.register_cuda_shared_memory("t", base64.b64encode(handle), 0, size)
         for name, fn in FUNCS.items():
             for inplace in (False, True):
-                inp = module.InferInput("input", [x.numel()], datatype)
-                inp.set_shared_memory("tx", nbytes, offset=off_x)
+                inp = module.InferInput("input", [n], datatype)
+                inp.set_shared_memory("t", nbytes, offset=off_x)
                 out = module.InferRequestedOutput("output")
-                out.set_shared_memory("ty", nbytes, offset=off_y)
+                out.set_shared_memory("t", nbytes, offset=off_y)
                 c.infer(name, [inp], outputs=[out], parameters={"inplace": inplace})
                 torch.cuda.synchronize()
                 assert _bits(y) == _bits(fn(x)), (name, datatype, inplace)
+                assert _bits(x) == _bits(x0)  # in place or not, the input is the client's
         status = c.get_cuda_shared_memory_status(**({} if module is th else {"as_json": True}))
-        assert len(status if module is th else status["regions"]) == 2
+        assert len(status if module is th else status["regions"]) == 1
     finally:
         c.unregister_cuda_shared_memory()
         c.close()

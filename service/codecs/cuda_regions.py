@@ -74,8 +74,6 @@ class CudaRegions:
         if not self.enabled:
             raise InvalidRequest(OFF)
 
-    check_enabled = refuse
-
     # -- management -------------------------------------------------------------------------
     def status(self, name: object = "") -> list[dict]:
         self.refuse()
