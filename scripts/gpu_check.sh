@@ -20,6 +20,11 @@ status=0  # every step runs even when an earlier one fails: one GPU run should t
 timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_custom.py \
   tests/test_gpu_lab.py 2>&1 \
   | tee "$OUTDIR/gpu_tests.log" || status=1
+# CUDA shared memory (CUDA IPC handles) over HTTP and gRPC, --engine process and inline;
+# the tritonclient.utils.cuda_shared_memory cases skip, naming why, without cuda-python
+timeout 240 $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu_cuda_shm.py \
+  "tests/test_grpc_tritonclient.py::test_cuda_shared_memory_on_a_cuda_server_refuses_a_bad_handle_by_name" \
+  2>&1 | tee "$OUTDIR/gpu_cuda_shm_tests.log" || status=1
 timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
 timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
 # fusion: compiled x * sigmoid(1.702 * x) vs eager, 16M float32 (bar >= 2x)

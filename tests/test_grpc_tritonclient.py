@@ -6,6 +6,7 @@ batched with HTTP requests and refused while draining."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import queue
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -388,9 +389,13 @@ def test_sigterm_finishes_accepted_grpc_requests_and_exits_0():
 
 
 @pytest.mark.gpu
-def test_cuda_shared_memory_on_a_cuda_server_points_to_system_shared_memory():
+def test_cuda_shared_memory_on_a_cuda_server_refuses_a_bad_handle_by_name():
     ctx, target = grpc_server(device="cuda")
     with ctx, tg.InferenceServerClient(target) as c:
-        err = error_of(c.register_cuda_shared_memory, "c0", b"\0" * 64, 0, 1024)
+        # the client sends base64 (tritonclient decodes it): 64 zero bytes reach the server
+        err = error_of(c.register_cuda_shared_memory, "c0", base64.b64encode(b"\0" * 64), 0,
+                       1024)
         assert err.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "system shared memory" in err.message()
+        assert "'c0'" in err.message() and "cudaIpcOpenMemHandle" in err.message()
+        assert c.get_cuda_shared_memory_status(as_json=True).get("regions", {}) == {}
+        assert c.is_server_ready()

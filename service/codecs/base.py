@@ -27,6 +27,7 @@ class Wire:
     version: str | None = None  # v2 model version in the path
     content_type: str | None = None
     regions: Any = None  # v2: the registered system shared-memory regions (shm_regions)
+    cuda_regions: Any = None  # v2: the registered CUDA shared-memory regions (cuda_regions)
 
 
 @dataclass(slots=True)

@@ -29,11 +29,14 @@ from service import dtypes
 from service.codecs.base import Encoded, Wire
 from service.codecs.fields import SETTING_NAMES, check_shape, refuse_simple_type
 from service.codecs.jsonio import array_from_json, dumps, loads_object
+from service.engine.device_refs import placeholder
 from service.errors import InvalidRequest, UnknownActivation, echo
 
 if TYPE_CHECKING:
+    from service.codecs.cuda_regions import CudaRegions
     from service.codecs.shm_regions import Region, SystemRegions
     from service.engine.activations import Activation
+    from service.engine.device_refs import DeviceRef
     from service.engine.job import Job, JobResult
     from service.engine.jobs import JobFactory
 
@@ -82,6 +85,9 @@ class V2Request:
     outputs: tuple[str, ...] | None = None
     grad_binary: bool = False
     grad_output: np.ndarray | None = None
+    # CUDA shared memory (cuda_regions.py): the input and/or the output in a CUDA region
+    input_cuda: DeviceRef | None = None
+    output_cuda: DeviceRef | None = None
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -163,9 +169,9 @@ def _input_where(tensor: dict, i: int) -> str:
 
 # -- requests ------------------------------------------------------------------------------
 def decode(body: bytearray, header: str | None, max_elements: int,
-           regions: SystemRegions | None = None) -> V2Request:
-    """A whole (already inflated) request body -> ``V2Request``. ``regions``: the registered
-    system shared-memory regions inputs and outputs may name."""
+           regions: SystemRegions | None = None, cuda: CudaRegions | None = None) -> V2Request:
+    """A whole (already inflated) request body -> ``V2Request``. ``regions`` / ``cuda``: the
+    registered system / CUDA shared-memory regions inputs and outputs may name."""
     length = header_length(header, len(body))
     obj = loads_object(bytes(memoryview(body)[:length]) if length is not None else body,
                        max_elements)
@@ -182,14 +188,16 @@ def decode(body: bytearray, header: str | None, max_elements: int,
     settings, params, binary_default = parameters(obj.get("parameters"))
     wanted = requested_outputs(obj.get("outputs"), binary_default)
     first = order[0]
-    array, wire = _tensor(inputs[first], body, offsets[first], max_elements, regions)
+    array, wire, in_cuda = _tensor(inputs[first], body, offsets[first], max_elements, regions,
+                                   cuda=cuda)
+    out_shm, out_cuda = region_output(wanted.shm, regions, cuda)
     req = V2Request(request_id, array, wire, settings, params, wanted.binary.get("value", False),
-                    shm_output(wanted.shm, regions), wanted.names,
-                    wanted.binary.get("grad", binary_default))
+                    out_shm, wanted.names, wanted.binary.get("grad", binary_default),
+                    input_cuda=in_cuda, output_cuda=out_cuda)
     if len(order) == 2:
         i = order[1]
-        req.grad_output, grad_wire = _tensor(inputs[i], body, offsets[i], max_elements,
-                                             regions, GRAD_INPUT)
+        req.grad_output, grad_wire, _ = _tensor(inputs[i], body, offsets[i], max_elements,
+                                                regions, GRAD_INPUT)
         if grad_wire != wire or req.grad_output.shape != array.shape:
             raise InvalidRequest(f"input {GRAD_INPUT!r} must have the datatype and shape of "
                                  f"input {INPUT_NAME!r}")
@@ -281,24 +289,55 @@ def requested_outputs(raw: object, binary_default: bool) -> Wanted:
 
 
 # -- shared memory -------------------------------------------------------------------------
-def shm_input(params: dict, wire: str, shape: tuple[int, ...],
-              regions: SystemRegions | None, where: str) -> np.ndarray:
-    """The input tensor copied out of the shared-memory region its parameters name."""
-    if regions is None:
-        raise InvalidRequest(f"{where}: shared memory is not available here")
-    count = math.prod(shape)
-    need = count * dtypes.itemsize(wire)
+def _input_bytes(params: dict, wire: str, shape: tuple[int, ...], where: str) -> int:
+    need = math.prod(shape) * dtypes.itemsize(wire)
     size = params.get(SHM_SIZE)
     if size != need or isinstance(size, bool):
         raise InvalidRequest(
             f"{where}: {SHM_SIZE} is {echo(size)} but shape {list(shape)} of "
             f"{dtypes.NAME_TO_V2[wire]} needs {need} bytes"
         )
+    return need
+
+
+def region_input(params: dict, wire: str, shape: tuple[int, ...],
+                 regions: SystemRegions | None, cuda: CudaRegions | None,
+                 where: str) -> tuple[np.ndarray, DeviceRef | None]:
+    """The input named by ``shared_memory_region``: a CUDA region (a placeholder array of
+    its shape and the window's ref; the bytes stay on the device) or a system one (copied)."""
+    name = params.get(SHM_REGION)
+    if cuda is not None and name in cuda:
+        need = _input_bytes(params, wire, shape, where)
+        ref = cuda.ref(name, params.get(SHM_OFFSET, 0), need, where)
+        return placeholder(dtypes.STORAGE[wire], shape), ref
+    return shm_input(params, wire, shape, regions, where), None
+
+
+def shm_input(params: dict, wire: str, shape: tuple[int, ...],
+              regions: SystemRegions | None, where: str) -> np.ndarray:
+    """The input tensor copied out of the shared-memory region its parameters name."""
+    if regions is None:
+        raise InvalidRequest(f"{where}: shared memory is not available here")
+    count = math.prod(shape)
+    need = _input_bytes(params, wire, shape, where)
     offset = params.get(SHM_OFFSET, 0)
     region = regions.check(params.get(SHM_REGION), offset, need, where)
     array = np.empty(count, dtype=dtypes.STORAGE[wire])
     regions.read_into(region, offset, memoryview(array.view(np.uint8)), where)
     return array.reshape(shape)
+
+
+def region_output(params: dict, regions: SystemRegions | None,
+                  cuda: CudaRegions | None) -> tuple[ShmOutput | None, DeviceRef | None]:
+    """The output's destination: a system region, a CUDA region, or neither."""
+    name = params.get(SHM_REGION)
+    if cuda is None or name not in cuda:
+        return shm_output(params, regions), None
+    where = f"output {OUTPUT_NAME!r}"
+    size = params.get(SHM_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequest(f"{where}: {SHM_SIZE} must be an integer >= 0, got {echo(size)}")
+    return None, cuda.ref(name, params.get(SHM_OFFSET, 0), size, where)
 
 
 def shm_output(params: dict, regions: SystemRegions | None) -> ShmOutput | None:
@@ -334,10 +373,13 @@ def write_output(regions: SystemRegions, out: ShmOutput, array: np.ndarray) -> i
     return flat.nbytes
 
 
-def extensions(shared_memory: bool) -> list[str]:
+def extensions(shared_memory: bool, cuda: bool = False) -> list[str]:
     """The v2 extensions the server has (the same over HTTP and gRPC)."""
     base = ["binary_tensor_data", "parameters", "statistics"]
-    return [*base, "system_shared_memory"] if shared_memory else base
+    if not shared_memory:
+        return base
+    return [*base, "system_shared_memory", "cuda_shared_memory"] if cuda \
+        else [*base, "system_shared_memory"]
 
 
 def tensor_meta(name: object, datatype: object, shape: object,
@@ -373,8 +415,8 @@ def array_from_bytes(buf, wire: str, shape: tuple[int, ...], size: int, where: s
 
 
 def _tensor(tensor: dict, body: bytearray, offset: int | None, max_elements: int,
-            regions: SystemRegions | None = None,
-            expected: str = INPUT_NAME) -> tuple[np.ndarray, str]:
+            regions: SystemRegions | None = None, expected: str = INPUT_NAME,
+            cuda: CudaRegions | None = None) -> tuple[np.ndarray, str, DeviceRef | None]:
     datatype = tensor.get("datatype")
     if "shape" not in tensor and tensor.get("name") == expected and datatype in DATATYPES:
         raise InvalidRequest(f"input {expected!r}: missing 'shape'")
@@ -385,7 +427,8 @@ def _tensor(tensor: dict, body: bytearray, offset: int | None, max_elements: int
         if offset is not None or "data" in tensor:
             raise InvalidRequest(f"{where}: set one of 'data', parameters.binary_data_size or "
                                  f"parameters.{SHM_REGION}")
-        return shm_input(params, wire, shape, regions, where), wire
+        array, ref = region_input(params, wire, shape, regions, cuda, where)
+        return array, wire, ref
     if offset is None:
         if "data" not in tensor:
             raise InvalidRequest(
@@ -396,9 +439,10 @@ def _tensor(tensor: dict, body: bytearray, offset: int | None, max_elements: int
                 f"{where}: {datatype} data cannot travel as JSON; send it as binary "
                 "(parameters.binary_data_size and the Inference-Header-Content-Length header)"
             )
-        return array_from_json(tensor["data"], shape, wire, f"{where} data", max_elements), wire
+        return (array_from_json(tensor["data"], shape, wire, f"{where} data", max_elements),
+                wire, None)
     size = tensor["parameters"]["binary_data_size"]
-    return array_from_bytes(body, wire, shape, size, where, offset), wire
+    return array_from_bytes(body, wire, shape, size, where, offset), wire, None
 
 
 def json_output_problem(dtype: str) -> str | None:
@@ -463,6 +507,9 @@ def encode(model: str, request: V2Request, array: np.ndarray, dtype: str,
     if request.id is not None:
         payload["id"] = request.id
     payload["outputs"] = [out]
+    if request.output_cuda is not None:  # the engine wrote it into the CUDA region
+        out["parameters"] = {SHM_REGION: request.output_cuda.region, SHM_SIZE: array.nbytes}
+        return orjson.dumps(payload), {"Content-Type": "application/json"}
     if request.output_shm is not None and regions is not None:
         nbytes = write_output(regions, request.output_shm, array)
         out["parameters"] = {SHM_REGION: request.output_shm.region.name, SHM_SIZE: nbytes}
@@ -527,9 +574,19 @@ def build_job(activation: Activation, req: V2Request, jobs: JobFactory, api: str
     if job.lab and req.output_shm is not None:
         raise InvalidRequest("a shared-memory output carries the value alone; ask for "
                              "gradients and reports with outputs over HTTP")
+    if req.input_cuda is not None or req.output_cuda is not None:
+        if job.lab:
+            raise InvalidRequest("CUDA shared memory carries the value alone; ask for "
+                                 "gradients and reports with tensors in the request")
+        job.device_in, job.device_out = req.input_cuda, req.output_cuda
     if not job.mode.amp:
         # The output dtype is known before compute: refuse now, not after.
-        if req.output_shm is not None:
+        if req.output_cuda is not None:
+            nbytes = job.numel * dtypes.itemsize(job.compute_dtype)
+            if nbytes > req.output_cuda.nbytes:
+                raise InvalidRequest(f"output {OUTPUT_NAME!r} needs {nbytes} bytes but its "
+                                     f"{SHM_SIZE} is {req.output_cuda.nbytes}")
+        elif req.output_shm is not None:
             check_output_fits(req.output_shm, job.numel * dtypes.itemsize(job.compute_dtype))
         elif not req.binary_output and "value" in job.outputs:
             problem = json_output_problem(job.compute_dtype)
@@ -549,7 +606,8 @@ class V2Codec:
                 f"model {activation.name!r} has no version {echo(wire.version)}; its one "
                 f"version is {MODEL_VERSION!r}"
             )
-        req = decode(body, wire.header_length, jobs.settings.max_batch_elements, wire.regions)
+        req = decode(body, wire.header_length, jobs.settings.max_batch_elements, wire.regions,
+                     wire.cuda_regions)
         job = build_job(activation, req, jobs, self.api)
         return job, (req, accepted_encoding(wire.accept_encoding), wire.regions)
 

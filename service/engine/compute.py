@@ -203,7 +203,11 @@ class DeviceCompute:
             for i, r in zip(plain, self._run([jobs[i] for i in plain]), strict=True):
                 out[i] = r
         for i, job in enumerate(jobs):
-            if job.alone:
+            if job.device_in is not None or job.device_out is not None:
+                from service.engine import device_io  # CUDA shared memory (device_refs.py)
+
+                out[i] = device_io.compute(job)
+            elif job.alone:
                 out[i] = lab.compute(job, self.device)
         return out
 

@@ -18,6 +18,7 @@ from service.engine import fusion, selftest
 from service.engine.activations import INLINE, Activation, Registry
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
+from service.engine.device_regions import DeviceRegionsHost
 from service.engine.executor import executors_for, resolve_devices
 from service.engine.executor_protocol import ExecutorLike
 from service.engine.inline import ExpressionCache
@@ -46,6 +47,7 @@ class Engine:
         self.jobs = JobFactory(settings, self.capabilities, self.expressions.resolve)
         self._accuracy: dict[tuple[str, int], dict] = {}
         self.fuser = fusion.Fuser(settings.fusion, self.devices[0])
+        self.device_regions = DeviceRegionsHost(self)  # CUDA shared memory (cuda_ipc.py)
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -58,6 +60,7 @@ class Engine:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await self.device_regions.close_all()
 
     def begin_drain(self) -> None:
         """Refuse new work from now on (503); accepted work still completes."""
@@ -141,6 +144,14 @@ class Engine:
         self.registry.remove(name)
         self.capabilities.forget(name)
 
+    # -- CUDA shared memory (device_regions.py) ------------------------------------------
+    async def open_cuda_region(self, name: str, raw: bytes, device_id: int,
+                               byte_size: int) -> None:
+        await self.device_regions.open(name, raw, device_id, byte_size)
+
+    async def close_cuda_region(self, name: str) -> None:
+        await self.device_regions.close(name)
+
     # -- the lab (docs/lab.md) -------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
         """The accuracy table of ``name`` (``numerics.sweep``), computed once per activation
@@ -185,6 +196,8 @@ class Engine:
     def submit(self, job: Job) -> asyncio.Future:
         """Queue ``job``; the future resolves exactly once (see ``Batcher``). An inline
         expression's first request waits for its checks (``inline.py``) first."""
+        if job.device_in is not None or job.device_out is not None:
+            self.device_regions.attach(job)  # 400 when a region is unknown here
         if not self.expressions.is_inline(job.activation):
             return self.batcher.submit(job)
         outer = asyncio.get_running_loop().create_future()

@@ -12,6 +12,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from service.engine.activations import Activation
+    from service.engine.device_refs import DeviceRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,10 @@ class Job:
     outputs: tuple[str, ...] = VALUE_ONLY
     grad_output: np.ndarray | None = None
     report: frozenset[str] = frozenset()
+    # CUDA shared memory (device_refs.py): the input and/or the answer live in a client's
+    # registered region; ``array`` is then a zero-stride placeholder of the input's shape
+    device_in: DeviceRef | None = None
+    device_out: DeviceRef | None = None
 
     @property
     def lab(self) -> bool:
@@ -63,8 +68,9 @@ class Job:
 
     @property
     def alone(self) -> bool:
-        """Computed by itself on its device, never packed with others (``lab.py``)."""
-        return self.lab or not self.activation.packs
+        """Computed by itself, never packed with others (``lab.py``, ``device_io.py``)."""
+        return (self.lab or not self.activation.packs or self.device_in is not None
+                or self.device_out is not None)
 
     @property
     def numel(self) -> int:

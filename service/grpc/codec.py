@@ -18,6 +18,7 @@ import orjson
 
 from service import dtypes
 from service.codecs import v2
+from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.errors import InvalidRequest, UnknownActivation, echo
 from service.grpc import messages
@@ -35,7 +36,8 @@ def param_dict(params) -> dict:
     return {key: param_value(value) for key, value in params.items()}
 
 
-def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Request:
+def decode(request, max_elements: int, regions: SystemRegions | None,
+           cuda: CudaRegions | None = None) -> v2.V2Request:
     inputs = request.inputs
     raw = request.raw_input_contents
     if not inputs:
@@ -49,13 +51,15 @@ def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Re
         [{"name": o.name, "parameters": param_dict(o.parameters)} for o in request.outputs],
         True)
     first = order[0]
-    array, wire = _tensor(inputs[first], raw[first] if raw else None, max_elements, regions)
-    req = v2.V2Request(request.id or None, array, wire, settings, params, True,
-                       v2.shm_output(wanted.shm, regions), wanted.names, True)
+    array, wire, in_cuda = _tensor(inputs[first], raw[first] if raw else None, max_elements,
+                                   regions, cuda=cuda)
+    out_shm, out_cuda = v2.region_output(wanted.shm, regions, cuda)
+    req = v2.V2Request(request.id or None, array, wire, settings, params, True, out_shm,
+                       wanted.names, True, input_cuda=in_cuda, output_cuda=out_cuda)
     if len(order) == 2:
         i = order[1]
-        req.grad_output, grad_wire = _tensor(inputs[i], raw[i] if raw else None, max_elements,
-                                             regions, v2.GRAD_INPUT)
+        req.grad_output, grad_wire, _ = _tensor(inputs[i], raw[i] if raw else None,
+                                                max_elements, regions, v2.GRAD_INPUT)
         if grad_wire != wire or req.grad_output.shape != array.shape:
             raise InvalidRequest(f"input {v2.GRAD_INPUT!r} must have the datatype and shape "
                                  f"of input {v2.INPUT_NAME!r}")
@@ -63,7 +67,8 @@ def decode(request, max_elements: int, regions: SystemRegions | None) -> v2.V2Re
 
 
 def _tensor(tensor, raw: bytes | None, max_elements: int, regions: SystemRegions | None,
-            expected: str = v2.INPUT_NAME) -> tuple[np.ndarray, str]:
+            expected: str = v2.INPUT_NAME,
+            cuda: CudaRegions | None = None) -> tuple[np.ndarray, str, object]:
     wire, shape, where = v2.tensor_meta(tensor.name, tensor.datatype, list(tensor.shape),
                                         max_elements, expected)
     params = param_dict(tensor.parameters)
@@ -73,15 +78,16 @@ def _tensor(tensor, raw: bytes | None, max_elements: int, regions: SystemRegions
         raise InvalidRequest(f"{where}: set one of raw_input_contents, contents or "
                              f"parameters.{v2.SHM_REGION}")
     if v2.SHM_REGION in params:
-        return v2.shm_input(params, wire, shape, regions, where), wire
+        array, ref = v2.region_input(params, wire, shape, regions, cuda, where)
+        return array, wire, ref
     if raw is not None:
         return v2.array_from_bytes(raw, wire, shape, len(raw), where,
-                                   what="raw_input_contents"), wire
+                                   what="raw_input_contents"), wire, None
     count = math.prod(shape)
     field = CONTENTS.get(tensor.datatype)
     if not has_contents:
         if count == 0:
-            return np.empty(shape, dtype=dtypes.STORAGE[wire]), wire
+            return np.empty(shape, dtype=dtypes.STORAGE[wire]), wire, None
         raise InvalidRequest(f"{where}: send its data in raw_input_contents, contents or a "
                              "shared memory region")
     if field is None:
@@ -95,7 +101,7 @@ def _tensor(tensor, raw: bytes | None, max_elements: int, regions: SystemRegions
     if len(values) != count:
         raise InvalidRequest(f"{where}: contents.{field} has {len(values)} values but shape "
                              f"{list(shape)} needs {count}")
-    return np.array(values, dtype=dtypes.STORAGE[wire]).reshape(shape), wire
+    return np.array(values, dtype=dtypes.STORAGE[wire]).reshape(shape), wire, None
 
 
 def encode(model: str, req: v2.V2Request, array: np.ndarray, dtype: str,
@@ -105,6 +111,10 @@ def encode(model: str, req: v2.V2Request, array: np.ndarray, dtype: str,
                                        id=req.id or "")
     out = resp.outputs.add(name=v2.OUTPUT_NAME, datatype=dtypes.NAME_TO_V2[dtype],
                            shape=list(array.shape))
+    if req.output_cuda is not None:  # the engine wrote it into the CUDA region
+        out.parameters[v2.SHM_REGION].string_param = req.output_cuda.region
+        out.parameters[v2.SHM_SIZE].int64_param = array.nbytes
+        return resp
     if req.output_shm is not None and regions is not None:
         nbytes = v2.write_output(regions, req.output_shm, array)
         out.parameters[v2.SHM_REGION].string_param = req.output_shm.region.name

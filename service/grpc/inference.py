@@ -34,8 +34,9 @@ def _timing(decode: float, queue: float, compute: float, encode: float, total: f
 
 class Inference:
     def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, traces=None) -> None:
+                 regions: SystemRegions, traces=None, cuda=None) -> None:
         self.settings = settings
+        self.cuda = cuda  # CUDA shared-memory regions (cuda_regions.py)
         self.traces = traces  # profiled requests' Chrome traces (service/http/traces.py)
         self.engine = engine
         self.recorder = recorder
@@ -58,7 +59,8 @@ class Inference:
             if activation is None:
                 activation = engine.registry.get(request.model_name)
             codec.check_version(activation.name, request.model_version)
-            req = codec.decode(request, self.settings.max_batch_elements, self.regions)
+            req = codec.decode(request, self.settings.max_batch_elements, self.regions,
+                               self.cuda)
             job = v2.build_job(activation, req, engine.jobs, "grpc")
             job.request_id = req.id or ""
             t_decoded = time.perf_counter()

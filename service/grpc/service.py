@@ -53,7 +53,7 @@ class InferenceService:
         self.regions = regions
         self.cuda = cuda_regions
         self.keys = [k.encode() for k in settings.api_key_list]
-        self.inference = Inference(settings, engine, recorder, regions, traces)
+        self.inference = Inference(settings, engine, recorder, regions, traces, cuda_regions)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _authorised(self, context) -> bool:
@@ -119,7 +119,7 @@ class InferenceService:
     async def ServerMetadata(self, request, context):
         return messages.message("ServerMetadataResponse")(
             name="actserve", version=__version__,
-            extensions=v2.extensions(self.settings.shared_memory))
+            extensions=v2.extensions(self.settings.shared_memory, bool(self.cuda.cuda_ids)))
 
     async def ModelMetadata(self, request, context):
         act = self._model(request.name, request.version)
@@ -159,15 +159,20 @@ class InferenceService:
         return messages.message("SystemSharedMemoryUnregisterResponse")()
 
     async def CudaSharedMemoryStatus(self, request, context):
-        self.cuda.status(request.name)
-        return messages.message("CudaSharedMemoryStatusResponse")()
+        resp = messages.message("CudaSharedMemoryStatusResponse")()
+        for r in self.cuda.status(request.name):
+            entry = resp.regions[r["name"]]
+            entry.name, entry.device_id, entry.byte_size = (r["name"], r["device_id"],
+                                                            r["byte_size"])
+        return resp
 
     async def CudaSharedMemoryRegister(self, request, context):
-        self.cuda.register(request.name, request.raw_handle, request.device_id, request.byte_size)
+        await self.cuda.register(request.name, request.raw_handle, request.device_id,
+                                 request.byte_size)
         return messages.message("CudaSharedMemoryRegisterResponse")()
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        self.cuda.unregister(request.name)
+        await self.cuda.unregister(request.name)
         return messages.message("CudaSharedMemoryUnregisterResponse")()
 
     # -- inference ----------------------------------------------------------------------------

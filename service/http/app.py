@@ -70,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
-                        cuda_regions=CudaRegions(engine.devices),
+                        cuda_regions=CudaRegions(engine.devices, settings.shared_memory,
+                                                 opener=engine.open_cuda_region,
+                                                 closer=engine.close_cuda_region,
+                                                 emulate=settings.fault_injection),
                         traces=ProfileTraces(settings.profile_trace_ttl_s),
                         registrations=for_engine(engine, recorder.model_stats))
 
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.drain()
             await engine.stop()
             services.regions.close()
+            services.cuda_regions.close()
             if access_log is not None:
                 access_log.close()  # every line of the drained requests is written
 

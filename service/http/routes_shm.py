@@ -77,25 +77,24 @@ async def cuda_region_status(name: str, request: Request) -> list:
 @router.post("/cudasharedmemory/region/{name}/register", summary="Register a CUDA region")
 async def cuda_register(name: str, request: Request) -> dict:
     cuda = _services(request).cuda_regions
-    if not cuda.available:
-        cuda.refuse()
+    cuda.refuse()  # refused before the body is read (no CUDA device, or turned off)
     body = await _json(request)
     handle = body.get("raw_handle")
     try:
         raw = base64.b64decode(handle["b64"], validate=True)
     except (TypeError, KeyError, binascii.Error):
         raise InvalidRequest("raw_handle must be {\"b64\": <base64 CUDA IPC handle>}") from None
-    cuda.register(name, raw, body.get("device_id", 0), body.get("byte_size"))
+    await cuda.register(name, raw, body.get("device_id", 0), body.get("byte_size"))
     return {}
 
 
 @router.post("/cudasharedmemory/unregister", summary="Unregister every CUDA region")
 async def cuda_unregister_all(request: Request) -> dict:
-    _services(request).cuda_regions.unregister("")
+    await _services(request).cuda_regions.unregister("")
     return {}
 
 
 @router.post("/cudasharedmemory/region/{name}/unregister", summary="Unregister a CUDA region")
 async def cuda_unregister(name: str, request: Request) -> dict:
-    _services(request).cuda_regions.unregister(name)
+    await _services(request).cuda_regions.unregister(name)
     return {}

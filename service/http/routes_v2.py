@@ -59,7 +59,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     wire = Wire(header_length=headers.get(v2.HEADER),
                 accept_encoding=headers.get("accept-encoding"), version=version,
                 content_type=headers.get("content-type"),
-                regions=request.app.state.services.regions)
+                regions=request.app.state.services.regions,
+                cuda_regions=request.app.state.services.cuda_regions)
     return await handle(request, v2.CODEC, name, wire)
 
 
@@ -67,7 +68,8 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request) -> dict:
     return {"name": "actserve", "version": __version__,
-            "extensions": v2.extensions(request.app.state.services.settings.shared_memory)}
+            "extensions": v2.extensions(request.app.state.services.settings.shared_memory,
+                                        bool(request.app.state.services.cuda_regions.cuda_ids))}
 
 
 @router.get("/health/live", summary="Liveness")

@@ -8,13 +8,18 @@ Worker -> engine::
     ["job", id, activation, params, wire_dtype, shape, in_offset, out_offset, out_capacity,
      compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault,
      outputs, report, has_grad_output,  # the lab's fields (docs/lab.md)
-     expr]  # an inline expression's normalized text (the engine resolves it), else None
+     expr,  # an inline expression's normalized text (the engine resolves it), else None
+     [device_in, device_out]]  # CUDA shared memory: [region, offset, nbytes] or None each;
+                               # such a tensor takes no arena bytes (device_refs.py)
     ["cancel", id]
     ["register", request_id, raw]   # a custom activation's raw registration (custom.build)
     ["unregister", request_id, name]
+    ["cuda_register", request_id, [name, raw_handle_b64, device_id, byte_size]]
+                                    # open a CUDA IPC handle in the device's compute thread
+    ["cuda_unregister", request_id, name]
 
-Engine -> worker (every job gets exactly one of done/error/cancelled; every register or
-unregister exactly one registered)::
+Engine -> worker (every job gets exactly one of done/error/cancelled; every register,
+unregister, cuda_register or cuda_unregister exactly one registered)::
 
     ["state", ready, reason, devices, capability_failures, restarts, waiting, fatal]
                              # fatal: the engine cannot start (a bad --activations-file)

@@ -14,6 +14,11 @@ to every connected worker (``activation``, ``removed``), and everything it serve
 worker that says hello. Inline expressions arrive as text on the job and are resolved by
 its own ``ExpressionCache``, so the same expression from any worker batches here.
 
+CUDA shared-memory regions (``cuda_register``, ``cuda_unregister``) are opened in the
+compute thread of their device and kept per worker (``Worker.tag``): a job names its
+region and the engine attaches the opened one; a worker that goes away has its regions
+closed (after any job still using them).
+
 Settings come from the parent as JSON in ``ACTSERVE_ENGINE_SETTINGS``. The parent holds
 the engine's standard input: when it closes it (or dies), the engine drains (accepted
 jobs finish) and exits 0. SIGINT and SIGTERM are ignored: a Ctrl-C or a signal sent to
@@ -23,7 +28,9 @@ the whole process group must not stop the engine under workers that are still dr
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -33,6 +40,7 @@ import tomllib
 
 from service import dtypes
 from service.engine import custom
+from service.engine.device_refs import placeholder, ref_from_wire
 from service.engine.engine import Engine
 from service.engine.ipc import channel
 from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
@@ -41,6 +49,7 @@ from service.errors import ActserveError, InvalidRequest
 from service.settings import Settings
 
 log = logging.getLogger("actserve.engine")
+_TAGS = itertools.count(1)
 
 
 class Worker:
@@ -52,6 +61,7 @@ class Worker:
         self.arena: Arena | None = None
         self.jobs: dict[int, Job] = {}
         self.closed = False
+        self.tag = f"w{next(_TAGS)}/"  # its CUDA regions' keys in the engine
 
     def send(self, message: list) -> None:
         if not self.closed:
@@ -144,6 +154,27 @@ class EngineHost:
         self._broadcast(["removed", name])
         worker.send(["registered", rid, None, None, None])
 
+    # -- CUDA shared memory ------------------------------------------------------------------
+    async def _cuda_register_for(self, worker: Worker, rid: int, payload: list) -> None:
+        try:
+            name, b64, device_id, byte_size = payload
+            await self.engine.device_regions.open(worker.tag + name, base64.b64decode(b64),
+                                                  int(device_id), int(byte_size))
+        except ActserveError as exc:
+            worker.send(["registered", rid, exc.type, exc.message, None])
+        except Exception as exc:  # noqa: BLE001 - answered, never a hang
+            log.exception("engine: opening a CUDA IPC handle failed")
+            worker.send(["registered", rid, "internal_error", f"{type(exc).__name__}: {exc}",
+                         None])
+        else:
+            if worker.closed:  # went away meanwhile: nobody will unregister it
+                await self.engine.device_regions.close_prefix(worker.tag)
+            worker.send(["registered", rid, None, None, None])
+
+    async def _cuda_unregister_for(self, worker: Worker, rid: int, name: str) -> None:
+        await self.engine.device_regions.close(worker.tag + name)
+        worker.send(["registered", rid, None, None, None])
+
     # -- a worker's connection ------------------------------------------------------------
     async def serve_worker(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -163,6 +194,10 @@ class EngineHost:
                     self._spawn(self._register_for(worker, message[1], message[2]))
                 elif kind == "unregister":
                     self._unregister_for(worker, message[1], message[2])
+                elif kind == "cuda_register":
+                    self._spawn(self._cuda_register_for(worker, message[1], message[2]))
+                elif kind == "cuda_unregister":
+                    self._spawn(self._cuda_unregister_for(worker, message[1], message[2]))
                 elif kind == "hello":
                     worker.pid = int(message[1])
                     worker.arena = Arena.attach(message[2])
@@ -185,6 +220,7 @@ class EngineHost:
         for job in list(worker.jobs.values()):
             if job.t_dispatch == 0:  # never started: nobody will want it
                 self.engine.abandon(job)
+        self._spawn(self.engine.device_regions.close_prefix(worker.tag))
         self._maybe_release(worker)
 
     def _maybe_release(self, worker: Worker) -> None:
@@ -199,20 +235,24 @@ class EngineHost:
     def _job(self, worker: Worker, m: list) -> None:
         (_, jid, name, params, wire, shape, in_off, out_off, out_cap, compute, amp, amp_dtype,
          inplace, deadline, priority, api, request_id, fault, outputs, report, upstream,
-         expr) = m
+         expr, (device_in, device_out)) = m
         try:
             if worker.arena is None:
                 raise InvalidRequest("job before hello")
             storage = dtypes.STORAGE[wire]
             shape = tuple(shape)
-            array = worker.arena.array(in_off, storage, shape)
+            array = worker.arena.array(in_off, storage, shape) if device_in is None \
+                else placeholder(storage, shape)  # the input is in a CUDA region
             # an unknown name (a custom one this engine does not have) is a clear 404
             activation = self.engine.expressions.resolve(expr) if expr is not None \
                 else self.engine.registry.get(name)
             job = Job(activation, tuple(map(tuple, params)), array, wire,
                       Mode(compute, amp, amp_dtype, inplace), deadline, priority, api,
-                      request_id, fault=fault, out=worker.arena.view(out_off, out_cap),
-                      outputs=tuple(outputs), report=frozenset(report))
+                      request_id, fault=fault,
+                      out=None if device_out is not None else worker.arena.view(out_off, out_cap),
+                      outputs=tuple(outputs), report=frozenset(report),
+                      device_in=ref_from_wire(device_in, worker.tag),
+                      device_out=ref_from_wire(device_out, worker.tag))
             if upstream:  # the upstream gradient follows the input on a slot boundary
                 at = in_off + -(-array.nbytes // ALIGN) * ALIGN
                 job.grad_output = worker.arena.array(at, storage, shape)

@@ -18,11 +18,18 @@ announces every change to every worker, and this process keeps its registry (and
 model statistics, through ``on_custom``) in step. On reconnecting to a restarted engine it
 sends back every custom activation it knows and stays not ready until each is answered.
 Inline expressions are parsed here (a 400 before anything is sent) and travel as text.
+
+CUDA shared-memory regions are opened by the engine process (``open_cuda_region``: a
+``cuda_register`` message; a bad handle is the engine's 400); this process keeps each raw
+handle and sends them back to a restarted engine like custom activations. A job whose
+tensors live in such a region takes no arena bytes for them: its descriptor names the
+region (``device_refs.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -36,6 +43,7 @@ from service import dtypes
 from service.engine import custom
 from service.engine.activations import Activation, Registry
 from service.engine.capabilities import Capabilities
+from service.engine.device_refs import placeholder
 from service.engine.inline import ExpressionCache
 from service.engine.ipc import channel
 from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
@@ -108,6 +116,7 @@ class RemoteEngine:
         self._requests: dict[int, asyncio.Future] = {}  # registrations awaiting the engine
         self._resync: set[int] = set()  # re-registrations after a reconnect, unanswered
         self._fatal: str | None = None
+        self.cuda_handles: dict[str, list] = {}  # CUDA region -> its cuda_register payload
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -252,10 +261,23 @@ class RemoteEngine:
     def _register_again(self) -> None:
         """After a reconnect: the engine may be a new one that has none of them."""
         self._resync = set()
-        for raw in list(self.customs.values()):
+        again = [("register", raw) for raw in self.customs.values()]
+        again += [("cuda_register", p) for p in self.cuda_handles.values()]
+        for kind, payload in again:
             rid = next(self._ids)
             self._resync.add(rid)
-            self._send(["register", rid, raw])
+            self._send([kind, rid, payload])
+
+    # -- CUDA shared memory (the engine process opens the handles) -------------------------
+    async def open_cuda_region(self, name: str, raw: bytes, device_id: int,
+                               byte_size: int) -> None:
+        payload = [name, base64.b64encode(raw).decode(), device_id, byte_size]
+        await self._ask("cuda_register", payload)
+        self.cuda_handles[name] = payload
+
+    async def close_cuda_region(self, name: str) -> None:
+        if self.cuda_handles.pop(name, None) is not None:
+            await self._ask("cuda_unregister", name)
 
     # -- the request path ---------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
@@ -281,8 +303,8 @@ class RemoteEngine:
 
     def submit(self, job: Job) -> asyncio.Future:
         self.admit()
-        out_bytes = job.numel * _answer_itemsize(job)
-        in_bytes = job.array.nbytes
+        out_bytes = 0 if job.device_out is not None else job.numel * _answer_itemsize(job)
+        in_bytes = 0 if job.device_in is not None else job.array.nbytes
         if job.grad_output is not None:  # after the input, on a slot boundary
             in_bytes = _aligned(in_bytes) + job.grad_output.nbytes
         if "grad" in job.outputs:  # at the end of the answer's room, on a slot boundary
@@ -359,7 +381,8 @@ class RemoteEngine:
             p.in_off = -1
             return False
         job = p.job
-        arena.view(p.in_off, job.array.nbytes)[:] = job.array.reshape(-1).view("u1")
+        if job.device_in is None:  # else the input stays in the client's CUDA region
+            arena.view(p.in_off, job.array.nbytes)[:] = job.array.reshape(-1).view("u1")
         if job.grad_output is not None:
             at = p.in_off + _aligned(job.array.nbytes)
             arena.view(at, job.grad_output.nbytes)[:] = job.grad_output.reshape(-1).view("u1")
@@ -374,7 +397,8 @@ class RemoteEngine:
             list(job.array.shape), p.in_off, p.out_off, p.out_bytes, m.compute_dtype, m.amp,
             m.amp_dtype, m.inplace, job.deadline, job.priority, job.api, job.request_id,
             job.fault, list(job.outputs), sorted(job.report), job.grad_output is not None,
-            job.activation.formula if self.expressions.is_inline(job.activation) else None])
+            job.activation.formula if self.expressions.is_inline(job.activation) else None,
+            [r.wire() if r is not None else None for r in (job.device_in, job.device_out)]])
         if not p.sent:
             self._resolve(jid, error=Unavailable(_GONE))
 
@@ -486,7 +510,10 @@ class RemoteEngine:
             p = self._pending.get(jid)
             if p is not None:
                 shape = tuple(shape)
-                array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], shape)
+                if p.job.device_out is not None:  # written into the client's CUDA region
+                    array = placeholder(dtypes.STORAGE[dtype], shape)
+                else:
+                    array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], shape)
                 self._report(batch)
                 result = JobResult(array, dtype, compute_s, batch_requests, batch_elements,
                                    device, queue_s, extra, reports=_reports_in(reports))
