@@ -74,3 +74,43 @@ def test_server_on_cuda_reports_gpu_memory_and_exact_results():
         assert same_bits(np.frombuffer(r.content, "<f4"), lone)
         metrics = c.get("/metrics").text
         assert 'actserve_gpu_memory_peak_bytes{device="cuda:0"}' in metrics
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "silu", "tanh", "leaky_relu"])
+def test_a_batch_straight_from_pinned_slots_equals_the_lone_reference(name):
+    """The engine process registers its workers' arenas as pinned memory; large batches then
+    go to the device from their slots and come back into the answer slots by DMA, with no
+    host staging (``compute._run_cuda_slots``). Same bits as the lone GPU reference."""
+    from service.engine.ipc import pinning
+    from service.engine.ipc.arena import ALIGN, Arena
+
+    arena = Arena.create(96 << 20)
+    try:
+        assert pinning.pin(arena)
+        compute = DeviceCompute(torch.device("cuda:0"))
+        rng = np.random.default_rng(1)
+        for wire, (amp, amp_dtype) in itertools.product(dtypes.NAMES, AMP):
+            mode = Mode(None, amp, amp_dtype, False)
+            jobs, expected, at = [], [], 0
+            for n in (300_001, 1_000_003, 70_000):
+                x = dtypes.from_float(rng.standard_normal(n) * 5, wire)
+                expected.append(_lone_on_gpu(_job(name, x.copy(), wire, mode)))
+                slot = arena.view(at, x.nbytes)
+                slot[:] = x.view(np.uint8)
+                at += -(-x.nbytes // ALIGN) * ALIGN
+                job = _job(name, slot.view(x.dtype), wire, mode)
+                job.out = arena.view(at, n * 8)  # room for the widest answer
+                at += -(-(n * 8) // ALIGN) * ALIGN
+                jobs.append(job)
+            before = compute.slot_batches
+            with torch.inference_mode():
+                got = compute.run(jobs)
+            assert compute.slot_batches == before + 1, (wire, mode)
+            for job, r, e in zip(jobs, got, expected, strict=True):
+                assert isinstance(r, JobResult), r
+                assert np.may_share_memory(r.array, job.out)  # answered in its slot
+                assert same_bits(np.asarray(r.array).reshape(e.shape), e), (name, wire, mode)
+                assert r.extra["h2d"] > 0 and r.compute_s > 0
+        pinning.unpin(arena)
+    finally:
+        arena.close()

@@ -44,6 +44,7 @@ class Arena:
         self.owner = owner
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
+        self.address = self.buffer.ctypes.data  # of the mapping, in this process
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset
         self.used = 0
 

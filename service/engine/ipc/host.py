@@ -42,7 +42,7 @@ from service import dtypes
 from service.engine import custom
 from service.engine.device_refs import placeholder, ref_from_wire
 from service.engine.engine import Engine
-from service.engine.ipc import channel
+from service.engine.ipc import channel, pinning
 from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
 from service.engine.job import BatchReport, Job, JobResult, Mode
 from service.errors import ActserveError, InvalidRequest
@@ -62,6 +62,7 @@ class Worker:
         self.jobs: dict[int, Job] = {}
         self.closed = False
         self.tag = f"w{next(_TAGS)}/"  # its CUDA regions' keys in the engine
+        self.pinning: asyncio.Task | None = None  # registering its arena with CUDA
 
     def send(self, message: list) -> None:
         if not self.closed:
@@ -201,6 +202,9 @@ class EngineHost:
                 elif kind == "hello":
                     worker.pid = int(message[1])
                     worker.arena = Arena.attach(message[2])
+                    if self._cuda:
+                        worker.pinning = asyncio.ensure_future(
+                            asyncio.to_thread(pinning.pin, worker.arena))
                     for raw in self.customs.values():  # what it serves, before its state
                         worker.send(["activation", raw])
                     worker.send(self._state())
@@ -226,10 +230,29 @@ class EngineHost:
     def _maybe_release(self, worker: Worker) -> None:
         """Unmap a departed worker's arena once no job of it is computing."""
         if worker.closed and not worker.jobs and worker.arena is not None:
-            worker.arena.close()
-            if not pid_alive(worker.pid):  # a killed worker cannot unlink its own
-                unlink(worker.arena.name)
-            worker.arena = None
+            arena, worker.arena = worker.arena, None
+            if worker.pinning is None:
+                self._close_arena(worker, arena)
+            else:
+                self._spawn(self._unpin_and_close(worker, arena))
+
+    async def _unpin_and_close(self, worker: Worker, arena: Arena) -> None:
+        """CUDA forgets the registration before the mapping goes."""
+        try:
+            if await worker.pinning:
+                await asyncio.to_thread(pinning.unpin, arena)
+        finally:
+            self._close_arena(worker, arena)
+
+    @staticmethod
+    def _close_arena(worker: Worker, arena: Arena) -> None:
+        arena.close()
+        if not pid_alive(worker.pid):  # a killed worker cannot unlink its own
+            unlink(arena.name)
+
+    @property
+    def _cuda(self) -> bool:
+        return any(d.startswith("cuda") for d in self.engine.devices)
 
     # -- jobs ---------------------------------------------------------------------------
     def _job(self, worker: Worker, m: list) -> None:

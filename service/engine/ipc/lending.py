@@ -50,7 +50,7 @@ class Lender:
     def __init__(self, arena: Arena, on_free: Callable[[], None]) -> None:
         self.arena = arena
         self.on_free = on_free  # room came back: requests waiting for it may go on
-        self.base = arena.buffer.ctypes.data
+        self.base = arena.address
         self.limit = int(arena.size * SHARE)
         self.held = 0
         self._lent: list[LentBody] = []
