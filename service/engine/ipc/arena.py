@@ -12,6 +12,7 @@ error instead of a SIGBUS on the first write.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -127,7 +128,7 @@ class Arena:
         return self.buffer[offset:offset + nbytes]
 
     def array(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # python ints: exact, and far cheaper than np.prod
         return self.view(offset, count * dtype.itemsize).view(dtype).reshape(shape)
 
 

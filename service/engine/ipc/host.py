@@ -388,7 +388,14 @@ async def _until_stdin_closes() -> asyncio.Future:
 def main(argv: list[str]) -> int:
     settings = Settings.model_validate_json(os.environ[channel.SETTINGS_ENV])
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    return asyncio.run(serve(argv[0], settings))
+    try:  # the event loop the HTTP workers run too (uvicorn's "auto"): cheaper per message
+        from uvloop import new_event_loop
+    except ImportError:
+        new_event_loop = None
+    if new_event_loop is None or not hasattr(asyncio, "Runner"):  # Python 3.10: asyncio's
+        return asyncio.run(serve(argv[0], settings))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(serve(argv[0], settings))
 
 
 if __name__ == "__main__":
