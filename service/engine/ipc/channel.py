@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 import orjson
 
@@ -67,6 +68,41 @@ async def receive(reader: asyncio.StreamReader) -> list:
     if size > MAX_MESSAGE:
         raise ConnectionError(f"control message of {size} bytes is over the limit")
     return orjson.loads(await reader.readexactly(size))
+
+
+class Receiver(asyncio.Protocol):
+    """A connection whose messages are framed as bytes arrive and handed, in order, to
+    ``on_message`` right there (no coroutine per message); ``on_lost`` once it ends. A
+    message over ``MAX_MESSAGE`` ends the connection."""
+
+    def __init__(self, on_message: Callable[[list], None], on_lost: Callable[[], None]) -> None:
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        at, end = 0, len(buf)
+        while end - at >= HEAD.size:
+            (size,) = HEAD.unpack_from(buf, at)
+            if size > MAX_MESSAGE:
+                self.transport.close()
+                return
+            stop = at + HEAD.size + size
+            if stop > end:
+                break
+            message = orjson.loads(memoryview(buf)[at + HEAD.size:stop])
+            at = stop
+            self.on_message(message)
+        del buf[:at]
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost()
 
 
 def error_from(error_type: str, message: str) -> ActserveError:

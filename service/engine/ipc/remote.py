@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from service import dtypes
 from service.engine import custom
@@ -103,7 +104,7 @@ class RemoteEngine:
         self._lender: Lender | None = None
         self.bodies_in_place = 0  # jobs whose input went to the engine where it was read
         self._process: EngineProcess | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: asyncio.Transport | None = None
         self._task: asyncio.Task | None = None
         self._pending: dict[int, _Pending] = {}
         self._by_job: dict[Job, int] = {}
@@ -472,24 +473,24 @@ class RemoteEngine:
     async def _connection_loop(self, path: str) -> None:
         pause = RECONNECT_S[0]
         while not self._stopped:
+            loop = asyncio.get_running_loop()
+            lost = loop.create_future()
+            receiver = channel.Receiver(self._on_message, partial(_settle, lost))
             try:
-                reader, writer = await asyncio.open_unix_connection(path)
+                transport, _ = await loop.create_unix_connection(lambda r=receiver: r, path)
             except OSError:
                 await asyncio.sleep(pause)  # the engine is (re)starting
                 pause = min(pause * 2, RECONNECT_S[1])
                 continue
             pause = RECONNECT_S[0]
-            self._writer = writer
-            writer.write(channel.pack(["hello", os.getpid(), self._arena.name]))
+            self._writer = transport
+            transport.write(channel.pack(["hello", os.getpid(), self._arena.name]))
             self._register_again()
             try:
-                while True:
-                    self._on_message(await channel.receive(reader))
-            except (asyncio.IncompleteReadError, ConnectionError):
-                pass
+                await lost  # messages arrive in Receiver.data_received meanwhile
             finally:
                 self._writer = None
-                writer.close()
+                transport.close()
             if self._stopped:
                 return
             self._ready = False
@@ -550,6 +551,11 @@ class RemoteEngine:
     def _report(self, batch: list | None) -> None:
         if batch is not None and self._observer is not None:
             self._observer(BatchReport(*batch), [])
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _copy_out(job: Job) -> None:
