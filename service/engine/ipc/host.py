@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 
 import tomllib
 
@@ -53,10 +54,11 @@ _TAGS = itertools.count(1)
 
 
 class Worker:
-    """One connected worker: its stream, its arena, its jobs in the engine."""
+    """One connected worker: its connection, its arena, its jobs in the engine."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, gone: asyncio.Future) -> None:
+        self.link: channel.Receiver | None = None  # set once connected
+        self.gone = gone  # done when its connection has ended
         self.pid = 0
         self.arena: Arena | None = None
         self.jobs: dict[int, Job] = {}
@@ -66,7 +68,11 @@ class Worker:
 
     def send(self, message: list) -> None:
         if not self.closed:
-            self.writer.write(channel.pack(message))
+            self.link.transport.write(channel.pack(message))
+
+    def close(self) -> None:
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.close()
 
 
 class EngineHost:
@@ -74,7 +80,6 @@ class EngineHost:
         self.settings = settings
         self.engine = Engine(settings)
         self.workers: set[Worker] = set()
-        self.connections: set[asyncio.Task] = set()
         self.reports: dict[Job, BatchReport] = {}
         self.engine.observe_batches(self._batch_done)
         self.engine.pool.on_readiness_change = lambda _ready: self._broadcast_state()
@@ -177,49 +182,52 @@ class EngineHost:
         worker.send(["registered", rid, None, None, None])
 
     # -- a worker's connection ------------------------------------------------------------
-    async def serve_worker(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
-        worker = Worker(writer)
+    def connect(self) -> channel.Receiver:
+        """A worker connects: its messages are handled as they arrive (``_on_message``)."""
+        worker = Worker(asyncio.get_running_loop().create_future())
+        worker.link = channel.Receiver(partial(self._on_message, worker),
+                                       partial(self._worker_gone, worker))
         self.workers.add(worker)
-        task = asyncio.current_task()
-        self.connections.add(task)
+        return worker.link
+
+    def _on_message(self, worker: Worker, message: list) -> None:
         try:
-            while True:
-                message = await channel.receive(reader)
-                kind = message[0]
-                if kind == "job":
-                    self._job(worker, message)
-                elif kind == "cancel":
-                    self._cancel(worker, message[1])
-                elif kind == "register":
-                    self._spawn(self._register_for(worker, message[1], message[2]))
-                elif kind == "unregister":
-                    self._unregister_for(worker, message[1], message[2])
-                elif kind == "cuda_register":
-                    self._spawn(self._cuda_register_for(worker, message[1], message[2]))
-                elif kind == "cuda_unregister":
-                    self._spawn(self._cuda_unregister_for(worker, message[1], message[2]))
-                elif kind == "hello":
-                    worker.pid = int(message[1])
-                    worker.arena = Arena.attach(message[2])
-                    if self._cuda:
-                        worker.pinning = asyncio.ensure_future(
-                            asyncio.to_thread(pinning.pin, worker.arena))
-                    for raw in self.customs.values():  # what it serves, before its state
-                        worker.send(["activation", raw])
-                    worker.send(self._state())
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the worker went away (or is stopping)
+            self._handle(worker, message)
         except Exception:
             log.exception("engine: bad control message; dropping the worker's connection")
-        finally:
-            self._worker_gone(worker)
-            self.connections.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
+            worker.close()
+
+    def _handle(self, worker: Worker, message: list) -> None:
+        kind = message[0]
+        if kind == "job":
+            self._job(worker, message)
+        elif kind == "cancel":
+            self._cancel(worker, message[1])
+        elif kind == "register":
+            self._spawn(self._register_for(worker, message[1], message[2]))
+        elif kind == "unregister":
+            self._unregister_for(worker, message[1], message[2])
+        elif kind == "cuda_register":
+            self._spawn(self._cuda_register_for(worker, message[1], message[2]))
+        elif kind == "cuda_unregister":
+            self._spawn(self._cuda_unregister_for(worker, message[1], message[2]))
+        elif kind == "hello":
+            worker.pid = int(message[1])
+            worker.arena = Arena.attach(message[2])
+            if self._cuda:
+                worker.pinning = asyncio.ensure_future(
+                    asyncio.to_thread(pinning.pin, worker.arena))
+            for raw in self.customs.values():  # what it serves, before its state
+                worker.send(["activation", raw])
+            worker.send(self._state())
 
     def _worker_gone(self, worker: Worker) -> None:
+        """Its connection ended (it went away, or is stopping)."""
+        if worker.closed:
+            return
         worker.closed = True
+        if not worker.gone.done():
+            worker.gone.set_result(None)
         self.workers.discard(worker)
         for job in list(worker.jobs.values()):
             if job.t_dispatch == 0:  # never started: nobody will want it
@@ -346,7 +354,7 @@ async def serve(socket_path: str, settings: Settings) -> int:
     host = EngineHost(settings)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
-    server = await asyncio.start_unix_server(host.serve_worker, path=socket_path)
+    server = await asyncio.get_running_loop().create_unix_server(host.connect, path=socket_path)
     os.chmod(socket_path, 0o600)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -361,9 +369,10 @@ async def serve(socket_path: str, settings: Settings) -> int:
     host._broadcast_state()
     await host.engine.drain()
     server.close()
-    for w in list(host.workers):
-        w.writer.close()  # their readers see the end and return
-    await asyncio.gather(*host.connections, return_exceptions=True)
+    workers = list(host.workers)
+    for w in workers:
+        w.close()
+    await asyncio.gather(*(w.gone for w in workers), return_exceptions=True)
     await host.engine.stop()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
