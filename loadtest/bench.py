@@ -26,6 +26,7 @@ from . import (
     bars,
     client_cells,
     cpu,
+    engine_hop,
     inprocess,
     lab_bench,
     lab_reports_bench,
@@ -37,6 +38,7 @@ from . import (
 )
 
 SEED = 20240611
+HOP_JOBS = 1000  # sequential jobs per side of the engine group's in-process hop
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -302,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         t_ip = time.time()
         results["inprocess"] = measure_inprocess(a.quick)
         meta["inprocess_s"] = round(time.time() - t_ip, 1)
+    if "engine" in groups:
+        print("engine: the hop per batch, in-process (loadtest/engine_hop.py)", flush=True)
+        results["engine_hop"] = engine_hop.run(HOP_JOBS)
+        print(engine_hop.table(results["engine_hop"], HOP_JOBS, 1024), flush=True)
     if "lab" in groups:
         print(f"lab: custom relu(x) * sigmoid(x) vs hand-written, {a.lab_elements:,} el",
               flush=True)

@@ -115,27 +115,36 @@ async def measure(jobs: int, elements: int) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=3000)
-    p.add_argument("--elements", type=int, default=1024)
-    args = p.parse_args()
+def run(jobs: int = 3000, elements: int = 1024) -> dict:
+    """``measure`` on the event loop the server uses (uvloop when installed)."""
     try:
         from uvloop import new_event_loop
     except ImportError:
         new_event_loop = asyncio.new_event_loop
     loop = new_event_loop()
     try:
-        r = loop.run_until_complete(measure(args.jobs, args.elements))
+        return loop.run_until_complete(measure(jobs, elements))
     finally:
         loop.close()
-    print(f"| round trip, {args.elements} el relu, p50 of {args.jobs} | µs |")
-    print("| --- | ---: |")
+
+
+def table(r: dict, jobs: int, elements: int) -> str:
+    rows = [f"| round trip, {elements:,} el relu, p50 of {jobs:,} | µs |", "| --- | ---: |"]
     for key, label in (("inline_us", "Engine.submit (inline)"),
                        ("process_us", "RemoteEngine.submit (engine process)"),
                        ("hop_us", "the hop: process - inline"),
                        ("floor_us", "floor: message + echo between two processes")):
-        print(f"| {label} | {r[key]:.1f} |")
+        rows.append(f"| {label} | {r[key]:.1f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=3000)
+    p.add_argument("--elements", type=int, default=1024)
+    args = p.parse_args()
+    r = run(args.jobs, args.elements)
+    print(table(r, args.jobs, args.elements))
     print(json.dumps(r))
 
 
