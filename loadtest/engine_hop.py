@@ -9,7 +9,7 @@ Three round trips, each a median over ``--jobs`` sequential jobs (one job per ba
   over the Unix socket, the engine process's batcher and compute thread, the ``done``
   message back;
 * ``floor``: a 70-byte message and its echo between two processes over a Unix stream socket
-  with the same framing and event loop (``channel.pack`` / ``channel.Receiver``, uvloop when
+  with the same framing and event loop (``channel.Link``, uvloop when
   installed): what any hop costs on this machine before any work is done.
 
 ``process - inline`` is the hop's cost per batch; ``floor`` is how much of it the machine
@@ -45,9 +45,9 @@ except ImportError:
 async def main(path):
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    class Echo(channel.Receiver):
+    class Echo(channel.Link):
         def __init__(self):
-            super().__init__(lambda m: self.transport.write(channel.pack(m)),
+            super().__init__(lambda m: self.send(m),
                              lambda: done.done() or done.set_result(None))
     server = await loop.create_unix_server(Echo, path)
     print("ready", flush=True)
@@ -80,16 +80,16 @@ async def _floor_p50(jobs: int) -> float:
         child.stdout.readline()
         loop = asyncio.get_running_loop()
         answers: asyncio.Queue = asyncio.Queue()
-        transport, _ = await loop.create_unix_connection(
-            lambda: channel.Receiver(answers.put_nowait, lambda: None), path)
+        link = channel.Link(answers.put_nowait, lambda: None)
+        await loop.create_unix_connection(lambda: link, path)
         message = ["done", 1, "float32", [1024], 0.0, 1, 1024, "cpu", 0.0, {}, None, None, {}]
         times = []
         for _ in range(jobs):
             t0 = time.perf_counter()
-            transport.write(channel.pack(message))
+            link.send(message)
             await answers.get()
             times.append(time.perf_counter() - t0)
-        transport.close()
+        link.close()
         return statistics.median(times[jobs // 10:])
     finally:
         child.terminate()

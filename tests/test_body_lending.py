@@ -19,16 +19,17 @@ from service.settings import Settings
 
 
 class Recorded:
-    """The worker's end of the channel: keeps every message it is given."""
+    """The worker's end of the channel: keeps every message it is given (as the bytes
+    that would be sent, read back)."""
+
+    open = True
 
     def __init__(self) -> None:
         self.messages: list[list] = []
 
-    def write(self, data: bytes) -> None:
+    def send(self, message: list) -> None:
+        data = channel.pack(message)
         self.messages.append(orjson.loads(data[channel.HEAD.size:]))
-
-    def is_closing(self) -> bool:
-        return False
 
     def jobs(self) -> list[list]:
         return [m for m in self.messages if m[0] == "job"]
@@ -40,7 +41,7 @@ def engine():
     eng._arena = Arena.create(1 << 20)
     eng._lender = Lender(eng._arena, eng._room_freed)
     eng._ready = True
-    eng._writer = Recorded()
+    eng._link = Recorded()
     yield eng
     eng._arena.close()
 
@@ -69,7 +70,7 @@ def test_a_body_read_into_the_arena_is_sent_where_it_lies(engine):
         assert lent is not None and lent.view.nbytes == x.nbytes
         job = _job(engine, _read(lent, x))
         fut = engine.submit(job)
-        (msg,) = engine._writer.jobs()
+        (msg,) = engine._link.jobs()
         in_off = msg[6]
         assert in_off == lent.slot and in_off % ALIGN == 0
         assert np.array_equal(engine._arena.view(in_off, x.nbytes).view(np.float32), x)
@@ -91,7 +92,7 @@ def test_a_v2_tensor_after_its_header_starts_on_a_slot_boundary(engine):
         assert (engine._lender.offset(lent.view) + header) % ALIGN == 0
         job = _job(engine, _read(lent, x, header))
         engine.submit(job)
-        (msg,) = engine._writer.jobs()
+        (msg,) = engine._link.jobs()
         assert msg[6] % ALIGN == 0 and engine.bodies_in_place == 1
         _answer(engine, msg[1], x.shape)
 
@@ -121,20 +122,20 @@ def test_no_room_for_the_answer_gives_the_lent_slot_back_and_waits_as_usual(engi
         job_b = _job(engine, _read(lent_b, b), "float16", compute_dtype="float64")
         fut_a = engine.submit(job_a)  # 200 kB lent + 200 kB lent + 800 kB answer > 1 MiB
         assert engine.bodies_in_place == 0
-        assert not engine._writer.jobs() and len(engine._backlog) == 1
+        assert not engine._link.jobs() and len(engine._backlog) == 1
         assert np.array_equal(job_a.array, a)  # copied out of the slot it gave back
         assert not np.shares_memory(job_a.array, lent_a.view)
         fut_b = engine.submit(job_b)  # someone waits for room: b goes the usual way too
         assert engine._lender.held == 0 and engine.bodies_in_place == 0
         # b's lent slot came back, and that woke the request waiting for room: nothing is
         # in flight, yet nothing is stuck
-        sent = engine._writer.jobs()
+        sent = engine._link.jobs()
         assert len(sent) == 1 and len(engine._backlog) == 1
         lent_a.release()  # the requests' own releases are no-ops now
         lent_b.release()
         _answer(engine, sent[0][1], a.shape)
         (await fut_a).release()
-        sent = engine._writer.jobs()
+        sent = engine._link.jobs()
         assert len(sent) == 2
         _answer(engine, sent[1][1], b.shape)
         (await fut_b).release()
@@ -148,9 +149,9 @@ def test_a_refused_request_gives_its_lent_slot_back_and_wakes_the_waiting(engine
         lent = engine.lend_body(300_000, 0)
         big = np.ones(120_000, dtype=np.float32)  # 480 kB in + 480 kB out: waits for room
         fut = engine.submit(_job(engine, big))
-        assert len(engine._backlog) == 1 and not engine._writer.jobs()
+        assert len(engine._backlog) == 1 and not engine._link.jobs()
         lent.release()  # its request was refused (a 400): the room comes back
-        (msg,) = engine._writer.jobs()
+        (msg,) = engine._link.jobs()
         _answer(engine, msg[1], big.shape)
         (await fut).release()
         assert engine._arena.used == 0

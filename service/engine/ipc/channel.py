@@ -70,19 +70,43 @@ async def receive(reader: asyncio.StreamReader) -> list:
     return orjson.loads(await reader.readexactly(size))
 
 
-class Receiver(asyncio.Protocol):
-    """A connection whose messages are framed as bytes arrive and handed, in order, to
-    ``on_message`` right there (no coroutine per message); ``on_lost`` once it ends. A
-    message over ``MAX_MESSAGE`` ends the connection."""
+class Link(asyncio.Protocol):
+    """One end of a connection. Arriving messages are framed as bytes come in and handed,
+    in order, to ``on_message`` right there (no coroutine per message); ``on_lost`` once
+    it ends; a message over ``MAX_MESSAGE`` ends it. ``send`` queues a message; everything
+    queued in one turn of the event loop leaves in one write at the end of that turn, so a
+    batch's answers (or a burst of jobs) cost one system call and one wake-up of the peer,
+    not one each."""
 
     def __init__(self, on_message: Callable[[list], None], on_lost: Callable[[], None]) -> None:
         self.on_message = on_message
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._outbox: list[bytes] = []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, message: list) -> None:
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(pack(message))
+
+    def _flush(self) -> None:
+        parts, self._outbox = self._outbox, []
+        if self.open:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buffer

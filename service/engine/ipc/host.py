@@ -57,7 +57,7 @@ class Worker:
     """One connected worker: its connection, its arena, its jobs in the engine."""
 
     def __init__(self, gone: asyncio.Future) -> None:
-        self.link: channel.Receiver | None = None  # set once connected
+        self.link: channel.Link | None = None  # set once connected
         self.gone = gone  # done when its connection has ended
         self.pid = 0
         self.arena: Arena | None = None
@@ -68,11 +68,11 @@ class Worker:
 
     def send(self, message: list) -> None:
         if not self.closed:
-            self.link.transport.write(channel.pack(message))
+            self.link.send(message)
 
     def close(self) -> None:
-        if self.link is not None and self.link.transport is not None:
-            self.link.transport.close()
+        if self.link is not None:
+            self.link.close()
 
 
 class EngineHost:
@@ -182,10 +182,10 @@ class EngineHost:
         worker.send(["registered", rid, None, None, None])
 
     # -- a worker's connection ------------------------------------------------------------
-    def connect(self) -> channel.Receiver:
+    def connect(self) -> channel.Link:
         """A worker connects: its messages are handled as they arrive (``_on_message``)."""
         worker = Worker(asyncio.get_running_loop().create_future())
-        worker.link = channel.Receiver(partial(self._on_message, worker),
+        worker.link = channel.Link(partial(self._on_message, worker),
                                        partial(self._worker_gone, worker))
         self.workers.add(worker)
         return worker.link

@@ -104,7 +104,7 @@ class RemoteEngine:
         self._lender: Lender | None = None
         self.bodies_in_place = 0  # jobs whose input went to the engine where it was read
         self._process: EngineProcess | None = None
-        self._writer: asyncio.Transport | None = None
+        self._link: channel.Link | None = None
         self._task: asyncio.Task | None = None
         self._pending: dict[int, _Pending] = {}
         self._by_job: dict[Job, int] = {}
@@ -428,9 +428,9 @@ class RemoteEngine:
             self._backlog.popleft()
 
     def _send(self, message: list) -> bool:
-        if self._writer is None or self._writer.is_closing():
+        if self._link is None or not self._link.open:
             return False
-        self._writer.write(channel.pack(message))
+        self._link.send(message)
         return True
 
     def _forget(self, jid: int) -> None:
@@ -475,22 +475,22 @@ class RemoteEngine:
         while not self._stopped:
             loop = asyncio.get_running_loop()
             lost = loop.create_future()
-            receiver = channel.Receiver(self._on_message, partial(_settle, lost))
+            link = channel.Link(self._on_message, partial(_settle, lost))
             try:
-                transport, _ = await loop.create_unix_connection(lambda r=receiver: r, path)
+                await loop.create_unix_connection(lambda ln=link: ln, path)
             except OSError:
                 await asyncio.sleep(pause)  # the engine is (re)starting
                 pause = min(pause * 2, RECONNECT_S[1])
                 continue
             pause = RECONNECT_S[0]
-            self._writer = transport
-            transport.write(channel.pack(["hello", os.getpid(), self._arena.name]))
+            self._link = link
+            link.send(["hello", os.getpid(), self._arena.name])
             self._register_again()
             try:
-                await lost  # messages arrive in Receiver.data_received meanwhile
+                await lost  # messages arrive in Link.data_received meanwhile
             finally:
-                self._writer = None
-                transport.close()
+                self._link = None
+                link.close()
             if self._stopped:
                 return
             self._ready = False
