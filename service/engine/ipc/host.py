@@ -134,21 +134,27 @@ class EngineHost:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _register_for(self, worker: Worker, rid: int, raw: object) -> None:
-        """A worker's POST: every worker hears ``activation`` before the asker hears
-        ``registered`` (one stream, in order), so its registry has it when it answers."""
+    async def _answered(self, worker: Worker, rid: int, what: str, work) -> None:
+        """Await ``work`` (a catalogue entry, or None) and answer the worker's request with
+        exactly one ``registered``, whatever happens: never a hang."""
         try:
-            await self.loaded.wait()
-            activation = custom.build(raw)
-            await self._register(activation, raw)
+            entry = await work
         except ActserveError as exc:
             worker.send(["registered", rid, exc.type, exc.message, None])
-        except Exception as exc:  # noqa: BLE001 - answered, never a hang
-            log.exception("engine: registering failed")
+        except Exception as exc:  # noqa: BLE001 - answered
+            log.exception("engine: %s failed", what)
             worker.send(["registered", rid, "internal_error", f"{type(exc).__name__}: {exc}",
                          None])
         else:
-            worker.send(["registered", rid, None, None, activation.describe()])
+            worker.send(["registered", rid, None, None, entry])
+
+    async def _register_raw(self, raw: object) -> dict:
+        """A worker's POST: every worker hears ``activation`` before the asker hears
+        ``registered`` (one stream, in order), so its registry has it when it answers."""
+        await self.loaded.wait()
+        activation = custom.build(raw)
+        await self._register(activation, raw)
+        return activation.describe()
 
     def _unregister_for(self, worker: Worker, rid: int, name: str) -> None:
         try:
@@ -161,21 +167,12 @@ class EngineHost:
         worker.send(["registered", rid, None, None, None])
 
     # -- CUDA shared memory ------------------------------------------------------------------
-    async def _cuda_register_for(self, worker: Worker, rid: int, payload: list) -> None:
-        try:
-            name, b64, device_id, byte_size = payload
-            await self.engine.device_regions.open(worker.tag + name, base64.b64decode(b64),
-                                                  int(device_id), int(byte_size))
-        except ActserveError as exc:
-            worker.send(["registered", rid, exc.type, exc.message, None])
-        except Exception as exc:  # noqa: BLE001 - answered, never a hang
-            log.exception("engine: opening a CUDA IPC handle failed")
-            worker.send(["registered", rid, "internal_error", f"{type(exc).__name__}: {exc}",
-                         None])
-        else:
-            if worker.closed:  # went away meanwhile: nobody will unregister it
-                await self.engine.device_regions.close_prefix(worker.tag)
-            worker.send(["registered", rid, None, None, None])
+    async def _open_cuda(self, worker: Worker, payload: list) -> None:
+        name, b64, device_id, byte_size = payload
+        await self.engine.device_regions.open(worker.tag + name, base64.b64decode(b64),
+                                              int(device_id), int(byte_size))
+        if worker.closed:  # went away meanwhile: nobody will unregister it
+            await self.engine.device_regions.close_prefix(worker.tag)
 
     async def _cuda_unregister_for(self, worker: Worker, rid: int, name: str) -> None:
         await self.engine.device_regions.close(worker.tag + name)
@@ -204,11 +201,13 @@ class EngineHost:
         elif kind == "cancel":
             self._cancel(worker, message[1])
         elif kind == "register":
-            self._spawn(self._register_for(worker, message[1], message[2]))
+            self._spawn(self._answered(worker, message[1], "registering",
+                                       self._register_raw(message[2])))
         elif kind == "unregister":
             self._unregister_for(worker, message[1], message[2])
         elif kind == "cuda_register":
-            self._spawn(self._cuda_register_for(worker, message[1], message[2]))
+            self._spawn(self._answered(worker, message[1], "opening a CUDA IPC handle",
+                                       self._open_cuda(worker, message[2])))
         elif kind == "cuda_unregister":
             self._spawn(self._cuda_unregister_for(worker, message[1], message[2]))
         elif kind == "hello":
