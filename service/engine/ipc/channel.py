@@ -62,14 +62,6 @@ def pack(message: list) -> bytes:
     return HEAD.pack(len(body)) + body
 
 
-async def receive(reader: asyncio.StreamReader) -> list:
-    """The next message; ``asyncio.IncompleteReadError`` when the peer has gone."""
-    (size,) = HEAD.unpack(await reader.readexactly(HEAD.size))
-    if size > MAX_MESSAGE:
-        raise ConnectionError(f"control message of {size} bytes is over the limit")
-    return orjson.loads(await reader.readexactly(size))
-
-
 class Link(asyncio.Protocol):
     """One end of a connection. Arriving messages are framed as bytes come in and handed,
     in order, to ``on_message`` right there (no coroutine per message); ``on_lost`` once
