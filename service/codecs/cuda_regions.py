@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from service.codecs.shm_regions import MAX_REGIONS, RegionNotFound, _check_int, _check_name
+from service.codecs.shm_regions import MAX_REGIONS, RegionNotFound, check_int, check_name
 from service.engine.device_refs import IPC_HANDLE_BYTES, DeviceRef, is_emulated
 from service.errors import InvalidRequest, echo
 
@@ -40,7 +40,6 @@ class CudaRegion:
     name: str
     device_id: int
     byte_size: int
-    raw_handle: bytes
 
     def status(self) -> dict:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
@@ -79,24 +78,24 @@ class CudaRegions:
         self.refuse()
         if not name:
             return [r.status() for r in self._regions.values()]
-        return [self._get(_check_name(name)).status()]
+        return [self._get(check_name(name)).status()]
 
     async def register(self, name: object, raw_handle: object, device_id: object,
                        byte_size: object) -> None:
         self.refuse()
-        name = _check_name(name)
+        name = check_name(name)
         if not isinstance(raw_handle, bytes) or len(raw_handle) != IPC_HANDLE_BYTES:
             size = len(raw_handle) if isinstance(raw_handle, bytes) else echo(raw_handle)
             raise InvalidRequest(f"CUDA shared memory region {name!r}: raw_handle must be a "
                                  f"{IPC_HANDLE_BYTES}-byte CUDA IPC handle "
                                  f"(cudaIpcMemHandle_t), got {size} bytes")
-        device_id = _check_int(device_id, "device_id", 0)
+        device_id = check_int(device_id, "device_id", 0)
         emulated = self.emulate and is_emulated(raw_handle)
         if device_id not in self.cuda_ids and not (emulated and device_id == 0):
             ids = ", ".join(map(str, self.cuda_ids)) or "none"
             raise InvalidRequest(f"CUDA shared memory region {name!r}: device_id {device_id} "
                                  f"is not one of this server's CUDA devices ({ids})")
-        byte_size = _check_int(byte_size, "byte_size", 1)
+        byte_size = check_int(byte_size, "byte_size", 1)
         if name in self._regions or name in self._opening:
             raise InvalidRequest(f"CUDA shared memory region {name!r} is already registered; "
                                  "unregister it first")
@@ -107,14 +106,14 @@ class CudaRegions:
         try:
             if self.opener is not None:
                 await self.opener(name, raw_handle, device_id, byte_size)
-            self._regions[name] = CudaRegion(name, device_id, byte_size, raw_handle)
+            self._regions[name] = CudaRegion(name, device_id, byte_size)
         finally:
             self._opening.discard(name)
 
     async def unregister(self, name: object = "") -> None:
         """One region, or every region when ``name`` is empty."""
         self.refuse()
-        names = list(self._regions) if not name else [self._get(_check_name(name)).name]
+        names = list(self._regions) if not name else [self._get(check_name(name)).name]
         for n in names:
             self._regions.pop(n, None)
             if self.closer is not None:
@@ -124,15 +123,8 @@ class CudaRegions:
         """Forget every region (shutdown; the engine closes its handles when it stops)."""
         self._regions.clear()
 
-    def __len__(self) -> int:
-        return len(self._regions)
-
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._regions
-
-    def registered(self) -> list[CudaRegion]:
-        """Every region, for re-registration with a restarted engine process."""
-        return list(self._regions.values())
 
     # -- use --------------------------------------------------------------------------------
     def ref(self, name: str, offset: object, size: int, where: str) -> DeviceRef:
@@ -143,7 +135,7 @@ class CudaRegions:
         if region is None:
             raise InvalidRequest(f"{where}: CUDA shared memory region {echo(name)} is not "
                                  "registered")
-        offset = _check_int(offset, f"{where}: shared_memory_offset", 0)
+        offset = check_int(offset, f"{where}: shared_memory_offset", 0)
         if offset + size > region.byte_size:
             raise InvalidRequest(
                 f"{where}: {size} bytes at offset {offset} do not fit in CUDA shared memory "

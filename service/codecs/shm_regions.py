@@ -72,7 +72,7 @@ class SystemRegions:
     # -- management -------------------------------------------------------------------------
     def register(self, name: object, key: object, offset: object, byte_size: object) -> None:
         self.check_enabled()
-        name = _check_name(name)
+        name = check_name(name)
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise InvalidRequest(
                 f"shared memory key {echo(key)} is not allowed: use a plain name under /dev/shm "
@@ -81,8 +81,8 @@ class SystemRegions:
         if is_arena(key.lstrip("/")):
             raise InvalidRequest(f"shared memory key {key!r} is reserved: the server's engine "
                                  "arenas cannot be registered")
-        offset = _check_int(offset, "offset", 0)
-        byte_size = _check_int(byte_size, "byte_size", 1)
+        offset = check_int(offset, "offset", 0)
+        byte_size = check_int(byte_size, "byte_size", 1)
         if name in self._regions:
             raise InvalidRequest(f"shared memory region {name!r} is already registered; "
                                  "unregister it first")
@@ -110,7 +110,7 @@ class SystemRegions:
         if not name:
             self.close()
             return
-        region = self._get(_check_name(name))
+        region = self._get(check_name(name))
         del self._regions[region.name]
         os.close(region.fd)
 
@@ -118,7 +118,7 @@ class SystemRegions:
         self.check_enabled()
         if not name:
             return [r.status() for r in self._regions.values()]
-        return [self._get(_check_name(name)).status()]
+        return [self._get(check_name(name)).status()]
 
     def close(self) -> None:
         """Release every region (unregister-all and shutdown)."""
@@ -139,7 +139,7 @@ class SystemRegions:
         region = self._regions.get(name)
         if region is None:
             raise InvalidRequest(f"{where}: shared memory region {echo(name)} is not registered")
-        offset = _check_int(offset, f"{where}: shared_memory_offset", 0)
+        offset = check_int(offset, f"{where}: shared_memory_offset", 0)
         if offset + size > region.byte_size:
             raise InvalidRequest(
                 f"{where}: {size} bytes at offset {offset} do not fit in shared memory region "
@@ -202,7 +202,7 @@ class SystemRegions:
         return region
 
 
-def _check_name(name: object) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InvalidRequest(
             f"shared memory region name {echo(name)} is not allowed: 1 to 128 letters, digits, "
@@ -211,7 +211,7 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_int(value: object, what: str, minimum: int) -> int:
+def check_int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidRequest(f"{what} must be an integer >= {minimum}, got {echo(value)}")
     return value

@@ -334,10 +334,7 @@ def region_output(params: dict, regions: SystemRegions | None,
     if cuda is None or name not in cuda:
         return shm_output(params, regions), None
     where = f"output {OUTPUT_NAME!r}"
-    size = params.get(SHM_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidRequest(f"{where}: {SHM_SIZE} must be an integer >= 0, got {echo(size)}")
-    return None, cuda.ref(name, params.get(SHM_OFFSET, 0), size, where)
+    return None, cuda.ref(name, params.get(SHM_OFFSET, 0), _output_size(params, where), where)
 
 
 def shm_output(params: dict, regions: SystemRegions | None) -> ShmOutput | None:
@@ -349,25 +346,31 @@ def shm_output(params: dict, regions: SystemRegions | None) -> ShmOutput | None:
         raise InvalidRequest(f"{where}: {SHM_SIZE}/{SHM_OFFSET} need {SHM_REGION}")
     if regions is None:
         raise InvalidRequest(f"{where}: shared memory is not available here")
-    size = params.get(SHM_SIZE)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidRequest(f"{where}: {SHM_SIZE} must be an integer >= 0, got {echo(size)}")
+    size = _output_size(params, where)
     offset = params.get(SHM_OFFSET, 0)
     region = regions.check(params[SHM_REGION], offset, size, where)
     return ShmOutput(region, offset, size)
 
 
-def check_output_fits(out: ShmOutput, nbytes: int) -> None:
-    if nbytes > out.byte_size:
+def _output_size(params: dict, where: str) -> int:
+    size = params.get(SHM_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidRequest(f"{where}: {SHM_SIZE} must be an integer >= 0, got {echo(size)}")
+    return size
+
+
+def check_output_fits(byte_size: int, nbytes: int) -> None:
+    """The output's ``nbytes`` fit in the ``byte_size`` its shared-memory window has."""
+    if nbytes > byte_size:
         raise InvalidRequest(
-            f"output {OUTPUT_NAME!r} needs {nbytes} bytes but its {SHM_SIZE} is {out.byte_size}"
+            f"output {OUTPUT_NAME!r} needs {nbytes} bytes but its {SHM_SIZE} is {byte_size}"
         )
 
 
 def write_output(regions: SystemRegions, out: ShmOutput, array: np.ndarray) -> int:
     """Copy the output into its region; the bytes written."""
     flat = np.ascontiguousarray(array).reshape(-1)
-    check_output_fits(out, flat.nbytes)
+    check_output_fits(out.byte_size, flat.nbytes)
     regions.write(out.region, out.offset, memoryview(flat.view(np.uint8)),
                   f"output {OUTPUT_NAME!r}")
     return flat.nbytes
@@ -375,11 +378,12 @@ def write_output(regions: SystemRegions, out: ShmOutput, array: np.ndarray) -> i
 
 def extensions(shared_memory: bool, cuda: bool = False) -> list[str]:
     """The v2 extensions the server has (the same over HTTP and gRPC)."""
-    base = ["binary_tensor_data", "parameters", "statistics"]
-    if not shared_memory:
-        return base
-    return [*base, "system_shared_memory", "cuda_shared_memory"] if cuda \
-        else [*base, "system_shared_memory"]
+    names = ["binary_tensor_data", "parameters", "statistics"]
+    if shared_memory:
+        names.append("system_shared_memory")
+        if cuda:
+            names.append("cuda_shared_memory")
+    return names
 
 
 def tensor_meta(name: object, datatype: object, shape: object,
@@ -581,13 +585,10 @@ def build_job(activation: Activation, req: V2Request, jobs: JobFactory, api: str
         job.device_in, job.device_out = req.input_cuda, req.output_cuda
     if not job.mode.amp:
         # The output dtype is known before compute: refuse now, not after.
-        if req.output_cuda is not None:
-            nbytes = job.numel * dtypes.itemsize(job.compute_dtype)
-            if nbytes > req.output_cuda.nbytes:
-                raise InvalidRequest(f"output {OUTPUT_NAME!r} needs {nbytes} bytes but its "
-                                     f"{SHM_SIZE} is {req.output_cuda.nbytes}")
-        elif req.output_shm is not None:
-            check_output_fits(req.output_shm, job.numel * dtypes.itemsize(job.compute_dtype))
+        room = req.output_cuda.nbytes if req.output_cuda is not None else \
+            req.output_shm.byte_size if req.output_shm is not None else None
+        if room is not None:
+            check_output_fits(room, job.numel * dtypes.itemsize(job.compute_dtype))
         elif not req.binary_output and "value" in job.outputs:
             problem = json_output_problem(job.compute_dtype)
             if problem:

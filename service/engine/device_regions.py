@@ -26,20 +26,17 @@ class DeviceRegionsHost:
         self.engine = engine
         self._regions: dict[str, OpenedRegion] = {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._regions
-
-    def keys(self) -> list[str]:
-        return list(self._regions)
+    def _running(self, device: str):
+        """The live compute thread of ``device``, or None."""
+        return next((ex for ex in self.engine.pool.executors
+                     if ex.alive and ex.device == device), None)
 
     def _executor(self, device: str):
-        for ex in self.engine.pool.executors:
-            if ex.alive and ex.device == device:
-                return ex
-        alive = [ex for ex in self.engine.pool.executors if ex.alive]
-        if not alive:
+        ex = self._running(device) or next(
+            (ex for ex in self.engine.pool.executors if ex.alive), None)
+        if ex is None:
             raise NotReady("no compute executor is running to open the CUDA handle; retry")
-        return alive[0]
+        return ex
 
     async def open(self, key: str, raw: bytes, device_id: int, byte_size: int) -> None:
         """Open the handle in a compute thread of ``cuda:<device_id>``; a 400 naming the
@@ -79,9 +76,7 @@ class DeviceRegionsHost:
     async def _retire(self, region: OpenedRegion) -> None:
         """Closed in a compute thread of its device (or a plain thread when none runs);
         a job still using it closes it when it is done."""
-        device = str(region.device)
-        ex = next((e for e in self.engine.pool.executors if e.alive and e.device == device),
-                  None)
+        ex = self._running(str(region.device))
         if ex is None:
             await asyncio.to_thread(region.retire)
         else:

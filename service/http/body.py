@@ -150,29 +150,37 @@ async def _read_body(request: Request, size: int | None, limit: int, progress: _
         _Inflater(encoding, limit, charge, json_values)
     if size is None:
         body = await _read_chunked(receive, limit, progress, inflater)
-    elif inflater is None and into is not None and into.nbytes == size:
-        body = await _read_into(receive, into, progress)
     else:
-        body = await _read_sized(receive, size, progress, inflater)
+        if inflater is not None or into is None or into.nbytes != size:
+            into = None  # an encoded body is inflated into memory of its own
+        body = await _read_sized(receive, size, progress, inflater, into)
     if inflater is None:
         return body
     return inflater.finish()
 
 
-async def _read_sized(receive, size: int, progress: _Progress, inflater) -> bytearray:
+async def _read_sized(receive, size: int, progress: _Progress, inflater,
+                      into: np.ndarray | None) -> bytearray | np.ndarray:
     """A body of a declared size. The HTTP parser frames the body by its Content-Length,
     so more or fewer bytes mean a broken client."""
-    body = await _read_chunked(receive, size, progress, inflater, declared=True)
+    body = await _read_chunked(receive, size, progress, inflater, declared=True, into=into)
     if progress.received != size:
         raise InvalidRequest(
             f"the body has {progress.received} bytes but Content-Length says {size}")
     return body
 
 
-async def _read_into(receive, into: np.ndarray, progress: _Progress) -> np.ndarray:
-    """A plain body of a declared size, each piece copied where it belongs in ``into`` as
-    it arrives (no joining copy)."""
-    size = into.nbytes
+async def _read_chunked(receive, limit: int, progress: _Progress, inflater,
+                        declared: bool = False,
+                        into: np.ndarray | None = None) -> bytearray | np.ndarray:
+    """The body's pieces, counted against ``limit`` as they arrive, then joined with one
+    copy. (Appending to a bytearray grows it by about an eighth at a time, so a 4 MiB body
+    arriving in 64 KiB pieces was copied about eight times over; a zero-filled buffer of
+    the declared size costs a full extra pass over fresh pages.) With ``into`` (a plain body
+    of a declared size), each piece is copied where it belongs there as it arrives, and
+    ``into`` is the body: no joining copy. An encoded body is inflated as it arrives, a
+    bounded step at a time."""
+    chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -180,37 +188,14 @@ async def _read_into(receive, into: np.ndarray, progress: _Progress) -> np.ndarr
         chunk = message.get("body", b"")
         at = progress.received
         progress.received += len(chunk)
-        if progress.received > size:
-            raise InvalidRequest(f"the body is longer than its Content-Length ({size})")
-        if chunk:
-            into[at:progress.received] = np.frombuffer(chunk, np.uint8)
-        if not message.get("more_body", False):
-            break
-    if progress.received != size:
-        raise InvalidRequest(
-            f"the body has {progress.received} bytes but Content-Length says {size}")
-    return into
-
-
-async def _read_chunked(receive, limit: int, progress: _Progress, inflater,
-                        declared: bool = False) -> bytearray:
-    """The body's pieces, counted against ``limit`` as they arrive, then joined with one
-    copy. (Appending to a bytearray grows it by about an eighth at a time, so a 4 MiB body
-    arriving in 64 KiB pieces was copied about eight times over; a zero-filled buffer of
-    the declared size costs a full extra pass over fresh pages.) An encoded body is
-    inflated as it arrives, a bounded step at a time."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        progress.received += len(chunk)
         if progress.received > limit:
             if declared:
                 raise InvalidRequest(f"the body is longer than its Content-Length ({limit})")
             raise RequestTooLarge(f"body is over the server's max_request_bytes={limit}")
-        if inflater is None:
+        if into is not None:
+            if chunk:
+                into[at:progress.received] = np.frombuffer(chunk, np.uint8)
+        elif inflater is None:
             chunks.append(chunk)
         elif chunk:
             while True:
@@ -221,7 +206,7 @@ async def _read_chunked(receive, limit: int, progress: _Progress, inflater,
                 chunk = b""
                 await asyncio.sleep(0)  # a step done: let the loop answer others
         if not message.get("more_body", False):
-            return bytearray().join(chunks)
+            return into if into is not None else bytearray().join(chunks)
 
 
 class _Inflater:

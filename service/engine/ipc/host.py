@@ -62,9 +62,12 @@ class Worker:
         self.pid = 0
         self.arena: Arena | None = None
         self.jobs: dict[int, Job] = {}
-        self.closed = False
         self.tag = f"w{next(_TAGS)}/"  # its CUDA regions' keys in the engine
         self.pinning: asyncio.Task | None = None  # registering its arena with CUDA
+
+    @property
+    def closed(self) -> bool:
+        return self.gone.done()
 
     def send(self, message: list) -> None:
         if not self.closed:
@@ -224,9 +227,7 @@ class EngineHost:
         """Its connection ended (it went away, or is stopping)."""
         if worker.closed:
             return
-        worker.closed = True
-        if not worker.gone.done():
-            worker.gone.set_result(None)
+        worker.gone.set_result(None)
         self.workers.discard(worker)
         for job in list(worker.jobs.values()):
             if job.t_dispatch == 0:  # never started: nobody will want it
