@@ -126,6 +126,10 @@ def test_accuracy_table(client):
     assert set(rows) == {(w, a) for w in ("float16", "bfloat16", "float32", "float64")
                          for a in ("off", "float16", "bfloat16")}
     assert rows[("float64", "off")]["max_ulp_error"] == 0
+    # the table names the kernels that produced it: torch picks them by vector extension
+    assert table["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert table["platform"]["torch"] == torch.__version__
+    assert table["platform"]["key"].startswith(f"cpu {torch.backends.cpu.get_cpu_capability()}")
     half = rows[("float16", "off")]
     assert half["out_dtype"] == "float16" and 0 < half["max_ulp_error"] < 4
     # the float32 row agrees with the test's own computation over the same grid

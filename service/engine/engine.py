@@ -176,11 +176,12 @@ class Engine:
 
             from service.engine import numerics  # torch-side, loaded on first use
 
-            rows = await asyncio.wrap_future(
-                ex.call(lambda c: numerics.sweep(act, c.device, refuse)))
+            rows, platform = await asyncio.wrap_future(ex.call(
+                lambda c: (numerics.sweep(act, c.device, refuse), numerics.platform(c.device))))
             self._accuracy = {k: v for k, v in self._accuracy.items() if k[0] != act.name}
             self._accuracy[key] = {"activation": act.name, "device": ex.device,
-                                   "grid": numerics.GRID_DOC, "rows": rows}
+                                   "platform": platform, "grid": numerics.GRID_DOC,
+                                   "rows": rows}
         return self._accuracy[key]
 
     # -- the request path ---------------------------------------------------------------

@@ -104,6 +104,34 @@ GRID_DOC = ("special values (0, -0, NaN, +-Inf, subnormals, float16's largest, 1
             "(1,000 points), rounded to each dtype; the activation's default params")
 
 
+def platform(device: torch.device) -> dict:
+    """What produced a sweep's figures: torch picks its CPU kernels by vector extension, so
+    an accuracy table is a property of the kernels that ran, not of the activation alone.
+    ``key`` names the table in docs/lab.md (``loadtest.accuracy_table``)."""
+    import torch.cpu as tcpu
+
+    features = sorted(name[4:-10] for name in dir(tcpu)
+                      if name.startswith("_is_") and name.endswith("_supported")
+                      and name not in ("_is_avx2_supported", "_is_avx512_supported")
+                      and _feature(getattr(tcpu, name)))
+    out = {"device": str(device), "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": features}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["key"] = f"cuda {out['gpu']}, torch {out['torch']}"
+    else:
+        out["key"] = " ".join([f"cpu {out['cpu_capability']}", *(f"+{f}" for f in features)]) \
+            + f", torch {out['torch']}"
+    return out
+
+
+def _feature(probe) -> bool:
+    try:
+        return bool(probe())
+    except Exception:  # noqa: BLE001 - a probe torch cannot answer counts as absent
+        return False
+
+
 def grid() -> np.ndarray:
     """The fixed sweep: special values, then +-10**-8 .. 10**4 (1,000 points a side) and a
     uniform +-10 (1,000 points)."""
