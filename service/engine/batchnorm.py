@@ -65,13 +65,24 @@ class BatchNorm:
 
 
 def parse(raw: object, where: str) -> BatchNorm:
-    """``{"running_mean": [...], "running_var": [...], "weight"?: [...], "bias"?: [...],
-    "eps"?: 1e-5}`` (weight defaults to ones, bias to zeros, as a fresh module's)."""
+    """``{"channels"?: C, "running_mean": [...], "running_var": [...], "weight"?: [...],
+    "bias"?: [...], "eps"?: 1e-5}`` (weight defaults to ones, bias to zeros, as a fresh
+    module's; ``channels``, when given, must equal the length of every statistic)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with running_mean and running_var")
-    refuse_unknown(raw, ("running_mean", "running_var", "weight", "bias", "eps"), where)
+    refuse_unknown(raw, ("channels", "running_mean", "running_var", "weight", "bias", "eps"), where)
     mean = _vector(raw.get("running_mean"), f"{where}.running_mean", None)
     n = len(mean)
+    if "channels" in raw:  # optional: checked against every statistic's length
+        channels = raw["channels"]
+        if isinstance(channels, bool) or not isinstance(channels, int) \
+                or not 1 <= channels <= MAX_CHANNELS:
+            raise InvalidRequest(f"{where}.channels must be an integer in [1, {MAX_CHANNELS}], "
+                                 f"got {echo(channels)}")
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            if key in raw and isinstance(raw[key], list) and len(raw[key]) != channels:
+                raise InvalidRequest(f"{where}.{key} has {len(raw[key])} values; "
+                                     f"channels is {channels}")
     var = _vector(raw.get("running_var"), f"{where}.running_var", n)
     if any(v < 0 for v in var):
         raise InvalidRequest(f"{where}.running_var: variances must be >= 0")

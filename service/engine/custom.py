@@ -21,6 +21,7 @@ from service.errors import Conflict, InvalidRequest, echo
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMS = 8
+MAX_DESCRIPTION = 500
 _BIG = 1e6
 
 
@@ -28,10 +29,13 @@ _BIG = 1e6
 class CustomActivation(Activation):
     expression: expressions.Expression | None = None
     batch_norm: batchnorm.BatchNorm | None = None
+    description: str = ""
     fusion: Slot = field(default_factory=Slot, compare=False, repr=False)
 
     def describe(self) -> dict:
         out = {**super().describe(), "custom": True}
+        if self.description:
+            out["description"] = self.description
         if self.batch_norm is not None:
             out["batch_norm"] = self.batch_norm.describe()
         fused = self.fusion.describe()
@@ -69,8 +73,8 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    refuse_unknown(raw, ("name", "expr", "params", "batch_norm", "batchnorm"), where,
-                   "name, expr, params, batch_norm (or batchnorm)")
+    refuse_unknown(raw, ("name", "expr", "params", "batch_norm", "batchnorm", "description"), where,
+                   "name, expr, params, batch_norm (or batchnorm), description")
     if "batch_norm" in raw and "batchnorm" in raw:
         raise InvalidRequest(f"{where}: give batch_norm or its spelling batchnorm, not both")
     name = raw.get("name")
@@ -79,10 +83,14 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     if name == "expr":
         raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
+    description = raw.get("description", "")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        raise InvalidRequest(f"{where}.description must be a string of at most "
+                             f"{MAX_DESCRIPTION} chars")
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
     bn_key = "batchnorm" if "batchnorm" in raw else "batch_norm"
     if raw.get(bn_key) is None:
-        return from_expression(name, expr, params)
+        return from_expression(name, expr, params, description)
     bn = batchnorm.parse(raw[bn_key], f"{where}.{bn_key}")
 
     def layer(x, batch_stats: bool = False, **values):
@@ -91,7 +99,7 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     stats = BoolParam("batch_stats", False, doc="normalise with this request's own statistics")
     return CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
                             (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
-                            expression=expr, batch_norm=bn)
+                            expression=expr, batch_norm=bn, description=description)
 
 
 def file_entries(path: str) -> list[tuple[object, str]]:
@@ -103,9 +111,9 @@ def file_entries(path: str) -> list[tuple[object, str]]:
 
 
 def from_expression(name: str, expr: expressions.Expression,
-                    params: tuple[FloatParam, ...] = ()) -> CustomActivation:
+                    params: tuple[FloatParam, ...] = (), description: str = "") -> CustomActivation:
     return CustomActivation(name, expr.normalized, expr, None, params,
-                            torch_ref=expr.normalized, expression=expr)
+                            torch_ref=expr.normalized, expression=expr, description=description)
 
 
 def _params(raw: object, where: str) -> tuple[FloatParam, ...]:

@@ -13,7 +13,7 @@ from service import __version__
 from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.factory import build_engine
-from service.http import docs_pages, error_responses
+from service.http import docs_pages, error_responses, lab_page
 from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]), allowed_hosts=settings.allowed_host_list),
         access_log=access_log, api_keys=settings.api_key_list, recorder=recorder,
     )
+    stack = lab_page.install(app, stack, access_log)  # /lab: the page, outside the API keys
     if settings.cors_origin_list:
         from fastapi.middleware.cors import CORSMiddleware
 
