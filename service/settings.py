@@ -109,11 +109,12 @@ class Settings(BaseSettings):
         "auto", description="inline: a compute thread in each server process; process: one "
                             "engine process owns the devices and batches every worker's "
                             "requests; auto: process on CUDA, inline on CPU")
-    fusion: Literal["auto", "off"] = Field(
-        "auto", description="custom activations: auto compiles each registered one with "
-                            "torch.compile in a background thread and serves the compiled "
-                            "form where it pays (CUDA: once it compiles; CPU: when a C++ "
-                            "compiler is found and it measures faster); off: always eager")
+    fusion: Literal["request", "auto", "off"] = Field(
+        "request", description="custom activations: request (exact by default) compiles with "
+                               "torch.compile only the registrations that ask (\"fusion\": "
+                               "true, bit for bit, or {\"max_ulp\": N}); auto asks for every "
+                               "registration, bit for bit; off: always eager. A compiled form "
+                               "serves only within its accepted bound of the eager one")
     grpc_port: int = Field(
         8001, ge=0, le=65535,
         description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")

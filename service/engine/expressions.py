@@ -198,11 +198,30 @@ def _scalar(op: str, a: float, b: float) -> float:
     return float(r)
 
 
+def _range(dtype: torch.dtype) -> tuple[float, float]:
+    """``dtype``'s largest finite number, and the smallest magnitude a cast rounds to
+    infinity (round to nearest even: the largest plus half a step of the top binade)."""
+    finfo = torch.finfo(dtype)
+    top = float(finfo.max)
+    mantissa_bits = -math.frexp(float(finfo.eps))[1] + 1  # eps = 2**-mantissa_bits
+    return top, top + 2.0 ** (math.frexp(top)[1] - 1 - mantissa_bits - 1)
+
+
+_RANGE = {d: _range(d) for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+
+
 def _fit(v: float, like: torch.Tensor) -> float:
-    """A scalar beyond ``like``'s dtype range, rounded as a cast would (to +-inf): torch
-    refuses such scalars in where/clamp instead of rounding them."""
-    if math.isfinite(v) and abs(v) > torch.finfo(like.dtype).max:
-        return torch.tensor(v, dtype=torch.float64).to(like.dtype).item()
+    """A scalar beyond ``like``'s dtype range, rounded as a cast would (to +-inf, or to the
+    largest number): torch refuses such scalars in where/clamp instead of rounding them. The
+    range comes from a table made at import and ``v`` is only compared, so ``torch.compile``
+    traces this as plain Python (``math.isfinite`` on a traced float broke every compile of
+    ``maximum(x, 0)``)."""
+    top, overflow = _RANGE[like.dtype]
+    if top < abs(v) < math.inf:  # comparisons only: torch.compile may trace v symbolically
+        if like.dtype in (torch.float16, torch.bfloat16):
+            with np.errstate(over="ignore"):
+                v = float(np.float32(v))  # torch casts float64 to 16 bits through float32
+        return math.copysign(math.inf if abs(v) >= overflow else top, v)
     return v
 
 

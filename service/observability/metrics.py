@@ -67,10 +67,11 @@ class StateCollector:
     """Series read from the server's state at scrape time (on the event loop)."""
 
     def __init__(self, restarts: Callable[[], int], ready: Callable[[], bool],
-                 gpu_memory: GpuMemory) -> None:
+                 gpu_memory: GpuMemory, fusion: Callable[[], dict] = dict) -> None:
         self._restarts = restarts
         self._ready = ready
         self._gpu_memory = gpu_memory
+        self._fusion = fusion
 
     def describe(self) -> list[Metric]:
         return list(self._families(with_values=False))
@@ -88,13 +89,19 @@ class StateCollector:
         peak = GaugeMetricFamily(
             "actserve_gpu_memory_peak_bytes", "torch.cuda.max_memory_allocated since start",
             labels=["device"])
+        fusion = CounterMetricFamily(
+            "actserve_fusion_decisions", "Custom activations' fusion decisions by outcome: "
+            "compiled, differs (over the accepted ULP bound), slower (bit for bit but not "
+            "faster), no_compiler, failed", labels=["outcome"])
         if with_values:
+            for outcome, n in self._fusion().items():
+                fusion.add_metric([outcome], n)
             restarts.add_metric([], self._restarts())
             ready.add_metric([], 1.0 if self._ready() else 0.0)
             for device, alloc, top in self._gpu_memory():
                 allocated.add_metric([device], alloc)
                 peak.add_metric([device], top)
-        yield from (restarts, ready, allocated, peak)
+        yield from (restarts, ready, allocated, peak, fusion)
 
 
 class AnsweredSeries:
@@ -201,8 +208,8 @@ class Metrics:
         self.body_waiting.set_function(waiting)
 
     def track_state(self, restarts: Callable[[], int], ready: Callable[[], bool],
-                    gpu_memory: GpuMemory) -> None:
-        self.registry.register(StateCollector(restarts, ready, gpu_memory))
+                    gpu_memory: GpuMemory, fusion: Callable[[], dict] = dict) -> None:
+        self.registry.register(StateCollector(restarts, ready, gpu_memory, fusion))
 
     def reject(self, error_type: str, status: int) -> None:
         self.child(self.rejections, reject_reason(error_type, status)).inc()

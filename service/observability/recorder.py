@@ -28,13 +28,14 @@ class Recorder:
 
     def track(self, *, queue_depth: Callable[[], int], bodies_held: Callable[[], int],
               bodies_waiting: Callable[[], int], restarts: Callable[[], int],
-              ready: Callable[[], bool], gpu_memory: Callable[[], list]) -> None:
+              ready: Callable[[], bool], gpu_memory: Callable[[], list],
+              fusion: Callable[[], dict] = dict) -> None:
         """Gauges read at scrape time from the components that own the numbers."""
         if self.metrics is None:
             return
         self.metrics.track_queue_depth(queue_depth)
         self.metrics.track_bodies(bodies_held, bodies_waiting)
-        self.metrics.track_state(restarts, ready, gpu_memory)
+        self.metrics.track_state(restarts, ready, gpu_memory, fusion)
 
     def request_started(self) -> None:
         """An activation request began; ``record`` ends it. A plain int read at scrape

@@ -50,7 +50,9 @@ SOCKET_ENV = "ACTSERVE_ENGINE_SOCKET"  # set by a supervisor that runs the engin
 SETTINGS_ENV = "ACTSERVE_ENGINE_SETTINGS"  # the engine process's settings, as JSON
 MAX_MESSAGE = 8 << 20  # a profile's trace rides on its "done"
 MAX_TRACE = MAX_MESSAGE - (64 << 10)  # the rest of that message fits in 64 KiB
-REGISTER_TIMEOUT_S = 60.0  # a registration's probe and self-test in every compute thread
+# a registration's probe and self-test in every compute thread, and, when it asks for fusion,
+# its compile (fusion.COMPILE_LIMIT_S): it is served only once that is decided
+REGISTER_TIMEOUT_S = 360.0
 
 ERRORS: dict[str, type[ActserveError]] = {cls.type: cls for cls in STATUS_TABLE}
 ERRORS[Unavailable.type] = Unavailable

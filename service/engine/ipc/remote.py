@@ -191,6 +191,11 @@ class RemoteEngine:
         """This process's jobs at the engine (queued or computing) and waiting for room."""
         return len(self._pending)
 
+    def fusion_outcomes(self) -> dict[str, int]:
+        """Fusion is decided in the engine process; its catalogue entries say what was
+        chosen (docs/custom-activations.md). Nothing is counted here."""
+        return {}
+
     def gpu_memory(self) -> list[tuple[str, int, int]]:
         return []  # the engine process owns the devices and their memory
 
