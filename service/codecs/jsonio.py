@@ -17,6 +17,7 @@ from service import dtypes
 from service.codecs import jsonbound
 from service.codecs.fields import MAX_DIMS
 from service.errors import InvalidRequest, RequestTooLarge, echo
+from service.validation import SURROGATE_ESCAPE, refuse_lone_surrogates
 
 
 def loads_object(body: bytes | bytearray, max_values: int | None = None) -> dict:
@@ -36,6 +37,8 @@ def loads_object(body: bytes | bytearray, max_values: int | None = None) -> dict
         raise InvalidRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest("body must be a JSON object")
+    if SURROGATE_ESCAPE.search(body):  # only such a body can hold a lone surrogate
+        refuse_lone_surrogates(obj)
     return obj
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from service.engine.params import refuse_unknown
 from service.errors import InvalidRequest, echo
+from service.validation import number
 
 MAX_CHANNELS = 4096
 
@@ -54,8 +55,20 @@ class BatchNorm:
         if found is None:  # float32 statistics, as an nn.BatchNorm module holds them
             found = [torch.tensor(v, dtype=torch.float32).to(like.device)
                      for v in (self.mean, self.var, self.weight, self.bias)]
+            if like.dtype == torch.float64:  # the exact (float64) value: the same float32
+                found = [t.to(torch.float64) for t in found]  # statistics, converted exactly
             self._tensors[key] = found
         return found
+
+    def batch_stats_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a request of ``shape`` cannot be normalised with its own statistics (as
+        ``train()`` would refuse it), or None."""
+        per_channel = math.prod(shape) // max(self.channels, 1)
+        if per_channel <= 1:
+            return (f"batch_stats needs more than one value per channel (N x spatial size > 1, "
+                    f"as nn.BatchNorm in train() requires); shape {list(shape)} has "
+                    f"{per_channel}")
+        return None
 
     def apply(self, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
         mean, var, weight, bias = self._stored(x)
@@ -89,7 +102,8 @@ def parse(raw: object, where: str) -> BatchNorm:
     weight = _vector(raw.get("weight", [1.0] * n), f"{where}.weight", n)
     bias = _vector(raw.get("bias", [0.0] * n), f"{where}.bias", n)
     eps = raw.get("eps", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not 0 < number(eps, f"{where}.eps") <= 1:
         raise InvalidRequest(f"{where}.eps must be a number in (0, 1], got {echo(eps)}")
     return BatchNorm(mean, var, weight, bias, float(eps))
 
@@ -99,7 +113,7 @@ def _vector(raw: object, where: str, n: int | None) -> tuple[float, ...]:
         raise InvalidRequest(f"{where} must be a list of 1 to {MAX_CHANNELS} numbers")
     if n is not None and len(raw) != n:
         raise InvalidRequest(f"{where} has {len(raw)} values; running_mean has {n}")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-           for v in raw):
-        raise InvalidRequest(f"{where} must hold finite numbers only")
-    return tuple(float(v) for v in raw)
+    try:  # number(): a 400-digit integer is a 400 here, never an OverflowError (a 500)
+        return tuple(number(v, where) for v in raw)
+    except InvalidRequest:
+        raise InvalidRequest(f"{where} must hold finite numbers only") from None

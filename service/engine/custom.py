@@ -18,6 +18,7 @@ from service.engine.activations import Activation
 from service.engine.fusion import Slot
 from service.engine.params import BoolParam, FloatParam, refuse_unknown
 from service.errors import Conflict, InvalidRequest, echo
+from service.validation import number, reserved, text
 
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_PARAMS = 8
@@ -83,6 +84,7 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     if name == "expr":
         raise Conflict("the name 'expr' is reserved for inline expressions")
     params = _params(raw.get("params") or {}, f"{where}.params")
+    reserved(name)  # 409 for any other path segment a route takes (/v2/models/stats)
     description = raw.get("description", "")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
         raise InvalidRequest(f"{where}.description must be a string of at most "
@@ -137,15 +139,13 @@ def _params(raw: object, where: str) -> tuple[FloatParam, ...]:
         if not low <= default <= high:
             raise InvalidRequest(f"{where}.{pname}: default {default} is outside "
                                  f"[{low}, {high}]")
-        doc = spec.get("doc", "")
-        if not isinstance(doc, str) or len(doc) > 200:
-            raise InvalidRequest(f"{where}.{pname}.doc must be a string of at most 200 chars")
+        doc = text(spec.get("doc", ""), f"{where}.{pname}.doc", 200)  # served back as JSON
         out.append(FloatParam(pname, default, low, high, doc=doc))
     return tuple(out)
 
 
 def _num(raw: object, where: str) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) \
-            or not -_BIG <= float(raw) <= _BIG:
+    value = number(raw, where)  # 400 for a boolean, a 400-digit integer, a non-finite value
+    if not -_BIG <= value <= _BIG:
         raise InvalidRequest(f"{where} must be a number in [-{_BIG:g}, {_BIG:g}], got {echo(raw)}")
-    return float(raw)
+    return value

@@ -29,6 +29,7 @@ from service.errors import Conflict, InvalidRequest, NotReady
 from service.settings import Settings
 
 log = logging.getLogger("actserve")
+MAX_CUSTOM = 256  # custom activations registered at once (each is probed, listed, compiled)
 
 
 class Engine:
@@ -43,7 +44,8 @@ class Engine:
         self.pool = ExecutorPool(executors, self.registry, self.capabilities,
                                  restart_limit=settings.executor_restart_limit)
         self.batcher = Batcher(settings, self.pool)
-        self.expressions = ExpressionCache(self.check_activation)
+        self.expressions = ExpressionCache(self.check_activation,
+                                           on_evict=self.capabilities.forget)
         self.jobs = JobFactory(settings, self.capabilities, self.expressions.resolve)
         self._accuracy: dict[tuple[str, int], dict] = {}
         self.fuser = fusion.Fuser(settings.fusion, self.devices[0])
@@ -129,6 +131,10 @@ class Engine:
         if activation.name in self.registry:
             raise Conflict(f"activation {activation.name!r} exists; DELETE it first "
                            "(custom ones only)")
+        customs = sum(1 for a in self.registry if getattr(a, "expression", None) is not None)
+        if customs >= MAX_CUSTOM:
+            raise InvalidRequest(f"at most {MAX_CUSTOM} custom activations may be registered; "
+                                 "DELETE one first")
         problem = await self.check_activation(activation)
         if problem:
             raise InvalidRequest(f"{activation.name} failed its self-test {problem}")
@@ -208,8 +214,11 @@ class Engine:
 
     async def _checked_submit(self, job: Job, outer: asyncio.Future) -> None:
         try:
-            await self.expressions.prepare(job.activation)
-            self.capabilities.check(job.activation, job.compute_dtype, job.mode)
+            try:
+                await self.expressions.prepare(job.activation)
+                self.capabilities.check(job.activation, job.compute_dtype, job.mode)
+            finally:
+                self.expressions.settle(job.activation)  # rows of an evicted one go
             inner = self.batcher.submit(job)
         except Exception as exc:  # noqa: BLE001 - handed to the waiter
             if not outer.done():

@@ -16,16 +16,21 @@ from collections.abc import Awaitable, Callable
 
 from service.engine import custom, expressions
 from service.engine.activations import Activation
+from service.engine.capabilities import INLINE_PREFIX
 from service.errors import InvalidRequest
 
 MAX_ENTRIES = 256
-PREFIX = "expr:"
+PREFIX = INLINE_PREFIX
 
 
 class ExpressionCache:
     def __init__(self, test: Callable[[Activation], Awaitable[str | None]],
-                 max_entries: int = MAX_ENTRIES) -> None:
+                 max_entries: int = MAX_ENTRIES,
+                 on_evict: Callable[[str], None] | None = None) -> None:
         self._test = test  # runs probe + self-test; a problem, or None
+        # called with an evicted expression's activation name: what the checks recorded
+        # of it (capability rows) goes with it, so nothing grows with the expressions seen
+        self._on_evict = on_evict
         self.max_entries = max_entries
         self._by_text: OrderedDict[str, Activation] = OrderedDict()
         self._by_form: OrderedDict[str, Activation] = OrderedDict()
@@ -61,10 +66,18 @@ class ExpressionCache:
 
     def _trim(self) -> None:
         while len(self._by_form) > self.max_entries:
-            form, _ = self._by_form.popitem(last=False)
+            form, act = self._by_form.popitem(last=False)
             self._checks.pop(form, None)
+            if self._on_evict is not None:
+                self._on_evict(act.name)
             for text in [t for t, a in self._by_text.items() if a.formula == form]:
                 del self._by_text[text]
+
+    def settle(self, act: Activation) -> None:
+        """After a request of ``act`` was checked: if the expression left the cache while it
+        was (a flood of others), what its checks recorded goes now."""
+        if act.formula not in self._by_form and self._on_evict is not None:
+            self._on_evict(act.name)
 
     def is_inline(self, act: Activation) -> bool:
         return act.name.startswith(PREFIX)

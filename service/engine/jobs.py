@@ -5,7 +5,6 @@ and capability types are only named for type checkers).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -15,8 +14,9 @@ import numpy as np
 from service import dtypes
 from service.engine.job import OUTPUTS, REPORTS, VALUE_ONLY, Job, Mode
 from service.engine.params import parse_bool
-from service.errors import InvalidRequest, echo
+from service.errors import InvalidRequest, RequestTooLarge, echo
 from service.settings import Settings
+from service.validation import number
 
 if TYPE_CHECKING:
     from service.engine.activations import Activation
@@ -79,9 +79,17 @@ class JobFactory:
         mode = Mode(compute, amp, amp_dtype, inplace)
         self.capabilities.check(activation, compute or wire_dtype, mode)
         outputs, report = self._lab(settings, grad_output, array, inplace, where)
+        parsed = activation.parse_params(params, where)
+        bn = getattr(activation, "batch_norm", None)
+        if bn is not None and dict(parsed).get("batch_stats"):
+            problem = bn.batch_stats_problem(array.shape)
+            if problem:
+                raise InvalidRequest(f"{where}: {problem}")
+        self._admit_working_set(activation, array, wire_dtype, compute or wire_dtype,
+                                outputs, report, grad_output is not None, where)
         return Job(
             activation=activation,
-            params=activation.parse_params(params, where),
+            params=parsed,
             array=array,
             wire_dtype=wire_dtype,
             mode=mode,
@@ -92,6 +100,26 @@ class JobFactory:
             grad_output=grad_output,
             report=report,
         )
+
+    def _admit_working_set(self, activation: Activation, array: np.ndarray, wire: str,
+                           compute: str, outputs: tuple[str, ...], report: frozenset,
+                           upstream: bool, where: str) -> None:
+        """413 when the memory this request needs while it is computed (``working_set``)
+        is over ``WORKING_SET_BYTES_PER_ELEMENT * max_batch_elements``: what a full batch of
+        plain requests may use. Work grows with the same terms, so this bounds how long one
+        request can hold a compute thread (and every request queued behind it) too."""
+        limit = WORKING_SET_BYTES_PER_ELEMENT * self.settings.max_batch_elements
+        need = working_set(array.size, dtypes.itemsize(wire), dtypes.itemsize(compute),
+                           tensor_ops(activation), outputs, report, upstream)
+        if need > limit:
+            raise RequestTooLarge(
+                f"{where}: this request's working set is about {need >> 20} MiB "
+                f"({array.size} elements, compute dtype {compute}, {tensor_ops(activation)} "
+                f"tensor operation(s), outputs {','.join(outputs)}"
+                f"{', report ' + ','.join(sorted(report)) if report else ''}), over the "
+                f"server's bound of {limit >> 20} MiB ({WORKING_SET_BYTES_PER_ELEMENT} bytes x "
+                f"max_batch_elements={self.settings.max_batch_elements}); send fewer elements, "
+                "or ask for fewer outputs and reports")
 
     def _lab(self, settings: Mapping[str, object], grad_output: np.ndarray | None,
              array: np.ndarray, inplace: bool, where: str) -> tuple[tuple[str, ...], frozenset]:
@@ -132,6 +160,45 @@ class JobFactory:
         return self.inline(text)
 
 
+# A request may hold at most this many bytes per element of max_batch_elements while it is
+# computed: 64 (256 MiB with the default 4 Mi elements). A full batch of plain float32
+# requests needs 16 (wire input, compute copy, output).
+WORKING_SET_BYTES_PER_ELEMENT = 64
+
+
+def tensor_ops(activation: Activation) -> int:
+    """Tensor-valued operations of one evaluation: the nodes of a custom expression that
+    depend on x (each may be alive at once: autograd keeps them all), 1 for a built-in; a
+    batch norm adds two."""
+    expr = getattr(activation, "expression", None)
+    ops = 1
+    if expr is not None:
+        ops, stack = 0, [expr.tree]
+        while stack:
+            node = stack.pop()
+            ops += bool(node.tensor) and node.op != "x"
+            stack.extend(a for a in node.args if hasattr(a, "tensor"))
+        ops = max(ops, 1)
+    return ops + (2 if getattr(activation, "batch_norm", None) is not None else 0)
+
+
+def working_set(n: int, wire: int, compute: int, ops: int, outputs: tuple[str, ...],
+                report: frozenset, upstream: bool) -> int:
+    """Bytes a request of ``n`` elements holds while computed, counted per element: its wire
+    input, the compute copy and the answer, one compute-dtype tensor per operation (the
+    intermediates); a gradient keeps every intermediate for autograd and adds the
+    gradient's own tensors (and the upstream gradient's); a numerics report recomputes the
+    request in float64 and in float32 and compares them (float64 temporaries)."""
+    per = wire + 2 * compute + compute * ops
+    if "grad" in outputs:
+        per += compute * (ops + 2) + wire
+    if upstream:
+        per += wire + compute
+    if "numerics" in report:
+        per += 8 * (ops + 6) + 4 * ops
+    return n * per
+
+
 def _names(raw: object, allowed: tuple[str, ...], what: str, where: str) -> tuple[str, ...]:
     """A list of names, or one comma-separated string (query strings, v2 parameters), in
     the canonical order of ``allowed``."""
@@ -154,13 +221,4 @@ def _names(raw: object, allowed: tuple[str, ...], what: str, where: str) -> tupl
 def _number(raw: object, name: str, where: str) -> float | None:
     if raw is None:
         return None
-    if isinstance(raw, bool):
-        raise InvalidRequest(f"{where}: {name} must be a number, got a boolean")
-    if isinstance(raw, str):
-        try:
-            raw = float(raw)
-        except ValueError:
-            raise InvalidRequest(f"{where}: {name} must be a number, got {echo(raw)}") from None
-    if not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise InvalidRequest(f"{where}: {name} must be a finite number, got {echo(raw)}")
-    return raw
+    return number(raw, f"{where}: {name}", strings=True)  # never an OverflowError (a 500)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from service.errors import InvalidRequest, echo
+from service.validation import number
 
 
 def refuse_unknown(raw, allowed: tuple[str, ...], where: str, shown: str = "") -> None:
@@ -32,18 +33,14 @@ class FloatParam:
     doc: str = ""
 
     def parse(self, raw: object, where: str) -> float:
-        if isinstance(raw, bool):
-            raise InvalidRequest(f"{where}: {self.name} must be a number, got a boolean")
-        if isinstance(raw, str):
-            try:
-                raw = float(raw)
-            except ValueError:
-                raise InvalidRequest(
-                    f"{where}: {self.name} must be a number, got {echo(raw)}"
-                ) from None
-        if not isinstance(raw, (int, float)):
-            raise InvalidRequest(f"{where}: {self.name} must be a number, got {echo(raw)}")
-        value = float(raw)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            number(raw, f"{where}: {self.name}")  # the edge check's 400 naming why
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidRequest(f"{where}: {self.name} must be a number, got {echo(raw)}") from None
+        except OverflowError:  # a 400-digit integer: out of range below, never a 500
+            value = math.inf
         low_ok = value >= self.min if self.min_inclusive else value > self.min
         if not math.isfinite(value) or not low_ok or value > self.max:
             low = "[" if self.min_inclusive else "("

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from service.codecs.jsonio import loads_object
 from service.engine import custom
 from service.errors import RequestTooLarge, UnsupportedMediaType
+from service.http.body import declared_size, read_body
 
 router = APIRouter(tags=["native"])
 MAX_BODY = 16384
@@ -26,12 +27,15 @@ async def add(services, raw: object, where: str = "activation") -> dict:
 async def register(request: Request) -> Response:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise UnsupportedMediaType("POST /v1/activations takes application/json")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise RequestTooLarge(f"a registration is at most {MAX_BODY} bytes")
-    entry = await add(request.app.state.services, loads_object(bytes(body), 1000))
+    services = request.app.state.services
+    # read like every other body: 413 over the limit (a declared length before a byte is
+    # read), 408 when it has not arrived within body_timeout_s
+    size = declared_size(request, MAX_BODY)
+    try:
+        body, _ = await read_body(request, size, MAX_BODY, services.settings.body_timeout_s)
+    except RequestTooLarge:
+        raise RequestTooLarge(f"a registration is at most {MAX_BODY} bytes") from None
+    entry = await add(services, loads_object(bytes(body), 1000))
     return JSONResponse(entry, status_code=201)
 
 

@@ -1,7 +1,10 @@
 """Triton's shared-memory extensions over HTTP: ``/v2/systemsharedmemory`` and
 ``/v2/cudasharedmemory`` (status, register, unregister; all regions or one). The regions
 live in ``Services.regions`` / ``Services.cuda_regions``, shared with gRPC. Errors are v2
-bodies (``{"error": ...}``); with API keys configured every call needs a key (middleware).
+bodies (``{"error": ...}``); with API keys configured every call needs a key (middleware),
+and a system region belongs to the key that registered it (``regions``). Every POST refuses
+the content types a browser sends cross-site without a preflight (415), before anything
+else: a web page cannot register or unregister regions of a key-less local server.
 """
 
 from __future__ import annotations
@@ -9,18 +12,41 @@ from __future__ import annotations
 import base64
 import binascii
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from service.codecs.fields import refuse_simple_type
 from service.codecs.jsonio import loads_object
+from service.codecs.shm_regions import owner_of
 from service.errors import InvalidRequest
 from service.http.body import declared_size, read_body
 
+
+def _no_simple_type(request: Request) -> None:
+    refuse_simple_type(request.headers.get("content-type"))
+
+
 router = APIRouter(prefix="/v2", tags=["v2 shared memory"])
+# every POST: a browser-simple Content-Type is a 415 before anything else runs
+posts = APIRouter(dependencies=[Depends(_no_simple_type)])
 MAX_BODY = 64 * 1024
 
 
 def _services(request: Request):
     return request.app.state.services
+
+
+def owner(request: Request) -> str | None:
+    """Who the caller is for shared-memory regions: its API key (a digest of it) when keys
+    are on (the middleware has checked it), else None (one namespace)."""
+    if not request.app.state.services.settings.api_key_list:
+        return None
+    _, _, token = request.headers.get("authorization", "").partition(" ")
+    return owner_of(token)
+
+
+def regions(request: Request):
+    """The system regions as this caller sees them."""
+    return _services(request).regions.scoped(owner(request))
 
 
 async def _json(request: Request) -> dict:
@@ -34,32 +60,32 @@ async def _json(request: Request) -> dict:
 # -- system shared memory ------------------------------------------------------------------
 @router.get("/systemsharedmemory/status", summary="Every system shared-memory region")
 async def system_status(request: Request) -> list:
-    return _services(request).regions.status()
+    return regions(request).status()
 
 
 @router.get("/systemsharedmemory/region/{name}/status", summary="One system shared-memory region")
 async def system_region_status(name: str, request: Request) -> list:
-    return _services(request).regions.status(name)
+    return regions(request).status(name)
 
 
-@router.post("/systemsharedmemory/region/{name}/register", summary="Register a region")
+@posts.post("/systemsharedmemory/region/{name}/register", summary="Register a region")
 async def system_register(name: str, request: Request) -> dict:
-    regions = _services(request).regions
-    regions.check_enabled()  # refused before the body is read
+    mine = regions(request)
+    mine.check_enabled()  # refused before the body is read
     body = await _json(request)
-    regions.register(name, body.get("key"), body.get("offset", 0), body.get("byte_size"))
+    mine.register(name, body.get("key"), body.get("offset", 0), body.get("byte_size"))
     return {}
 
 
-@router.post("/systemsharedmemory/unregister", summary="Unregister every region")
+@posts.post("/systemsharedmemory/unregister", summary="Unregister every region (of the caller)")
 async def system_unregister_all(request: Request) -> dict:
-    _services(request).regions.unregister("")
+    regions(request).unregister("")
     return {}
 
 
-@router.post("/systemsharedmemory/region/{name}/unregister", summary="Unregister a region")
+@posts.post("/systemsharedmemory/region/{name}/unregister", summary="Unregister a region")
 async def system_unregister(name: str, request: Request) -> dict:
-    _services(request).regions.unregister(name)
+    regions(request).unregister(name)
     return {}
 
 
@@ -74,7 +100,7 @@ async def cuda_region_status(name: str, request: Request) -> list:
     return _services(request).cuda_regions.status(name)
 
 
-@router.post("/cudasharedmemory/region/{name}/register", summary="Register a CUDA region")
+@posts.post("/cudasharedmemory/region/{name}/register", summary="Register a CUDA region")
 async def cuda_register(name: str, request: Request) -> dict:
     cuda = _services(request).cuda_regions
     cuda.refuse()  # refused before the body is read (no CUDA device, or turned off)
@@ -88,13 +114,16 @@ async def cuda_register(name: str, request: Request) -> dict:
     return {}
 
 
-@router.post("/cudasharedmemory/unregister", summary="Unregister every CUDA region")
+@posts.post("/cudasharedmemory/unregister", summary="Unregister every CUDA region")
 async def cuda_unregister_all(request: Request) -> dict:
     await _services(request).cuda_regions.unregister("")
     return {}
 
 
-@router.post("/cudasharedmemory/region/{name}/unregister", summary="Unregister a CUDA region")
+@posts.post("/cudasharedmemory/region/{name}/unregister", summary="Unregister a CUDA region")
 async def cuda_unregister(name: str, request: Request) -> dict:
     await _services(request).cuda_regions.unregister(name)
     return {}
+
+
+router.include_router(posts)  # under /v2 like the rest

@@ -19,6 +19,7 @@ from service.engine.engine import Engine
 from service.errors import NotReady, UnknownActivation, echo
 from service.http import cluster_view
 from service.http.exchange import handle
+from service.http.routes_shm import regions as shm_regions
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -59,7 +60,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     wire = Wire(header_length=headers.get(v2.HEADER),
                 accept_encoding=headers.get("accept-encoding"), version=version,
                 content_type=headers.get("content-type"),
-                regions=request.app.state.services.regions,
+                regions=shm_regions(request),  # the caller's own (per API key)
                 cuda_regions=request.app.state.services.cuda_regions)
     return await handle(request, v2.CODEC, name, wire)
 
@@ -85,7 +86,8 @@ async def ready(request: Request) -> dict:
     return {"ready": True}
 
 
-# -- statistics (declared before /models/{name} so "stats" is not taken for a model) --------
+# -- statistics (declared before /models/{name} so "stats" is not taken for a model; a custom
+# activation cannot be named "stats": service.validation.RESERVED_NAMES) ---------------------
 @router.get("/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> dict:
     stats = request.app.state.services.recorder.model_stats

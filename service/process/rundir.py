@@ -10,9 +10,11 @@ system temp dir where there is no ``/dev/shm``), made by the supervisor, mode 07
   registered at run time (``shared_registrations.py``).
 
 The supervisor removes the directory when it exits. A server that was killed (SIGKILL, a
-crash) leaves it behind: the next supervisor to start removes every ``actserve-<pid>-<token>``
-entry whose pid is no longer running (``clean_stale``). Anything else an instance puts in
-``/dev/shm`` must carry the same prefix (``RunDir.prefix``) so that this clean-up finds it.
+crash) leaves it behind: the next supervisor to start removes every entry named exactly
+``actserve-<pid>-<token>`` (8 hex digits) that this user owns and whose pid is no longer
+running (``clean_stale``); anything it cannot remove is skipped. Longer names that merely
+start that way (the client SDK's ``actserve-<pid>-<token>-<n>`` segments) are never touched,
+so anything else an instance puts in ``/dev/shm`` must be named exactly that way too.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 from service.engine.ipc.arena import pid_alive
 
-_NAME = re.compile(r"^actserve-(\d+)-[0-9a-f]{8}(?:$|[-_.])")
+# Exactly the names an instance makes: its run directory and the engine arenas, both
+# ``actserve-<pid>-<8 hex>`` (``RunDir.create``, ``ipc/arena.py``). The client SDK names its
+# own segments ``actserve-<pid>-<8 hex>-<n>``: never matched, never removed.
+_NAME = re.compile(r"actserve-(\d+)-[0-9a-f]{8}")
 
 
 def base_dir() -> Path:
@@ -42,13 +48,19 @@ def clean_stale(base: Path | None = None) -> list[str]:
     base = base or base_dir()
     removed = []
     for entry in base.iterdir():
-        m = _NAME.match(entry.name)
+        m = _NAME.fullmatch(entry.name)
         if m is None or pid_alive(int(m.group(1))):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        try:
+            st = entry.lstat()
+            if st.st_uid != os.geteuid():  # not this user's: not an instance of ours
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError:  # gone meanwhile, or not ours to remove: skipped, start-up goes on
+            continue
         removed.append(entry.name)
     return removed
 

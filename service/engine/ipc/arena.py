@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -140,13 +141,22 @@ def unlink(name: str) -> None:
 
 
 def sweep_stale() -> list[str]:
-    """Unlink arenas whose creating process is gone; the names removed."""
+    """Unlink arenas whose creating process is gone; the names removed. Only regular files
+    of this user are arenas: a killed supervisor's run directory (the same name pattern;
+    ``process/rundir.py`` sweeps those) or anything another user planted is skipped, and an
+    entry that cannot be removed is left, never a failed start."""
     removed = []
     for path in SHM_DIR.glob(PREFIX + "*"):
         m = _NAME.match(path.name)
         if m is None or pid_alive(int(m.group(1))):
             continue
-        unlink(path.name)
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            unlink(path.name)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
         removed.append(path.name)
     return removed
 
