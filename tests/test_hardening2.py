@@ -274,13 +274,40 @@ def test_regions_are_scoped_to_the_api_key_that_registered_them(shm_object):
         assert _infer_from(c, "r", one).json()["outputs"][0]["data"] == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_regions_are_bounded_per_key_under_a_flood(shm_object):
+    """Two keys register regions as fast as they can: each gets its own MAX_REGIONS, the
+    rest are 400s, and /healthz stays under 100 ms meanwhile."""
+    from service.codecs.shm_regions import MAX_REGIONS
+
+    key = shm_object(64)
+    with subprocess_server({"ACTSERVE_API_KEYS": "k1,k2"}) as (_, url):
+        def flood(token: str) -> list[int]:
+            with httpx.Client(base_url=url, timeout=30,
+                              headers={"authorization": f"Bearer {token}"}) as c:
+                return [c.post(f"/v2/systemsharedmemory/region/r{i}/register", headers=JSON,
+                               json={"key": key, "byte_size": 64}).status_code
+                        for i in range(MAX_REGIONS + 20)]
+
+        with HealthProbe(url) as probe, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(flood, ["k1", "k2"]))
+        with httpx.Client(base_url=url, headers={"authorization": "Bearer k1"}) as c:
+            mine = c.get("/v2/systemsharedmemory/status").json()
+    for statuses in answers:
+        assert statuses.count(200) == MAX_REGIONS and statuses.count(400) == 20
+    assert len(mine) == MAX_REGIONS
+    print(f"\nregion flood: /healthz worst {probe.worst_ms:.1f} ms over "
+          f"{len(probe.latencies)} probes")
+    assert probe.failures == 0 and probe.worst_ms < 100, probe.latencies
+
+
 # -- finding 7: browser-simple types on every POST route -------------------------------------
 SIMPLE = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x")
 
 
 def test_every_post_route_refuses_browser_simple_types(server, shm_object):
-    """Walks the app's route table: each POST route answers 415 to each simple type, and a
-    region registered before is still there after the attempts to unregister it."""
+    """Walks the app's route table (its OpenAPI paths): each POST route answers 415 to each
+    simple type, and a region registered before is still there after the attempts to
+    unregister it."""
     key = shm_object(64)
     routes = [path for path, ops in server.app.openapi()["paths"].items() if "post" in ops]
     assert len(routes) >= 10, routes

@@ -21,7 +21,7 @@ from service.errors import InvalidRequest
 from service.http.body import declared_size, read_body
 
 
-def _no_simple_type(request: Request) -> None:
+async def _no_simple_type(request: Request) -> None:  # async: runs on the loop, no thread hop
     refuse_simple_type(request.headers.get("content-type"))
 
 
