@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
+# make run listens on HOST:PORT for HTTP and HOST:GRPC_PORT for gRPC (0 turns gRPC off);
+# e.g. `make run PORT=8080 GRPC_PORT=8081`
 HOST ?= 127.0.0.1
 PORT ?= 8000
+GRPC_PORT ?= 8001
 
 # The torch build (README "Which torch"): cpu (the default without an NVIDIA driver) takes
 # the CPU-only wheel from the PyTorch CPU index, ~200 MB; cuda (the default where nvidia-smi
@@ -50,7 +53,7 @@ install-server: $(VENV)/.server-$(TORCH)
 install: $(VENV)/.installed
 
 run: install-server
-	$(PY) -m service serve --host $(HOST) --port $(PORT) --device cpu
+	$(PY) -m service serve --host $(HOST) --port $(PORT) --grpc-port $(GRPC_PORT) --device cpu
 
 lint: install
 	$(PY) -m ruff check .

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import __version__, malloc_tuning
+from service import __version__, listeners, malloc_tuning
 from service.cli_flags import EXPLICIT_NONE, add_settings_flags, overrides
 from service.observability import logs
 from service.settings import Settings
@@ -34,6 +34,9 @@ def serve(settings: Settings) -> int:
     from service.http.server import DrainingServer, uvicorn_config
 
     logs.configure(settings)
+    trouble = listeners.problem(settings)
+    if trouble:
+        raise SystemExit(f"actserve: {trouble}")
     if settings.worker_count > 1:  # a supervisor and N worker processes (service/process)
         from service.process.supervisor import supervise
 

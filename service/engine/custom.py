@@ -15,7 +15,7 @@ import tomllib
 
 from service.engine import batchnorm, expressions
 from service.engine.activations import Activation
-from service.engine.fusion import Slot
+from service.engine.fusion import MAX_ULP, Slot
 from service.engine.params import BoolParam, FloatParam, refuse_unknown
 from service.errors import Conflict, InvalidRequest, echo
 from service.validation import number, reserved, text
@@ -74,8 +74,9 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
     "max": ..., "doc": ...}, ...}}`` (a param may also be given as just its default)."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"{where} must be an object with name and expr")
-    refuse_unknown(raw, ("name", "expr", "params", "batch_norm", "batchnorm", "description"), where,
-                   "name, expr, params, batch_norm (or batchnorm), description")
+    refuse_unknown(raw, ("name", "expr", "params", "batch_norm", "batchnorm", "description",
+                         "fusion"), where,
+                   "name, expr, params, batch_norm (or batchnorm), description, fusion")
     if "batch_norm" in raw and "batchnorm" in raw:
         raise InvalidRequest(f"{where}: give batch_norm or its spelling batchnorm, not both")
     name = raw.get("name")
@@ -83,25 +84,44 @@ def build(raw: object, where: str = "activation") -> CustomActivation:
         raise InvalidRequest(f"{where}: name must match [a-z][a-z0-9_]{{0,63}}, got {echo(name)}")
     if name == "expr":
         raise Conflict("the name 'expr' is reserved for inline expressions")
-    params = _params(raw.get("params") or {}, f"{where}.params")
     reserved(name)  # 409 for any other path segment a route takes (/v2/models/stats)
-    description = raw.get("description", "")
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
-        raise InvalidRequest(f"{where}.description must be a string of at most "
-                             f"{MAX_DESCRIPTION} chars")
+    params = _params(raw.get("params") or {}, f"{where}.params")
+    description = text(raw.get("description", ""), f"{where}.description", MAX_DESCRIPTION)
     expr = expressions.parse(raw.get("expr"), tuple(p.name for p in params), f"{where}.expr")
+    asked = _fusion(raw.get("fusion"), f"{where}.fusion")
     bn_key = "batchnorm" if "batchnorm" in raw else "batch_norm"
     if raw.get(bn_key) is None:
-        return from_expression(name, expr, params, description)
+        act = from_expression(name, expr, params, description)
+        act.fusion.asked = asked
+        return act
     bn = batchnorm.parse(raw[bn_key], f"{where}.{bn_key}")
 
     def layer(x, batch_stats: bool = False, **values):
         return expr(bn.apply(x, batch_stats), **values)
 
     stats = BoolParam("batch_stats", False, doc="normalise with this request's own statistics")
-    return CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
-                            (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
-                            expression=expr, batch_norm=bn, description=description)
+    act = CustomActivation(name, f"{expr.normalized} on x = batch_norm(input)", layer, None,
+                           (*params, stats), torch_ref=f"F.batch_norm then {expr.normalized}",
+                           expression=expr, batch_norm=bn, description=description)
+    act.fusion.asked = asked
+    return act
+
+
+def _fusion(raw: object, where: str) -> int | None:
+    """A registration's fusion request: absent, null or false (eager), true (compiled where
+    bit for bit the eager form), or ``{"max_ulp": N}`` (compiled where within N ULPs of it,
+    0 <= N <= fusion.MAX_ULP). The ULP bound accepted, or None."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return 0
+    if isinstance(raw, Mapping):
+        refuse_unknown(raw, ("max_ulp",), where, "max_ulp")
+        n = raw.get("max_ulp", 0)
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_ULP:
+            return n
+    raise InvalidRequest(f"{where} must be true, false or {{\"max_ulp\": N}} with N an integer "
+                         f"in [0, {MAX_ULP}] (ULPs of the answer's dtype), got {echo(raw)}")
 
 
 def file_entries(path: str) -> list[tuple[object, str]]:

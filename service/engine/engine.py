@@ -140,8 +140,16 @@ class Engine:
             raise InvalidRequest(f"{activation.name} failed its self-test {problem}")
         if activation.name in self.registry:  # registered meanwhile by another request
             raise Conflict(f"activation {activation.name!r} exists")
+        decided = self.fuser.attach(activation)  # compiled in the fusion thread (fusion.py)
+        if decided is not None:  # served once decided: its form never changes while it lives
+            await asyncio.wrap_future(decided)
+            if activation.name in self.registry:
+                raise Conflict(f"activation {activation.name!r} exists")
         self.registry.add(activation)
-        self.fuser.attach(activation)  # compiled in the background (fusion.py); eager until then
+
+    def fusion_outcomes(self) -> dict[str, int]:
+        """Fusion decisions by outcome (fusion.OUTCOMES), for /metrics."""
+        return self.fuser.outcomes()
 
     def unregister(self, name: str) -> None:
         act = self.registry.get(name)  # 404 when unknown

@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine.observe_batches(recorder.observe_batch)
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
-                   ready=lambda: engine.ready, gpu_memory=engine.gpu_memory)
+                   ready=lambda: engine.ready, gpu_memory=engine.gpu_memory,
+                   fusion=engine.fusion_outcomes)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
