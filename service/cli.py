@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def serve(settings: Settings) -> int:
     logs.configure(settings)
     trouble = listeners.problem(settings)
     if trouble:
-        raise SystemExit(f"actserve: {trouble}")
+        return _fail(trouble)
     if settings.worker_count > 1:  # a supervisor and N worker processes (service/process)
         from service.process.supervisor import supervise
 
@@ -45,10 +46,16 @@ def serve(settings: Settings) -> int:
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
-        raise SystemExit(f"actserve: {exc}") from None
+        return _fail(str(exc))
     server = DrainingServer(uvicorn_config(app, settings))
     server.run()
     return 0 if server.started else 1
+
+
+def _fail(problem: str) -> int:
+    """A start-up failure: one line in the log's format, exit status 1, no traceback."""
+    logging.getLogger("actserve").error("actserve cannot start: %s", problem)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

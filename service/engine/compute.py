@@ -204,6 +204,9 @@ class DeviceCompute:
                 raise KillThread()
             if j.fault == "compute":
                 raise FaultInjected(f"injected compute fault for request {j.request_id}")
+            if j.fault == "torch_warning":  # a real warning from torch's own code
+                with torch.autocast("cpu", dtype=torch.float64):
+                    pass
 
     def _run(self, jobs: list[Job]) -> list[JobResult | Exception]:
         self._check_faults(jobs)

@@ -3,6 +3,11 @@ uvicorn's own lines included, and the access log written off the event loop.
 
 * ``configure(settings)`` (``actserve serve``): one stderr handler on the root logger with
   ``LineFormatter``; uvicorn runs with ``log_config=None``, so its loggers propagate here.
+  Python warnings go through logging (``logging.captureWarnings``). In json mode, what
+  libraries write straight to file descriptor 2 (torch's C++ warnings, the profiler's own
+  lines, gRPC's core) is captured too (``Fd2Capture``): fd 2 becomes a pipe whose lines a
+  thread emits as records of the ``stderr`` logger, so every line the server writes is one
+  JSON object (a line that already is one, from a worker process, passes through as it is).
 * ``AccessLog``: the request path hands each line (a dict) to a bounded queue, which costs
   the event loop one ``put``; a writer thread formats the lines and emits them in batches:
   under ``actserve serve`` one write of bytes to stderr per batch (``configure`` installs
@@ -15,7 +20,9 @@ uvicorn's own lines included, and the access log written off the event loop.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import queue
 import sys
 import threading
@@ -101,6 +108,8 @@ def stream_sink(stream) -> Callable[[bytes], None]:
 
 def configure(settings: Settings, stream=None) -> logging.Handler:
     """``actserve serve``: every line to ``stream`` (stderr) in ``settings.log_format``."""
+    if stream is None and settings.log_format == "json":
+        stream = Fd2Capture.install()
     stream = stream or sys.stderr
     binary = getattr(stream, "buffer", None)
     if binary is not None:
@@ -113,7 +122,79 @@ def configure(settings: Settings, stream=None) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    logging.captureWarnings(True)  # warnings.warn -> the py.warnings logger -> this handler
     return handler
+
+
+class Fd2Capture:
+    """File descriptor 2 turned into a pipe read by a daemon thread, each line re-emitted
+    through the ``stderr`` logger (as a warning), so that C and C++ code writing to fd 2
+    cannot break the one-JSON-object-a-line format. ``install`` returns a text stream on
+    the original stderr for the log handler itself. At exit the pipe is closed and drained
+    (the interpreter's last message, such as a ``SystemExit`` text, is not lost)."""
+
+    _installed: Fd2Capture | None = None
+
+    def __init__(self) -> None:
+        sys.stderr.flush()
+        self.original = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.reader = os.fdopen(read, "rb", buffering=0)
+        self.log = logging.getLogger("stderr")
+        self.thread = threading.Thread(target=self._run, daemon=True, name="actserve-fd2")
+        self.thread.start()
+        self.stream = os.fdopen(os.dup(self.original), "w", buffering=1, encoding="utf-8",
+                                errors="backslashreplace")
+        atexit.register(self.close)
+
+    @classmethod
+    def install(cls):
+        if cls._installed is None:
+            cls._installed = cls()
+        return cls._installed.stream
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            chunk = self.reader.read(65536)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            self._emit(lines)
+        if pending:
+            self._emit([pending])
+
+    def _emit(self, lines: list[bytes]) -> None:
+        """Lines that already are JSON objects (a worker process's log and access lines,
+        which come through here) pass through in one write, unparsed; others are wrapped."""
+        through = []
+        for raw in lines:
+            raw = raw.rstrip(b"\r")
+            if raw.startswith(b"{") and raw.endswith(b"}"):
+                through.append(raw + b"\n")
+            elif raw.strip():
+                if through:
+                    self._write(b"".join(through))
+                    through = []
+                self.log.warning("%s", raw.decode("utf-8", errors="backslashreplace"))
+        if through:
+            self._write(b"".join(through))
+
+    def _write(self, data: bytes) -> None:
+        self.stream.flush()
+        self.stream.buffer.write(data)
+        self.stream.buffer.flush()
+
+    def close(self) -> None:
+        """Point fd 2 back at the original stderr and drain what the pipe still holds."""
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self.original, 2)  # the pipe's last writer is gone: the reader sees its end
+        self.thread.join(2.0)
 
 
 class AccessLog:
