@@ -28,11 +28,13 @@ import gevent
 from locust import FastHttpUser, events, task
 from locust.stats import PERCENTILES_TO_REPORT, RequestStats, StatsCSV
 
+from loadtest import payloads
+from loadtest.payloads import server_timing, weighted
+
 # The payloads live in the repository's ``loadtest`` package: the folder that holds it must
 # be on the import path (``python -m locust`` run from the checkout, as run_locust.py does,
 # or PYTHONPATH, as the loadtest image sets).
-from loadtest import payloads
-from loadtest.payloads import server_timing, weighted
+from loadtest.progress import progress_line
 
 DEFAULTS = {
     "act_sizes": "1024:4,65536:1",
@@ -121,18 +123,14 @@ TIMING = RequestStats(use_response_times_cache=False)
 _PROGRESS: list = []
 
 
-def progress_line(total, elapsed: float) -> str:
-    p50 = total.get_response_time_percentile(0.5) if total.num_requests else 0
-    p99 = total.get_response_time_percentile(0.99) if total.num_requests else 0
-    return (f"[{elapsed:6.1f}s] {total.num_requests} requests, {total.num_failures} failures, "
-            f"{total.current_rps:.1f} req/s, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-
-
 def _report_progress(environment, every: float) -> None:
     started = time.monotonic()
+    since = (environment.stats.total.num_requests, 0.0)
     while True:
         gevent.sleep(every)
-        print(progress_line(environment.stats.total, time.monotonic() - started), flush=True)
+        elapsed = time.monotonic() - started
+        print(progress_line(environment.stats.total, elapsed, since), flush=True)
+        since = (environment.stats.total.num_requests, elapsed)
 
 
 @events.test_start.add_listener

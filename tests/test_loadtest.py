@@ -116,3 +116,14 @@ def test_locust_counts_answers_that_differ_as_failures(tmp_path):
     total = sum(int(r["Request Count"]) for r in rows)
     assert total > 0 and sum(int(r["Failure Count"]) for r in rows) == total
     assert "unreadable answer" in (tmp_path / "locust_final_failures.csv").read_text()
+
+
+def test_the_progress_line_rate_is_measured_over_its_interval():
+    from types import SimpleNamespace
+
+    from loadtest.progress import progress_line
+
+    total = SimpleNamespace(num_requests=1209, num_failures=0, current_rps=0.0,
+                            get_response_time_percentile=lambda q: 3.0)
+    assert "241.8 req/s" in progress_line(total, 5.0)  # the first line: 1209 in 5 s
+    assert "100.0 req/s" in progress_line(total, 10.0, (709, 5.0))
