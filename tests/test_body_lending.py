@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import numpy as np
-import orjson
 import pytest
 
-from service.engine.ipc import channel
+from service.engine.ipc import channel, messages
 from service.engine.ipc.arena import ALIGN, Arena
 from service.engine.ipc.lending import Lender
 from service.engine.ipc.remote import RemoteEngine
@@ -27,9 +27,9 @@ class Recorded:
     def __init__(self) -> None:
         self.messages: list[list] = []
 
-    def send(self, message: list) -> None:
+    def send(self, message: object) -> None:
         data = channel.pack(message)
-        self.messages.append(orjson.loads(data[channel.HEAD.size:]))
+        self.messages.append(msgspec.msgpack.decode(data[channel.HEAD.size:]))
 
     def jobs(self) -> list[list]:
         return [m for m in self.messages if m[0] == "job"]
@@ -59,8 +59,8 @@ def _read(lent, data: np.ndarray, tensor_at: int = 0) -> np.ndarray:
 
 
 def _answer(eng: RemoteEngine, jid: int, shape) -> None:
-    eng._on_message(["done", jid, "float32", list(shape), 0.0, 1, 1, "cpu", 0.0, {}, None,
-                     None, {}])
+    eng._on_message(messages.Done(jid, "float32", tuple(shape), 0.0, 1, 1, "cpu", 0.0, {}, None,
+                                  None, {}))
 
 
 def test_a_body_read_into_the_arena_is_sent_where_it_lies(engine):

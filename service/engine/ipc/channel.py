@@ -1,38 +1,7 @@
-"""Control messages between workers and the engine process: one Unix stream socket per
-worker, each message a 4-byte little-endian length and an orjson array whose first item
-names it. Only plain numbers, strings and lists travel here; tensors stay in the arenas.
-
-Worker -> engine::
-
-    ["hello", pid, arena_name]
-    ["job", id, activation, params, wire_dtype, shape, in_offset, out_offset, out_capacity,
-     compute_dtype, amp, amp_dtype, inplace, deadline, priority, api, request_id, fault,
-     outputs, report, has_grad_output,  # the lab's fields (docs/lab.md)
-     expr,  # an inline expression's normalized text (the engine resolves it), else None
-     [device_in, device_out]]  # CUDA shared memory: [region, offset, nbytes] or None each;
-                               # such a tensor takes no arena bytes (device_refs.py)
-    ["cancel", id]
-    ["register", request_id, raw]   # a custom activation's raw registration (custom.build)
-    ["unregister", request_id, name]
-    ["cuda_register", request_id, [name, raw_handle_b64, device_id, byte_size]]
-                                    # open a CUDA IPC handle in the device's compute thread
-    ["cuda_unregister", request_id, name]
-
-Engine -> worker (every job gets exactly one of done/error/cancelled; every register,
-unregister, cuda_register or cuda_unregister exactly one registered)::
-
-    ["state", ready, reason, devices, capability_failures, restarts, waiting, fatal]
-                             # fatal: the engine cannot start (a bad --activations-file)
-    ["done", id, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
-     extra, batch, grad_dtype, reports]  # batch: the BatchReport fields, on the batch's
-                                         # first job only; grad_dtype None: no gradient
-    ["error", id, error_type, message, batch]
-    ["cancelled", id]
-    ["registered", request_id, error_type, message, entry]  # error_type None: done; entry:
-                                                            # the catalogue entry, or None
-    ["activation", raw]  # to every worker: a custom activation the engine now serves (also
-                         # each one it has, right after hello and before its state)
-    ["removed", name]    # to every worker: one it no longer serves
+"""The framing of the channel between workers and the engine process: one Unix stream
+socket per worker, each message a 4-byte little-endian length and a MessagePack body. The
+messages themselves, typed, and the protocol version are in ``messages.py``; only plain
+numbers, strings, bytes, lists and maps travel here; tensors stay in the arenas.
 """
 
 from __future__ import annotations
@@ -41,7 +10,7 @@ import asyncio
 import struct
 from collections.abc import Callable
 
-import orjson
+import msgspec
 
 from service.errors import STATUS_TABLE, ActserveError, Unavailable
 
@@ -59,22 +28,31 @@ ERRORS[Unavailable.type] = Unavailable
 ERRORS[ActserveError.type] = ActserveError
 
 
-def pack(message: list) -> bytes:
-    body = orjson.dumps(message)
+_encode = msgspec.msgpack.Encoder().encode
+_decode_plain = msgspec.msgpack.Decoder().decode
+
+
+def pack(message: object) -> bytes:
+    """One framed message: a ``messages`` struct (or any plain value)."""
+    body = _encode(message)
     return HEAD.pack(len(body)) + body
 
 
 class Link(asyncio.Protocol):
     """One end of a connection. Arriving messages are framed as bytes come in and handed,
     in order, to ``on_message`` right there (no coroutine per message); ``on_lost`` once
-    it ends; a message over ``MAX_MESSAGE`` ends it. ``send`` queues a message; everything
+    it ends; a message over ``MAX_MESSAGE`` ends it. ``decode`` reads one message's body
+    (``messages.for_engine`` / ``for_worker``; plain values by default). ``send`` queues a
+    message (a ``messages`` struct); everything
     queued in one turn of the event loop leaves in one write at the end of that turn, so a
     batch's answers (or a burst of jobs) cost one system call and one wake-up of the peer,
     not one each."""
 
-    def __init__(self, on_message: Callable[[list], None], on_lost: Callable[[], None]) -> None:
+    def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None],
+                 decode: Callable[[memoryview], object] = _decode_plain) -> None:
         self.on_message = on_message
         self.on_lost = on_lost
+        self.decode = decode
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._outbox: list[bytes] = []
@@ -87,7 +65,7 @@ class Link(asyncio.Protocol):
     def open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def send(self, message: list) -> None:
+    def send(self, message: object) -> None:
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append(pack(message))
@@ -114,7 +92,7 @@ class Link(asyncio.Protocol):
             stop = at + HEAD.size + size
             if stop > end:
                 break
-            message = orjson.loads(memoryview(buf)[at + HEAD.size:stop])
+            message = self.decode(memoryview(buf)[at + HEAD.size:stop])
             at = stop
             self.on_message(message)
         del buf[:at]

@@ -28,7 +28,6 @@ the whole process group must not stop the engine under workers that are still dr
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import logging
@@ -36,6 +35,7 @@ import os
 import signal
 import sys
 from functools import partial
+from typing import ClassVar
 
 import tomllib
 
@@ -43,7 +43,7 @@ from service import dtypes
 from service.engine import custom
 from service.engine.device_refs import placeholder, ref_from_wire
 from service.engine.engine import Engine
-from service.engine.ipc import channel, pinning
+from service.engine.ipc import channel, messages, pinning
 from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
 from service.engine.job import BatchReport, Job, JobResult, Mode
 from service.errors import ActserveError, InvalidRequest
@@ -69,7 +69,7 @@ class Worker:
     def closed(self) -> bool:
         return self.gone.done()
 
-    def send(self, message: list) -> None:
+    def send(self, message: object) -> None:
         if not self.closed:
             self.link.send(message)
 
@@ -92,9 +92,9 @@ class EngineHost:
         self.tasks: set[asyncio.Task] = set()
 
     # -- state ---------------------------------------------------------------------------
-    def _state(self) -> list:
+    def _state(self) -> messages.State:
         e = self.engine
-        failures = [[list(k), v] for k, v in e.capabilities.failures().items()]
+        failures = list(e.capabilities.failures().items())
         ready = e.ready and self.loaded.is_set() and self.fatal is None
         if self.fatal is not None:
             reason = self.fatal
@@ -102,10 +102,10 @@ class EngineHost:
             reason = "loading the activations file"
         else:
             reason = "" if ready else e.not_ready_reason()
-        return ["state", ready, reason, e.devices, failures, e.restarts, e.waiting,
-                self.fatal is not None]
+        return messages.State(ready, reason, self.fatal is not None, e.devices, failures,
+                              e.restarts, e.waiting)
 
-    def _broadcast(self, message: list) -> None:
+    def _broadcast(self, message: object) -> None:
         for w in self.workers:
             w.send(message)
 
@@ -130,7 +130,7 @@ class EngineHost:
     async def _register(self, activation, raw: object) -> None:
         await self.engine.register(activation)  # probe + self-test; 400 or 409
         self.customs[activation.name] = raw
-        self._broadcast(["activation", raw])
+        self._broadcast(messages.Activation(raw))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -143,13 +143,13 @@ class EngineHost:
         try:
             entry = await work
         except ActserveError as exc:
-            worker.send(["registered", rid, exc.type, exc.message, None])
+            worker.send(messages.Registered(rid, exc.type, exc.message))
         except Exception as exc:  # noqa: BLE001 - answered
             log.exception("engine: %s failed", what)
-            worker.send(["registered", rid, "internal_error", f"{type(exc).__name__}: {exc}",
-                         None])
+            worker.send(messages.Registered(rid, "internal_error",
+                                            f"{type(exc).__name__}: {exc}"))
         else:
-            worker.send(["registered", rid, None, None, entry])
+            worker.send(messages.Registered(rid, None, None, entry))
 
     async def _register_raw(self, raw: object) -> dict:
         """A worker's POST: every worker hears ``activation`` before the asker hears
@@ -163,65 +163,81 @@ class EngineHost:
         try:
             self.engine.unregister(name)  # 404 unknown, 400 built in
         except ActserveError as exc:
-            worker.send(["registered", rid, exc.type, exc.message, None])
+            worker.send(messages.Registered(rid, exc.type, exc.message))
             return
         self.customs.pop(name, None)
-        self._broadcast(["removed", name])
-        worker.send(["registered", rid, None, None, None])
+        self._broadcast(messages.Removed(name))
+        worker.send(messages.Registered(rid))
 
     # -- CUDA shared memory ------------------------------------------------------------------
-    async def _open_cuda(self, worker: Worker, payload: list) -> None:
-        name, b64, device_id, byte_size = payload
-        await self.engine.device_regions.open(worker.tag + name, base64.b64decode(b64),
-                                              int(device_id), int(byte_size))
+    async def _open_cuda(self, worker: Worker, m: messages.CudaRegister) -> None:
+        await self.engine.device_regions.open(worker.tag + m.name, m.handle, m.device_id,
+                                              m.byte_size)
         if worker.closed:  # went away meanwhile: nobody will unregister it
             await self.engine.device_regions.close_prefix(worker.tag)
 
     async def _cuda_unregister_for(self, worker: Worker, rid: int, name: str) -> None:
         await self.engine.device_regions.close(worker.tag + name)
-        worker.send(["registered", rid, None, None, None])
+        worker.send(messages.Registered(rid))
 
     # -- a worker's connection ------------------------------------------------------------
     def connect(self) -> channel.Link:
         """A worker connects: its messages are handled as they arrive (``_on_message``)."""
         worker = Worker(asyncio.get_running_loop().create_future())
         worker.link = channel.Link(partial(self._on_message, worker),
-                                       partial(self._worker_gone, worker))
+                                   partial(self._worker_gone, worker), messages.for_engine)
         self.workers.add(worker)
         return worker.link
 
-    def _on_message(self, worker: Worker, message: list) -> None:
+    def _on_message(self, worker: Worker, message: object) -> None:
         try:
-            self._handle(worker, message)
+            handle = self._handlers.get(type(message), EngineHost._unreadable)
+            handle(self, worker, message)
         except Exception:
             log.exception("engine: bad control message; dropping the worker's connection")
             worker.close()
 
-    def _handle(self, worker: Worker, message: list) -> None:
-        kind = message[0]
-        if kind == "job":
-            self._job(worker, message)
-        elif kind == "cancel":
-            self._cancel(worker, message[1])
-        elif kind == "register":
-            self._spawn(self._answered(worker, message[1], "registering",
-                                       self._register_raw(message[2])))
-        elif kind == "unregister":
-            self._unregister_for(worker, message[1], message[2])
-        elif kind == "cuda_register":
-            self._spawn(self._answered(worker, message[1], "opening a CUDA IPC handle",
-                                       self._open_cuda(worker, message[2])))
-        elif kind == "cuda_unregister":
-            self._spawn(self._cuda_unregister_for(worker, message[1], message[2]))
-        elif kind == "hello":
-            worker.pid = int(message[1])
-            worker.arena = Arena.attach(message[2])
-            if self._cuda:
-                worker.pinning = asyncio.ensure_future(
-                    asyncio.to_thread(pinning.pin, worker.arena))
-            for raw in self.customs.values():  # what it serves, before its state
-                worker.send(["activation", raw])
-            worker.send(self._state())
+    def _hello(self, worker: Worker, m: messages.Hello) -> None:
+        if m.protocol != messages.PROTOCOL:
+            self._refuse(worker, m.protocol)
+            return
+        worker.pid = m.pid
+        worker.arena = Arena.attach(m.arena)
+        if self._cuda:
+            worker.pinning = asyncio.ensure_future(asyncio.to_thread(pinning.pin, worker.arena))
+        for raw in self.customs.values():  # what it serves, before its state
+            worker.send(messages.Activation(raw))
+        worker.send(self._state())
+
+    def _refuse(self, worker: Worker, protocol: object) -> None:
+        """A worker of another protocol: told why (a fatal state), then disconnected."""
+        log.error("engine: a worker (protocol %s) was refused: this engine speaks %s",
+                  protocol, messages.PROTOCOL)
+        worker.send(messages.refusal(protocol))
+        worker.close()
+
+    def _unreadable(self, worker: Worker, m: messages.Unreadable) -> None:
+        protocol = messages.hello_protocol(m)
+        if protocol is not None and protocol != messages.PROTOCOL:
+            self._refuse(worker, protocol)
+            return
+        raise ValueError(f"unreadable message: {m.error}")
+
+    def _register_msg(self, worker: Worker, m: messages.Register) -> None:
+        self._spawn(self._answered(worker, m.request, "registering", self._register_raw(m.raw)))
+
+    def _unregister_msg(self, worker: Worker, m: messages.Unregister) -> None:
+        self._unregister_for(worker, m.request, m.name)
+
+    def _cuda_register_msg(self, worker: Worker, m: messages.CudaRegister) -> None:
+        self._spawn(self._answered(worker, m.request, "opening a CUDA IPC handle",
+                                   self._open_cuda(worker, m)))
+
+    def _cuda_unregister_msg(self, worker: Worker, m: messages.CudaUnregister) -> None:
+        self._spawn(self._cuda_unregister_for(worker, m.request, m.name))
+
+    def _cancel_msg(self, worker: Worker, m: messages.Cancel) -> None:
+        self._cancel(worker, m.id)
 
     def _worker_gone(self, worker: Worker) -> None:
         """Its connection ended (it went away, or is stopping)."""
@@ -263,36 +279,35 @@ class EngineHost:
         return any(d.startswith("cuda") for d in self.engine.devices)
 
     # -- jobs ---------------------------------------------------------------------------
-    def _job(self, worker: Worker, m: list) -> None:
-        (_, jid, name, params, wire, shape, in_off, out_off, out_cap, compute, amp, amp_dtype,
-         inplace, deadline, priority, api, request_id, fault, outputs, report, upstream,
-         expr, (device_in, device_out)) = m
+    def _job(self, worker: Worker, m: messages.Job) -> None:
+        jid = m.id
         try:
             if worker.arena is None:
                 raise InvalidRequest("job before hello")
-            storage = dtypes.STORAGE[wire]
-            shape = tuple(shape)
-            array = worker.arena.array(in_off, storage, shape) if device_in is None \
+            storage = dtypes.STORAGE[m.wire_dtype]
+            shape = m.shape
+            array = worker.arena.array(m.in_offset, storage, shape) if m.device_in is None \
                 else placeholder(storage, shape)  # the input is in a CUDA region
             # an unknown name (a custom one this engine does not have) is a clear 404
-            activation = self.engine.expressions.resolve(expr) if expr is not None \
-                else self.engine.registry.get(name)
-            job = Job(activation, tuple(map(tuple, params)), array, wire,
-                      Mode(compute, amp, amp_dtype, inplace), deadline, priority, api,
-                      request_id, fault=fault,
-                      out=None if device_out is not None else worker.arena.view(out_off, out_cap),
-                      outputs=tuple(outputs), report=frozenset(report),
-                      device_in=ref_from_wire(device_in, worker.tag),
-                      device_out=ref_from_wire(device_out, worker.tag))
-            if upstream:  # the upstream gradient follows the input on a slot boundary
-                at = in_off + -(-array.nbytes // ALIGN) * ALIGN
+            activation = self.engine.expressions.resolve(m.expr) if m.expr is not None \
+                else self.engine.registry.get(m.activation)
+            job = Job(activation, m.params, array, m.wire_dtype,
+                      Mode(m.compute_dtype, m.amp, m.amp_dtype, m.inplace), m.deadline,
+                      m.priority, m.api, m.request_id, fault=m.fault,
+                      out=None if m.device_out is not None
+                      else worker.arena.view(m.out_offset, m.out_capacity),
+                      outputs=m.outputs, report=m.report,
+                      device_in=ref_from_wire(m.device_in, worker.tag),
+                      device_out=ref_from_wire(m.device_out, worker.tag))
+            if m.upstream:  # the upstream gradient follows the input on a slot boundary
+                at = m.in_offset + -(-array.nbytes // ALIGN) * ALIGN
                 job.grad_output = worker.arena.array(at, storage, shape)
             future = self.engine.submit(job)
         except ActserveError as exc:
-            worker.send(["error", jid, exc.type, exc.message, None])
+            worker.send(messages.Error(jid, exc.type, exc.message))
             return
         except (KeyError, ValueError, TypeError) as exc:
-            worker.send(["error", jid, "internal_error", f"bad job descriptor: {exc}", None])
+            worker.send(messages.Error(jid, "internal_error", f"bad job descriptor: {exc}"))
             return
         worker.jobs[jid] = job
         future.add_done_callback(lambda f: self._finish(worker, jid, job, f))
@@ -309,19 +324,20 @@ class EngineHost:
         report = self.reports.pop(job, None)
         batch = None
         if report is not None:
-            batch = [report.activation, report.requests, report.elements, report.device,
-                     report.wall_s, report.compute_s, report.h2d_s, report.d2h_s]
+            batch = messages.Batch(report.activation, report.requests, report.elements,
+                                   report.device, report.wall_s, report.compute_s,
+                                   report.h2d_s, report.d2h_s)
         if future.cancelled():
-            worker.send(["cancelled", jid])
+            worker.send(messages.Cancelled(jid))
         elif future.exception() is not None:
             exc = future.exception()
             err = exc if isinstance(exc, ActserveError) else ActserveError(str(exc))
-            worker.send(["error", jid, err.type, err.message, batch])
+            worker.send(messages.Error(jid, err.type, err.message, batch))
         else:
             r: JobResult = future.result()
-            worker.send(["done", jid, r.dtype, list(r.array.shape), r.compute_s,
-                         r.batch_requests, r.batch_elements, r.device, r.queue_s, r.extra,
-                         batch, r.grad_dtype, _reports_out(r.reports)])
+            worker.send(messages.Done(jid, r.dtype, r.array.shape, r.compute_s,
+                                      r.batch_requests, r.batch_elements, r.device, r.queue_s,
+                                      r.extra, batch, r.grad_dtype, _reports_out(r.reports)))
         self._maybe_release(worker)
 
     def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:
@@ -331,6 +347,12 @@ class EngineHost:
             if job.future is not None and not job.future.cancelled():
                 self.reports[job] = report
                 return
+
+    _handlers: ClassVar[dict] = {  # how each message from a worker is handled
+        messages.Job: _job, messages.Cancel: _cancel_msg, messages.Hello: _hello,
+        messages.Register: _register_msg, messages.Unregister: _unregister_msg,
+        messages.CudaRegister: _cuda_register_msg, messages.CudaUnregister: _cuda_unregister_msg,
+    }
 
 
 def _reports_out(reports: dict) -> dict:

@@ -29,7 +29,6 @@ region (``device_refs.py``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import logging
@@ -39,6 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 from service import dtypes
 from service.engine import custom
@@ -46,7 +46,7 @@ from service.engine.activations import Activation, Registry
 from service.engine.capabilities import Capabilities
 from service.engine.device_refs import placeholder
 from service.engine.inline import ExpressionCache
-from service.engine.ipc import channel
+from service.engine.ipc import channel, messages
 from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
 from service.engine.ipc.lending import Lender, LentBody
 from service.engine.ipc.process import EngineProcess
@@ -117,7 +117,8 @@ class RemoteEngine:
         self._requests: dict[int, asyncio.Future] = {}  # registrations awaiting the engine
         self._resync: set[int] = set()  # re-registrations after a reconnect, unanswered
         self._fatal: str | None = None
-        self.cuda_handles: dict[str, list] = {}  # CUDA region -> its cuda_register payload
+        # CUDA region -> its CudaRegister, but for the request id
+        self.cuda_handles: dict[str, Callable[[int], messages.CudaRegister]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -208,17 +209,18 @@ class RemoteEngine:
     async def register_custom(self, raw: object) -> dict:
         """Forward a raw registration (already built here: its 400s are local); the
         engine's catalogue entry once it serves it, and this registry has it too."""
-        return await self._ask("register", raw)
+        return await self._ask(partial(messages.Register, raw=raw))
 
     async def unregister_custom(self, name: str) -> None:
-        await self._ask("unregister", name)
+        await self._ask(partial(messages.Unregister, name=name))
 
-    async def _ask(self, kind: str, payload: object):
+    async def _ask(self, message: Callable[[int], object]):
+        """Send ``message(request id)`` and await the engine's ``Registered``."""
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._requests[rid] = future
         try:
-            if not self._send([kind, rid, payload]):
+            if not self._send(message(rid)):
                 raise Unavailable("the engine process is restarting; retry")
             try:
                 return await asyncio.wait_for(future, channel.REGISTER_TIMEOUT_S)
@@ -247,8 +249,8 @@ class RemoteEngine:
         if self.on_custom is not None:
             self.on_custom(name, False)
 
-    def _registered(self, rid: int, error_type: str | None, message: str | None,
-                    entry: dict | None) -> None:
+    def _registered(self, m: messages.Registered) -> None:
+        rid, error_type, message, entry = m.request, m.error_type, m.message, m.entry
         if rid in self._resync:
             self._resync.discard(rid)
             if error_type not in (None, "conflict"):  # conflict: another worker was first
@@ -267,23 +269,24 @@ class RemoteEngine:
     def _register_again(self) -> None:
         """After a reconnect: the engine may be a new one that has none of them."""
         self._resync = set()
-        again = [("register", raw) for raw in self.customs.values()]
-        again += [("cuda_register", p) for p in self.cuda_handles.values()]
-        for kind, payload in again:
+        again = [partial(messages.Register, raw=raw) for raw in self.customs.values()]
+        again += self.cuda_handles.values()
+        for message in again:
             rid = next(self._ids)
             self._resync.add(rid)
-            self._send([kind, rid, payload])
+            self._send(message(rid))
 
     # -- CUDA shared memory (the engine process opens the handles) -------------------------
     async def open_cuda_region(self, name: str, raw: bytes, device_id: int,
                                byte_size: int) -> None:
-        payload = [name, base64.b64encode(raw).decode(), device_id, byte_size]
-        await self._ask("cuda_register", payload)
-        self.cuda_handles[name] = payload
+        message = partial(messages.CudaRegister, name=name, handle=bytes(raw),
+                          device_id=device_id, byte_size=byte_size)
+        await self._ask(message)
+        self.cuda_handles[name] = message
 
     async def close_cuda_region(self, name: str) -> None:
         if self.cuda_handles.pop(name, None) is not None:
-            await self._ask("cuda_unregister", name)
+            await self._ask(partial(messages.CudaUnregister, name=name))
 
     # -- the request path ---------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
@@ -346,7 +349,7 @@ class RemoteEngine:
             return  # answered: whoever holds the answer releases its slots
         p.future.cancel()
         if p.sent:
-            self._send(["cancel", jid])  # the slots are freed when the engine answers
+            self._send(messages.Cancel(jid))  # the slots are freed when the engine answers
         else:
             self._forget(jid)  # never left this process
 
@@ -398,13 +401,14 @@ class RemoteEngine:
     def _send_job(self, jid: int, p: _Pending) -> None:
         job = p.job
         m = job.mode
-        p.sent = self._send([
-            "job", jid, job.activation.name, list(job.params), job.wire_dtype,
-            list(job.array.shape), p.in_off, p.out_off, p.out_bytes, m.compute_dtype, m.amp,
-            m.amp_dtype, m.inplace, job.deadline, job.priority, job.api, job.request_id,
-            job.fault, list(job.outputs), sorted(job.report), job.grad_output is not None,
+        p.sent = self._send(messages.Job(
+            jid, job.activation.name, job.params, job.wire_dtype, job.array.shape, p.in_off,
+            p.out_off, p.out_bytes, m.compute_dtype, m.amp, m.amp_dtype, m.inplace,
+            job.deadline, job.priority, job.api, job.request_id, job.fault, job.outputs,
+            job.report, job.grad_output is not None,
             job.activation.formula if self.expressions.is_inline(job.activation) else None,
-            [r.wire() if r is not None else None for r in (job.device_in, job.device_out)]])
+            None if job.device_in is None else job.device_in.wire(),
+            None if job.device_out is None else job.device_out.wire()))
         if not p.sent:
             self._resolve(jid, error=Unavailable(_GONE))
 
@@ -432,7 +436,7 @@ class RemoteEngine:
                 return
             self._backlog.popleft()
 
-    def _send(self, message: list) -> bool:
+    def _send(self, message: object) -> bool:
         if self._link is None or not self._link.open:
             return False
         self._link.send(message)
@@ -480,7 +484,7 @@ class RemoteEngine:
         while not self._stopped:
             loop = asyncio.get_running_loop()
             lost = loop.create_future()
-            link = channel.Link(self._on_message, partial(_settle, lost))
+            link = channel.Link(self._on_message, partial(_settle, lost), messages.for_worker)
             try:
                 await loop.create_unix_connection(lambda ln=link: ln, path)
             except OSError:
@@ -489,7 +493,7 @@ class RemoteEngine:
                 continue
             pause = RECONNECT_S[0]
             self._link = link
-            link.send(["hello", os.getpid(), self._arena.name])
+            link.send(messages.Hello(messages.PROTOCOL, os.getpid(), self._arena.name))
             self._register_again()
             try:
                 await lost  # messages arrive in Link.data_received meanwhile
@@ -508,54 +512,73 @@ class RemoteEngine:
                     future.set_exception(Unavailable(_GONE))
             self._first_state.set()
 
-    def _on_message(self, m: list) -> None:
-        kind = m[0]
-        if kind == "done":
-            (_, jid, dtype, shape, compute_s, batch_requests, batch_elements, device, queue_s,
-             extra, batch, grad_dtype, reports) = m
-            p = self._pending.get(jid)
-            if p is not None:
-                shape = tuple(shape)
-                if p.job.device_out is not None:  # written into the client's CUDA region
-                    array = placeholder(dtypes.STORAGE[dtype], shape)
-                else:
-                    array = self._arena.array(p.out_off, dtypes.STORAGE[dtype], shape)
-                self._report(batch)
-                result = JobResult(array, dtype, compute_s, batch_requests, batch_elements,
-                                   device, queue_s, extra, reports=_reports_in(reports))
-                if grad_dtype is not None:
-                    nbytes = p.job.array.nbytes
-                    result.grad = self._arena.array(p.out_off + p.out_bytes - nbytes,
-                                                     dtypes.STORAGE[grad_dtype], shape)
-                    result.grad_dtype = grad_dtype
-                self._resolve(jid, result)
-        elif kind == "error":
-            _, jid, error_type, message, batch = m
-            self._report(batch)
-            self._resolve(jid, error=channel.error_from(error_type, message))
-        elif kind == "cancelled":
-            self._forget(m[1])
-        elif kind == "activation":
-            self._activation(m[1])
-        elif kind == "removed":
-            self._removed(m[1])
-        elif kind == "registered":
-            self._registered(*m[1:])
-        elif kind == "state":
-            _, ready, reason, devices, failures, restarts, waiting, fatal = m
-            if fatal:
-                self._fatal = reason
-            self.capabilities.record({tuple(k): v for k, v in failures})
-            self.devices = devices
-            self.restarts = restarts + (self._process.restarts if self._process else 0)
-            self.engine_waiting = waiting
-            self._ready = bool(ready)
-            self._reason = reason or "ready"
-            self._first_state.set()
+    def _on_message(self, m: object) -> None:
+        handle = self._handlers.get(type(m))
+        if handle is not None:
+            handle(self, m)
+        else:
+            self._unreadable(m)
 
-    def _report(self, batch: list | None) -> None:
+    def _done(self, m: messages.Done) -> None:
+        p = self._pending.get(m.id)
+        if p is None:
+            return
+        storage, shape = dtypes.STORAGE[m.dtype], m.shape
+        if p.job.device_out is not None:  # written into the client's CUDA region
+            array = placeholder(storage, shape)
+        else:
+            array = self._arena.array(p.out_off, storage, shape)
+        self._report(m.batch)
+        result = JobResult(array, m.dtype, m.compute_s, m.batch_requests, m.batch_elements,
+                           m.device, m.queue_s, m.extra, reports=_reports_in(m.reports))
+        if m.grad_dtype is not None:
+            nbytes = p.job.array.nbytes
+            result.grad = self._arena.array(p.out_off + p.out_bytes - nbytes,
+                                            dtypes.STORAGE[m.grad_dtype], shape)
+            result.grad_dtype = m.grad_dtype
+        self._resolve(m.id, result)
+
+    def _error(self, m: messages.Error) -> None:
+        self._report(m.batch)
+        self._resolve(m.id, error=channel.error_from(m.error_type, m.message))
+
+    def _cancelled(self, m: messages.Cancelled) -> None:
+        self._forget(m.id)
+
+    def _state(self, m: messages.State) -> None:
+        if m.fatal:
+            self._fatal = m.reason
+        self.capabilities.record(dict(m.capability_failures))
+        self.devices = m.devices
+        self.restarts = m.restarts + (self._process.restarts if self._process else 0)
+        self.engine_waiting = m.waiting
+        self._ready = bool(m.ready)
+        self._reason = m.reason or "ready"
+        self._first_state.set()
+
+    def _unreadable(self, m: object) -> None:
+        """A message this process cannot read: the engine speaks another protocol."""
+        error = m.error if isinstance(m, messages.Unreadable) else type(m).__name__
+        self._ready = False
+        self._reason = (f"the engine process sent a message this worker cannot read ({error}); "
+                        f"it speaks engine channel protocol {messages.PROTOCOL}")
+        log.error("%s", self._reason)
+        if self._link is not None:
+            self._link.close()
+
+    _handlers: ClassVar[dict] = {  # how each message from the engine is handled
+        messages.Done: _done, messages.Error: _error, messages.Cancelled: _cancelled,
+        messages.State: _state,
+        messages.Activation: lambda self, m: self._activation(m.raw),
+        messages.Removed: lambda self, m: self._removed(m.name),
+        messages.Registered: _registered,
+    }
+
+    def _report(self, batch: messages.Batch | None) -> None:
         if batch is not None and self._observer is not None:
-            self._observer(BatchReport(*batch), [])
+            self._observer(BatchReport(batch.activation, batch.requests, batch.elements,
+                                       batch.device, batch.wall_s, batch.compute_s,
+                                       batch.h2d_s, batch.d2h_s), [])
 
 
 def _settle(future: asyncio.Future) -> None:
