@@ -134,6 +134,30 @@ class Settings(BaseSettings):
                 f"ACTSERVE_DEVICE={v!r} is not a device; use auto, cpu, cuda, cuda:N, all, "
                 "or a comma-separated list such as cuda:0,cuda:1"
             )
+    # -- overload (service/engine/admission.py, docs/reliability.md "Overload") ---------
+    overload_admission: bool = Field(
+        True, description="refuse at once (503 predicted_late) a request whose predicted "
+                          "finish, from measured service times and the work queued ahead of "
+                          "it, is past its deadline")
+    overload_safety: float = Field(
+        1.2, ge=1.0, le=10.0, description="predicted wait and service are multiplied by this "
+                                          "before they are compared with the deadline")
+    overload_target_delay_ms: float = Field(
+        50.0, gt=0, description="queue delay (oldest waiting job) above which, held for "
+                                "overload_interval_ms, the queue counts as overloaded")
+    overload_interval_ms: float = Field(
+        200.0, gt=0, description="how long the delay must stand above (or below) the target "
+                                 "before the discipline switches (and back)")
+    overload_max_wait_ms: float = Field(
+        500.0, gt=0, description="while overloaded, the longest predicted wait admitted "
+                                 "(503 queue_delay beyond it)")
+    overload_lifo: bool = Field(
+        False, description="while overloaded, serve the newest batch first and shed jobs that "
+                           "waited past overload_max_wait_ms (adaptive LIFO)")
+    fair_share: bool = Field(
+        False, description="per client (API key, else address) share of a contended queue: "
+                           "a client over its share is refused 429 client_share first")
+
         return ",".join(parts)
 
     @field_validator("api_keys")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from service.engine import fusion, selftest
 from service.engine.activations import INLINE, Activation, Registry
+from service.engine.admission import Hint
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
 from service.engine.device_regions import DeviceRegionsHost
@@ -199,9 +200,15 @@ class Engine:
         return self._accuracy[key]
 
     # -- the request path ---------------------------------------------------------------
-    def admit(self) -> None:
-        """Raise what ``submit`` would raise for overload, before a body is read."""
-        self.batcher.admit()
+    def admit(self, hint: Hint | None = None) -> None:
+        """Raise what ``submit`` would raise for overload, before a body is read; with a
+        ``hint`` (``admission.hint_from``) the predicted finish and the client's share
+        too."""
+        self.batcher.admit(hint)
+
+    def overload(self) -> dict:
+        """The overload policy's state (``admission.Admission.snapshot``), for /metrics."""
+        return self.batcher.admission.snapshot()
 
     def lend_body(self, nbytes: int, tensor_at: int) -> None:
         """Inline, a body is computed from where it was read: nothing to lend (the engine

@@ -67,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
                    ready=lambda: engine.ready, gpu_memory=engine.gpu_memory,
+    if recorder.metrics is not None:
+        recorder.metrics.track_overload(engine.overload)  # service/engine/admission.py
                    fusion=engine.fusion_outcomes)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,

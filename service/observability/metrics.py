@@ -18,8 +18,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
+from service.engine.admission import DISCIPLINES
 from service.observability.loop_metrics import LoopCounter, LoopHistogram
 
 # Tens of microseconds up to seconds.
@@ -44,10 +50,14 @@ REASON_BY_TYPE = {
     "deadline_exceeded": "deadline",
     "compute_error": "compute",
     "request_timeout": "timeout",
+    # overload (service/engine/admission.py)
+    "predicted_late": "predicted_late",
+    "queue_delay": "queue_delay",
+    "client_share": "client_share",
 }
 REASON_BY_STATUS = {400: "invalid", 401: "unauthorized", 404: "not_found", 413: "too_large",
                     415: "unsupported_media", 503: "unavailable", 504: "deadline",
-                    500: "compute"}
+                    500: "compute", 429: "client_share"}
 REJECT_REASONS = tuple(dict.fromkeys([*REASON_BY_TYPE.values(), *REASON_BY_STATUS.values(),
                                       "other"]))
 
@@ -102,6 +112,46 @@ class StateCollector:
                 allocated.add_metric([device], alloc)
                 peak.add_metric([device], top)
         yield from (restarts, ready, allocated, peak, fusion)
+
+
+class OverloadCollector:
+    """The overload policy's state (``Engine.overload``), read at scrape time: the queue's
+    discipline, its switches, the predicted backlog, and the prediction error of the
+    queue wait (actual minus predicted, a histogram). Refusals by reason are
+    ``actserve_rejections_total``."""
+
+    def __init__(self, state: Callable[[], dict]) -> None:
+        self._state = state
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._state())
+
+    def _families(self, s: dict) -> Iterator[Metric]:
+        discipline = GaugeMetricFamily(
+            "actserve_queue_discipline", "The queue's current discipline: 0 fifo; while "
+            "overloaded 1 controlled_delay, 2 adaptive_lifo")
+        switches = CounterMetricFamily(
+            "actserve_queue_discipline_switches", "Switches between the normal and the "
+            "overloaded discipline")
+        backlog = GaugeMetricFamily(
+            "actserve_queue_predicted_backlog_seconds", "Predicted seconds of work queued")
+        error = HistogramMetricFamily(
+            "actserve_queue_wait_prediction_error_seconds", "Actual minus predicted queue "
+            "wait of each dispatched request")
+        if s:
+            discipline.add_metric([], float(DISCIPLINES.index(s["discipline"])))
+            switches.add_metric([], s["switches"])
+            backlog.add_metric([], s["backlog_s"])
+            e = s["prediction_error"]
+            cumulative, buckets = 0, []
+            for bound, n in zip((*e["buckets"], float("inf")), e["counts"], strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            error.add_metric([], buckets, e["sum"])
+        yield from (discipline, switches, backlog, error)
 
 
 class AnsweredSeries:
@@ -210,6 +260,11 @@ class Metrics:
     def track_state(self, restarts: Callable[[], int], ready: Callable[[], bool],
                     gpu_memory: GpuMemory, fusion: Callable[[], dict] = dict) -> None:
         self.registry.register(StateCollector(restarts, ready, gpu_memory, fusion))
+
+    def track_overload(self, state: Callable[[], dict]) -> None:
+        """``state``: ``Engine.overload`` (an empty dict where the queue lives in another
+        process: nothing is exposed then)."""
+        self.registry.register(OverloadCollector(state))
 
     def reject(self, error_type: str, status: int) -> None:
         self.child(self.rejections, reject_reason(error_type, status)).inc()

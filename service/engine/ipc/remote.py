@@ -36,6 +36,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from service.engine.admission import OVERLOAD_ERRORS, Hint
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -59,6 +60,7 @@ from service.errors import (
     InvalidRequest,
     NotReady,
     QueueFull,
+channel.ERRORS.update(OVERLOAD_ERRORS)  # the engine's overload refusals keep their type
     RequestTooLarge,
     Unavailable,
 )
@@ -175,6 +177,9 @@ class RemoteEngine:
     @property
     def ready(self) -> bool:
         return self._serving and not self._draining
+
+    def overload(self) -> dict:
+        return {}  # the overload policy's state lives in the engine process
 
     @property
     def draining(self) -> bool:
@@ -295,7 +300,9 @@ class RemoteEngine:
                              "shared engine process (docs/lab.md); gradients and reports are "
                              "served here")
 
-    def admit(self) -> None:
+    def admit(self, hint: Hint | None = None) -> None:
+        """The queue and its prediction live in the engine process: an overload refusal
+        (``admission.py``) comes back as the job's error; here only the count."""
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
         if not self._serving:
