@@ -17,7 +17,8 @@
     └── ComputeError                   500  compute failed for this request alone
 
 Routes and codecs raise these; ``service.http.error_responses`` turns them into the native body
-``{"error": {"type", "message"}}`` or the v2 body ``{"error": "message"}``.
+``{"error": {"type", "message"}}`` or the v2 body ``{"error": "message"}``, and
+``service.grpc.service`` into the gRPC status code ``WIRE_TABLE`` puts beside the HTTP status.
 """
 
 from __future__ import annotations
@@ -120,18 +121,36 @@ class ComputeError(ActserveError):
     type = "compute_error"
 
 
-# The status table, for documentation and tests: every row of the README's "Errors" table.
-STATUS_TABLE: dict[type[ActserveError], int] = {
-    InvalidRequest: 400,
-    Unauthorized: 401,
-    UnknownActivation: 404,
-    Conflict: 409,
-    RequestTimeout: 408,
-    RequestTooLarge: 413,
-    UnsupportedMediaType: 415,
-    QueueFull: 503,
-    NotReady: 503,
-    Draining: 503,
-    DeadlineExceeded: 504,
-    ComputeError: 500,
+# The one table to the wire: each error's HTTP status and, side by side, the gRPC status
+# code it is answered with over gRPC (``service.grpc.service`` looks the code up by name).
+WIRE_TABLE: dict[type[ActserveError], tuple[int, str]] = {
+    InvalidRequest: (400, "INVALID_ARGUMENT"),
+    Unauthorized: (401, "UNAUTHENTICATED"),
+    UnknownActivation: (404, "NOT_FOUND"),
+    Conflict: (409, "ALREADY_EXISTS"),
+    RequestTimeout: (408, "DEADLINE_EXCEEDED"),
+    RequestTooLarge: (413, "RESOURCE_EXHAUSTED"),
+    UnsupportedMediaType: (415, "INVALID_ARGUMENT"),
+    QueueFull: (503, "UNAVAILABLE"),
+    NotReady: (503, "UNAVAILABLE"),
+    Draining: (503, "UNAVAILABLE"),
+    DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
+    ComputeError: (500, "INTERNAL"),
 }
+# By status, for errors outside the table (a subclass with a status of its own)
+GRPC_BY_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "ALREADY_EXISTS",
+                  413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+# The status table, for documentation and tests: every row of the README's "Errors" table.
+STATUS_TABLE: dict[type[ActserveError], int] = {cls: row[0] for cls, row in WIRE_TABLE.items()}
+
+
+def grpc_code(exc: ActserveError) -> str:
+    """The gRPC status code's name an error is answered with."""
+    for cls in type(exc).__mro__:
+        row = WIRE_TABLE.get(cls)
+        if row is not None and row[0] == exc.status:
+            return row[1]
+    return GRPC_BY_STATUS.get(exc.status, "INTERNAL")

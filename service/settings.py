@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_body_bytes_in_flight: int = Field(
         64 * 1024 * 1024, ge=1,
         description="bytes of large request bodies read and not yet answered; the rest wait "
-                    "their turn, unread (service/http/body_budget.py)")
+                    "their turn, unread (service/exchange/budget.py)")
     torch_threads: int = Field(1, ge=1, le=256, description="intra-op threads of a compute thread")
     default_compute_dtype: ComputeDtypeName | None = Field(
         None, description="compute dtype of requests that set none (none: the input's)")
@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535,
         description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
+    grpc_max_concurrent_rpcs: int = Field(
+        256, ge=1, le=65536,
+        description="gRPC RPCs served at once by a process; more are refused at once with "
+                    "RESOURCE_EXHAUSTED, before their messages are decoded")
+    grpc_stream_inflight: int = Field(
+        32, ge=1, le=4096,
+        description="requests of one ModelStreamInfer stream in flight (read, computing or "
+                    "answered but not yet taken by the client); the stream is read no further "
+                    "until one is taken")
     shared_memory: bool = Field(
         True, description="Triton's system shared-memory extension (HTTP and gRPC)")
     shm_arena_mib: int = Field(
@@ -125,15 +134,6 @@ class Settings(BaseSettings):
         description="engine=process: shared memory per server process for request and "
                     "answer tensors (reserved in /dev/shm at start)")
 
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, v: str) -> str:
-        parts = [p.strip() for p in v.split(",") if p.strip()]
-        if not parts or not all(_DEVICE_RE.match(p) for p in parts):
-            raise ValueError(
-                f"ACTSERVE_DEVICE={v!r} is not a device; use auto, cpu, cuda, cuda:N, all, "
-                "or a comma-separated list such as cuda:0,cuda:1"
-            )
     # -- overload (service/engine/admission.py, docs/reliability.md "Overload") ---------
     overload_admission: bool = Field(
         True, description="refuse at once (503 predicted_late) a request whose predicted "
@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         False, description="per client (API key, else address) share of a contended queue: "
                            "a client over its share is refused 429 client_share first")
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts or not all(_DEVICE_RE.match(p) for p in parts):
+            raise ValueError(
+                f"ACTSERVE_DEVICE={v!r} is not a device; use auto, cpu, cuda, cuda:N, all, "
+                "or a comma-separated list such as cuda:0,cuda:1"
+            )
         return ",".join(parts)
 
     @field_validator("api_keys")

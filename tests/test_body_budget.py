@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import QueueFull
-from service.http.body_budget import SMALL_BYTES, BodyBudget
+from service.exchange.budget import SMALL_BYTES, BodyBudget
 
 from .conftest import reference, same_bits, serve
 from .gates import block_executor, submissions, wait_for

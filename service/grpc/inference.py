@@ -1,134 +1,177 @@
-"""One gRPC inference request's path, unary or in Triton's stream, step for step the HTTP
-path (``service.http.exchange``): overload check, decode and validate with the v2 codec's
-functions (``codec.decode``, ``v2.build_job``), ``engine.submit``, encode, and one
-``Recorder.record`` with api ``grpc``; timings go back as trailing metadata."""
+"""The gRPC side of the one request sequence (``service.exchange.sequence``): a
+``ModelInferRequest`` is a ``GrpcSource``, and runs through the same admission, byte budget
+(its message's bytes are charged like an HTTP body), decode (the v2 codec's functions via
+``codec.decode`` and ``v2.build_job``), submit, encode, record and access-log line as an HTTP
+request; timings go back as trailing metadata.
+
+Messages arrive as raw bytes and are parsed here, so a malformed one is INVALID_ARGUMENT
+with the parser's message. Triton's ModelStreamInfer runs a stream's requests concurrently,
+at most ``grpc_stream_inflight`` of them at once (read, computing, or answered and not yet
+taken by the client): the stream is read no further until one is taken, so a client that
+sends without reading holds a bounded amount of memory.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import math
 import time
+import uuid
 
-import orjson
+from google.protobuf.message import DecodeError
 
 from service.codecs import v2
-from service.codecs.shm_regions import SystemRegions
-from service.engine.engine import Engine
-from service.errors import ActserveError
+from service.errors import ActserveError, InvalidRequest, RequestTooLarge
+from service.exchange import sequence
+from service.exchange.services import Services
 from service.grpc import codec, messages
-from service.observability.recorder import Recorder
-from service.settings import Settings
 
 log = logging.getLogger("actserve")
-access_log = logging.getLogger("actserve.access")
-CANCELLED = 499  # the client went away (nginx's convention, as over HTTP)
+METHOD = "/inference.GRPCInferenceService/"
 
 
-def _timing(decode: float, queue: float, compute: float, encode: float, total: float) -> str:
-    parts = [(n, math.floor(v * 1e6)) for n, v in
-             (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode))]
-    parts.append(("total", math.ceil(total * 1e6)))
-    return ", ".join(f"{n};dur={us / 1000:.3f}" for n, us in parts)
+class GrpcSource:
+    """One ``ModelInferRequest`` (already parsed; ``nbytes``: its size on the wire)."""
+
+    api = "grpc"
+    __slots__ = ("nbytes", "regions", "request", "svc")
+
+    def __init__(self, request, nbytes: int, svc: Services, regions) -> None:
+        self.request, self.nbytes, self.svc = request, nbytes, svc
+        self.regions = regions  # the caller's own system regions
+
+    def hint(self, now: float):
+        return None  # the message is here: its deadline and size are checked by decoding
+
+    def declared_size(self, limit: int) -> int | None:
+        if self.nbytes > limit:
+            raise RequestTooLarge(f"message of {self.nbytes} bytes is over max_request_bytes "
+                                  f"({limit})")
+        return self.nbytes
+
+    def lend(self, engine, size):
+        return None
+
+    async def read(self, size, granted, lent):
+        return self.request, granted, self.nbytes
+
+    async def decode(self, request, activation, jobs):
+        codec.check_version(activation.name, request.model_version)
+        svc = self.svc
+        req = codec.decode(request, svc.settings.max_batch_elements, self.regions,
+                           svc.cuda_regions)
+        return v2.build_job(activation, req, jobs, "grpc"), req
+
+    async def wait(self, engine, job):
+        fut = engine.submit(job)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            engine.abandon(job)
+            raise
+
+    async def encode(self, job, req, result):
+        name = job.activation.name
+        if job.lab:
+            response = codec.encode_lab(name, req, job, result)
+        else:
+            response = codec.encode(name, req, result.array, result.dtype, self.regions)
+        return _Encoded(response, sum(len(b) for b in response.raw_output_contents))
+
+    def respond(self, encoded, result, headers):
+        return _Answer(encoded.response, tuple((k.lower(), v) for k, v in headers.items()))
+
+    def gone(self):
+        return None
+
+
+class _Encoded:
+    __slots__ = ("nbytes", "response")
+
+    def __init__(self, response, nbytes: int) -> None:
+        self.response, self.nbytes = response, nbytes
+
+
+class _Answer:
+    __slots__ = ("response", "trailing")
+    status_code = 200
+
+    def __init__(self, response, trailing) -> None:
+        self.response, self.trailing = response, trailing
 
 
 class Inference:
-    def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, traces=None, cuda=None) -> None:
-        self.settings = settings
-        self.cuda = cuda  # CUDA shared-memory regions (cuda_regions.py)
-        self.traces = traces  # profiled requests' Chrome traces (service/http/traces.py)
-        self.engine = engine
-        self.recorder = recorder
-        self.regions = regions
+    """gRPC inference over the shared sequence: ``run`` (unary) and ``stream``."""
 
-    async def run(self, request) -> tuple[object, tuple]:
-        """One request: (the response, trailing metadata) or (the error, ())."""
-        engine, recorder = self.engine, self.recorder
-        activation = engine.registry.find(request.model_name)
-        label = activation.name if activation is not None else None
-        t0 = time.perf_counter()
-        recorder.request_started()
-        job = result = None
-        status = 500
-        bytes_in = request.ByteSize() if recorder.metrics is not None else 0
-        bytes_out = 0
-        t_decoded = t_computed = t0
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._id_prefix = uuid.uuid4().hex[:12] + "-g"
+        self._ids = itertools.count(1)
+        self._request_cls = messages.message("ModelInferRequest")
+
+    def parse(self, raw: bytes):
         try:
-            engine.admit()
-            if activation is None:
-                activation = engine.registry.get(request.model_name)
-            codec.check_version(activation.name, request.model_version)
-            req = codec.decode(request, self.settings.max_batch_elements, self.regions,
-                               self.cuda)
-            job = v2.build_job(activation, req, engine.jobs, "grpc")
-            job.request_id = req.id or ""
-            t_decoded = time.perf_counter()
-            fut = engine.submit(job)
-            try:
-                result = await fut
-            except asyncio.CancelledError:
-                engine.abandon(job)
-                raise
-            t_computed = time.perf_counter()
-            if "profile" in result.reports and self.traces is not None:
-                await asyncio.to_thread(self.traces.keep, result.reports)
-            if job.lab:
-                response = codec.encode_lab(activation.name, req, job, result)
-            else:
-                response = codec.encode(activation.name, req, result.array, result.dtype,
-                                        self.regions)
-            t_end = time.perf_counter()
-            bytes_out = sum(len(b) for b in response.raw_output_contents)
+            return self._request_cls.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidRequest(f"malformed ModelInferRequest: {exc}") from None
+
+    async def run(self, raw: bytes, peer: str | None = None, rpc: str = "ModelInfer",
+                  regions=None) -> tuple[object, tuple]:
+        """One request from its raw message: (the response, trailing metadata) or (the
+        error, ())."""
+        t0 = time.perf_counter()
+        ctx = {"request_id": f"{self._id_prefix}{next(self._ids):x}", "log": {}}
+        status = 500
+        try:
+            request = self.parse(raw)
+            ctx["request_id"] = request.id if 0 < len(request.id) <= 128 else ctx["request_id"]
+            source = GrpcSource(request, len(raw), self.svc,
+                                self.svc.regions if regions is None else regions)
+            answer = await sequence.run(self.svc, source, request.model_name, ctx)
             status = 200
-            trailing = (
-                ("server-timing", _timing(t_decoded - t0, result.queue_s, result.compute_s,
-                                          t_end - t_computed, t_end - t0)),
-                ("x-batch-size", str(result.batch_requests)),
-                ("x-batch-elements", str(result.batch_elements)),
-            )
-            return response, trailing
+            return answer.response, answer.trailing
         except ActserveError as exc:
             status = exc.status
-            recorder.reject(exc)
+            if not ctx["log"]:  # refused before the sequence (a malformed message)
+                self.svc.recorder.reject(exc)
+                ctx["log"] = {"api": "grpc", "error": exc.type}
             return exc, ()
         except asyncio.CancelledError:
-            status = CANCELLED
+            status = sequence.CLIENT_CLOSED
             raise
         finally:
-            if result is not None and result.release is not None:
-                result.release()  # the answer was copied into the response
-                result.release = None
-            now = time.perf_counter()
-            recorder.record("grpc", label, status, total=now - t0, decode=t_decoded - t0,
-                            encode=now - t_computed if result is not None else 0.0, job=job,
-                            result=result, bytes_in=bytes_in, bytes_out=bytes_out)
-            if self.settings.access_log and access_log.isEnabledFor(logging.INFO):
-                access_log.info('{"api":"grpc","rpc":"ModelInfer","model":%s,"status":%d,'
-                                '"ms":%.3f}', _json_str(request.model_name), status,
-                                (now - t0) * 1000)
+            access = self.svc.access_log
+            if access is not None and access.enabled():
+                access.write({"id": ctx["request_id"], "client": peer, "transport": "grpc",
+                              "method": rpc, "path": METHOD + rpc, "status": status,
+                              "ms": round((time.perf_counter() - t0) * 1000, 3), **ctx["log"]})
 
-    async def stream(self, request_iterator):
-        """Triton's ModelStreamInfer: requests are run concurrently as they arrive and each
-        answer (or its error, in ``error_message``) is yielded when it is ready."""
+    async def stream(self, raw_iterator, peer: str | None = None, regions=None):
+        """Triton's ModelStreamInfer: requests run concurrently as they arrive, at most
+        ``grpc_stream_inflight`` at once, and each answer (or its error, in
+        ``error_message``) is yielded when it is ready."""
+        limit = self.svc.settings.grpc_stream_inflight
+        room = asyncio.Semaphore(limit)  # taken when read, given back when yielded
         out: asyncio.Queue = asyncio.Queue()
         pending: set[asyncio.Task] = set()
         stream_response = messages.ModelStreamInferResponse
 
-        async def one(request) -> None:
+        async def one(raw: bytes) -> None:
             try:
-                response, _ = await self.run(request)
+                response, _ = await self.run(raw, peer, "ModelStreamInfer", regions)
             except Exception:  # a bug: answer it in the stream, keep the stream alive
                 log.exception("stream request failed")
                 response = ActserveError("internal error")
             if isinstance(response, ActserveError):
-                await out.put(stream_response(error_message=response.message))
+                out.put_nowait(stream_response(error_message=response.message))
             else:
-                await out.put(stream_response(infer_response=response))
+                out.put_nowait(stream_response(infer_response=response))
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(one(request))
+            async for raw in raw_iterator:
+                await room.acquire()  # no further reading until an answer is taken
+                task = asyncio.ensure_future(one(raw))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             if pending:
@@ -142,11 +185,8 @@ class Inference:
                 if item is None:
                     break
                 yield item
+                room.release()
         finally:
             reader.cancel()
             for task in list(pending):
                 task.cancel()
-
-
-def _json_str(text: str) -> str:
-    return orjson.dumps(text).decode()

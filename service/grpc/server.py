@@ -1,9 +1,12 @@
 """The gRPC server: grpcio's asyncio server in the event loop that runs uvicorn, started
 and stopped by the app's lifespan (``service.http.app``).
 
-Messages over ``max_request_bytes`` are refused by grpcio itself (RESOURCE_EXHAUSTED). The
-port is shared across processes (``SO_REUSEPORT``) only when the settings ask for several
-HTTP workers; a single server refuses to start on a port another process holds.
+Messages over ``max_request_bytes`` are refused by grpcio itself (RESOURCE_EXHAUSTED), and
+so are RPCs beyond ``grpc_max_concurrent_rpcs`` at once, before their messages are decoded;
+an inference message within both is charged to the same byte budget as an HTTP body
+(``service.grpc.inference``). The port is shared across processes (``SO_REUSEPORT``) only
+when the settings ask for several HTTP workers; a single server refuses to start on a port
+another process holds.
 """
 
 from __future__ import annotations
@@ -12,29 +15,24 @@ import logging
 
 import grpc
 
-from service.codecs.cuda_regions import CudaRegions
-from service.codecs.shm_regions import SystemRegions
-from service.engine.engine import Engine
+from service.exchange.services import Services
 from service.grpc.service import InferenceService
-from service.observability.recorder import Recorder
-from service.settings import Settings
 
 log = logging.getLogger("actserve")
 
 
 class GrpcServer:
-    def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, cuda_regions: CudaRegions, traces=None) -> None:
-        self.settings = settings
-        self.service = InferenceService(settings, engine, recorder, regions, cuda_regions,
-                                        traces)
+    def __init__(self, services: Services) -> None:
+        self.settings = services.settings
+        self.service = InferenceService(services)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
         s = self.settings
         shared = int(getattr(s, "workers", 1) or 1) > 1
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
+                                      options=[
             ("grpc.max_receive_message_length", s.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if shared else 0),

@@ -1,14 +1,15 @@
 """The ``inference.GRPCInferenceService`` RPCs: health, metadata, inference (unary and
 Triton's bidirectional stream), statistics and the shared-memory extensions.
 
-Inference is ``service.grpc.inference``. Errors become gRPC status codes with the HTTP
-message (``CODES``). With API keys configured every RPC but ServerLive and ServerReady
-needs ``authorization: Bearer <key>`` metadata.
+Inference is ``service.grpc.inference`` (the shared request sequence). Errors become the gRPC
+status code ``service.errors.WIRE_TABLE`` puts beside their HTTP status, with the HTTP
+message. With API keys configured every RPC but ServerLive and ServerReady needs
+``authorization: Bearer <key>`` metadata, checked by the same function as HTTP's header
+(``service.exchange.auth``); shared-memory regions are then the caller's own, as over HTTP.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import grpc
@@ -16,59 +17,51 @@ from google.protobuf import json_format
 
 from service import __version__
 from service.codecs import v2
-from service.codecs.cuda_regions import CudaRegions
-from service.codecs.shm_regions import SystemRegions
-from service.engine.engine import Engine
-from service.errors import ActserveError, Unauthorized
+from service.codecs.shm_regions import owner_of
+from service.errors import ActserveError, Unauthorized, grpc_code
+from service.exchange.auth import authorised
+from service.exchange.services import Services
 from service.grpc import codec, messages
 from service.grpc.inference import Inference
-from service.observability.recorder import Recorder
-from service.settings import Settings
 
 log = logging.getLogger("actserve")
 
-CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 OPEN = ("ServerLive", "ServerReady")
+RAW = ("ModelInfer", "ModelStreamInfer")  # parsed by Inference: malformed is INVALID_ARGUMENT
 
 
 def code_of(exc: ActserveError) -> grpc.StatusCode:
-    return CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode[grpc_code(exc)]
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, engine: Engine, recorder: Recorder,
-                 regions: SystemRegions, cuda_regions: CudaRegions, traces=None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.recorder = recorder
-        self.regions = regions
-        self.cuda = cuda_regions
-        self.keys = [k.encode() for k in settings.api_key_list]
-        self.inference = Inference(settings, engine, recorder, regions, traces, cuda_regions)
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.settings = svc.settings
+        self.engine = svc.engine
+        self.recorder = svc.recorder
+        self.regions = svc.regions
+        self.cuda = svc.cuda_regions
+        self.keys = [k.encode() for k in svc.settings.api_key_list]
+        self.inference = Inference(svc)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _authorised(self, context) -> bool:
-        if not self.keys:
-            return True
+    @staticmethod
+    def _token(context) -> bytes | None:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() != "bearer":
-                    return False
-                ok = False
-                for k in self.keys:
-                    ok |= hmac.compare_digest(token.strip().encode(), k)
-                return ok
-        return False
+                return value.encode("latin-1") if isinstance(value, str) else value
+        return None
+
+    def _authorised(self, context) -> bool:
+        return authorised(self._token(context), self.keys)
+
+    def _regions(self, context):
+        """The system regions as this caller sees them (its own, with API keys on)."""
+        if not self.keys:
+            return self.regions
+        _, _, token = (self._token(context) or b"").partition(b" ")
+        return self.regions.scoped(owner_of(token))
 
     def wrap(self, name: str, fn):
         """``fn(request, context)`` with auth and the error table around it."""
@@ -93,14 +86,15 @@ class InferenceService:
         table = {}
         for name, client_streams, server_streams in messages.methods():
             req_cls, resp_cls = messages.method_types(name)
+            decode = None if name in RAW else req_cls.FromString  # None: the raw bytes
             if client_streams and server_streams:  # ModelStreamInfer
                 table[name] = grpc.stream_stream_rpc_method_handler(
-                    self.stream, request_deserializer=req_cls.FromString,
+                    self.stream, request_deserializer=decode,
                     response_serializer=resp_cls.SerializeToString)
             else:
                 fn = getattr(self, name)
                 table[name] = grpc.unary_unary_rpc_method_handler(
-                    self.wrap(name, fn), request_deserializer=req_cls.FromString,
+                    self.wrap(name, fn), request_deserializer=decode,
                     response_serializer=resp_cls.SerializeToString)
         return grpc.method_handlers_generic_handler(messages.SERVICE, table)
 
@@ -144,18 +138,19 @@ class InferenceService:
     # -- shared memory ------------------------------------------------------------------------
     async def SystemSharedMemoryStatus(self, request, context):
         resp = messages.message("SystemSharedMemoryStatusResponse")()
-        for r in self.regions.status(request.name):
+        for r in self._regions(context).status(request.name):
             entry = resp.regions[r["name"]]
             entry.name, entry.key = r["name"], r["key"]
             entry.offset, entry.byte_size = r["offset"], r["byte_size"]
         return resp
 
     async def SystemSharedMemoryRegister(self, request, context):
-        self.regions.register(request.name, request.key, request.offset, request.byte_size)
+        self._regions(context).register(request.name, request.key, request.offset,
+                                        request.byte_size)
         return messages.message("SystemSharedMemoryRegisterResponse")()
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.regions.unregister(request.name)
+        self._regions(context).unregister(request.name)
         return messages.message("SystemSharedMemoryUnregisterResponse")()
 
     async def CudaSharedMemoryStatus(self, request, context):
@@ -176,18 +171,20 @@ class InferenceService:
         return messages.message("CudaSharedMemoryUnregisterResponse")()
 
     # -- inference ----------------------------------------------------------------------------
-    async def ModelInfer(self, request, context):
-        response, trailing = await self.inference.run(request)
+    async def ModelInfer(self, raw: bytes, context):
+        response, trailing = await self.inference.run(raw, context.peer(),
+                                                      regions=self._regions(context))
         if isinstance(response, ActserveError):
             raise response
         context.set_trailing_metadata(trailing)
         return response
 
-    async def stream(self, request_iterator, context):
+    async def stream(self, raw_iterator, context):
         """Triton's ModelStreamInfer (``Inference.stream``), behind the same auth."""
         if not self._authorised(context):
             self.recorder.reject(Unauthorized("unauthorized"))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid bearer token (authorization: Bearer ...)")
-        async for item in self.inference.stream(request_iterator):
+        async for item in self.inference.stream(raw_iterator, context.peer(),
+                                                regions=self._regions(context)):
             yield item

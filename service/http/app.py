@@ -13,8 +13,9 @@ from service import __version__
 from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.factory import build_engine
+from service.exchange.budget import BodyBudget
+from service.exchange.services import Services
 from service.http import docs_pages, error_responses, lab_page
-from service.http.body_budget import BodyBudget
 from service.http.fastpath import FastPath
 from service.http.guard import Guard
 from service.http.middleware import RequestContext
@@ -27,7 +28,6 @@ from service.http.routes_ops import router as ops_router
 from service.http.routes_shm import router as shm_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
-from service.http.services import Services
 from service.http.traces import ProfileTraces
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
@@ -51,8 +51,7 @@ async def _start_grpc(services: Services):
         return None
     from service.grpc.server import GrpcServer  # grpcio is loaded only when gRPC is on
 
-    server = GrpcServer(services.settings, services.engine, services.recorder,
-                        services.regions, services.cuda_regions, traces=services.traces)
+    server = GrpcServer(services)
     await server.start()
     return server
 
@@ -67,9 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,
                    bodies_waiting=lambda: bodies.waiting, restarts=lambda: engine.restarts,
                    ready=lambda: engine.ready, gpu_memory=engine.gpu_memory,
+                   fusion=engine.fusion_outcomes)
     if recorder.metrics is not None:
         recorder.metrics.track_overload(engine.overload)  # service/engine/admission.py
-                   fusion=engine.fusion_outcomes)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     services = Services(settings, engine, recorder, bodies,
                         regions=SystemRegions(enabled=settings.shared_memory),
@@ -78,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                  closer=engine.close_cuda_region,
                                                  emulate=settings.fault_injection),
                         traces=ProfileTraces(settings.profile_trace_ttl_s),
-                        registrations=for_engine(engine, recorder.model_stats))
+                        registrations=for_engine(engine, recorder.model_stats),
+                        access_log=access_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             (r"/v1/activations/(?P<name>[^/]+)", activate),
             (r"/v2/models/(?P<name>[^/]+)/infer", infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", infer_version),
-        ]), allowed_hosts=settings.allowed_host_list),
+        ]), allowed_hosts=settings.allowed_host_list, recorder=recorder),
         access_log=access_log, api_keys=settings.api_key_list, recorder=recorder,
     )
     stack = lab_page.install(app, stack, access_log)  # /lab: the page, outside the API keys

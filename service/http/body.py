@@ -23,7 +23,7 @@ from service.errors import (
     UnsupportedMediaType,
     echo,
 )
-from service.http.body_budget import BodyBudget
+from service.exchange.budget import BodyBudget
 from service.http.offload import is_json_body
 
 

@@ -1,44 +1,31 @@
-"""One activation request's path through the server, in one direction, shared by the
-native and v2 routes (a route only picks the codec):
-
-    admit -> read the body (within the body budget) -> codec.decode -> engine.submit
-    -> wait (watching for a disconnect) -> codec.encode -> send; recorder.record once
-
-Each phase is timed with locals; ``Server-Timing`` and the batch headers go on the answer,
-the access-log fields into the request context, and every refusal is counted once.
+"""The HTTP side of the one request sequence (``service.exchange.sequence``), shared by the
+native and v2 routes (a route only picks the codec): ``HttpSource`` reads the body from the
+ASGI stream (within the byte budget and the body deadline, into engine memory when it is
+large plain binary), decodes and encodes off the loop when large, watches for a disconnect
+while the job waits, and answers with a ``Response``. Order, budget, timings, refusal
+counting and the record are the sequence's, the same for gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.codecs.base import Codec, Encoded, Wire
+from service.engine.admission import hint_from
 from service.engine.engine import Engine
 from service.engine.job import Job, JobResult
-from service.errors import ActserveError
+from service.exchange import sequence
+from service.exchange.sequence import CLIENT_CLOSED, ClientGone, release
+from service.exchange.services import Services
 from service.http.body import declared_size, read_body
 from service.http.offload import decode_off_loop, encode_off_loop
 from service.http.parts_response import PartsResponse
-from service.http.services import Services
 
-CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
 LEND_BYTES = 64 << 10  # binary bodies this large are read straight into engine memory
 WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
-
-
-def server_timing(decode: float, queue: float, compute: float, encode: float,
-                  total: float) -> str:
-    """Milliseconds to the microsecond: parts rounded down and the total up, so the parts
-    never add up to more than the total on the wire either."""
-    parts = [(name, math.floor(value * 1e6)) for name, value in
-             (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode))]
-    parts.append(("total", math.ceil(total * 1e6)))
-    return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
 
 
 def to_response(answer: Encoded, release=None) -> Response:
@@ -51,92 +38,70 @@ def to_response(answer: Encoded, release=None) -> Response:
     return Response(answer.body, media_type=answer.media_type, headers=answer.headers)
 
 
-async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Response:
-    svc: Services = request.app.state.services
-    engine, recorder, settings = svc.engine, svc.recorder, svc.settings
-    ctx = request.scope.get("actserve", {})
-    api = codec.api
-    activation = engine.registry.find(name)
-    label = activation.name if activation is not None else None
-    t0 = time.perf_counter()
-    recorder.request_started()
-    job = result = None
-    bytes_in = bytes_out = 0
-    status = 500
-    t_decoded = t_computed = t0
-    granted = 0
-    lent = None
-    try:
-        engine.admit()  # overload is refused before the body is read
-        limit = settings.max_request_bytes
-        size = declared_size(request, limit)  # refused here if it cannot be read at all
-        # unknown (chunked) size: claim the limit
-        granted = await svc.bodies.acquire(limit if size is None else size,
-                                           settings.body_timeout_s)
-        lent = _lend(engine, codec, wire, request, size)
-        body, granted = await read_body(request, size, limit, settings.body_timeout_s,
-                                        svc.bodies, granted, settings.min_body_rate_bytes_s,
-                                        settings.max_batch_elements,
-                                        lent.view if lent is not None else None)
-        bytes_in = len(body)
-        if activation is None:
-            activation = engine.registry.get(name)  # raises UnknownActivation
-        job, answer = await decode_off_loop(request, codec.decode, body, wire, activation,
-                                            engine.jobs)
-        job.request_id = ctx.get("request_id", "")
-        if settings.fault_injection:
-            job.fault = request.headers.get("x-actserve-fault")
-        t_decoded = time.perf_counter()
-        result = await _wait(engine, job, request.receive)
-        t_computed = time.perf_counter()
-        if "profile" in result.reports and svc.traces is not None:
-            await asyncio.to_thread(svc.traces.keep, result.reports)
-        encoded = await encode_off_loop(request, codec.encode, job, answer, result)
+class HttpSource:
+    """One HTTP request as a ``sequence.Source``."""
+
+    __slots__ = ("api", "codec", "name", "request", "settings", "svc", "wire")
+
+    def __init__(self, request: Request, codec: Codec, name: str, wire: Wire,
+                 svc: Services) -> None:
+        self.request, self.codec, self.name, self.wire, self.svc = request, codec, name, wire, svc
+        self.settings = svc.settings
+        self.api = codec.api
+
+    def hint(self, now: float):
+        request = self.request
+        return hint_from(self.name, request.query_params, request.headers,
+                         request.client.host if request.client else None, now,
+                         self.settings.default_timeout_s, self.api)
+
+    def declared_size(self, limit: int) -> int | None:
+        return declared_size(self.request, limit)
+
+    def lend(self, engine: Engine, size: int | None):
+        return _lend(engine, self.codec, self.wire, self.request, size)
+
+    async def read(self, size, granted, lent):
+        s = self.settings
+        try:
+            body, granted = await read_body(self.request, size, s.max_request_bytes,
+                                            s.body_timeout_s, self.svc.bodies, granted,
+                                            s.min_body_rate_bytes_s, s.max_batch_elements,
+                                            lent.view if lent is not None else None)
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return body, granted, len(body)
+
+    async def decode(self, body, activation, jobs):
+        job, answer = await decode_off_loop(self.request, self.codec.decode, body, self.wire,
+                                            activation, jobs)
+        if self.settings.fault_injection:
+            job.fault = self.request.headers.get("x-actserve-fault")
+        return job, answer
+
+    async def wait(self, engine: Engine, job: Job) -> JobResult:
+        try:
+            return await _wait(engine, job, self.request.receive)
+        except ClientDisconnect:
+            raise ClientGone() from None
+
+    async def encode(self, job, answer, result):
+        return await encode_off_loop(self.request, self.codec.encode, job, answer, result)
+
+    def respond(self, encoded: Encoded, result: JobResult, headers: dict[str, str]):
         response = to_response(encoded, result.release)
         result.release = None  # the response owns it now
-        t_end = time.perf_counter()
-        bytes_out = encoded.nbytes
-        total = t_end - t0
-        response.headers["Server-Timing"] = server_timing(
-            t_decoded - t0, result.queue_s, result.compute_s, t_end - t_computed, total)
-        response.headers["X-Batch-Size"] = str(result.batch_requests)
-        response.headers["X-Batch-Elements"] = str(result.batch_elements)
-        status = response.status_code
-        ctx["log"] = {
-            "api": api, "activation": label, "shape": list(job.array.shape),
-            "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype, "out_dtype": result.dtype,
-            "amp": job.mode.amp, "inplace": job.mode.inplace, "batch": result.batch_requests,
-            "decode_ms": round((t_decoded - t0) * 1000, 3),
-            "queue_ms": round(result.queue_s * 1000, 3),
-            "compute_ms": round(result.compute_s * 1000, 3),
-            "encode_ms": round((t_end - t_computed) * 1000, 3),
-        }
+        response.headers.update(headers)
         return response
-    except ActserveError as exc:
-        status = exc.status
-        recorder.reject(exc)
-        ctx["log"] = {"api": api, "activation": label, "error": exc.type}
-        # error responses carry the total too (the middleware adds the header)
-        ctx["server_timing"] = f"total;dur={math.ceil((time.perf_counter() - t0) * 1e6) / 1000:.3f}"
-        raise
-    except ClientDisconnect:
-        # Nobody is listening: answer nothing useful, but end the request cleanly.
-        status = CLIENT_CLOSED
-        ctx["log"] = {"api": api, "activation": label, "error": "client_closed"}
+
+    def gone(self):
         return Response(status_code=CLIENT_CLOSED)
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        if result is not None:
-            _release(result)  # no response took the lent memory
-        if lent is not None:
-            lent.release()  # a no-op when the job took the slot
-        svc.bodies.release(granted)
-        now = time.perf_counter()
-        recorder.record(api, label, status, total=now - t0, decode=t_decoded - t0,
-                        encode=now - t_computed if result is not None else 0.0, job=job,
-                        result=result, bytes_in=bytes_in, bytes_out=bytes_out)
+
+
+async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Response:
+    svc: Services = request.app.state.services
+    ctx = request.scope.get("actserve", {})
+    return await sequence.run(svc, HttpSource(request, codec, name, wire, svc), name, ctx)
 
 
 def _lend(engine: Engine, codec: Codec, wire: Wire, request: Request, size: int | None):
@@ -171,7 +136,7 @@ async def _wait(engine: Engine, job: Job, receive) -> JobResult:
     except asyncio.CancelledError:
         engine.abandon(job)  # the batcher skips it if it has not started
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            _release(fut.result())  # answered, but nobody will send it
+            release(fut.result())  # answered, but nobody will send it
         if watch and watch[0].done() and not watch[0].cancelled():
             raise ClientDisconnect() from None
         raise
@@ -179,12 +144,6 @@ async def _wait(engine: Engine, job: Job, receive) -> JobResult:
         timer.cancel()
         if watch:
             watch[0].cancel()
-
-
-def _release(result: JobResult) -> None:
-    if result.release is not None:
-        result.release()
-        result.release = None
 
 
 async def _until_disconnect(receive) -> None:

@@ -39,17 +39,17 @@ def host_allowed(name: str, allowed: list[str]) -> bool:
 
 
 class Guard:
-    def __init__(self, app, *, allowed_hosts: list[str]) -> None:
+    def __init__(self, app, *, allowed_hosts: list[str], recorder=None) -> None:
         self.app = app
         self.allowed_hosts = None if "*" in allowed_hosts else allowed_hosts
+        self.recorder = recorder  # counts each refused Host (reason "invalid")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.allowed_hosts is not None:
             problem = self._problem(scope)
             if problem is not None:
-                runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
-                if runtime is not None:
-                    runtime.reject(problem)
+                if self.recorder is not None:
+                    self.recorder.reject(problem)
                 await from_error(scope["path"], problem)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -13,13 +13,13 @@
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import re
 import time
 import uuid
 
 from service.errors import Unauthorized
+from service.exchange.auth import authorised
 from service.http.error_responses import error_response
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
@@ -82,6 +82,7 @@ class RequestContext:
                 line = {
                     "id": rid,
                     "client": client[0] if client else None,
+                    "transport": "http",
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status_box[0],
@@ -95,11 +96,5 @@ class RequestContext:
             return True
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() != b"bearer":
-                    return False
-                ok = False
-                for key in self.api_keys:
-                    ok |= hmac.compare_digest(token.strip(), key)
-                return ok
+                return authorised(value, self.api_keys)
         return False

@@ -1,23 +1,28 @@
-"""What the HTTP layer talks to: one object per app, built by ``create_app`` and kept on
-``app.state.services``. Routes use its parts' public calls, never their insides."""
+"""What the transports talk to: one object per app, built by ``create_app`` and kept on
+``app.state.services`` (and handed to the gRPC server). Transports use its parts' public
+calls, never their insides."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.engine import Engine
-from service.http.body_budget import BodyBudget
-from service.http.registrations import LocalRegistrations
-from service.http.traces import ProfileTraces
+from service.exchange.budget import BodyBudget
+from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
+
+if TYPE_CHECKING:  # built by the HTTP layer, used by every transport through their calls
+    from service.http.registrations import LocalRegistrations
+    from service.http.traces import ProfileTraces
 
 
 @dataclass(slots=True)
 class Services:
-    """What the HTTP layer talks to, built once by ``create_app`` (``app.state.services``)."""
+    """Built once by ``create_app`` (``app.state.services``)."""
 
     settings: Settings
     engine: Engine
@@ -27,3 +32,4 @@ class Services:
     cuda_regions: CudaRegions | None = None
     traces: ProfileTraces | None = None  # profiled requests' Chrome traces (docs/lab.md)
     registrations: LocalRegistrations | None = None  # custom activations (registrations.py)
+    access_log: AccessLog | None = None  # one line per request, every transport
