@@ -82,7 +82,7 @@ loadtest: install
 # Reliability (docs/reliability.md): a 10-minute soak (not in CI) and a dependency audit.
 SOAK_ARGS ?=
 soak: install
-	$(PY) scripts/soak.py --duration 600 $(SOAK_ARGS)
+	$(PY) -m scripts.soak --duration 600 $(SOAK_ARGS)
 
 audit: install
 	$(PY) -m pip install -q pip-audit==2.10.1

@@ -6,7 +6,7 @@ req/s). Each checkout's answer is checked against the CPU reference first, and w
 every answer against it.
 
     git worktree add /tmp/before <commit> && ln -s "$PWD/.venv" /tmp/before/.venv
-    python scripts/ab_bench.py --before /tmp/before --after . --pairs 6
+    python -m scripts.ab_bench --before /tmp/before --after . --pairs 6
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages beside it
+from loadtest import payloads, servers, wrk
 
-from loadtest import payloads, servers, wrk  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CELLS = [("native-binary", 1024, 64), ("v2-binary", 1024, 64),
          ("native-binary", 1 << 20, 8), ("v2-binary", 1 << 20, 8)]

@@ -10,14 +10,12 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-
-from loadtest import inprocess  # noqa: E402
-from service import dtypes  # noqa: E402
-from service.engine.activations import Registry  # noqa: E402
-from service.engine.compute import TORCH_DTYPES, DeviceCompute  # noqa: E402
-from service.engine.job import Mode  # noqa: E402
-from service.engine.reference import lone_job  # noqa: E402
+from loadtest import inprocess
+from service import dtypes
+from service.engine.activations import Registry
+from service.engine.compute import TORCH_DTYPES, DeviceCompute
+from service.engine.job import Mode
+from service.engine.reference import lone_job
 
 N = 1 << 20  # elements per request
 REQUESTS = 16  # requests per batch

@@ -25,13 +25,13 @@ timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/
 timeout 240 $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu_cuda_shm.py \
   "tests/test_grpc_tritonclient.py::test_cuda_shared_memory_on_a_cuda_server_refuses_a_bad_handle_by_name" \
   2>&1 | tee "$OUTDIR/gpu_cuda_shm_tests.log" || status=1
-timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
-timeout 150 $PY scripts/gpu_http_bench.py 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
+timeout 150 $PY -m scripts.gpu_bench 2>&1 | tee "$OUTDIR/gpu_bench.md" || status=1
+timeout 150 $PY -m scripts.gpu_http_bench 2>&1 | tee "$OUTDIR/gpu_http_bench.md" || status=1
 # fusion: compiled x * sigmoid(1.702 * x) vs eager, 16M float32 (bar >= 2x)
 timeout 150 $PY scripts/gpu_fusion_bench.py 2>&1 | tee "$OUTDIR/gpu_fusion_bench.md" || status=1
 # the engine process on CUDA behind 1, 4 and 8 HTTP workers (--engine auto is process on CUDA)
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_engine_process.py 2>&1 \
   | tee "$OUTDIR/engine_process_tests.log" || status=1
-timeout 240 $PY scripts/gpu_http_bench.py --devices cuda:0 --workers 1,4,8 --seconds 1.5 \
+timeout 240 $PY -m scripts.gpu_http_bench --devices cuda:0 --workers 1,4,8 --seconds 1.5 \
   --clients 16 2>&1 | tee "$OUTDIR/gpu_workers_bench.md" || status=1
 exit $status

@@ -6,9 +6,9 @@ compute medians (from ``Server-Timing``), per device, wire dtype, AMP, size and 
 Each cell runs ``--seconds`` (default 2). Servers are ``loadtest.servers`` children on
 127.0.0.1, stopped by PID.
 
-    python scripts/gpu_http_bench.py                 # cuda:0 vs cpu
-    python scripts/gpu_http_bench.py --devices cpu   # a dry run without a GPU
-    python scripts/gpu_http_bench.py --devices cuda:0 --workers 1,4,8   # workers in front of
+    python -m scripts.gpu_http_bench                 # cuda:0 vs cpu
+    python -m scripts.gpu_http_bench --devices cpu   # a dry run without a GPU
+    python -m scripts.gpu_http_bench --devices cuda:0 --workers 1,4,8   # workers in front of
                                                      # the CUDA engine process
 """
 
@@ -25,11 +25,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loadtest import servers
+from service import dtypes
 
-from loadtest import servers  # noqa: E402
-from service import dtypes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ACTIVATION = "gelu"
 

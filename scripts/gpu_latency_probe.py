@@ -1,7 +1,7 @@
 """Where a lone small request's time goes on the GPU path: each step of the packed CUDA path
 timed on the host (medians of 300), then Engine.submit round trips on cuda and cpu.
 
-    python scripts/gpu_latency_probe.py [--size 1024]
+    python -m scripts.gpu_latency_probe [--size 1024]
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loadtest import inprocess  # noqa: E402
-from service.engine.activations import Registry  # noqa: E402
-from service.engine.compute import DeviceCompute, apply_alone  # noqa: E402
-from service.engine.reference import lone_job  # noqa: E402
+from loadtest import inprocess
+from service.engine.activations import Registry
+from service.engine.compute import DeviceCompute, apply_alone
+from service.engine.reference import lone_job
 
 
 def main(argv: list[str] | None = None) -> int:

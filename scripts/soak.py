@@ -2,7 +2,7 @@
 (or one given with --url and --pid), sampling its memory, open file descriptors and threads.
 Exits non-zero on any error or growth beyond the stated bounds.
 
-    python scripts/soak.py --duration 600        # make soak
+    python -m scripts.soak --duration 600        # make soak
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages beside it
+from loadtest import servers
 
-from loadtest import servers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAYLOADS = [(name, n) for name in ("relu", "gelu", "silu", "sigmoid", "leaky_relu")
             for n in (1024, 16_384, 131_072)]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,26 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return serve(load_settings(overrides(args)))
-    return _bench_main()(unknown + args.rest)
+    return _bench(unknown + args.rest)
 
 
-def _bench_main():
-    """``loadtest.bench.main``. loadtest/ is not installed with the package: it lives beside
-    service/ in a checkout, and is imported from there by its path (sys.path untouched)."""
-    try:
-        return importlib.import_module("loadtest.bench").main
-    except ModuleNotFoundError as exc:
-        if exc.name != "loadtest":
-            raise
-    folder = Path(__file__).resolve().parents[1] / "loadtest"
-    if not (folder / "__init__.py").is_file():
+def _bench(args: list[str]) -> int:
+    """``python -m loadtest.bench`` in a child process, run from the checkout: loadtest/ is
+    not installed with the package, it lives beside service/ in a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "loadtest" / "bench.py").is_file():
         raise SystemExit("actserve bench runs from a checkout (loadtest/ beside service/)")
-    spec = importlib.util.spec_from_file_location("loadtest", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["loadtest"] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module("loadtest.bench").main
+    return subprocess.call([sys.executable, "-m", "loadtest.bench", *args], cwd=root)
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     @property
     def worker_count(self) -> int:
         """``workers`` as a number: ``auto`` is the cores this process may run on."""
-        from service.process.cores import usable_cores
+        from service.cores import usable_cores
 
         return usable_cores() if self.workers == "auto" else int(self.workers)
 

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from service.process import merge, wire
-from service.process.cores import usable_cores
+from service.cores import usable_cores
 from service.process.rundir import base_dir
 from service.settings import Settings
 

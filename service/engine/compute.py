@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from service.engine.job import Job, JobResult
+from service.engine.tensors import (  # noqa: F401 - compute is where most callers look
+    NAMES,
+    TORCH_DTYPES,
+    apply_alone,
+    autocast_dtype,
+    tensor_storage,
+    wire_tensor,
+)
 from service.errors import ComputeError
 
-TORCH_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 ALIGN = 64
 STAGE_PARALLEL_BYTES = 4 << 20  # CUDA staging copies this large are split across threads
 STAGE_PIECE = 1 << 20  # elements per staging copy task
@@ -73,40 +74,6 @@ class FaultInjected(RuntimeError):
 
 class KillThread(BaseException):
     """Escapes every handler: the compute thread dies (tests only)."""
-
-
-def wire_tensor(array: np.ndarray, wire_dtype: str) -> torch.Tensor:
-    """Zero-copy torch view of a wire array (bfloat16 travels as uint16 bits)."""
-    if wire_dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def tensor_storage(t: torch.Tensor) -> np.ndarray:
-    """Numpy wire storage of a CPU tensor (bfloat16 -> uint16 bits), zero-copy."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-def autocast_dtype(device_type: str, amp_dtype: str | None) -> torch.dtype:
-    if amp_dtype is not None:
-        return TORCH_DTYPES[amp_dtype]
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
-
-
-def apply_alone(job_like: Job, x: torch.Tensor) -> torch.Tensor:
-    """The reference: the activation applied to one request's tensor ``x`` (wire dtype,
-    on the target device) under that request's mode. The executor's CPU path is exactly
-    this; tests and the warm-up self-test compare against it."""
-    mode = job_like.mode
-    target = TORCH_DTYPES[mode.compute_dtype] if mode.compute_dtype else x.dtype
-    if x.dtype != target:
-        x = x.to(target)
-    if not mode.amp:  # the same as autocast(enabled=False), without the context's cost
-        return job_like.activation.apply(x, mode.inplace, job_like.params)
-    with torch.autocast(x.device.type, dtype=autocast_dtype(x.device.type, mode.amp_dtype)):
-        return job_like.activation.apply(x, mode.inplace, job_like.params)
 
 
 SLOT_MIN_BYTES = 256 << 10  # smaller inputs are cheaper staged: one copy call for them all

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from service import dtypes
-from service.engine.compute import NAMES, TORCH_DTYPES, apply_alone, tensor_storage, wire_tensor
 from service.engine.device_refs import DeviceRef, placeholder
 from service.engine.job import Job, JobResult
+from service.engine.tensors import NAMES, TORCH_DTYPES, apply_alone, tensor_storage, wire_tensor
 from service.errors import ActserveError, ComputeError, InvalidRequest
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.compute import apply_alone
 from service.engine.job import Job
+from service.engine.tensors import apply_alone
 
 
 def value_and_grad(job: Job, x: torch.Tensor,

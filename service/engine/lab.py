@@ -11,8 +11,8 @@ import time
 import torch
 
 from service.engine import gradients, numerics, profiling
-from service.engine.compute import NAMES, apply_alone, tensor_storage, wire_tensor
 from service.engine.job import Job, JobResult
+from service.engine.tensors import NAMES, apply_alone, tensor_storage, wire_tensor
 
 
 def _answer(job: Job, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from service import dtypes
-from service.engine.compute import NAMES, apply_alone, wire_tensor
 from service.engine.job import Job, Mode
 from service.engine.reference import lone_job
+from service.engine.tensors import NAMES, apply_alone, wire_tensor
 
 FLOAT64 = Mode("float64", False, None, False)
 FLOAT32 = Mode("float32", False, None, False)

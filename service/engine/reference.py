@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from service.engine.activations import Activation
-from service.engine.compute import NAMES, apply_alone, tensor_storage, wire_tensor
 from service.engine.job import Job, Mode
+from service.engine.tensors import NAMES, apply_alone, tensor_storage, wire_tensor
 
 PLAIN = Mode(None, False, None, False)  # the input's dtype, no autocast, not in place
 
