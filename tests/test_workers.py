@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from service.process import merge, wire
 from service.cores import usable_cores
+from service.process import merge, wire
 from service.process.rundir import base_dir
 from service.settings import Settings
 
