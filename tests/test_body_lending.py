@@ -15,6 +15,7 @@ from service.engine.ipc import channel, messages
 from service.engine.ipc.arena import ALIGN, Arena
 from service.engine.ipc.lending import Lender
 from service.engine.ipc.remote import RemoteEngine
+from service.engine.ipc.slots import Slots
 from service.settings import Settings
 
 
@@ -40,6 +41,7 @@ def engine():
     eng = RemoteEngine(Settings())
     eng._arena = Arena.create(1 << 20)
     eng._lender = Lender(eng._arena, eng._room_freed)
+    eng._slots = Slots(eng._arena, eng._lender)
     eng._ready = True
     eng._link = Recorded()
     yield eng

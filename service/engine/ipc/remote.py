@@ -3,27 +3,22 @@ the devices (``--engine process``). It has ``Engine``'s interface, so the HTTP l
 not know which one it talks to.
 
 Jobs are validated here (the registry and the engine's capability table are local), the
-input is copied into a slot of this process's shared-memory arena, a descriptor goes to
-the engine, and the answer comes back as a view of another slot, which is freed once the
-answer has been sent (``JobResult.release``). The engine sends exactly one final message
-per job; slots are freed only then, so the engine never writes into a reused slot.
+input is copied into a slot of this process's shared-memory arena (``slots.py``), a
+``messages.Job`` goes to the engine, and the answer comes back as a view of another slot,
+which is freed once the answer has been sent (``JobResult.release``). The engine sends
+exactly one final message per job; a job stays in the pending table (``pending.py``) and its
+slots stay reserved until then, so the engine never writes into a reused slot.
 
 If the engine process goes away, every job waiting on it is answered 503 at once,
 readiness turns false, and the connection is retried until the engine (restarted by
 whoever started it) is back and says it is ready.
 
-Custom activations live in the engine process (``host.py``): ``register_custom`` and
-``unregister_custom`` forward a registration and await the engine's answer; the engine
-announces every change to every worker, and this process keeps its registry (and the
-model statistics, through ``on_custom``) in step. On reconnecting to a restarted engine it
-sends back every custom activation it knows and stays not ready until each is answered.
-Inline expressions are parsed here (a 400 before anything is sent) and travel as text.
-
-CUDA shared-memory regions are opened by the engine process (``open_cuda_region``: a
-``cuda_register`` message; a bad handle is the engine's 400); this process keeps each raw
-handle and sends them back to a restarted engine like custom activations. A job whose
-tensors live in such a region takes no arena bytes for them: its descriptor names the
-region (``device_refs.py``).
+Custom activations and CUDA shared-memory regions live in the engine process; this process
+forwards their registrations and follows the engine's announcements (``forwarding.py``),
+and sends them all back to a restarted engine, staying not ready until each is answered.
+Inline expressions are parsed here (a 400 before anything is sent) and travel as text. A
+job whose tensors live in a CUDA region takes no arena bytes for them: its descriptor names
+the region (``device_refs.py``).
 """
 
 from __future__ import annotations
@@ -36,32 +31,29 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from service.engine.admission import OVERLOAD_ERRORS, Hint
-from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
 
 from service import dtypes
-from service.engine import custom
 from service.engine.activations import Activation, Registry
 from service.engine.capabilities import Capabilities
 from service.engine.device_refs import placeholder
 from service.engine.inline import ExpressionCache
 from service.engine.ipc import channel, messages
-from service.engine.ipc.arena import ALIGN, Arena, ArenaFull, sweep_stale
+from service.engine.ipc.arena import Arena, sweep_stale
+from service.engine.ipc.forwarding import Forwarding
 from service.engine.ipc.lending import Lender, LentBody
+from service.engine.ipc.pending import Pending, PendingJobs
 from service.engine.ipc.process import EngineProcess
+from service.engine.ipc.slots import Slots, copy_out, room
 from service.engine.job import BatchReport, Job, JobResult
 from service.engine.jobs import JobFactory
 from service.errors import (
-    ActserveError,
     DeadlineExceeded,
     Draining,
     InvalidRequest,
     NotReady,
     QueueFull,
-channel.ERRORS.update(OVERLOAD_ERRORS)  # the engine's overload refusals keep their type
-    RequestTooLarge,
     Unavailable,
 )
 from service.settings import Settings
@@ -73,18 +65,6 @@ _GONE = "the engine process went away while holding this request; retry"
 
 async def _checked_in_the_engine(activation: Activation) -> str | None:
     return None  # never called here: the engine process checks inline expressions
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    job: Job
-    future: asyncio.Future
-    in_off: int
-    in_bytes: int
-    out_off: int
-    out_bytes: int
-    sent: bool = False
-    lent: tuple[int, int] | None = None  # the input's slot when the body was read into it
 
 
 class RemoteEngine:
@@ -104,29 +84,25 @@ class RemoteEngine:
         self._observer: Callable[[BatchReport, list], None] | None = None
         self._arena: Arena | None = None
         self._lender: Lender | None = None
+        self._slots: Slots | None = None
         self.bodies_in_place = 0  # jobs whose input went to the engine where it was read
         self._process: EngineProcess | None = None
         self._link: channel.Link | None = None
         self._task: asyncio.Task | None = None
-        self._pending: dict[int, _Pending] = {}
-        self._by_job: dict[Job, int] = {}
+        self._pending = PendingJobs()
         self._backlog: deque[int] = deque()  # waiting for arena space, in order
         self._ids = itertools.count(1)
-        self._idle = asyncio.Event()
         self._first_state = asyncio.Event()
-        self.customs: dict[str, object] = {}  # name -> raw registration, as the engine has it
-        self.on_custom: Callable[[str, bool], None] | None = None  # (name, added)
-        self._requests: dict[int, asyncio.Future] = {}  # registrations awaiting the engine
-        self._resync: set[int] = set()  # re-registrations after a reconnect, unanswered
         self._fatal: str | None = None
-        # CUDA region -> its CudaRegister, but for the request id
-        self.cuda_handles: dict[str, Callable[[int], messages.CudaRegister]] = {}
+        self._forwarding = Forwarding(self.registry, self.capabilities, self._send, self._ids,
+                                      self._first_state.set)
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         sweep_stale()
         self._arena = Arena.create(self.settings.shm_arena_mib << 20)
         self._lender = Lender(self._arena, self._room_freed)
+        self._slots = Slots(self._arena, self._lender)
         path = os.environ.get(channel.SOCKET_ENV)
         if path is None:
             self._process = EngineProcess(self.settings)
@@ -150,13 +126,11 @@ class RemoteEngine:
     @property
     def _serving(self) -> bool:
         """The engine is ready and has every custom activation this process serves."""
-        return self._ready and not self._resync
+        return self._ready and not self._forwarding.resyncing
 
     async def drain(self) -> None:
         self._draining = True
-        while self._pending:
-            self._idle.clear()
-            await self._idle.wait()
+        await self._pending.empty()
 
     async def stop(self) -> None:
         self._draining = self._stopped = True
@@ -178,9 +152,6 @@ class RemoteEngine:
     def ready(self) -> bool:
         return self._serving and not self._draining
 
-    def overload(self) -> dict:
-        return {}  # the overload policy's state lives in the engine process
-
     @property
     def draining(self) -> bool:
         return self._draining
@@ -188,7 +159,7 @@ class RemoteEngine:
     def not_ready_reason(self) -> str:
         if self._draining:
             return "draining"
-        if self._ready and self._resync:
+        if self._ready and self._forwarding.resyncing:
             return "registering the custom activations again with the restarted engine"
         return self._reason
 
@@ -210,88 +181,39 @@ class RemoteEngine:
         of this process's jobs: summed over processes, each batch counts once."""
         self._observer = observer
 
-    # -- custom activations (the engine process holds them) ------------------------------
+    # -- custom activations and CUDA regions (the engine process holds them) -------------
+    @property
+    def customs(self) -> dict[str, object]:
+        """Name -> raw registration, as the engine has it."""
+        return self._forwarding.customs
+
+    @property
+    def cuda_handles(self) -> dict:
+        return self._forwarding.cuda_handles
+
+    @property
+    def on_custom(self) -> Callable[[str, bool], None] | None:
+        return self._forwarding.on_custom
+
+    @on_custom.setter
+    def on_custom(self, callback: Callable[[str, bool], None] | None) -> None:
+        """``callback(name, added)`` whenever the engine adds or removes one."""
+        self._forwarding.on_custom = callback
+
     async def register_custom(self, raw: object) -> dict:
         """Forward a raw registration (already built here: its 400s are local); the
         engine's catalogue entry once it serves it, and this registry has it too."""
-        return await self._ask(partial(messages.Register, raw=raw))
+        return await self._forwarding.register(raw)
 
     async def unregister_custom(self, name: str) -> None:
-        await self._ask(partial(messages.Unregister, name=name))
+        await self._forwarding.unregister(name)
 
-    async def _ask(self, message: Callable[[int], object]):
-        """Send ``message(request id)`` and await the engine's ``Registered``."""
-        rid = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._requests[rid] = future
-        try:
-            if not self._send(message(rid)):
-                raise Unavailable("the engine process is restarting; retry")
-            try:
-                return await asyncio.wait_for(future, channel.REGISTER_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise Unavailable(f"the engine process did not answer within "
-                                  f"{channel.REGISTER_TIMEOUT_S:g} s; retry") from None
-        finally:
-            self._requests.pop(rid, None)
-
-    def _activation(self, raw: object) -> None:
-        try:
-            act = custom.build(raw)  # no self-test: the engine ran it
-        except ActserveError:
-            log.exception("the engine announced an activation this process cannot build")
-            return
-        act.fusion.note = None  # compiled (or not) in the engine process; not shown here
-        self.registry.add(act)
-        self.customs[act.name] = raw
-        if self.on_custom is not None:
-            self.on_custom(act.name, True)
-
-    def _removed(self, name: str) -> None:
-        self.registry.remove(name)
-        self.capabilities.forget(name)
-        self.customs.pop(name, None)
-        if self.on_custom is not None:
-            self.on_custom(name, False)
-
-    def _registered(self, m: messages.Registered) -> None:
-        rid, error_type, message, entry = m.request, m.error_type, m.message, m.entry
-        if rid in self._resync:
-            self._resync.discard(rid)
-            if error_type not in (None, "conflict"):  # conflict: another worker was first
-                log.error("re-registering with the restarted engine failed: %s", message)
-            if not self._resync:
-                self._first_state.set()
-            return
-        future = self._requests.get(rid)
-        if future is None or future.done():
-            return
-        if error_type is None:
-            future.set_result(entry)
-        else:
-            future.set_exception(channel.error_from(error_type, message))
-
-    def _register_again(self) -> None:
-        """After a reconnect: the engine may be a new one that has none of them."""
-        self._resync = set()
-        again = [partial(messages.Register, raw=raw) for raw in self.customs.values()]
-        again += self.cuda_handles.values()
-        for message in again:
-            rid = next(self._ids)
-            self._resync.add(rid)
-            self._send(message(rid))
-
-    # -- CUDA shared memory (the engine process opens the handles) -------------------------
     async def open_cuda_region(self, name: str, raw: bytes, device_id: int,
                                byte_size: int) -> None:
-        message = partial(messages.CudaRegister, name=name, handle=bytes(raw),
-                          device_id=device_id, byte_size=byte_size)
-        await self._ask(message)
-        self.cuda_handles[name] = message
+        await self._forwarding.open_cuda_region(name, raw, device_id, byte_size)
 
     async def close_cuda_region(self, name: str) -> None:
-        if self.cuda_handles.pop(name, None) is not None:
-            await self._ask(partial(messages.CudaUnregister, name=name))
+        await self._forwarding.close_cuda_region(name)
 
     # -- the request path ---------------------------------------------------------------
     async def accuracy(self, name: str) -> dict:
@@ -300,9 +222,7 @@ class RemoteEngine:
                              "shared engine process (docs/lab.md); gradients and reports are "
                              "served here")
 
-    def admit(self, hint: Hint | None = None) -> None:
-        """The queue and its prediction live in the engine process: an overload refusal
-        (``admission.py``) comes back as the job's error; here only the count."""
+    def admit(self) -> None:
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
         if not self._serving:
@@ -319,39 +239,29 @@ class RemoteEngine:
 
     def submit(self, job: Job) -> asyncio.Future:
         self.admit()
-        out_bytes = 0 if job.device_out is not None else job.numel * _answer_itemsize(job)
-        in_bytes = 0 if job.device_in is not None else job.array.nbytes
-        if job.grad_output is not None:  # after the input, on a slot boundary
-            in_bytes = _aligned(in_bytes) + job.grad_output.nbytes
-        if "grad" in job.outputs:  # at the end of the answer's room, on a slot boundary
-            out_bytes = _aligned(out_bytes) + job.array.nbytes
-        need = in_bytes + out_bytes
-        if need > self._arena.size:
-            raise RequestTooLarge(
-                f"the request needs {need} bytes of shared memory for its input and answer; "
-                f"the server has {self._arena.size} (ACTSERVE_SHM_ARENA_MIB)")
-        jid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
+        p = Pending(job, future, *room(job))
+        self._slots.check(p)  # 413 when the whole arena could not hold it
+        jid = next(self._ids)
         job.future = future
-        p = _Pending(job, future, -1, in_bytes, -1, out_bytes)
-        self._pending[jid] = p
-        self._by_job[job] = jid
+        self._pending.add(jid, p)
         lent = self._lender.holding(job.array) if self._lender is not None else None
         if lent is not None:
-            if not self._backlog and self._adopt(p, lent):
+            if not self._backlog and self._slots.adopt(p, lent):
+                self.bodies_in_place += 1
                 self._send_job(jid, p)
                 return future
-            _copy_out(job)  # the usual path: the lent slot never waits for room
+            copy_out(job)  # the usual path: the lent slot never waits for room
             lent.release()
         if self._backlog or not self._place(jid, p):
             self._backlog.append(jid)
         return future
 
     def abandon(self, job: Job) -> None:
-        jid = self._by_job.get(job)
+        jid = self._pending.id_of(job)
         if jid is None:
             return
-        p = self._pending[jid]
+        p = self._pending.get(jid)
         if p.future.done():
             return  # answered: whoever holds the answer releases its slots
         p.future.cancel()
@@ -361,51 +271,14 @@ class RemoteEngine:
             self._forget(jid)  # never left this process
 
     # -- internals ---------------------------------------------------------------------
-    def _adopt(self, p: _Pending, lent: LentBody) -> bool:
-        """Use the lent slot the job's input already lies in; False when the layout is not
-        the engine's (input on a slot boundary, the upstream gradient on the next) or the
-        answer has no room now."""
-        job = p.job
-        at = self._lender.offset(job.array)
-        if at % ALIGN or not job.array.flags.c_contiguous:
-            return False
-        if job.grad_output is not None and (
-                not job.grad_output.flags.c_contiguous
-                or self._lender.offset(job.grad_output) != at + _aligned(job.array.nbytes)):
-            return False
-        try:
-            p.out_off = self._arena.alloc(p.out_bytes)
-        except ArenaFull:
-            return False
-        self._lender.adopt(lent)
-        self.bodies_in_place += 1
-        p.in_off = at
-        p.lent = (lent.slot, lent.slot_bytes)
-        return True
-
-    def _place(self, jid: int, p: _Pending) -> bool:
+    def _place(self, jid: int, p: Pending) -> bool:
         """Copy the input into a slot and send the job; False when the arena is full."""
-        arena = self._arena
-        try:
-            p.in_off = arena.alloc(p.in_bytes)
-        except ArenaFull:
+        if not self._slots.place(p):
             return False
-        try:
-            p.out_off = arena.alloc(p.out_bytes)
-        except ArenaFull:
-            arena.free(p.in_off, p.in_bytes)
-            p.in_off = -1
-            return False
-        job = p.job
-        if job.device_in is None:  # else the input stays in the client's CUDA region
-            arena.view(p.in_off, job.array.nbytes)[:] = job.array.reshape(-1).view("u1")
-        if job.grad_output is not None:
-            at = p.in_off + _aligned(job.array.nbytes)
-            arena.view(at, job.grad_output.nbytes)[:] = job.grad_output.reshape(-1).view("u1")
         self._send_job(jid, p)
         return True
 
-    def _send_job(self, jid: int, p: _Pending) -> None:
+    def _send_job(self, jid: int, p: Pending) -> None:
         job = p.job
         m = job.mode
         p.sent = self._send(messages.Job(
@@ -451,18 +324,10 @@ class RemoteEngine:
 
     def _forget(self, jid: int) -> None:
         """Drop a job and give its slots back (the engine is done with them)."""
-        p = self._pending.pop(jid, None)
+        p = self._pending.pop(jid)
         if p is None:
             return
-        self._by_job.pop(p.job, None)
-        if p.lent is not None:
-            self._arena.free(*p.lent)
-        elif p.in_off >= 0:
-            self._arena.free(p.in_off, p.in_bytes)
-        if p.out_off >= 0:
-            self._arena.free(p.out_off, p.out_bytes)
-        if not self._pending:
-            self._idle.set()
+        self._slots.free(p)
         if self._backlog:
             self._drain_backlog()
 
@@ -482,7 +347,7 @@ class RemoteEngine:
 
     def _fail_all(self, error: Exception) -> None:
         self._backlog.clear()
-        for jid in list(self._pending):
+        for jid in self._pending.ids():
             self._resolve(jid, error=error)
 
     # -- the connection ----------------------------------------------------------------
@@ -501,7 +366,7 @@ class RemoteEngine:
             pause = RECONNECT_S[0]
             self._link = link
             link.send(messages.Hello(messages.PROTOCOL, os.getpid(), self._arena.name))
-            self._register_again()
+            self._forwarding.register_again()
             try:
                 await lost  # messages arrive in Link.data_received meanwhile
             finally:
@@ -513,10 +378,7 @@ class RemoteEngine:
             self._reason = "the engine process is restarting"
             log.error("lost the engine process; failing %d waiting requests", len(self._pending))
             self._fail_all(Unavailable(_GONE))
-            self._resync = set()
-            for future in self._requests.values():
-                if not future.done():
-                    future.set_exception(Unavailable(_GONE))
+            self._forwarding.lost(Unavailable(_GONE))
             self._first_state.set()
 
     def _on_message(self, m: object) -> None:
@@ -530,18 +392,15 @@ class RemoteEngine:
         p = self._pending.get(m.id)
         if p is None:
             return
-        storage, shape = dtypes.STORAGE[m.dtype], m.shape
         if p.job.device_out is not None:  # written into the client's CUDA region
-            array = placeholder(storage, shape)
+            array = placeholder(dtypes.STORAGE[m.dtype], m.shape)
         else:
-            array = self._arena.array(p.out_off, storage, shape)
+            array = self._slots.answer(p, m.dtype, m.shape)
         self._report(m.batch)
         result = JobResult(array, m.dtype, m.compute_s, m.batch_requests, m.batch_elements,
                            m.device, m.queue_s, m.extra, reports=_reports_in(m.reports))
         if m.grad_dtype is not None:
-            nbytes = p.job.array.nbytes
-            result.grad = self._arena.array(p.out_off + p.out_bytes - nbytes,
-                                            dtypes.STORAGE[m.grad_dtype], shape)
+            result.grad = self._slots.gradient(p, m.grad_dtype, m.shape)
             result.grad_dtype = m.grad_dtype
         self._resolve(m.id, result)
 
@@ -576,9 +435,9 @@ class RemoteEngine:
     _handlers: ClassVar[dict] = {  # how each message from the engine is handled
         messages.Done: _done, messages.Error: _error, messages.Cancelled: _cancelled,
         messages.State: _state,
-        messages.Activation: lambda self, m: self._activation(m.raw),
-        messages.Removed: lambda self, m: self._removed(m.name),
-        messages.Registered: _registered,
+        messages.Activation: lambda self, m: self._forwarding.added(m),
+        messages.Removed: lambda self, m: self._forwarding.removed(m),
+        messages.Registered: lambda self, m: self._forwarding.registered(m),
     }
 
     def _report(self, batch: messages.Batch | None) -> None:
@@ -593,27 +452,9 @@ def _settle(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def _copy_out(job: Job) -> None:
-    """Move a job's tensors out of a lent slot (it is given back)."""
-    job.array = job.array.copy()
-    if job.grad_output is not None:
-        job.grad_output = job.grad_output.copy()
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
 def _reports_in(reports: dict) -> dict:
     """A profile's trace travels as text on the channel; the HTTP layer keeps bytes."""
     trace = reports.get("profile", {}).get("trace")
     if isinstance(trace, str):
         reports["profile"]["trace"] = trace.encode()
     return reports
-
-
-def _answer_itemsize(job: Job) -> int:
-    """Bytes per element the answer may need: its dtype is the compute dtype, or with
-    autocast whatever the op returns (the autocast dtype or float32)."""
-    size = dtypes.itemsize(job.compute_dtype)
-    return max(size, 4) if job.mode.amp else size
