@@ -106,13 +106,16 @@ async def serve(ex: Timed, futs: list) -> None:
 
 
 # -- the service model -----------------------------------------------------------------------
-def test_the_model_learns_per_request_cost_and_scales_unmeasured_sizes():
+def test_the_model_learns_per_request_cost_and_bounds_unmeasured_sizes_from_below():
     m = ServiceModel()
     assert m.predict("relu", 1000) == 0.0  # nothing measured: admitted
     m.observe("relu", "cpu", [1000, 1000], 0.2)  # 0.1 s each, batched
     assert m.predict("relu", 1000) == pytest.approx(0.1)
-    assert m.predict("relu", 2000) == pytest.approx(0.2)  # next size class, scaled
-    assert m.predict("gelu", 1000) == pytest.approx(0.1)  # per element of the device
+    # a larger, unmeasured size: at least what the smaller one costs, never scaled up
+    # (small requests' cost is mostly fixed overhead: scaling it would refuse large ones)
+    assert m.predict("relu", 4_000_000) == pytest.approx(0.1)
+    assert m.predict("relu", 250) == pytest.approx(0.1 / 4)  # a smaller one: scaled down
+    assert m.predict("gelu", 1000) == 0.0  # another activation, never measured: admitted
     m.observe("relu", "cpu", [1000], 0.2)
     assert 0.1 < m.predict("relu", 1000) < 0.2  # a moving mean
 

@@ -167,7 +167,7 @@ class ServiceModel:
             return 0.0
         cls = size_class(elements)
         found = []
-        for device, rate in self.per_element.items():
+        for device in self.per_element:
             exact = self.cost.get((activation, device, cls)) if activation else None
             if exact is not None:
                 found.append(exact)
@@ -175,10 +175,14 @@ class ServiceModel:
             near = [(abs(c - cls), c, v) for (a, d, c), v in self.cost.items()
                     if a == activation and d == device]
             if near:
+                # A lower bound, never an extrapolation upward: small requests' cost is
+                # mostly fixed overhead, so scaling it up by size would predict a large
+                # request late that is not (and refuse it). Scaled down from a larger
+                # class; a larger request costs at least what a smaller one does.
                 _, c, v = min(near)
-                found.append(v * 2.0 ** (cls - c))  # scaled by size
+                found.append(v * 2.0 ** min(0, cls - c))
             else:
-                found.append(rate * elements)
+                found.append(0.0)  # never measured: no refusal on a guess
         return sum(found) / len(found)
 
 

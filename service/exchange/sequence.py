@@ -100,9 +100,9 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     granted = 0
     lent = None
     try:
-        engine.admit(source.hint(time.monotonic()))  # overload refused before the body is read
         limit = settings.max_request_bytes
-        size = source.declared_size(limit)  # refused here if it cannot be read at all
+        size = source.declared_size(limit)  # refused here if it cannot be read at all (413)
+        engine.admit(source.hint(time.monotonic()))  # overload refused before the body is read
         # unknown (chunked) size: claim the limit
         granted = await svc.bodies.acquire(limit if size is None else size,
                                            settings.body_timeout_s)
