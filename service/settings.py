@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535,
         description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
+    warm_autograd: bool = Field(
+        True, description="at start-up, import in a background thread what torch's first "
+                          "gradient needs (sympy: seconds of CPU), so the first gradient "
+                          "request does not wait for it")
     grpc_max_concurrent_rpcs: int = Field(
         256, ge=1, le=65536,
         description="gRPC RPCs served at once by a process; more are refused at once with "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 
 from service.engine import fusion, selftest
@@ -57,6 +58,9 @@ class Engine:
         await self.batcher.start()
         if not self.pool.ready:
             log.error("not ready after warm-up: %s", self.pool.selftest_problems)
+        if self.settings.warm_autograd:
+            threading.Thread(target=_warm_autograd, daemon=True,
+                             name="actserve-warm-autograd").start()
 
     async def drain(self) -> None:
         await self.batcher.drain()
@@ -254,3 +258,15 @@ def _chain(src: asyncio.Future, dst: asyncio.Future) -> None:
         dst.set_exception(src.exception())
     else:
         dst.set_result(src.result())
+
+
+def _warm_autograd() -> None:
+    """torch imports sympy (through ``torch.fx.experimental.symbolic_shapes``) on the first
+    ``torch.autograd.grad`` of a process: about 5 s of CPU on a small machine. Imported here,
+    in a thread of its own after start-up, so the first gradient request (the lab page's
+    first curves) does not pay for it; one arriving meanwhile waits for the import, as it
+    would have anyway."""
+    try:
+        import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    except Exception:  # noqa: BLE001 - a warm-up only
+        log.debug("warming autograd's imports failed", exc_info=True)
