@@ -111,7 +111,7 @@ def test_an_engine_process_trace_too_big_for_a_control_message_is_dropped_with_a
     message limit is replaced by a note, so the connection (and every request on it) is
     never put at risk; a small one travels as text."""
     from service.engine.ipc import channel
-    from service.engine.ipc.host import _reports_out
+    from service.engine.reports import to_channel as _reports_out
 
     big = {"profile": {"operators": [], "trace": b"x" * (channel.MAX_TRACE + 1)}}
     out = _reports_out(big)["profile"]

@@ -17,6 +17,7 @@ import numpy as np
 from service import dtypes
 from service.codecs.base import Encoded, Wire
 from service.codecs.fields import SETTING_NAMES, check_shape, parse_shape_text
+from service.engine import reports
 from service.errors import InvalidRequest, UnsupportedMediaType, echo
 
 if TYPE_CHECKING:
@@ -149,25 +150,30 @@ def write_binary(array: np.ndarray, dtype: str) -> tuple[bytes | memoryview, dic
 
 def write_lab_binary(job: Job, result: JobResult) -> tuple[list, dict[str, str]]:
     """The parts of a lab answer, in order: the value (if asked), the gradient (if asked),
-    and a ``profile`` JSON part; ``X-Outputs``, ``X-Output-Dtypes`` and ``X-Output-Bytes``
-    name them, and the numerics report travels in ``X-Report-Numerics`` (docs/lab.md)."""
+    and a JSON part for each report carried as one (``profile``); ``X-Outputs``,
+    ``X-Output-Dtypes`` and ``X-Output-Bytes`` name them, and every other report travels in
+    its header (``X-Report-Numerics``; docs/lab.md, ``service/engine/reports``)."""
     parts: list[tuple[str, str, bytes | memoryview]] = []
     if "value" in job.outputs:
         parts.append(("value", result.dtype, write_binary(result.array, result.dtype)[0]))
     if result.grad is not None:
         parts.append(("grad", result.grad_dtype,
                       write_binary(result.grad, result.grad_dtype)[0]))
-    if "profile" in result.reports:
-        parts.append(("profile", "json", dumps(result.reports["profile"])))
+    tensors = len(parts)
+    in_headers = {}
+    for name, value in result.reports.items():
+        if reports.REGISTRY[name].binary == "part":
+            parts.append((name, "json", dumps(value)))
+        else:
+            in_headers[reports.header(name)] = dumps(value).decode()
     headers = {
         "X-Shape": ",".join(map(str, result.array.shape)),
-        "X-Dtype": parts[0][1] if parts and parts[0][0] != "profile" else result.dtype,
+        "X-Dtype": parts[0][1] if tensors else result.dtype,
         "X-Outputs": ",".join(p[0] for p in parts),
         "X-Output-Dtypes": ",".join(p[1] for p in parts),
         "X-Output-Bytes": ",".join(str(memoryview(p[2]).nbytes) for p in parts),
+        **in_headers,
     }
-    if "numerics" in result.reports:
-        headers["X-Report-Numerics"] = dumps(result.reports["numerics"]).decode()
     return [p[2] for p in parts], headers
 
 
@@ -178,8 +184,11 @@ class NativeJson:
     def decode(self, body: bytearray, wire: Wire, activation: Activation,
                jobs: JobFactory) -> tuple[Job, None]:
         array, dtype, settings, params, grad = read_json(body, jobs.settings.max_batch_elements)
-        return jobs.build(activation, array, dtype, settings, params, api=self.api,
-                          grad_output=grad), None
+        job = jobs.build(activation, array, dtype, settings, params, api=self.api,
+                         grad_output=grad)
+        if job.report:
+            reports.check_wire(job.report, "native-json", "request")
+        return job, None
 
     def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
         if job.lab:
@@ -198,8 +207,11 @@ class NativeBinary:
                jobs: JobFactory) -> tuple[Job, None]:
         array, dtype, settings, params, grad = read_binary(
             body, parse_query(wire.query), jobs.settings.max_batch_elements)
-        return jobs.build(activation, array, dtype, settings, params, api=self.api,
-                          grad_output=grad), None
+        job = jobs.build(activation, array, dtype, settings, params, api=self.api,
+                         grad_output=grad)
+        if job.report:
+            reports.check_wire(job.report, "native-binary", "request")
+        return job, None
 
     def encode(self, job: Job, answer: None, result: JobResult) -> Encoded:
         if job.lab:

@@ -29,6 +29,7 @@ from service import dtypes
 from service.codecs.base import Encoded, Wire
 from service.codecs.fields import SETTING_NAMES, check_shape, refuse_simple_type
 from service.codecs.jsonio import array_from_json, dumps, loads_object
+from service.engine import reports
 from service.engine.device_refs import placeholder
 from service.errors import InvalidRequest, UnknownActivation, echo
 
@@ -489,8 +490,8 @@ def encode_lab(model: str, request: V2Request, job: Job,
             out["data"] = dtypes.to_float(array, dtype).reshape(-1)
         outs.append(out)
     payload["outputs"] = outs
-    if result.reports:
-        payload["parameters"] = {f"report_{k}": orjson.dumps(v).decode()
+    if result.reports:  # every report as JSON text (service/engine/reports)
+        payload["parameters"] = {reports.parameter(k): orjson.dumps(v).decode()
                                  for k, v in result.reports.items()}
     head = dumps(payload)
     if not binary:
@@ -575,6 +576,8 @@ def build_job(activation: Activation, req: V2Request, jobs: JobFactory, api: str
     job = jobs.build(activation, req.array, req.wire, settings, req.params,
                      api=api, timeout_unit_s=1e-6, where="parameters",
                      grad_output=req.grad_output)
+    if job.report:
+        reports.check_wire(job.report, "grpc" if api == "grpc" else "v2", "parameters")
     if job.lab and req.output_shm is not None:
         raise InvalidRequest("a shared-memory output carries the value alone; ask for "
                              "gradients and reports with outputs over HTTP")

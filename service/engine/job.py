@@ -27,7 +27,6 @@ class Mode:
 
 VALUE_ONLY = ("value",)
 OUTPUTS = ("value", "grad")
-REPORTS = ("numerics", "profile")
 
 
 @dataclass(slots=True, eq=False)
@@ -52,7 +51,7 @@ class Job:
     out: np.ndarray | None = None
     # the lab (docs/lab.md): which answers ("value", "grad"), the upstream gradient of a
     # vector-Jacobian product (wire storage, the input's shape and dtype), and the reports
-    # asked for ("numerics", "profile")
+    # asked for (their names: service/engine/reports)
     outputs: tuple[str, ...] = VALUE_ONLY
     grad_output: np.ndarray | None = None
     report: frozenset[str] = frozenset()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import dtypes
-from service.engine.job import OUTPUTS, REPORTS, VALUE_ONLY, Job, Mode
+from service.engine import reports
+from service.engine.job import OUTPUTS, VALUE_ONLY, Job, Mode
 from service.engine.params import parse_bool
 from service.errors import InvalidRequest, RequestTooLarge, echo
 from service.settings import Settings
@@ -125,7 +126,7 @@ class JobFactory:
              array: np.ndarray, inplace: bool, where: str) -> tuple[tuple[str, ...], frozenset]:
         """The answers and reports a request asks for, checked (docs/lab.md)."""
         outputs = _names(settings.get("outputs"), OUTPUTS, "outputs", where) or VALUE_ONLY
-        report = frozenset(_names(settings.get("report"), REPORTS, "report", where))
+        report = frozenset(_names(settings.get("report"), reports.names(), "report", where))
         if outputs == VALUE_ONLY and not report and grad_output is None:
             return VALUE_ONLY, report
         if grad_output is not None:
@@ -143,9 +144,8 @@ class JobFactory:
                 "overwrites the input that autograd needs to compute the derivative (torch "
                 "refuses in-place operations on a tensor that requires grad); send "
                 "inplace=false")
-        if "profile" in report and not self.settings.allow_profile:
-            raise InvalidRequest(f"{where}: profiles are off on this server; start it with "
-                                 "ACTSERVE_ALLOW_PROFILE=true (--allow-profile) to allow them")
+        for name in report:  # e.g. profiles need --allow-profile
+            reports.REGISTRY[name].check(self.settings, where)
         return outputs, report
 
     def _expression(self, activation: Activation, text: object, where: str) -> Activation:
@@ -194,8 +194,8 @@ def working_set(n: int, wire: int, compute: int, ops: int, outputs: tuple[str, .
         per += compute * (ops + 2) + wire
     if upstream:
         per += wire + compute
-    if "numerics" in report:
-        per += 8 * (ops + 6) + 4 * ops
+    for name in report:  # e.g. numerics: float64 temporaries (service/engine/reports)
+        per += reports.REGISTRY[name].bytes_per_element(ops)
     return n * per
 
 

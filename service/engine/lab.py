@@ -6,12 +6,15 @@ activation does not pack (a batch-norm layer on CUDA). Its batch still carries i
 
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable
 
 import torch
 
-from service.engine import gradients, numerics, profiling
+from service.engine import gradients
 from service.engine.job import Job, JobResult
+from service.engine.reports import REGISTRY
 from service.engine.tensors import NAMES, apply_alone, tensor_storage, wire_tensor
 
 
@@ -29,22 +32,46 @@ def _host(t: torch.Tensor):
     return tensor_storage(t.cpu().contiguous())
 
 
+_HOOKS: dict[str, Callable] = {}
+
+
+def _hook(name: str) -> Callable:
+    """The engine function that computes a report (its ``compute``), loaded once."""
+    fn = _HOOKS.get(name)
+    if fn is None:
+        module, _, attr = REGISTRY[name].compute.partition(":")
+        fn = _HOOKS[name] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
 def compute(job: Job, device: torch.device) -> JobResult:
+    """The answers a job asks for and its reports (``service/engine/reports``): those of
+    stage "around" wrap the computation (in the registry's order, the first outermost),
+    those of stage "after" measure the answer once it is computed and timed."""
     t0 = time.perf_counter()
     reports: dict = {}
-    if "profile" in job.report:
-        (y, grad), reports["profile"] = profiling.profile(device, lambda: _answer(job, device))
-    else:
-        y, grad = _answer(job, device)
+    asked = [REGISTRY[name] for name in REGISTRY if name in job.report]
+
+    def run():
+        return _answer(job, device)
+
+    for r in reversed([r for r in asked if r.stage == "around"]):
+        run = _wrapped(r.name, run, job, device, reports)
+    y, grad = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     compute_s = time.perf_counter() - t0
-    if "numerics" in job.report:
-        try:
-            reports["numerics"] = numerics.report(job, y)
-        except Exception as exc:  # noqa: BLE001 - the answer stands; the report says why not
-            reports["numerics"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    for r in asked:
+        if r.stage == "after":
+            reports[r.name] = _hook(r.name)(job, y)
     result = JobResult(_host(y), NAMES[y.dtype], compute_s, 0, 0, str(device), reports=reports)
     if grad is not None:
         result.grad, result.grad_dtype = _host(grad), NAMES[grad.dtype]
     return result
+
+
+def _wrapped(name: str, run: Callable, job: Job, device: torch.device, reports: dict):
+    def wrapped():
+        out, reports[name] = _hook(name)(job, device, run)
+        return out
+    return wrapped

@@ -71,6 +71,15 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a == b) | (torch.isnan(a) & torch.isnan(b))
 
 
+def measured(job: Job, answer: torch.Tensor) -> dict:
+    """The numerics report of a request (``service/engine/reports/numerics.py``): the
+    answer stands when it cannot be measured, and the report says why not."""
+    try:
+        return report(job, answer)
+    except Exception as exc:  # noqa: BLE001 - the answer stands; the report says why not
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def report(job: Job, answer: torch.Tensor) -> dict:
     """The numerics report of ``job``'s ``answer`` (the value returned, on any device)."""
     device = answer.device

@@ -47,6 +47,11 @@ def table(prof) -> list[dict]:
     return rows[:MAX_ROWS]
 
 
+def report(job, device: torch.device, run: Callable[[], T]) -> tuple[T, dict]:
+    """The profile report of a request (``service/engine/reports/profile.py``)."""
+    return profile(device, run)
+
+
 def profile(device: torch.device, fn: Callable[[], T]) -> tuple[T, dict]:
     """``fn()`` under the profiler on ``device``: its result, and ``{"device", "operators",
     "trace"}`` (the Chrome trace's bytes; None when over ``MAX_TRACE_BYTES``)."""

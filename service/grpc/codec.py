@@ -20,6 +20,7 @@ from service import dtypes
 from service.codecs import v2
 from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
+from service.engine import reports
 from service.errors import InvalidRequest, UnknownActivation, echo
 from service.grpc import messages
 
@@ -138,8 +139,8 @@ def encode_lab(model: str, req: v2.V2Request, job, result):
     for name, array, dtype in tensors:
         resp.outputs.add(name=name, datatype=dtypes.NAME_TO_V2[dtype], shape=list(array.shape))
         resp.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
-    for key, report in result.reports.items():
-        resp.parameters[f"report_{key}"].string_param = orjson.dumps(report).decode()
+    for key, report in result.reports.items():  # every report (service/engine/reports)
+        resp.parameters[reports.parameter(key)].string_param = orjson.dumps(report).decode()
     return resp
 
 

@@ -46,6 +46,7 @@ from service.engine.engine import Engine
 from service.engine.ipc import channel, messages, pinning
 from service.engine.ipc.arena import ALIGN, Arena, pid_alive, sweep_stale, unlink
 from service.engine.job import BatchReport, Job, JobResult, Mode
+from service.engine.reports import to_channel
 from service.errors import ActserveError, InvalidRequest
 from service.settings import Settings
 
@@ -337,7 +338,7 @@ class EngineHost:
             r: JobResult = future.result()
             worker.send(messages.Done(jid, r.dtype, r.array.shape, r.compute_s,
                                       r.batch_requests, r.batch_elements, r.device, r.queue_s,
-                                      r.extra, batch, r.grad_dtype, _reports_out(r.reports)))
+                                      r.extra, batch, r.grad_dtype, to_channel(r.reports)))
         self._maybe_release(worker)
 
     def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:
@@ -353,22 +354,6 @@ class EngineHost:
         messages.Register: _register_msg, messages.Unregister: _unregister_msg,
         messages.CudaRegister: _cuda_register_msg, messages.CudaUnregister: _cuda_unregister_msg,
     }
-
-
-def _reports_out(reports: dict) -> dict:
-    """Reports as the channel carries them: a profile's trace (JSON bytes) as text, unless
-    it would not fit in one control message (then the answer says so instead)."""
-    profile = reports.get("profile")
-    trace = profile.get("trace") if profile else None
-    if isinstance(trace, bytes):
-        if len(trace) > channel.MAX_TRACE:
-            profile["trace"] = None
-            profile["trace_note"] = (f"the trace ({len(trace)} bytes) is over the "
-                                     f"{channel.MAX_TRACE} bytes the engine process passes "
-                                     "on; profile with --engine inline for this one")
-        else:
-            profile["trace"] = trace.decode()
-    return reports
 
 
 async def serve(socket_path: str, settings: Settings) -> int:

@@ -48,6 +48,7 @@ from service.engine.ipc.process import EngineProcess
 from service.engine.ipc.slots import Slots, copy_out, room
 from service.engine.job import BatchReport, Job, JobResult
 from service.engine.jobs import JobFactory
+from service.engine.reports import from_channel
 from service.errors import (
     DeadlineExceeded,
     Draining,
@@ -398,7 +399,7 @@ class RemoteEngine:
             array = self._slots.answer(p, m.dtype, m.shape)
         self._report(m.batch)
         result = JobResult(array, m.dtype, m.compute_s, m.batch_requests, m.batch_elements,
-                           m.device, m.queue_s, m.extra, reports=_reports_in(m.reports))
+                           m.device, m.queue_s, m.extra, reports=from_channel(m.reports))
         if m.grad_dtype is not None:
             result.grad = self._slots.gradient(p, m.grad_dtype, m.shape)
             result.grad_dtype = m.grad_dtype
@@ -450,11 +451,3 @@ class RemoteEngine:
 def _settle(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _reports_in(reports: dict) -> dict:
-    """A profile's trace travels as text on the channel; the HTTP layer keeps bytes."""
-    trace = reports.get("profile", {}).get("trace")
-    if isinstance(trace, str):
-        reports["profile"]["trace"] = trace.encode()
-    return reports
