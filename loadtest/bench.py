@@ -191,7 +191,7 @@ def measure_inprocess(quick: bool) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="actserve bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a dozen 1-second cells (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="16 one-second cells (CI smoke test)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default loadtest/reports/bench-<time>)")
     p.add_argument("--duration", type=float, default=None,
