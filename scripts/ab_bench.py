@@ -7,6 +7,11 @@ every answer against it.
 
     git worktree add /tmp/before <commit> && ln -s "$PWD/.venv" /tmp/before/.venv
     python -m scripts.ab_bench --before /tmp/before --after . --pairs 6
+
+The same checkout with one setting changed (the access log on, written to a file as a
+container runtime would write the process's output):
+
+    python -m scripts.ab_bench --before . --after . --after-env ACTSERVE_ACCESS_LOG=true
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def start(checkout: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start(checkout: Path, log: Path, extra: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = servers.free_port()
     env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
-           "ACTSERVE_ACCESS_LOG": "false", "ACTSERVE_LOG_LEVEL": "warning"}
+           "ACTSERVE_GRPC_PORT": "0", "ACTSERVE_ACCESS_LOG": "false",
+           "ACTSERVE_LOG_LEVEL": "warning", **(extra or {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=checkout, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -58,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    for side in ("before", "after"):
+        p.add_argument(f"--{side}-env", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"an environment variable of the {side} server (repeatable)")
     a = p.parse_args(argv)
     sides = {"before": a.before.resolve(), "after": a.after.resolve()}
+    extra = {side: dict(kv.split("=", 1) for kv in getattr(a, f"{side}_env")) for side in sides}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
-    running = {side: start(path, logs / f"ab-{side}.log") for side, path in sides.items()}
+    running = {side: start(path, logs / f"ab-{side}.log", extra[side])
+               for side, path in sides.items()}
     out: dict = {}
     try:
         for side, (proc, url) in running.items():

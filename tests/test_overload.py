@@ -357,3 +357,14 @@ def test_the_hint_is_kept_for_the_same_task_only():
 def test_the_default_clock_is_the_deadlines_clock():
     b = Batcher(Settings(), ExecutorPool([], REGISTRY, Capabilities()))
     assert b.clock is time.monotonic
+
+
+def test_v1_stats_shows_the_queue_discipline_and_backlog():
+    import httpx
+
+    from .conftest import serve
+
+    with serve() as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        overload = c.get("/v1/stats").json()["overload"]
+    assert overload["discipline"] in ("fifo", "controlled_delay", "adaptive_lifo"), overload
+    assert overload["switches"] == 0 and overload["backlog_s"] >= 0

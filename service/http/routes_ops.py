@@ -53,4 +53,7 @@ async def stats(request: Request) -> dict:
         "executor_restarts": engine.restarts,
         "window_s": svc.settings.metrics_window_s,
         "activations": recorder.stats.snapshot(),
+        # the overload policy of this process's queue (docs/reliability.md, "Overload"):
+        # discipline, switches, predicted backlog; refusals by reason are in /metrics
+        "overload": {k: v for k, v in engine.overload().items() if k != "prediction_error"},
     })
