@@ -37,10 +37,11 @@ _HOOKS: dict[str, Callable] = {}
 
 def _hook(name: str) -> Callable:
     """The engine function that computes a report (its ``compute``), loaded once."""
-    fn = _HOOKS.get(name)
+    where = REGISTRY[name].compute
+    fn = _HOOKS.get(where)
     if fn is None:
-        module, _, attr = REGISTRY[name].compute.partition(":")
-        fn = _HOOKS[name] = getattr(importlib.import_module(module), attr)
+        module, _, attr = where.partition(":")
+        fn = _HOOKS[where] = getattr(importlib.import_module(module), attr)
     return fn
 
 
