@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from service.engine import fusion, selftest
+from service.engine import custom, fusion, selftest
 from service.engine.activations import INLINE, Activation, Registry
 from service.engine.admission import Hint
 from service.engine.batcher import Batcher
@@ -35,8 +35,13 @@ MAX_CUSTOM = 256  # custom activations registered at once (each is probed, liste
 
 
 class Engine:
+    """The inline engine: this process's own compute threads (``protocol.EngineProtocol``)."""
+
+    mode = "inline"
+
     def __init__(self, settings: Settings, executors: list[ExecutorLike] | None = None) -> None:
         self.settings = settings
+        self.on_custom: Callable[[str, bool], None] | None = None  # (name, added)
         self.registry = Registry()
         self.capabilities = Capabilities()
         self.devices = resolve_devices(settings.device)
@@ -162,6 +167,29 @@ class Engine:
             raise InvalidRequest(f"{name} is built in; only custom activations can be deleted")
         self.registry.remove(name)
         self.capabilities.forget(name)
+
+    # -- the one registration path (protocol.EngineProtocol; RemoteEngine forwards) -------
+    async def register_custom(self, raw: object, activation: Activation | None = None) -> dict:
+        """Register a custom activation from its raw spec (built here unless the caller
+        built it already); its catalogue entry. ``on_custom`` hears of it."""
+        activation = activation if activation is not None else custom.build(raw)
+        await self.register(activation)  # 400 on a failed self-test, 409 if taken
+        if self.on_custom is not None:
+            self.on_custom(activation.name, True)
+        return activation.describe()
+
+    async def unregister_custom(self, name: str) -> None:
+        self.unregister(name)  # 404 unknown, 400 built in
+        if self.on_custom is not None:
+            self.on_custom(name, False)
+
+    async def load_file(self, path: str) -> list[str]:
+        """``--activations-file``: every entry registered, or the first problem raised
+        (start-up stops with it)."""
+        names = []
+        for raw, where in custom.file_entries(path):
+            names.append((await self.register_custom(raw, custom.build(raw, where)))["name"])
+        return names
 
     # -- CUDA shared memory (device_regions.py) ------------------------------------------
     async def open_cuda_region(self, name: str, raw: bytes, device_id: int,

@@ -1,29 +1,37 @@
 """Which engine a server process talks to: its own (``inline``: a compute thread per
 device in this process) or the shared engine process (``process``: see
-``service.engine.ipc``)."""
+``service.engine.ipc``). The mode is decided here and only here (``engine_mode``), without
+torch, so the supervisor of several workers and each worker agree."""
 
 from __future__ import annotations
 
 import os
 
-from service.engine.engine import Engine
-from service.engine.executor import resolve_devices
 from service.engine.ipc.channel import SOCKET_ENV
 from service.settings import Settings
 
+NVIDIA_DEVICE = "/dev/nvidiactl"  # the NVIDIA driver's device node
+
 
 def engine_mode(settings: Settings) -> str:
-    """``inline`` or ``process``; ``auto`` is ``process`` when a CUDA device is served."""
+    """``inline`` or ``process``: as set, else (``auto``) ``process`` when a CUDA device is
+    served: one named (``cuda``, ``cuda:N``), or ``device=auto|all`` where the NVIDIA
+    driver's device node exists."""
     if settings.engine != "auto":
         return settings.engine
-    cuda = any(d.startswith("cuda") for d in resolve_devices(settings.device))
-    return "process" if cuda else "inline"
+    device = settings.device
+    if "cuda" in device:
+        return "process"
+    return "process" if device in ("auto", "all") and os.path.exists(NVIDIA_DEVICE) else "inline"
 
 
 def build_engine(settings: Settings):
-    """A supervisor that runs the engine process itself says where (``SOCKET_ENV``)."""
+    """The engine of this process (``protocol.EngineProtocol``). A supervisor that runs
+    the engine process itself says where (``SOCKET_ENV``)."""
     if os.environ.get(SOCKET_ENV) or engine_mode(settings) == "process":
         from service.engine.ipc.remote import RemoteEngine
 
         return RemoteEngine(settings)
+    from service.engine.engine import Engine
+
     return Engine(settings)

@@ -16,7 +16,7 @@ from service.observability.recorder import Recorder
 from service.settings import Settings
 
 if TYPE_CHECKING:  # built by the HTTP layer, used by every transport through their calls
-    from service.http.registrations import LocalRegistrations
+    from service.http.registrations import Registrations
     from service.http.traces import ProfileTraces
 
 
@@ -31,5 +31,5 @@ class Services:
     regions: SystemRegions | None = None  # system shared memory (HTTP and gRPC)
     cuda_regions: CudaRegions | None = None
     traces: ProfileTraces | None = None  # profiled requests' Chrome traces (docs/lab.md)
-    registrations: LocalRegistrations | None = None  # custom activations (registrations.py)
+    registrations: Registrations | None = None  # custom activations (registrations.py)
     access_log: AccessLog | None = None  # one line per request, every transport

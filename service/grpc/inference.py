@@ -35,11 +35,12 @@ class GrpcSource:
     """One ``ModelInferRequest`` (already parsed; ``nbytes``: its size on the wire)."""
 
     api = "grpc"
-    __slots__ = ("nbytes", "regions", "request", "svc")
+    __slots__ = ("model", "nbytes", "regions", "request", "svc")
 
     def __init__(self, request, nbytes: int, svc: Services, regions) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
         self.regions = regions  # the caller's own system regions
+        self.model = request.model_name
 
     def hint(self, now: float):
         return None  # the message is here: its deadline and size are checked by decoding
@@ -58,6 +59,7 @@ class GrpcSource:
 
     async def decode(self, request, activation, jobs):
         codec.check_version(activation.name, request.model_version)
+        self.model = activation.name  # the model asked for ("expr", not the expression)
         svc = self.svc
         req = codec.decode(request, svc.settings.max_batch_elements, self.regions,
                            svc.cuda_regions)
@@ -72,7 +74,7 @@ class GrpcSource:
             raise
 
     async def encode(self, job, req, result):
-        name = job.activation.name
+        name = self.model
         if job.lab:
             response = codec.encode_lab(name, req, job, result)
         else:

@@ -6,6 +6,8 @@ import contextlib
 import gc
 import inspect
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -56,7 +58,12 @@ async def _start_grpc(services: Services):
     return server
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, traces_dir: Path | None = None,
+               share_registrations: Callable | None = None) -> FastAPI:
+    """The app, its ``Services`` complete. A worker of several passes where the profiles'
+    traces are kept for every worker (``traces_dir``) and how its registrations are shared
+    with the others when each worker has its own engine (``share_registrations``, given the
+    engine's registrations, returns the shared ones)."""
     settings = settings or Settings()
     engine = build_engine(settings)
     recorder = Recorder([*engine.registry.names(), "expr"], metrics=settings.metrics,
@@ -76,9 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                  opener=engine.open_cuda_region,
                                                  closer=engine.close_cuda_region,
                                                  emulate=settings.fault_injection),
-                        traces=ProfileTraces(settings.profile_trace_ttl_s),
+                        traces=ProfileTraces(settings.profile_trace_ttl_s, directory=traces_dir),
                         registrations=for_engine(engine, recorder.model_stats),
                         access_log=access_log)
+    if share_registrations is not None and engine.mode == "inline":
+        # the engine process holds one set for every worker; inline engines share files
+        services.registrations = share_registrations(services.registrations)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -44,7 +44,7 @@ SUFFIX = ".json"
 class SharedRegistrations:
     def __init__(self, local, directory: Path,
                  sync_peers: Callable[[], Awaitable[object]]) -> None:
-        self.local = local  # registrations.LocalRegistrations: this worker's engine
+        self.local = local  # registrations.Registrations: this worker's engine
         self.directory = directory
         self._sync_peers = sync_peers
         self._known: dict[str, bytes] = {}  # name -> the file's bytes this worker serves

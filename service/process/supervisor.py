@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from service.engine.factory import engine_mode
 from service.engine.ipc.channel import SETTINGS_ENV, SOCKET_ENV
 from service.process.rundir import ReadyFlags, RunDir, clean_stale
 from service.process.snapshots import SnapshotFiles
@@ -69,21 +70,9 @@ def worker_specs(count: int) -> list[ChildSpec]:
 def child_specs(settings: Settings) -> list[ChildSpec]:
     """The workers, and the shared engine when the engine runs in a process of its own."""
     specs = worker_specs(settings.worker_count)
-    if shared_engine(settings):
+    if engine_mode(settings) == "process":  # decided once, in engine/factory.py
         specs.insert(0, ChildSpec("engine", 0, ENGINE_TARGET))
     return specs
-
-
-def shared_engine(settings: Settings) -> bool:
-    """``engine=process``, or ``auto`` with a CUDA device asked for. Decided here, without
-    torch, and handed to the workers as ``engine=process|inline`` so they all agree:
-    ``device=auto|all`` counts as CUDA when the NVIDIA driver's device node exists."""
-    if settings.engine != "auto":
-        return settings.engine == "process"
-    device = settings.device
-    if "cuda" in device:
-        return True
-    return device in ("auto", "all") and os.path.exists("/dev/nvidiactl")
 
 
 class Supervisor:

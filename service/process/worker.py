@@ -48,25 +48,22 @@ def main() -> int:
     from service.process.cluster import Cluster
 
     slot = spec["slot"]
+    run_dir = RunDir(Path(spec["run_dir"]))
+    def share(local):
+        from service.process.shared_registrations import SharedRegistrations
+
+        # the cluster is made once the app exists; its peers are asked only after that
+        return SharedRegistrations(local, run_dir.activations, lambda: cluster.sync_peers())
+
     try:
-        app = create_app(settings)
+        # any worker may be asked for a profile's trace: kept where all workers look
+        app = create_app(settings, traces_dir=run_dir.path / "traces",
+                         share_registrations=share)
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
-    run_dir = RunDir(Path(spec["run_dir"]))
-    # any worker may be asked for a profile's trace: keep them where all workers look
-    app.state.services.traces.directory = run_dir.path / "traces"
     services = app.state.services
     cluster = Cluster(slot, spec["count"], run_dir, services)
     app.state.cluster = cluster
-    from service.engine.engine import Engine
-
-    if isinstance(services.engine, Engine):
-        # inline engines: registrations are files in the run directory, synced by peers
-        # (with the engine process, the engine holds them: registrations.py)
-        from service.process.shared_registrations import SharedRegistrations
-
-        services.registrations = SharedRegistrations(services.registrations,
-                                                     run_dir.activations, cluster.sync_peers)
 
     class WorkerServer(DrainingServer):
         async def startup(self, sockets=None) -> None:

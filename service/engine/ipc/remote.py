@@ -36,6 +36,7 @@ from typing import ClassVar
 
 from service import dtypes
 from service.engine.activations import Activation, Registry
+from service.engine.admission import OVERLOAD_ERRORS, Hint
 from service.engine.capabilities import Capabilities
 from service.engine.device_refs import placeholder
 from service.engine.inline import ExpressionCache
@@ -60,6 +61,7 @@ from service.errors import (
 from service.settings import Settings
 
 log = logging.getLogger("actserve.engine")
+channel.ERRORS.update(OVERLOAD_ERRORS)  # the engine's overload refusals keep their type
 RECONNECT_S = (0.02, 0.5)  # first and longest pause between connection attempts
 _GONE = "the engine process went away while holding this request; retry"
 
@@ -69,6 +71,11 @@ async def _checked_in_the_engine(activation: Activation) -> str | None:
 
 
 class RemoteEngine:
+    """The engine as a worker sees it when the engine process owns the devices
+    (``protocol.EngineProtocol``)."""
+
+    mode = "process"
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry()
@@ -177,6 +184,9 @@ class RemoteEngine:
     def gpu_memory(self) -> list[tuple[str, int, int]]:
         return []  # the engine process owns the devices and their memory
 
+    def overload(self) -> dict:
+        return {}  # the overload policy's state lives in the engine process
+
     def observe_batches(self, observer: Callable[[BatchReport, list], None]) -> None:
         """``observer(report, [])`` for every batch whose report the engine attached to one
         of this process's jobs: summed over processes, each batch counts once."""
@@ -201,13 +211,19 @@ class RemoteEngine:
         """``callback(name, added)`` whenever the engine adds or removes one."""
         self._forwarding.on_custom = callback
 
-    async def register_custom(self, raw: object) -> dict:
-        """Forward a raw registration (already built here: its 400s are local); the
-        engine's catalogue entry once it serves it, and this registry has it too."""
+    async def register_custom(self, raw: object, activation: Activation | None = None) -> dict:
+        """Forward a raw registration (``activation``, built here already, had its 400s
+        locally); the engine's catalogue entry once it serves it, and this registry has it
+        too (``on_custom`` hears of it when the engine announces it)."""
         return await self._forwarding.register(raw)
 
     async def unregister_custom(self, name: str) -> None:
         await self._forwarding.unregister(name)
+
+    async def load_file(self, path: str) -> list[str]:
+        """``--activations-file``: the engine process loads it itself and announces its
+        entries, so there is nothing to do here."""
+        return []
 
     async def open_cuda_region(self, name: str, raw: bytes, device_id: int,
                                byte_size: int) -> None:
@@ -223,7 +239,9 @@ class RemoteEngine:
                              "shared engine process (docs/lab.md); gradients and reports are "
                              "served here")
 
-    def admit(self) -> None:
+    def admit(self, hint: Hint | None = None) -> None:
+        """The queue and its prediction live in the engine process: an overload refusal
+        (``admission.py``) comes back as the job's error; here only the count."""
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
         if not self._serving:
