@@ -72,7 +72,7 @@ def test_the_checker_sees_paths_and_links():
     readme = ROOT / "README.md"
     assert "service/errors.py" in _paths(readme)
     assert "docs/architecture.md" in _links(readme)
-    assert _exists("header_timeout.py") and not _exists("protocol.py")
+    assert _exists("header_timeout.py") and not _exists("no_such_module.py")
     assert not _exists("service/nothing_here.py")
     arch = _paths(ROOT / "docs" / "architecture.md")
     assert "batcher.py" in arch and "service/http/app.py" in arch
