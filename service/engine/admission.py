@@ -30,6 +30,7 @@ and HTTP-free; every time is read from the clock the batcher hands in (a fake on
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import math
 from collections.abc import Callable, Mapping
@@ -144,12 +145,14 @@ class ServiceModel:
     def __init__(self) -> None:
         self.cost: dict[tuple[str, str, int], float] = {}
         self.per_element: dict[str, float] = {}  # device -> seconds per element
+        self._memo: dict[tuple[str | None, int], float] = {}  # cleared by every observation
 
     def observe(self, activation: str, device: str, sizes: list[int], wall: float) -> None:
         total = sum(sizes)
         if total <= 0 or wall < 0:
             return
         rate = wall / total
+        self._memo.clear()
         old = self.per_element.get(device)
         self.per_element[device] = rate if old is None else old + ALPHA * (rate - old)
         by_class: dict[int, list[int]] = {}
@@ -166,6 +169,12 @@ class ServiceModel:
         if elements is None or not self.per_element:
             return 0.0
         cls = size_class(elements)
+        memo = self._memo.get((activation, cls))
+        if memo is None:
+            memo = self._memo[(activation, cls)] = self._predict(activation, cls)
+        return memo
+
+    def _predict(self, activation: str | None, cls: int) -> float:
         found = []
         for device in self.per_element:
             exact = self.cost.get((activation, device, cls)) if activation else None
@@ -347,10 +356,7 @@ class Admission:
             self.model.observe(activation, device, sizes, wall)
 
     def _error(self, err: float) -> None:
-        i = 0
-        while i < len(ERROR_BUCKETS) and err > ERROR_BUCKETS[i]:
-            i += 1
-        self.error_counts[i] += 1
+        self.error_counts[bisect.bisect_left(ERROR_BUCKETS, err)] += 1
         self.error_sum += err
         self.error_n += 1
 

@@ -9,6 +9,7 @@ counting and the record are the sequence's, the same for gRPC.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import unquote_plus
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -26,6 +27,28 @@ from service.http.parts_response import PartsResponse
 
 LEND_BYTES = 64 << 10  # binary bodies this large are read straight into engine memory
 WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
+
+
+_HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
+_HINT_QUERY = ("dtype", "timeout", "priority")
+
+
+def _small(length: str | None) -> bool:
+    return length is not None and length.isdigit() and int(length) < LEND_BYTES
+
+
+def _query(raw: bytes) -> dict[str, str]:
+    """The query keys admission reads, from the raw query string (a malformed value is left
+    for the decoder to refuse)."""
+    if not raw:
+        return {}
+    out = {}
+    for part in raw.split(b"&"):
+        key, _, value = part.partition(b"=")
+        name = key.decode("latin-1")
+        if name in _HINT_QUERY:
+            out[name] = unquote_plus(value.decode("latin-1"))
+    return out
 
 
 def to_response(answer: Encoded, release=None) -> Response:
@@ -50,9 +73,20 @@ class HttpSource:
         self.api = codec.api
 
     def hint(self, now: float):
-        request = self.request
-        return hint_from(self.name, request.query_params, request.headers,
-                         request.client.host if request.client else None, now,
+        """What admission may know before the body is read, read straight from the ASGI
+        scope (the few query keys and headers it needs; no full parse on the hot path)."""
+        scope = self.request.scope
+        headers = {}
+        for key, value in scope["headers"]:
+            if key in _HINT_HEADERS:
+                headers[key.decode()] = value.decode("latin-1")
+        if not self.settings.fair_share and _small(headers.get("content-length")):
+            # a small body is read and decoded in microseconds, and ``submit`` checks the
+            # prediction with the exact size right after: no pre-body check to pay for
+            return None
+        query = _query(scope["query_string"]) if self.api == "native" else {}
+        client = scope.get("client")
+        return hint_from(self.name, query, headers, client[0] if client else None, now,
                          self.settings.default_timeout_s, self.api)
 
     def declared_size(self, limit: int) -> int | None:
