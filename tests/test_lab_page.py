@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -29,20 +28,11 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import ROOT, serve, subprocess_server
+from tests.test_docs_pages import _chromium  # one way to find the browser for every page test
 
 SHOTS = ROOT / "loadtest" / "reports" / "lab-page"
 ARTICLE = ["relu", "leaky_relu", "sigmoid", "tanh", "elu", "relu_sigmoid"]
 KEY = "lab-test-key"
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI") == "true":
-        pytest.fail("chromium is required in CI: .ci/run installs Debian's chromium package")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
 
 
 class Browser:
