@@ -173,3 +173,15 @@ def test_a_stream_whose_answers_are_not_taken_is_read_no_further():
         return taken
 
     assert asyncio.run(consume()) == total
+
+
+def test_a_grpc_deadline_is_the_jobs_deadline_and_a_given_up_job_is_never_computed():
+    port = free_port()
+    with serve(grpc_port=port) as srv, tg.InferenceServerClient(f"127.0.0.1:{port}") as c, \
+            held_executor(srv.engine) as (gate, batches):
+        with pytest.raises(InferenceServerException) as info:
+            _infer(c, client_timeout=0.5)  # the compute thread is held past it
+        assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        until(lambda: srv.engine.waiting == 0)  # dropped by the server, not computed
+        gate.set()
+    assert not any(api == "grpc" for batch in batches for api, _ in batch), batches

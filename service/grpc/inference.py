@@ -4,6 +4,9 @@
 ``codec.decode`` and ``v2.build_job``), submit, encode, record and access-log line as an HTTP
 request; timings go back as trailing metadata.
 
+A request's deadline is the earliest of its ``timeout`` parameter, the server's default and
+the client's gRPC deadline: a job whose caller has given up is never computed.
+
 Messages arrive as raw bytes and are parsed here, so a malformed one is INVALID_ARGUMENT
 with the parser's message. Triton's ModelStreamInfer runs a stream's requests concurrently,
 at most ``grpc_stream_inflight`` of them at once (read, computing, or answered and not yet
@@ -35,10 +38,12 @@ class GrpcSource:
     """One ``ModelInferRequest`` (already parsed; ``nbytes``: its size on the wire)."""
 
     api = "grpc"
-    __slots__ = ("model", "nbytes", "regions", "request", "svc")
+    __slots__ = ("deadline", "model", "nbytes", "regions", "request", "svc")
 
-    def __init__(self, request, nbytes: int, svc: Services, regions) -> None:
+    def __init__(self, request, nbytes: int, svc: Services, regions,
+                 deadline: float | None = None) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
+        self.deadline = deadline  # the client's gRPC deadline (time.monotonic), or None
         self.regions = regions  # the caller's own system regions
         self.model = request.model_name
 
@@ -63,7 +68,10 @@ class GrpcSource:
         svc = self.svc
         req = codec.decode(request, svc.settings.max_batch_elements, self.regions,
                            svc.cuda_regions)
-        return v2.build_job(activation, req, jobs, "grpc"), req
+        job = v2.build_job(activation, req, jobs, "grpc")
+        if self.deadline is not None and self.deadline < job.deadline:
+            job.deadline = self.deadline  # never computed once the caller has given up
+        return job, req
 
     async def wait(self, engine, job):
         fut = engine.submit(job)
@@ -119,17 +127,18 @@ class Inference:
             raise InvalidRequest(f"malformed ModelInferRequest: {exc}") from None
 
     async def run(self, raw: bytes, peer: str | None = None, rpc: str = "ModelInfer",
-                  regions=None) -> tuple[object, tuple]:
+                  regions=None, remaining_s: float | None = None) -> tuple[object, tuple]:
         """One request from its raw message: (the response, trailing metadata) or (the
         error, ())."""
         t0 = time.perf_counter()
+        deadline = None if remaining_s is None else time.monotonic() + remaining_s
         ctx = {"request_id": f"{self._id_prefix}{next(self._ids):x}", "log": {}}
         status = 500
         try:
             request = self.parse(raw)
             ctx["request_id"] = request.id if 0 < len(request.id) <= 128 else ctx["request_id"]
             source = GrpcSource(request, len(raw), self.svc,
-                                self.svc.regions if regions is None else regions)
+                                self.svc.regions if regions is None else regions, deadline)
             answer = await sequence.run(self.svc, source, request.model_name, ctx)
             status = 200
             return answer.response, answer.trailing

@@ -173,7 +173,8 @@ class InferenceService:
     # -- inference ----------------------------------------------------------------------------
     async def ModelInfer(self, raw: bytes, context):
         response, trailing = await self.inference.run(raw, context.peer(),
-                                                      regions=self._regions(context))
+                                                      regions=self._regions(context),
+                                                      remaining_s=context.time_remaining())
         if isinstance(response, ActserveError):
             raise response
         context.set_trailing_metadata(trailing)
