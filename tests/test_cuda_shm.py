@@ -338,6 +338,51 @@ def test_turned_off_and_auth(memory):
             {"name": "c0", "device_id": 0, "byte_size": 64}]
 
 
+@pytest.mark.parametrize("engine", ["inline", "process"])
+def test_regions_are_scoped_to_the_api_key_that_registered_them(memory, engine):
+    """With API keys on, a key sees, uses and removes only its own CUDA regions; two keys
+    may use one name, each for its own memory (over HTTP and gRPC)."""
+    x = wire_values(RNG.standard_normal(256), "float32")
+    want, _ = reference("relu", x, "float32")
+    mine, raw_mine = memory(2 * x.nbytes)
+    theirs, raw_theirs = memory(2 * x.nbytes)
+    shm.set_shared_memory_region(mine, [x])
+    shm.set_shared_memory_region(theirs, [-x])
+    port = free_port()
+    with serve(fault_injection=True, api_keys="k1,k2", engine=engine, grpc_port=port) as s:
+        k1, k2 = ({"authorization": f"Bearer {k}"} for k in ("k1", "k2"))
+
+        def register(headers, raw):
+            return httpx.post(s.url + "/v2/cudasharedmemory/region/c0/register", headers=headers,
+                              json={"raw_handle": {"b64": raw.decode()}, "device_id": 0,
+                                    "byte_size": 2 * x.nbytes})
+
+        def infer(headers):
+            body = {"inputs": [{"name": "input", "shape": [x.size], "datatype": "FP32",
+                                "parameters": {"shared_memory_region": "c0",
+                                               "shared_memory_byte_size": x.nbytes}}],
+                    "outputs": [{"name": "output", "parameters": {"binary_data": False}}]}
+            return httpx.post(s.url + "/v2/models/relu/infer", json=body, headers=headers)
+
+        assert register(k1, raw_mine).status_code == 200
+        status = s.url + "/v2/cudasharedmemory/status"
+        assert httpx.get(status, headers=k2).json() == []  # k2 sees none of k1's
+        r = infer(k2)
+        assert r.status_code == 400 and "not registered" in r.text
+        assert register(k2, raw_theirs).status_code == 200  # the same name, its own memory
+        got = {k: np.array(infer(h).json()["outputs"][0]["data"], np.float32)
+               for k, h in (("k1", k1), ("k2", k2))}
+        assert same_bits(got["k1"], want)
+        assert same_bits(got["k2"], reference("relu", -x, "float32")[0])
+        with tg.InferenceServerClient(f"127.0.0.1:{port}") as g:
+            listed = g.get_cuda_shared_memory_status(headers=k2, as_json=True)
+            assert [r["name"] for r in listed.get("regions", {}).values()] == ["c0"]
+            g.unregister_cuda_shared_memory(headers=k2)  # all of k2's, none of k1's
+        assert httpx.get(status, headers=k2).json() == []
+        assert [r["name"] for r in httpx.get(status, headers=k1).json()] == ["c0"]
+        assert same_bits(np.array(infer(k1).json()["outputs"][0]["data"], np.float32), want)
+
+
 def test_a_restarted_engine_process_opens_the_regions_again(memory):
     from .test_engine_process import _engine_pid, _wait
 

@@ -150,7 +150,7 @@ def test_a_stream_whose_answers_are_not_taken_is_read_no_further():
     inference.svc = Svc
     started: list[bytes] = []
 
-    async def run(raw, peer=None, rpc="", regions=None):
+    async def run(raw, peer=None, rpc="", regions=None, **_):
         started.append(raw)
         await asyncio.sleep(0)
         return errors.InvalidRequest(f"answer {raw!r}"), ()

@@ -40,6 +40,7 @@ class CudaRegion:
     name: str
     device_id: int
     byte_size: int
+    owner: str | None = None  # the API key (digest) that registered it; None without keys
 
     def status(self) -> dict:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
@@ -73,15 +74,20 @@ class CudaRegions:
         if not self.enabled:
             raise InvalidRequest(OFF)
 
+    def scoped(self, owner: str | None) -> CudaRegions | ScopedCudaRegions:
+        """The regions as ``owner`` sees them (itself when ``owner`` is None): with API
+        keys on, a key sees, uses and removes only the regions it registered."""
+        return self if owner is None else ScopedCudaRegions(self, owner)
+
     # -- management -------------------------------------------------------------------------
-    def status(self, name: object = "") -> list[dict]:
+    def status(self, name: object = "", owner: str | None = None) -> list[dict]:
         self.refuse()
         if not name:
-            return [r.status() for r in self._regions.values()]
-        return [self._get(check_name(name)).status()]
+            return [r.status() for r in self._regions.values() if r.owner == owner]
+        return [self._get(check_name(name), owner).status()]
 
     async def register(self, name: object, raw_handle: object, device_id: object,
-                       byte_size: object) -> None:
+                       byte_size: object, owner: str | None = None) -> None:
         self.refuse()
         name = check_name(name)
         if not isinstance(raw_handle, bytes) or len(raw_handle) != IPC_HANDLE_BYTES:
@@ -96,28 +102,34 @@ class CudaRegions:
             raise InvalidRequest(f"CUDA shared memory region {name!r}: device_id {device_id} "
                                  f"is not one of this server's CUDA devices ({ids})")
         byte_size = check_int(byte_size, "byte_size", 1)
-        if name in self._regions or name in self._opening:
+        key = _key(owner, name)
+        if key in self._regions or key in self._opening:
             raise InvalidRequest(f"CUDA shared memory region {name!r} is already registered; "
                                  "unregister it first")
-        if len(self._regions) + len(self._opening) >= MAX_REGIONS:
+        if sum(1 for r in self._regions.values() if r.owner == owner) + len(self._opening) \
+                >= MAX_REGIONS:
             raise InvalidRequest(f"at most {MAX_REGIONS} CUDA shared memory regions may be "
                                  "registered")
-        self._opening.add(name)
+        self._opening.add(key)
         try:
             if self.opener is not None:
-                await self.opener(name, raw_handle, device_id, byte_size)
-            self._regions[name] = CudaRegion(name, device_id, byte_size)
+                await self.opener(key, raw_handle, device_id, byte_size)
+            self._regions[key] = CudaRegion(name, device_id, byte_size, owner)
         finally:
-            self._opening.discard(name)
+            self._opening.discard(key)
 
-    async def unregister(self, name: object = "") -> None:
-        """One region, or every region when ``name`` is empty."""
+    async def unregister(self, name: object = "", owner: str | None = None) -> None:
+        """One region, or every region of ``owner`` when ``name`` is empty."""
         self.refuse()
-        names = list(self._regions) if not name else [self._get(check_name(name)).name]
-        for n in names:
-            self._regions.pop(n, None)
+        if not name:
+            keys = [k for k, r in self._regions.items() if r.owner == owner]
+        else:
+            self._get(check_name(name), owner)
+            keys = [_key(owner, name)]
+        for k in keys:
+            self._regions.pop(k, None)
             if self.closer is not None:
-                await self.closer(n)
+                await self.closer(k)
 
     def close(self) -> None:
         """Forget every region (shutdown; the engine closes its handles when it stops)."""
@@ -127,11 +139,14 @@ class CudaRegions:
         return isinstance(name, str) and name in self._regions
 
     # -- use --------------------------------------------------------------------------------
-    def ref(self, name: str, offset: object, size: int, where: str) -> DeviceRef:
+    def ref(self, name: str, offset: object, size: int, where: str,
+            owner: str | None = None) -> DeviceRef:
         """The window of a region named for an input or output, checked against the
-        registered size (the engine checks it again when it computes)."""
+        registered size (the engine checks it again when it computes). The reference names
+        the region as the engine knows it (the owner's namespace)."""
         self.refuse()
-        region = self._regions.get(name)
+        key = _key(owner, name) if isinstance(name, str) else name
+        region = self._regions.get(key)
         if region is None:
             raise InvalidRequest(f"{where}: CUDA shared memory region {echo(name)} is not "
                                  "registered")
@@ -141,10 +156,43 @@ class CudaRegions:
                 f"{where}: {size} bytes at offset {offset} do not fit in CUDA shared memory "
                 f"region {name!r} of {region.byte_size} bytes"
             )
-        return DeviceRef(name, offset, size)
+        return DeviceRef(key, offset, size)
 
-    def _get(self, name: str) -> CudaRegion:
-        region = self._regions.get(name)
+    def _get(self, name: str, owner: str | None = None) -> CudaRegion:
+        region = self._regions.get(_key(owner, name))
         if region is None:
             raise RegionNotFound(f"no CUDA shared memory region named {name!r} is registered")
         return region
+
+
+def _key(owner: str | None, name: str) -> str:
+    """A region's name as the engine knows it: the owner's namespace, then the name (names
+    never hold '/', so two keys' regions of one name never meet)."""
+    return name if owner is None else f"{owner}/{name}"
+
+
+class ScopedCudaRegions:
+    """``CudaRegions`` as one API key sees them (``CudaRegions.scoped``)."""
+
+    def __init__(self, regions: CudaRegions, owner: str) -> None:
+        self._regions_of = regions
+        self.owner = owner
+
+    def __getattr__(self, attr: str):  # devices, cuda_ids, enabled, available, refuse, ...
+        return getattr(self._regions_of, attr)
+
+    def status(self, name: object = "") -> list[dict]:
+        return self._regions_of.status(name, self.owner)
+
+    async def register(self, name: object, raw_handle: object, device_id: object,
+                       byte_size: object) -> None:
+        await self._regions_of.register(name, raw_handle, device_id, byte_size, self.owner)
+
+    async def unregister(self, name: object = "") -> None:
+        await self._regions_of.unregister(name, self.owner)
+
+    def ref(self, name: str, offset: object, size: int, where: str) -> DeviceRef:
+        return self._regions_of.ref(name, offset, size, where, self.owner)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and _key(self.owner, name) in self._regions_of

@@ -38,11 +38,12 @@ class GrpcSource:
     """One ``ModelInferRequest`` (already parsed; ``nbytes``: its size on the wire)."""
 
     api = "grpc"
-    __slots__ = ("deadline", "model", "nbytes", "regions", "request", "svc")
+    __slots__ = ("cuda", "deadline", "model", "nbytes", "regions", "request", "svc")
 
     def __init__(self, request, nbytes: int, svc: Services, regions,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, cuda=None) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
+        self.cuda = svc.cuda_regions if cuda is None else cuda  # the caller's own
         self.deadline = deadline  # the client's gRPC deadline (time.monotonic), or None
         self.regions = regions  # the caller's own system regions
         self.model = request.model_name
@@ -67,7 +68,7 @@ class GrpcSource:
         self.model = activation.name  # the model asked for ("expr", not the expression)
         svc = self.svc
         req = codec.decode(request, svc.settings.max_batch_elements, self.regions,
-                           svc.cuda_regions)
+                           self.cuda)
         job = v2.build_job(activation, req, jobs, "grpc")
         if self.deadline is not None and self.deadline < job.deadline:
             job.deadline = self.deadline  # never computed once the caller has given up
@@ -127,7 +128,8 @@ class Inference:
             raise InvalidRequest(f"malformed ModelInferRequest: {exc}") from None
 
     async def run(self, raw: bytes, peer: str | None = None, rpc: str = "ModelInfer",
-                  regions=None, remaining_s: float | None = None) -> tuple[object, tuple]:
+                  regions=None, remaining_s: float | None = None,
+                  cuda=None) -> tuple[object, tuple]:
         """One request from its raw message: (the response, trailing metadata) or (the
         error, ())."""
         t0 = time.perf_counter()
@@ -138,7 +140,8 @@ class Inference:
             request = self.parse(raw)
             ctx["request_id"] = request.id if 0 < len(request.id) <= 128 else ctx["request_id"]
             source = GrpcSource(request, len(raw), self.svc,
-                                self.svc.regions if regions is None else regions, deadline)
+                                self.svc.regions if regions is None else regions, deadline,
+                                cuda)
             answer = await sequence.run(self.svc, source, request.model_name, ctx)
             status = 200
             return answer.response, answer.trailing
@@ -158,7 +161,7 @@ class Inference:
                               "method": rpc, "path": METHOD + rpc, "status": status,
                               "ms": round((time.perf_counter() - t0) * 1000, 3), **ctx["log"]})
 
-    async def stream(self, raw_iterator, peer: str | None = None, regions=None):
+    async def stream(self, raw_iterator, peer: str | None = None, regions=None, cuda=None):
         """Triton's ModelStreamInfer: requests run concurrently as they arrive, at most
         ``grpc_stream_inflight`` at once, and each answer (or its error, in
         ``error_message``) is yielded when it is ready."""
@@ -170,7 +173,8 @@ class Inference:
 
         async def one(raw: bytes) -> None:
             try:
-                response, _ = await self.run(raw, peer, "ModelStreamInfer", regions)
+                response, _ = await self.run(raw, peer, "ModelStreamInfer", regions,
+                                             cuda=cuda)
             except Exception:  # a bug: answer it in the stream, keep the stream alive
                 log.exception("stream request failed")
                 response = ActserveError("internal error")

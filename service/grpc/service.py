@@ -56,12 +56,19 @@ class InferenceService:
     def _authorised(self, context) -> bool:
         return authorised(self._token(context), self.keys)
 
+    def _owner(self, context) -> str | None:
+        if not self.keys:
+            return None
+        _, _, token = (self._token(context) or b"").partition(b" ")
+        return owner_of(token)
+
     def _regions(self, context):
         """The system regions as this caller sees them (its own, with API keys on)."""
-        if not self.keys:
-            return self.regions
-        _, _, token = (self._token(context) or b"").partition(b" ")
-        return self.regions.scoped(owner_of(token))
+        return self.regions.scoped(self._owner(context))
+
+    def _cuda(self, context):
+        """The CUDA regions as this caller sees them (its own, with API keys on)."""
+        return self.cuda.scoped(self._owner(context))
 
     def wrap(self, name: str, fn):
         """``fn(request, context)`` with auth and the error table around it."""
@@ -155,25 +162,26 @@ class InferenceService:
 
     async def CudaSharedMemoryStatus(self, request, context):
         resp = messages.message("CudaSharedMemoryStatusResponse")()
-        for r in self.cuda.status(request.name):
+        for r in self._cuda(context).status(request.name):
             entry = resp.regions[r["name"]]
             entry.name, entry.device_id, entry.byte_size = (r["name"], r["device_id"],
                                                             r["byte_size"])
         return resp
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await self.cuda.register(request.name, request.raw_handle, request.device_id,
-                                 request.byte_size)
+        await self._cuda(context).register(request.name, request.raw_handle,
+                                           request.device_id, request.byte_size)
         return messages.message("CudaSharedMemoryRegisterResponse")()
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await self.cuda.unregister(request.name)
+        await self._cuda(context).unregister(request.name)
         return messages.message("CudaSharedMemoryUnregisterResponse")()
 
     # -- inference ----------------------------------------------------------------------------
     async def ModelInfer(self, raw: bytes, context):
         response, trailing = await self.inference.run(raw, context.peer(),
                                                       regions=self._regions(context),
+                                                      cuda=self._cuda(context),
                                                       remaining_s=context.time_remaining())
         if isinstance(response, ActserveError):
             raise response
@@ -187,5 +195,6 @@ class InferenceService:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid bearer token (authorization: Bearer ...)")
         async for item in self.inference.stream(raw_iterator, context.peer(),
-                                                regions=self._regions(context)):
+                                                regions=self._regions(context),
+                                                cuda=self._cuda(context)):
             yield item

@@ -49,6 +49,11 @@ def regions(request: Request):
     return _services(request).regions.scoped(owner(request))
 
 
+def cuda_regions(request: Request):
+    """The CUDA regions as this caller sees them (its own, with API keys on)."""
+    return _services(request).cuda_regions.scoped(owner(request))
+
+
 async def _json(request: Request) -> dict:
     """The small JSON body of a register call, read within ``MAX_BODY`` (413 beyond)."""
     size = declared_size(request, MAX_BODY)
@@ -92,17 +97,17 @@ async def system_unregister(name: str, request: Request) -> dict:
 # -- CUDA shared memory --------------------------------------------------------------------
 @router.get("/cudasharedmemory/status", summary="Every CUDA shared-memory region")
 async def cuda_status(request: Request) -> list:
-    return _services(request).cuda_regions.status()
+    return cuda_regions(request).status()
 
 
 @router.get("/cudasharedmemory/region/{name}/status", summary="One CUDA shared-memory region")
 async def cuda_region_status(name: str, request: Request) -> list:
-    return _services(request).cuda_regions.status(name)
+    return cuda_regions(request).status(name)
 
 
 @posts.post("/cudasharedmemory/region/{name}/register", summary="Register a CUDA region")
 async def cuda_register(name: str, request: Request) -> dict:
-    cuda = _services(request).cuda_regions
+    cuda = cuda_regions(request)
     cuda.refuse()  # refused before the body is read (no CUDA device, or turned off)
     body = await _json(request)
     handle = body.get("raw_handle")
@@ -116,13 +121,13 @@ async def cuda_register(name: str, request: Request) -> dict:
 
 @posts.post("/cudasharedmemory/unregister", summary="Unregister every CUDA region")
 async def cuda_unregister_all(request: Request) -> dict:
-    await _services(request).cuda_regions.unregister("")
+    await cuda_regions(request).unregister("")
     return {}
 
 
 @posts.post("/cudasharedmemory/region/{name}/unregister", summary="Unregister a CUDA region")
 async def cuda_unregister(name: str, request: Request) -> dict:
-    await _services(request).cuda_regions.unregister(name)
+    await cuda_regions(request).unregister(name)
     return {}
 
 

@@ -19,6 +19,7 @@ from service.engine.engine import Engine
 from service.errors import NotReady, UnknownActivation, echo
 from service.http import cluster_view
 from service.http.exchange import handle
+from service.http.routes_shm import cuda_regions as shm_cuda_regions
 from service.http.routes_shm import regions as shm_regions
 
 router = APIRouter(prefix="/v2", tags=["v2"])
@@ -61,7 +62,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 accept_encoding=headers.get("accept-encoding"), version=version,
                 content_type=headers.get("content-type"),
                 regions=shm_regions(request),  # the caller's own (per API key)
-                cuda_regions=request.app.state.services.cuda_regions)
+                cuda_regions=shm_cuda_regions(request))  # the caller's own, too
     return await handle(request, v2.CODEC, name, wire)
 
 
