@@ -25,7 +25,7 @@ else
 $(error TORCH must be cpu or cuda, not "$(TORCH)")
 endif
 
-.PHONY: install install-server run test lint bench bench-quick loadtest soak audit gpu-check clean
+.PHONY: install install-server run test test-fast lint bench bench-quick loadtest soak audit gpu-check clean
 
 # the server: torch from the chosen index and the runtime dependencies, in one pip run;
 # --no-compile: Python compiles only the modules it imports, when it first imports them
@@ -59,10 +59,17 @@ lint: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
+# the whole suite (what .ci/run calls); the tiers are in docs/testing.md
 test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
+
+# the quick loop while working: unit and in-process tests, no server, process or socket
+# (ACTSERVE_TEST_TIER=fast makes a test that starts a server without the socket mark fail)
+test-fast: install
+	$(PY) -m ruff check .
+	ACTSERVE_TEST_TIER=fast $(PY) -m pytest -m "not slow and not socket" $(PYTEST_ARGS)
 
 gpu-check: install
 	bash scripts/gpu_check.sh

@@ -1,10 +1,14 @@
-"""Shared fixtures: real uvicorn servers on 127.0.0.1 (in a thread, or as a subprocess),
-and the reference computation the server's answers are compared with, bit for bit.
+"""Shared fixtures: the app in process (no socket; tests/inprocess.py), real uvicorn
+servers on 127.0.0.1 (in a thread, or as a subprocess), and the reference computation the
+server's answers are compared with, bit for bit. The tiers (docs/testing.md): ``make
+test-fast`` runs the tests marked neither ``slow`` nor ``socket``; ``make test`` runs all.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import tempfile
 import threading
 import time
@@ -27,6 +31,8 @@ from service.http.app import create_app
 from service.http.server import uvicorn_config
 from service.settings import Settings
 
+from .inprocess import InProcess, in_process
+
 # Fusion (service/engine/fusion.py) compiles every registered custom activation with
 # torch.compile, seconds of CPU each; the servers of the tests run eager unless a test asks
 # for fusion (tests/test_fusion.py). The product default stays "auto".
@@ -35,12 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_THREADS = 1  # the server's default; the reference must use the same count
 torch.set_num_threads(TORCH_THREADS)
 REGISTRY = Registry()
+# The fast tier (``make test-fast``) sets this: a real server started there means a test
+# that needs a socket was not marked ``socket`` (see ``pytest_collection_modifyitems``).
+NO_SOCKETS = os.environ.get("ACTSERVE_TEST_TIER") == "fast"
+
+
+def _no_socket_here(what: str) -> None:
+    if NO_SOCKETS:
+        pytest.fail(f"{what} in the fast tier: mark the test `socket` (docs/testing.md)",
+                    pytrace=False)
 
 
 class ThreadServer:
     """A real uvicorn server for one app, on 127.0.0.1, run in a background thread."""
 
     def __init__(self, settings: Settings) -> None:
+        _no_socket_here("a real server (conftest.serve)")
         self.app = create_app(settings)
         self.services = self.app.state.services
         self.engine = self.services.engine
@@ -90,11 +106,26 @@ def client(server) -> Iterator[httpx.Client]:
         yield c
 
 
+@pytest.fixture(scope="session")
+def app() -> Iterator[InProcess]:
+    """One shared app with default settings, in process (no socket), for request-level tests
+    that change no server state."""
+    with in_process() as a:
+        yield a
+
+
+@pytest.fixture()
+def app_client(app) -> Iterator[httpx.Client]:
+    with app.client() as c:
+        yield c
+
+
 @contextmanager
 def subprocess_server(env_overrides: dict | None = None, port: int | None = None):
     """``python -m service serve`` as a child process (``loadtest.servers.start_actserve``,
     log level info as by default); yields (process, url) once it is ready. The server's
     output so far: ``proc.log_path.read_text()``."""
+    _no_socket_here("a server process (conftest.subprocess_server)")
     log_dir = Path(tempfile.mkdtemp(prefix="actserve-test-"))
     child = start_actserve("actserve", log_dir, port=port,
                            env={"ACTSERVE_LOG_LEVEL": "info", **(env_overrides or {})})
@@ -126,8 +157,45 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+# What makes a test ``socket``: its body, or a fixture it uses, starts a real server, a
+# child process or a socket. Helpers that hide it are marked by hand; the fast tier fails a
+# test that starts a server without the mark (``_no_socket_here``).
+_SOCKET_FIXTURES = {"server", "client"}  # conftest's shared real server and its client
+_SOCKET_CALLS = re.compile(r"\b(serve|subprocess_server|start_actserve|start_reference|"
+                           r"ThreadServer)\(|\bsubprocess\.|\bsocket\.|\bPopen\(")
+_source_cache: dict[object, bool] = {}
+
+
+def _starts_something(func) -> bool:
+    if func not in _source_cache:
+        try:
+            source = inspect.getsource(func)
+        except (OSError, TypeError):
+            source = ""
+        _source_cache[func] = bool(_SOCKET_CALLS.search(source))
+    return _source_cache[func]
+
+
+def _needs_socket(item) -> bool:
+    if _SOCKET_FIXTURES & set(item.fixturenames):
+        return True
+    if _starts_something(getattr(item, "function", None)):
+        return True
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in item.fixturenames:
+        for fixturedef in defs.get(name, ()):
+            if fixturedef.baseid and _starts_something(fixturedef.func):
+                return True  # a fixture of the test's own module or package
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests skip cleanly where CUDA is absent."""
+    """``socket`` on the tests that start servers or processes (the fast tier leaves them
+    out); ``gpu`` tests skip cleanly where CUDA is absent."""
+    for item in items:
+        if "socket" not in item.keywords and _needs_socket(item):
+            item.add_marker(pytest.mark.socket)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run scripts/gpu_check.sh on a GPU machine)")

@@ -10,22 +10,22 @@ import pytest
 from service.observability.stats import Sample, WindowStats
 
 
-def test_one_catalogue_entry_and_404_for_unknown_names(client):
-    full = client.get("/v1/activations").json()
-    relu = client.get("/v1/activations/relu")
+def test_one_catalogue_entry_and_404_for_unknown_names(app_client):
+    full = app_client.get("/v1/activations").json()
+    relu = app_client.get("/v1/activations/relu")
     assert relu.status_code == 200, relu.text
     entry = relu.json()
     listed = next(a for a in full["activations"] if a["name"] == "relu")
     assert {k: entry[k] for k in listed} == listed
     assert entry["unsupported"] == [u for u in full["unsupported"] if u["activation"] == "relu"]
-    missing = client.get("/v1/activations/no_such_thing")
+    missing = app_client.get("/v1/activations/no_such_thing")
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "not_found"
     assert "no_such_thing" in missing.json()["error"]["message"]
 
 
-def test_unsupported_lists_every_refused_combination_with_its_reason(client):
-    full = client.get("/v1/activations").json()
+def test_unsupported_lists_every_refused_combination_with_its_reason(app_client):
+    full = app_client.get("/v1/activations").json()
     unsupported = full["unsupported"]
     # (``expr``, an inline expression, is checked per expression, not by the start-up probe)
     no_inplace = [a["name"] for a in full["activations"] if not a["inplace"]
@@ -36,7 +36,7 @@ def test_unsupported_lists_every_refused_combination_with_its_reason(client):
         assert len(rows) == len(full["dtypes"]) * 3, name
         assert all("no in-place form" in u["reason"] for u in rows)
     # what the catalogue lists is exactly what the server refuses
-    gelu = client.post("/v1/activations/gelu", json={"data": [1.0], "inplace": True})
+    gelu = app_client.post("/v1/activations/gelu", json={"data": [1.0], "inplace": True})
     assert gelu.status_code == 400 and "in-place" in gelu.json()["error"]["message"]
     for u in unsupported:
         assert set(u) == {"activation", "compute_dtype", "amp", "amp_dtype", "inplace", "reason"}

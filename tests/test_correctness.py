@@ -134,11 +134,11 @@ def test_shared_batch_of_mixed_sizes_is_bit_exact(server, spec, sizes):
 
 @pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize("name", REGISTRY.names())
-def test_json_round_trip_is_exact(client, name, wire):
+def test_json_round_trip_is_exact(app_client, name, wire):
     """JSON carries every value exactly (shortest round-trip repr; NaN/Infinity tokens)."""
     values = _values(np.random.default_rng(7), 300, wire).reshape(3, 100)
     sent = dtypes.to_float(values, wire).tolist()
-    r = client.post(f"/v1/activations/{name}",  # json.dumps writes the NaN/Infinity tokens
+    r = app_client.post(f"/v1/activations/{name}",  # json.dumps writes the NaN/Infinity tokens
                     content=json.dumps({"data": sent, "dtype": wire}),
                     headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text

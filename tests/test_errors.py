@@ -49,8 +49,8 @@ def _err(r: httpx.Response, status: int, words: str) -> dict:
         (b"[" * 100_000 + b"]" * 100_000, "not valid json"),
     ],
 )
-def test_400_malformed_json(client, body, words):
-    r = client.post("/v1/activations/leaky_relu", content=body,
+def test_400_malformed_json(app_client, body, words):
+    r = app_client.post("/v1/activations/leaky_relu", content=body,
                     headers={"content-type": "application/json"})
     _err(r, 400, words)
 
@@ -67,30 +67,30 @@ def test_400_malformed_json(client, body, words):
         ({"shape": "1", "bogus": "1"}, b"\0" * 4, "unknown parameter"),
     ],
 )
-def test_400_malformed_binary(client, query, body, words):
-    r = client.post("/v1/activations/leaky_relu", params=query, content=body, headers=BIN)
+def test_400_malformed_binary(app_client, query, body, words):
+    r = app_client.post("/v1/activations/leaky_relu", params=query, content=body, headers=BIN)
     _err(r, 400, words)
 
 
-def test_400_combination_that_cannot_run_names_why(client):
-    r = client.post("/v1/activations/gelu", json={"data": [1.0], "inplace": True})
+def test_400_combination_that_cannot_run_names_why(app_client):
+    r = app_client.post("/v1/activations/gelu", json={"data": [1.0], "inplace": True})
     _err(r, 400, "no in-place form")
-    r = client.post("/v1/activations/hardtanh",
+    r = app_client.post("/v1/activations/hardtanh",
                     json={"data": [1.0], "params": {"min_val": 2, "max_val": 1}})
     _err(r, 400, "min_val <= max_val")
-    r = client.post("/v1/activations/relu", json={"data": [1.0], "amp_dtype": "float16"})
+    r = app_client.post("/v1/activations/relu", json={"data": [1.0], "amp_dtype": "float16"})
     _err(r, 400, "amp is false")
 
 
-def test_404_unknown_activation(client):
-    body = _err(client.post("/v1/activations/nope", json={"data": [1]}), 404, "unknown activation")
+def test_404_unknown_activation(app_client):
+    body = _err(app_client.post("/v1/activations/nope", json={"data": [1]}), 404, "unknown activation")
     assert body["type"] == "not_found"
 
 
-def test_415_unsupported_content_type(client):
-    r = client.post("/v1/activations/relu", content=b"1,2", headers={"content-type": "text/csv"})
+def test_415_unsupported_content_type(app_client):
+    r = app_client.post("/v1/activations/relu", content=b"1,2", headers={"content-type": "text/csv"})
     _err(r, 415, "application/json or application/octet-stream")
-    r = client.post("/v1/activations/relu", content=b"x",
+    r = app_client.post("/v1/activations/relu", content=b"x",
                     headers={"content-type": "application/json", "content-encoding": "br"})
     _err(r, 415, "content-encoding")
 
@@ -111,18 +111,18 @@ def test_413_body_over_limit_declared_and_streamed():
         assert c.get("/readyz").status_code == 200
 
 
-def test_413_shape_over_batch_limit_refused_before_allocation(client, server):
-    limit = server.engine.settings.max_batch_elements
-    r = client.post("/v1/activations/relu", params={"shape": f"{limit},{limit}"}, content=b"",
+def test_413_shape_over_batch_limit_refused_before_allocation(app_client, app):
+    limit = app.engine.settings.max_batch_elements
+    r = app_client.post("/v1/activations/relu", params={"shape": f"{limit},{limit}"}, content=b"",
                     headers=BIN)
     _err(r, 413, "max_batch_elements")
 
 
 @pytest.mark.parametrize("shape", ["0,18446744073709551616", "9223372036854775808,0"])
-def test_413_empty_shape_with_a_huge_dimension(client, shape):
+def test_413_empty_shape_with_a_huge_dimension(app_client, shape):
     """No elements, but no array could hold that dimension: refused, never a 500 (found by
     tests/test_fuzz.py)."""
-    r = client.post("/v1/activations/relu", params={"shape": shape}, content=b"", headers=BIN)
+    r = app_client.post("/v1/activations/relu", params={"shape": shape}, content=b"", headers=BIN)
     _err(r, 413, "a dimension of")
 
 

@@ -145,10 +145,10 @@ def test_every_activation_and_dtype_in_a_shared_batch(server, name, wire):
     assert max(int(r.headers["x-batch-size"]) for r in responses) >= 2
 
 
-def test_json_grad_only_and_vjp(client):
+def test_json_grad_only_and_vjp(app_client):
     x = [-2.0, -0.5, 0.0, 0.5, 3.0]
     g = [1.0, 2.0, -1.0, 0.5, 4.0]
-    r = client.post("/v1/activations/leaky_relu", json={
+    r = app_client.post("/v1/activations/leaky_relu", json={
         "data": x, "outputs": ["grad"], "grad_output": g, "params": {"negative_slope": 0.2}})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -161,7 +161,7 @@ def test_json_grad_only_and_vjp(client):
     assert np.array_equal(np.array(body["grad"], np.float32), ref)
 
 
-def test_v2_outputs_output_and_grad(client):
+def test_v2_outputs_output_and_grad(app_client):
     x = np.linspace(-3, 3, 7, dtype=np.float32)
     g = np.arange(7, dtype=np.float32)
     body = {"inputs": [{"name": "input", "shape": [7], "datatype": "FP32", "data": x.tolist()},
@@ -169,7 +169,7 @@ def test_v2_outputs_output_and_grad(client):
                         "data": g.tolist()}],
             "outputs": [{"name": "grad"}, {"name": "output"}],
             "parameters": {"alpha": 0.7}}
-    r = client.post("/v2/models/elu/infer", json=body)
+    r = app_client.post("/v2/models/elu/infer", json=body)
     assert r.status_code == 200, r.text
     outs = {o["name"]: o for o in r.json()["outputs"]}
     assert [o["name"] for o in r.json()["outputs"]] == ["output", "grad"]
@@ -184,7 +184,7 @@ def test_v2_outputs_output_and_grad(client):
          "parameters": {"binary_data_size": 28}}],
         "outputs": [{"name": "grad", "parameters": {"binary_data": True}}],
         "parameters": {"alpha": 0.7}}).encode()
-    r = client.post("/v2/models/elu/infer", content=head + x.tobytes() + g.tobytes(),
+    r = app_client.post("/v2/models/elu/infer", content=head + x.tobytes() + g.tobytes(),
                     headers={"Inference-Header-Content-Length": str(len(head)),
                              "Content-Type": "application/octet-stream"})
     assert r.status_code == 200, r.text
@@ -202,8 +202,8 @@ def test_v2_outputs_output_and_grad(client):
     ({"data": [1.0], "outputs": "value,,"}, None),
     ({"data": [1.0], "report": ["everything"]}, "unknown report"),
 ])
-def test_bad_gradient_requests_are_400(client, body, needle):
-    r = client.post("/v1/activations/relu", json=body)
+def test_bad_gradient_requests_are_400(app_client, body, needle):
+    r = app_client.post("/v1/activations/relu", json=body)
     if needle is None:
         assert r.status_code == 200, r.text
         return
@@ -211,15 +211,15 @@ def test_bad_gradient_requests_are_400(client, body, needle):
     assert needle in r.json()["error"]["message"]
 
 
-def test_v2_grad_output_must_match_the_input(client):
+def test_v2_grad_output_must_match_the_input(app_client):
     body = {"inputs": [{"name": "input", "shape": [2], "datatype": "FP32", "data": [1, 2]},
                        {"name": "grad_output", "shape": [3], "datatype": "FP32",
                         "data": [1, 2, 3]}],
             "outputs": [{"name": "grad"}]}
-    r = client.post("/v2/models/relu/infer", json=body)
+    r = app_client.post("/v2/models/relu/infer", json=body)
     assert r.status_code == 400 and "grad_output" in r.json()["error"]
     body["inputs"][1]["name"] = "other"
-    assert client.post("/v2/models/relu/infer", json=body).status_code == 400
+    assert app_client.post("/v2/models/relu/infer", json=body).status_code == 400
 
 
 def test_custom_and_inline_activations_have_gradients(server):

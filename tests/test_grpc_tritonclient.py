@@ -33,7 +33,7 @@ CASES = [
     ("BF16", ml_dtypes.bfloat16, "bfloat16"),
 ]
 
-
+pytestmark = pytest.mark.socket  # every test talks to grpc_server() (a real server)
 
 
 def make_input(x: np.ndarray, datatype: str, module=tg):

@@ -182,20 +182,20 @@ def test_counters_and_histograms_equal_a_known_mix():
     assert value(m, "actserve_ready") == 1
 
 
-def test_latency_buckets_resolve_tens_of_microseconds_to_seconds(client):
+def test_latency_buckets_resolve_tens_of_microseconds_to_seconds(app_client):
     assert LATENCY_BUCKETS[0] <= 1e-5 and LATENCY_BUCKETS[-1] >= 10
     assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
-    r = client.post("/v1/activations/relu", json={"data": [1.0]})
+    r = app_client.post("/v1/activations/relu", json={"data": [1.0]})
     assert r.status_code == 200
-    text = client.get("/metrics").text
+    text = app_client.get("/metrics").text
     for name in ("actserve_request_duration_seconds", "actserve_queue_wait_seconds",
                  "actserve_compute_seconds", "actserve_decode_seconds", "actserve_encode_seconds"):
         assert f'{name}_bucket{{' in text and 'le="1e-05"' in text, name
 
 
-def test_every_metric_of_the_issue_is_exported_with_units_and_bounded_labels(client):
-    assert client.post("/v1/activations/gelu", json={"data": [0.5]}).status_code == 200
-    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+def test_every_metric_of_the_issue_is_exported_with_units_and_bounded_labels(app_client):
+    assert app_client.post("/v1/activations/gelu", json={"data": [0.5]}).status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(app_client.get("/metrics").text)}
     wanted = {
         "actserve_requests": "counter",
         "actserve_request_duration_seconds": "histogram",
@@ -230,8 +230,8 @@ def test_every_metric_of_the_issue_is_exported_with_units_and_bounded_labels(cli
                 assert set(s.labels) <= allowed, (name, s.labels)
     # ids and arbitrary paths never become label values
     rid = "req-should-not-appear-0123"
-    client.post("/v1/activations/" + "x" * 40, json={"data": [1.0]}, headers={"x-request-id": rid})
-    text = client.get("/metrics").text
+    app_client.post("/v1/activations/" + "x" * 40, json={"data": [1.0]}, headers={"x-request-id": rid})
+    text = app_client.get("/metrics").text
     assert rid not in text and "x" * 40 not in text
     assert 'activation="unknown"' in text
 

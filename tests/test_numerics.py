@@ -65,7 +65,7 @@ CASES = [("sigmoid", "float16", None, False, None), ("tanh", "bfloat16", None, F
 
 
 @pytest.mark.parametrize(("name", "wire", "compute", "amp", "amp_dtype"), CASES)
-def test_numerics_report_agrees_with_float64(client, name, wire, compute, amp, amp_dtype):
+def test_numerics_report_agrees_with_float64(app_client, name, wire, compute, amp, amp_dtype):
     x = wire_values(VALUES, wire)
     body = {"data": dtypes.to_float(x, wire).tolist(), "dtype": wire, "amp": amp,
             "report": ["numerics"]}
@@ -73,7 +73,7 @@ def test_numerics_report_agrees_with_float64(client, name, wire, compute, amp, a
         body["compute_dtype"] = compute
     if amp_dtype:
         body["amp_dtype"] = amp_dtype
-    r = client.post(f"/v1/activations/{name}", content=json.dumps(body),
+    r = app_client.post(f"/v1/activations/{name}", content=json.dumps(body),
                     headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     got = r.json()
@@ -97,9 +97,9 @@ def test_numerics_report_agrees_with_float64(client, name, wire, compute, amp, a
         assert rep["max_ulp_error"] > 0  # a half-precision answer is not exact
 
 
-def test_numerics_over_binary_and_v2(client):
+def test_numerics_over_binary_and_v2(app_client):
     x = wire_values(VALUES, "float16")
-    r = client.post("/v1/activations/tanh", content=x.tobytes(),
+    r = app_client.post("/v1/activations/tanh", content=x.tobytes(),
                     params={"shape": str(x.size), "dtype": "float16", "report": "numerics"},
                     headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
@@ -109,7 +109,7 @@ def test_numerics_over_binary_and_v2(client):
     head = json.dumps({"inputs": [{"name": "input", "shape": [x.size], "datatype": "FP16",
                                    "parameters": {"binary_data_size": x.nbytes}}],
                        "parameters": {"report": "numerics", "binary_data_output": True}}).encode()
-    r2 = client.post("/v2/models/tanh/infer", content=head + x.tobytes(),
+    r2 = app_client.post("/v2/models/tanh/infer", content=head + x.tobytes(),
                      headers={"Inference-Header-Content-Length": str(len(head))})
     assert r2.status_code == 200, r2.text
     n = int(r2.headers["inference-header-content-length"])
@@ -118,8 +118,8 @@ def test_numerics_over_binary_and_v2(client):
     assert r2.content[n:] == r.content
 
 
-def test_accuracy_table(client):
-    r = client.get("/v1/activations/sigmoid/accuracy")
+def test_accuracy_table(app_client):
+    r = app_client.get("/v1/activations/sigmoid/accuracy")
     assert r.status_code == 200, r.text
     table = r.json()
     rows = {(row["dtype"], row["amp"]): row for row in table["rows"]}
@@ -139,5 +139,5 @@ def test_accuracy_table(client):
     want = expected("sigmoid", "float32", out, "float32", x)
     assert rows[("float32", "off")]["max_ulp_error"] == pytest.approx(want["max_ulp_error"],
                                                                       rel=1e-6)
-    assert client.get("/v1/activations/sigmoid/accuracy").json() == table  # cached
-    assert client.get("/v1/activations/nope/accuracy").status_code == 404
+    assert app_client.get("/v1/activations/sigmoid/accuracy").json() == table  # cached
+    assert app_client.get("/v1/activations/nope/accuracy").status_code == 404

@@ -72,8 +72,8 @@ def test_profiled_request_runs_alone_in_its_batch(profiling_server):
         assert same_bits(np.frombuffer(r.content[:x.nbytes], np.float32), want)
 
 
-def test_profiles_are_off_by_default(client):
-    r = client.post("/v1/activations/relu", json={"data": [1.0], "report": ["profile"]})
+def test_profiles_are_off_by_default(app_client):
+    r = app_client.post("/v1/activations/relu", json={"data": [1.0], "report": ["profile"]})
     assert r.status_code == 400
     assert "ACTSERVE_ALLOW_PROFILE" in r.json()["error"]["message"]
 

@@ -19,8 +19,8 @@ ARTICLE = {
 
 
 @pytest.mark.parametrize(("name", "params"), list(ARTICLE))
-def test_article_examples_json(client, name, params):
-    r = client.post(f"/v1/activations/{name}", json={"data": X, "params": dict(params)})
+def test_article_examples_json(app_client, name, params):
+    r = app_client.post(f"/v1/activations/{name}", json={"data": X, "params": dict(params)})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["shape"] == [4] and body["dtype"] == "float32"
@@ -30,9 +30,9 @@ def test_article_examples_json(client, name, params):
 
 
 @pytest.mark.parametrize(("name", "params"), list(ARTICLE))
-def test_article_examples_binary(client, name, params):
+def test_article_examples_binary(app_client, name, params):
     query = {"shape": "4", "dtype": "float32", **dict(params)}
-    r = client.post(f"/v1/activations/{name}", params=query,
+    r = app_client.post(f"/v1/activations/{name}", params=query,
                     content=np.asarray(X, dtype="<f4").tobytes(),
                     headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
@@ -43,10 +43,10 @@ def test_article_examples_binary(client, name, params):
     assert same_bits(out, expected)
 
 
-def test_article_relu_sigmoid_gate(client):
+def test_article_relu_sigmoid_gate(app_client):
     x = np.linspace(-3, 3, 7, dtype=np.float32)
     # the article's custom_activation: relu(x) * sigmoid(x)
-    r = client.post("/v1/activations/relu_sigmoid", json={"data": x.tolist()})
+    r = app_client.post("/v1/activations/relu_sigmoid", json={"data": x.tolist()})
     assert r.status_code == 200, r.text
     out = np.asarray(r.json()["data"], dtype=np.float32)
     expected = np.maximum(x, 0) * (1 / (1 + np.exp(-x.astype(np.float64))))
@@ -55,13 +55,13 @@ def test_article_relu_sigmoid_gate(client):
     np.testing.assert_allclose(out[4:], [0.7311, 1.7616, 2.8577], atol=5e-5)
     ref, _ = reference("relu_sigmoid", x, "float32")
     assert same_bits(out, ref)
-    rb = client.post("/v1/activations/relu_sigmoid", params={"shape": "7"}, content=x.tobytes(),
+    rb = app_client.post("/v1/activations/relu_sigmoid", params={"shape": "7"}, content=x.tobytes(),
                      headers={"content-type": "application/octet-stream"})
     assert same_bits(np.frombuffer(rb.content, dtype="<f4"), ref)
 
 
-def test_catalogue_lists_every_activation(client):
-    r = client.get("/v1/activations")
+def test_catalogue_lists_every_activation(app_client):
+    r = app_client.get("/v1/activations")
     assert r.status_code == 200
     names = {a["name"] for a in r.json()["activations"]}
     assert {"relu", "leaky_relu", "sigmoid", "tanh", "elu", "relu_sigmoid", "gelu", "silu",
@@ -72,6 +72,6 @@ def test_catalogue_lists_every_activation(client):
     assert leaky["inplace"] is True
 
 
-def test_health_and_readiness(client):
-    assert client.get("/healthz").json() == {"status": "live"}
-    assert client.get("/readyz").status_code == 200
+def test_health_and_readiness(app_client):
+    assert app_client.get("/healthz").json() == {"status": "live"}
+    assert app_client.get("/readyz").status_code == 200

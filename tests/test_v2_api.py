@@ -35,11 +35,11 @@ def error_of(r, status: int) -> str:
 
 
 # -- plain requests on the shared server -----------------------------------------------------
-def test_json_nested_and_flat_data_row_major(client):
+def test_json_nested_and_flat_data_row_major(app_client):
     x = np.arange(-6, 6, dtype=np.float32).reshape(3, 4) / 4
     expected, _ = reference("hardtanh", x, "float32", params={"min_val": -0.5, "max_val": 1.0})
     for data in (x.tolist(), x.reshape(-1).tolist()):
-        r = client.post("/v2/models/hardtanh/infer",
+        r = app_client.post("/v2/models/hardtanh/infer",
                         json=v2_json(data, [3, 4], parameters={"min_val": -0.5, "max_val": 1.0}))
         assert r.status_code == 200, r.text
         out = r.json()["outputs"][0]
@@ -48,7 +48,7 @@ def test_json_nested_and_flat_data_row_major(client):
 
 
 @pytest.mark.parametrize("encoding", [None, "gzip"])
-def test_large_binary_answer_in_pieces_is_exact_and_framed(client, encoding):
+def test_large_binary_answer_in_pieces_is_exact_and_framed(app_client, encoding):
     """Answers of 64 KiB or more leave as the JSON header and a zero-copy view of the
     tensor, never joined; the framing (Content-Length, Inference-Header-Content-Length)
     must still describe one body, plain or compressed."""
@@ -60,7 +60,7 @@ def test_large_binary_answer_in_pieces_is_exact_and_framed(client, encoding):
     headers = {"Inference-Header-Content-Length": str(len(head)),
                "content-type": "application/octet-stream"}
     headers["accept-encoding"] = encoding or "identity"  # httpx asks for gzip by default
-    r = client.post("/v2/models/silu/infer", content=head + x.tobytes(), headers=headers)
+    r = app_client.post("/v2/models/silu/infer", content=head + x.tobytes(), headers=headers)
     assert r.status_code == 200, r.text
     assert r.headers.get("content-encoding") == encoding
     if encoding is None:
@@ -72,27 +72,27 @@ def test_large_binary_answer_in_pieces_is_exact_and_framed(client, encoding):
     assert same_bits(np.frombuffer(r.content[n:], "<f4"), want)
 
 
-def test_versioned_routes(client):
-    r = client.post("/v2/models/relu/versions/1/infer", json=v2_json())
+def test_versioned_routes(app_client):
+    r = app_client.post("/v2/models/relu/versions/1/infer", json=v2_json())
     assert r.status_code == 200 and r.json()["model_version"] == "1"
-    assert client.get("/v2/models/relu/versions/1").json()["name"] == "relu"
-    assert client.get("/v2/models/relu/versions/1/ready").status_code == 200
-    assert client.get("/v2/models/relu/versions/1/stats").json()["model_stats"][0]["name"] == "relu"
+    assert app_client.get("/v2/models/relu/versions/1").json()["name"] == "relu"
+    assert app_client.get("/v2/models/relu/versions/1/ready").status_code == 200
+    assert app_client.get("/v2/models/relu/versions/1/stats").json()["model_stats"][0]["name"] == "relu"
     for path in ("/v2/models/relu/versions/2", "/v2/models/relu/versions/2/ready",
                  "/v2/models/relu/versions/2/stats"):
-        assert "version" in error_of(client.get(path), 404)
-    assert "version" in error_of(client.post("/v2/models/relu/versions/x/infer", json=v2_json()), 404)
+        assert "version" in error_of(app_client.get(path), 404)
+    assert "version" in error_of(app_client.post("/v2/models/relu/versions/x/infer", json=v2_json()), 404)
 
 
-def test_health_and_metadata_bodies(client):
-    assert client.get("/v2/health/live").status_code == 200
-    assert client.get("/v2/health/ready").status_code == 200
-    meta = client.get("/v2/models/gelu").json()
+def test_health_and_metadata_bodies(app_client):
+    assert app_client.get("/v2/health/live").status_code == 200
+    assert app_client.get("/v2/health/ready").status_code == 200
+    meta = app_client.get("/v2/models/gelu").json()
     assert meta["parameters"]["approximate"] == "none"
     assert meta["parameters"]["inplace_supported"] is False
     assert meta["platform"] and meta["outputs"][0]["datatype"] == "FP32"
-    stats = client.get("/v2/models/stats").json()["model_stats"]
-    assert len(stats) == len(client.get("/v1/activations").json()["activations"])
+    stats = app_client.get("/v2/models/stats").json()["model_stats"]
+    assert len(stats) == len(app_client.get("/v1/activations").json()["activations"])
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
@@ -104,8 +104,8 @@ def test_health_and_metadata_bodies(client):
     ("POST", "/v2/health/live", 405),
     ("POST", "/v2/models/nope/infer", 404),
 ])
-def test_every_v2_error_is_an_error_object(client, method, path, status):
-    r = client.request(method, path, json=v2_json())
+def test_every_v2_error_is_an_error_object(app_client, method, path, status):
+    r = app_client.request(method, path, json=v2_json())
     message = error_of(r, status)
     assert "detail" not in r.text and message
 
@@ -132,26 +132,26 @@ def test_every_v2_error_is_an_error_object(client, method, path, status):
     (json.dumps(v2_json(outputs=[{"name": "output", "parameters": {"classification": 2}}])).encode(),
      ["classification"]),
 ])
-def test_invalid_requests_are_400_naming_the_field(client, body, words):
-    message = error_of(client.post("/v2/models/relu/infer", content=body), 400)
+def test_invalid_requests_are_400_naming_the_field(app_client, body, words):
+    message = error_of(app_client.post("/v2/models/relu/infer", content=body), 400)
     for word in words:
         assert word in message, message
 
 
-def test_inplace_without_an_inplace_form(client):
-    r = client.post("/v2/models/gelu/infer", json=v2_json(parameters={"inplace": True}))
+def test_inplace_without_an_inplace_form(app_client):
+    r = app_client.post("/v2/models/gelu/infer", json=v2_json(parameters={"inplace": True}))
     assert "in-place" in error_of(r, 400)
 
 
-def test_v2_requests_are_labelled_in_metrics(client):
-    assert client.post("/v2/models/relu/infer", json=v2_json()).status_code == 200
-    text = client.get("/metrics").text
+def test_v2_requests_are_labelled_in_metrics(app_client):
+    assert app_client.post("/v2/models/relu/infer", json=v2_json()).status_code == 200
+    text = app_client.get("/metrics").text
     assert any(line.startswith("actserve_requests_total{") and 'api="v2"' in line
                and 'activation="relu"' in line for line in text.splitlines())
 
 
-def test_server_timing_on_v2(client):
-    r = client.post("/v2/models/relu/infer", json=v2_json())
+def test_server_timing_on_v2(app_client):
+    r = app_client.post("/v2/models/relu/infer", json=v2_json())
     assert "compute;dur=" in r.headers["server-timing"]
 
 

@@ -51,8 +51,17 @@ def engines(pid: int) -> list[int]:
     return [p for p, cmd in children(pid) if "service.engine.ipc.host" in cmd]
 
 
-def arenas() -> set[str]:
-    return {p.name for p in arena.SHM_DIR.glob(arena.PREFIX + "*") if p.is_file()}
+def arenas(root: int, also: set[int] | frozenset = frozenset()) -> set[str]:
+    """The engine arenas in /dev/shm made by ``root``, its descendants or the processes
+    ``also`` names (by the creator's pid in the name), so that the servers of other tests
+    running at the same time are not counted."""
+    tree, todo = {root, *also}, [root]
+    while todo:
+        kids = [pid for pid, _ in children(todo.pop())]
+        tree.update(kids)
+        todo.extend(kids)
+    names = (p.name for p in arena.SHM_DIR.glob(arena.PREFIX + "*") if p.is_file())
+    return {n for n in names if n[len(arena.PREFIX):].split("-")[0] in {str(p) for p in tree}}
 
 
 ENV = {"ACTSERVE_WORKERS": "2", "ACTSERVE_ENGINE": "process"}
@@ -95,16 +104,20 @@ def test_one_engine_batches_the_requests_of_every_worker(server):
 
 def test_killed_workers_leave_no_shared_memory_behind(server):
     proc, url, port = server
-    before = arenas()
+    before = arenas(proc.pid)
     assert len(before) >= 2  # one arena per worker
+    victims: set[int] = set()
     for _ in range(5):
         victim = worker_pid(url, 1)
+        victims.add(victim)
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda v=victim: pid_gone(v), 30, "the worker's death")
         wait_until(lambda v=victim: restarted(url, 1, v), 120, "worker 1 restarted")
         assert post_fresh(port)[0] == 200
         # the dead worker's arena is gone (the engine unlinks it when it sees the worker go)
-        wait_until(lambda: len(arenas()) == len(before), 30, lambda: f"arenas {arenas()}")
+        # (counted with the dead workers' pids, so an arena left behind by one would show)
+        wait_until(lambda: len(arenas(proc.pid, victims)) == len(before), 30,
+                   lambda: f"arenas {arenas(proc.pid, victims)}")
     assert len(engines(proc.pid)) == 1
 
 
