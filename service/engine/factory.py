@@ -31,6 +31,11 @@ def build_engine(settings: Settings):
     if os.environ.get(SOCKET_ENV) or engine_mode(settings) == "process":
         from service.engine.ipc.remote import RemoteEngine
 
+        if not os.environ.get(SOCKET_ENV):  # this process starts the engine: devices first
+            from service.engine.executor import resolve_devices
+
+            resolve_devices(settings.device)  # RuntimeError now (one line at start-up), not
+            # an engine process that fails and is restarted while readiness never comes
         return RemoteEngine(settings)
     from service.engine.engine import Engine
 

@@ -152,19 +152,32 @@ class Fd2Capture:
     @classmethod
     def install(cls):
         if cls._installed is None:
+            # a handler that cannot write (the original stderr closed) must not print its
+            # traceback to fd 2, which is this pipe: that would feed the failure back to it
+            logging.raiseExceptions = False
             cls._installed = cls()
         return cls._installed.stream
 
     def _run(self) -> None:
+        """Reads until every writer is gone, whatever happens to what it writes: a thread
+        that stopped reading would leave the pipe full and every later write to fd 2 (a log
+        line) blocked for ever, for instance once the parent holding the original stderr
+        was killed."""
         pending = b""
         while True:
             chunk = self.reader.read(65536)
             if not chunk:
                 break
             *lines, pending = (pending + chunk).split(b"\n")
-            self._emit(lines)
+            try:
+                self._emit(lines)
+            except Exception:  # noqa: BLE001 - the lines are lost, the pipe keeps draining
+                pass
         if pending:
-            self._emit([pending])
+            try:
+                self._emit([pending])
+            except Exception:  # noqa: BLE001
+                pass
 
     def _emit(self, lines: list[bytes]) -> None:
         """Lines that already are JSON objects (a worker process's log and access lines,
