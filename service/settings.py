@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535,
         description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
     warm_autograd: bool = Field(
-        True, description="at start-up, import in a background thread what torch's first "
+        True, description="at start-up, before readiness, import what torch's first "
                           "gradient needs (sympy: seconds of CPU), so the first gradient "
                           "request does not wait for it")
     grpc_max_concurrent_rpcs: int = Field(

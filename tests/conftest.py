@@ -35,8 +35,12 @@ from .inprocess import InProcess, in_process
 
 # Fusion (service/engine/fusion.py) compiles every registered custom activation with
 # torch.compile, seconds of CPU each; the servers of the tests run eager unless a test asks
-# for fusion (tests/test_fusion.py). The product default stays "auto".
+# for fusion (tests/test_fusion.py). The product default is "request" (exact by default).
 os.environ.setdefault("ACTSERVE_FUSION", "off")
+# The product imports what torch's first gradient needs before readiness (sympy, seconds of
+# CPU, service/engine/engine.py: _warm_autograd); test servers skip it (a gradient test pays
+# it once per process instead). tests/test_engine_protocol.py checks the warm-up itself.
+os.environ.setdefault("ACTSERVE_WARM_AUTOGRAD", "false")
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_THREADS = 1  # the server's default; the reference must use the same count
 torch.set_num_threads(TORCH_THREADS)

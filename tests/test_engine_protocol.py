@@ -62,3 +62,26 @@ def test_the_engine_mode_is_decided_in_one_place():
     calls = [path for path, text in _outside_engine()
              if re.search(r"settings\.engine\s*[!=]=|def shared_engine", text)]
     assert not calls, f"the engine mode is decided outside engine/factory.py: {calls}"
+
+
+def test_the_engine_warms_autograds_imports_before_it_is_ready():
+    """``warm_autograd``: what torch's first gradient imports (sympy) is imported during
+    start-up, before the engine reports ready (in a fresh interpreter: nothing imported it
+    before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from service.engine.engine import Engine\n"
+        "from service.settings import Settings\n"
+        "async def main(warm):\n"
+        "    engine = Engine(Settings(grpc_port=0, warm_autograd=warm))\n"
+        "    await engine.start()\n"
+        "    print(engine.ready, 'torch.fx.experimental.symbolic_shapes' in sys.modules)\n"
+        "    await engine.stop()\n"
+        "asyncio.run(main(sys.argv[1] == 'on'))\n")
+    for warm, want in (("off", "True False"), ("on", "True True")):
+        out = subprocess.run([sys.executable, "-c", code, warm], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.stdout.strip().splitlines()[-1] == want, (warm, out.stdout, out.stderr[-2000:])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 
 from service.engine import custom, fusion, selftest
@@ -64,8 +63,9 @@ class Engine:
         if not self.pool.ready:
             log.error("not ready after warm-up: %s", self.pool.selftest_problems)
         if self.settings.warm_autograd:
-            threading.Thread(target=_warm_autograd, daemon=True,
-                             name="actserve-warm-autograd").start()
+            # before the server says it is ready: an import of seconds holds the GIL in
+            # bursts, which would stall the event loop right after readiness otherwise
+            await asyncio.to_thread(_warm_autograd)
 
     async def drain(self) -> None:
         await self.batcher.drain()
@@ -290,10 +290,9 @@ def _chain(src: asyncio.Future, dst: asyncio.Future) -> None:
 
 def _warm_autograd() -> None:
     """torch imports sympy (through ``torch.fx.experimental.symbolic_shapes``) on the first
-    ``torch.autograd.grad`` of a process: about 5 s of CPU on a small machine. Imported here,
-    in a thread of its own after start-up, so the first gradient request (the lab page's
-    first curves) does not pay for it; one arriving meanwhile waits for the import, as it
-    would have anyway."""
+    ``torch.autograd.grad`` of a process: about 5 s of CPU on a small machine. Imported at
+    start-up (off the loop, before readiness), so the first gradient request (the lab page's
+    first curves) does not pay for it."""
     try:
         import torch.fx.experimental.symbolic_shapes  # noqa: F401
     except Exception:  # noqa: BLE001 - a warm-up only
