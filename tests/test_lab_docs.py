@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 
+import pytest
+
 from .conftest import ROOT, serve
 from .test_client_readme import DOC_URL, python_blocks
 
@@ -90,8 +92,11 @@ def test_lab_bench_measures_both_sides_on_the_compute_path():
     res = lab_bench.measure(elements=4096, repeats=3)
     assert res["group"] == "lab" and res["elements"] == 4096
     assert res["custom_ms"] > 0 and res["hand_ms"] > 0
-    assert res["passed"] == (res["custom_ms"] / res["hand_ms"] <= lab_bench.BAR) or \
-        abs(res["ratio"] - lab_bench.BAR) < 0.01
+    # the ratio of the unrounded times (the rounded milliseconds of a 4,096-element run are
+    # too coarse to recompute it from)
+    assert res["ratio"] == pytest.approx(res["custom_ms"] / res["hand_ms"], rel=0.15)
+    assert res["passed"] == (res["ratio"] <= lab_bench.BAR) or \
+        abs(res["ratio"] - lab_bench.BAR) < 0.002
 
 
 def test_gradient_numerics_and_profile_blocks_run():

@@ -157,15 +157,18 @@ class Fused:
 
     # -- the fusion thread ---------------------------------------------------------------
     def prepare(self) -> None:
+        """Compile and check; the decision is published by ``publish``."""
         try:
             self._decide()
         except Exception as exc:  # noqa: BLE001 - recorded as the reason
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             self._eager(f"compiling failed: {type(exc).__name__}: {' '.join(lines[:2])[:240]}",
                         "failed")
-        finally:
-            self.ready.set()
-            self.decided.set_result(self.state)
+
+    def publish(self) -> None:
+        """The decision is final: whoever waits for it may serve from now on."""
+        self.ready.set()
+        self.decided.set_result(self.state)
 
     def _eager(self, reason: str, outcome: str) -> None:
         self.compiled = {}
@@ -315,12 +318,15 @@ class Fuser:
     def _run(self) -> None:
         while True:
             entry = self._todo.get()
-            entry.prepare()
-            with self._lock:
-                self._outcomes[entry.outcome] += 1
-            if entry.outcome not in ("compiled", "slower"):
-                log.warning("fusion: %s stays eager on %s: %s", entry.label, entry.device,
-                            entry.reason)
+            try:
+                entry.prepare()
+                with self._lock:  # counted and logged before anyone hears of the decision
+                    self._outcomes[entry.outcome] += 1
+                if entry.outcome not in ("compiled", "slower"):
+                    log.warning("fusion: %s stays eager on %s: %s", entry.label, entry.device,
+                                entry.reason)
+            finally:
+                entry.publish()
 
 
 def _bound(expr, defaults: dict, serial: int):
