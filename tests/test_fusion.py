@@ -205,8 +205,10 @@ def test_auto_on_cpu_compiles_before_serving_and_serves_compiled_only_when_exact
         assert described["state"] in ("compiled", "eager") and described["device"] == "cpu"
         assert described["accepted_ulp"] == 0
         ulp = described["max_ulp_vs_eager"]
+        # any difference may be measured (inductor's AVX2 kernels for this expression were
+        # billions of ULPs off eager somewhere on the grid): it is only never served
         assert set(ulp) == {"float32"} and isinstance(ulp["float32"], float) and \
-            0 <= ulp["float32"] <= fusion.MAX_ULP
+            ulp["float32"] >= 0
         if ulp["float32"] > 0:  # not bit for bit: never served, whatever the timings
             assert described["state"] == "eager" and "differ from eager" in described["reason"]
         else:
