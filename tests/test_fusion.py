@@ -39,6 +39,18 @@ def test_ulps_are_counted_in_the_dtype_with_nan_and_signed_zero_rules():
     assert fusion.max_ulp(torch.empty(0), torch.empty(0)) == 0.0
 
 
+def test_a_nan_mismatch_is_described_in_json():
+    """A compiled form with a NaN where eager has none measures inf ULPs; the catalogue
+    entry must still be JSON (it answered 500 to every catalogue GET once)."""
+    import json
+
+    entry = fusion.Fused(torch.device("cpu"), lambda x: x, {})
+    entry.max_ulp_vs_eager = {"float32": float("inf"), "float16": 2.0}
+    entry._eager("differs", "differs")
+    described = json.loads(json.dumps(entry.describe(), allow_nan=False))
+    assert described["max_ulp_vs_eager"] == {"float32": fusion.NAN_MISMATCH, "float16": 2.0}
+
+
 def test_compiler_detection_follows_cxx(monkeypatch):
     monkeypatch.setenv("CXX", "actserve-no-such-c++")
     assert fusion.cpp_compiler() == ("actserve-no-such-c++", None)
@@ -207,9 +219,10 @@ def test_auto_on_cpu_compiles_before_serving_and_serves_compiled_only_when_exact
         ulp = described["max_ulp_vs_eager"]
         # any difference may be measured (inductor's AVX2 kernels for this expression were
         # billions of ULPs off eager somewhere on the grid): it is only never served
-        assert set(ulp) == {"float32"} and isinstance(ulp["float32"], float) and \
-            ulp["float32"] >= 0
-        if ulp["float32"] > 0:  # not bit for bit: never served, whatever the timings
+        assert set(ulp) == {"float32"}
+        assert ulp["float32"] == fusion.NAN_MISMATCH or \
+            (isinstance(ulp["float32"], float) and ulp["float32"] >= 0)
+        if ulp["float32"] != 0:  # not bit for bit: never served, whatever the timings
             assert described["state"] == "eager" and "differ from eager" in described["reason"]
         else:
             timings = described["cpu_timings_ms"]

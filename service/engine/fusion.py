@@ -42,6 +42,7 @@ elementwise, so a packed batch equals each request alone there too.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import shutil
@@ -72,6 +73,7 @@ MAX_ULP = 1024  # the largest bound a registration may accept
 OFF = "fusion is off (ACTSERVE_FUSION=off)"
 NOT_ASKED = ("exact by default: this registration did not ask for fusion (\"fusion\": true, "
              "or {\"max_ulp\": N} to accept a bound; --fusion auto asks for every one)")
+NAN_MISMATCH = "NaN where the other form has none"
 OUTCOMES = ("compiled", "differs", "slower", "no_compiler", "failed")
 log = logging.getLogger("actserve.fusion")
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
@@ -136,7 +138,9 @@ class Fused:
             out["compile_s"] = round(self.compile_s, 2)
         if self.timings_ms:
             out["cpu_timings_ms"] = dict(self.timings_ms)
-        out["max_ulp_vs_eager"] = dict(self.max_ulp_vs_eager)
+        # JSON has no infinity: a NaN where the other form has none reads as that
+        out["max_ulp_vs_eager"] = {k: (v if math.isfinite(v) else NAN_MISMATCH)
+                                   for k, v in self.max_ulp_vs_eager.items()}
         return out
 
     def takes(self, x: torch.Tensor, values: dict) -> bool:
