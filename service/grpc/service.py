@@ -178,10 +178,16 @@ class InferenceService:
         return messages.message("CudaSharedMemoryUnregisterResponse")()
 
     # -- inference ----------------------------------------------------------------------------
+    def _scopes(self, context) -> tuple:
+        """(system regions, CUDA regions) as this caller sees them, its owner worked out
+        once (an inference request names either)."""
+        who = self._owner(context)
+        return self.regions.scoped(who), self.cuda.scoped(who)
+
     async def ModelInfer(self, raw: bytes, context):
-        response, trailing = await self.inference.run(raw, context.peer(),
-                                                      regions=self._regions(context),
-                                                      cuda=self._cuda(context),
+        regions, cuda = self._scopes(context)
+        response, trailing = await self.inference.run(raw, context.peer(), regions=regions,
+                                                      cuda=cuda,
                                                       remaining_s=context.time_remaining())
         if isinstance(response, ActserveError):
             raise response
@@ -194,7 +200,7 @@ class InferenceService:
             self.recorder.reject(Unauthorized("unauthorized"))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid bearer token (authorization: Bearer ...)")
-        async for item in self.inference.stream(raw_iterator, context.peer(),
-                                                regions=self._regions(context),
-                                                cuda=self._cuda(context)):
+        regions, cuda = self._scopes(context)
+        async for item in self.inference.stream(raw_iterator, context.peer(), regions=regions,
+                                                cuda=cuda):
             yield item

@@ -54,6 +54,13 @@ def cuda_regions(request: Request):
     return _services(request).cuda_regions.scoped(owner(request))
 
 
+def caller_regions(request: Request):
+    """(system regions, CUDA regions) as this caller sees them, its owner worked out once
+    (an inference request names either)."""
+    svc, who = _services(request), owner(request)
+    return svc.regions.scoped(who), svc.cuda_regions.scoped(who)
+
+
 async def _json(request: Request) -> dict:
     """The small JSON body of a register call, read within ``MAX_BODY`` (413 beyond)."""
     size = declared_size(request, MAX_BODY)

@@ -19,8 +19,7 @@ from service.engine.engine import Engine
 from service.errors import NotReady, UnknownActivation, echo
 from service.http import cluster_view
 from service.http.exchange import handle
-from service.http.routes_shm import cuda_regions as shm_cuda_regions
-from service.http.routes_shm import regions as shm_regions
+from service.http.routes_shm import caller_regions
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -58,11 +57,10 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
 
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     headers = request.headers
+    regions, cuda = caller_regions(request)  # the caller's own (per API key)
     wire = Wire(header_length=headers.get(v2.HEADER),
                 accept_encoding=headers.get("accept-encoding"), version=version,
-                content_type=headers.get("content-type"),
-                regions=shm_regions(request),  # the caller's own (per API key)
-                cuda_regions=shm_cuda_regions(request))  # the caller's own, too
+                content_type=headers.get("content-type"), regions=regions, cuda_regions=cuda)
     return await handle(request, v2.CODEC, name, wire)
 
 
