@@ -209,7 +209,7 @@ def test_auto_on_cpu_compiles_before_serving_and_serves_compiled_only_when_exact
         assert r.json()["fusion"]["state"] in ("compiled", "eager")  # decided before served
         act = srv.engine.registry.get("fused_gelu")
         entry = act.fusion.entry
-        assert entry is not None and entry.ready.is_set()
+        assert entry is not None and entry.decided.done()
         described = c.get("/v1/activations/fused_gelu").json()["fusion"]
         assert described == r.json()["fusion"]
         listed = {a["name"]: a for a in c.get("/v1/activations").json()["activations"]}

@@ -71,7 +71,7 @@ def test_fusion_compiles_on_cuda_and_a_packed_batch_equals_each_request_alone():
     act = custom.build({"name": "fused", "expr": "x * sigmoid(1.702 * x)"})
     fuser = fusion.Fuser("auto", "cuda:0")
     fuser.attach(act)
-    assert act.fusion.entry.ready.wait(240), "compiling took over 240 s"
+    assert act.fusion.entry.decided.result(240), "compiling took over 240 s"
     described = act.describe()["fusion"]
     assert described["state"] == "compiled", described
     assert set(described["max_ulp_vs_eager"]) == {"float32", "float16", "bfloat16"}

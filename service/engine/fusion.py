@@ -125,8 +125,7 @@ class Fused:
     max_ulp_vs_eager: dict = field(default_factory=dict)
     compile_s: float | None = None
     compiled: dict = field(default_factory=dict)  # torch dtype -> compiled callable
-    ready: threading.Event = field(default_factory=threading.Event)
-    decided: Future = field(default_factory=Future)  # set by the fusion thread
+    decided: Future = field(default_factory=Future)  # the state, set by the fusion thread
 
     def describe(self) -> dict:
         out = {"state": self.state, "device": str(self.device), "accepted_ulp": self.bound}
@@ -171,7 +170,6 @@ class Fused:
 
     def publish(self) -> None:
         """The decision is final: whoever waits for it may serve from now on."""
-        self.ready.set()
         self.decided.set_result(self.state)
 
     def _eager(self, reason: str, outcome: str) -> None:
