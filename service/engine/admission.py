@@ -157,7 +157,7 @@ class ServiceModel:
         self.per_element[device] = rate if old is None else old + ALPHA * (rate - old)
         by_class: dict[int, list[int]] = {}
         for n in sizes:
-            by_class.setdefault(size_class(n), []).append(n)
+            by_class.setdefault((n if n > 1 else 1).bit_length(), []).append(n)  # size_class
         for cls, ns in by_class.items():
             each = rate * sum(ns) / len(ns)
             key = (activation, device, cls)
@@ -168,7 +168,7 @@ class ServiceModel:
         """Seconds of compute one request of ``elements`` adds (mean over devices)."""
         if elements is None or not self.per_element:
             return 0.0
-        cls = size_class(elements)
+        cls = (elements if elements > 1 else 1).bit_length()  # size_class, inlined (hot)
         memo = self._memo.get((activation, cls))
         if memo is None:
             memo = self._memo[(activation, cls)] = self._predict(activation, cls)
@@ -264,21 +264,30 @@ class Admission:
         self._above_since = self._below_since = None
 
     # -- prediction ------------------------------------------------------------------------
-    def wait_ahead(self, priority: int) -> float:
+    def wait_ahead(self, priority: int, now: float | None = None) -> float:
         """Predicted seconds before a new job of ``priority`` starts (FIFO within a level,
-        higher levels first)."""
-        now = self.clock()
-        queued = sum(s for p, s in self.backlog.items() if p >= priority)
-        running = sum(max(0.0, t + c - now) for t, c in self.running.values())
-        return (queued + running) / max(self.executors, 1)
+        higher levels first). Plain loops: this runs for every request."""
+        if now is None:
+            now = self.clock()
+        ahead = 0.0
+        for p, s in self.backlog.items():
+            if p >= priority:
+                ahead += s
+        for t, c in self.running.values():
+            left = t + c - now
+            if left > 0.0:
+                ahead += left
+        return ahead / self.executors if self.executors > 1 else ahead
 
-    def check(self, cost: float, deadline: float, priority: int, client: str | None) -> float:
-        """Raise the refusal a request of predicted ``cost`` gets now, or return its
-        predicted wait."""
-        wait = self.wait_ahead(priority)
+    def check(self, cost: float, deadline: float, priority: int, client: str | None,
+              now: float | None = None) -> float:
+        """Raise the refusal a request of predicted ``cost`` gets ``now`` (the clock's time
+        when not given), or return its predicted wait."""
+        if now is None:
+            now = self.clock()
+        wait = self.wait_ahead(priority, now)
         if not self.enabled:
             return wait
-        now = self.clock()
         room = deadline - now  # what it may spend in all
         if self.fair and client is not None:
             self._check_share(client, cost, wait, room)
@@ -314,8 +323,10 @@ class Admission:
                 mine + cost - share)
 
     # -- accounting ------------------------------------------------------------------------
-    def queued(self, cost: float, priority: int, client: str | None, wait: float) -> Entry:
-        entry = Entry(cost, priority, client if self.fair else None, self.clock(), wait)
+    def queued(self, cost: float, priority: int, client: str | None, wait: float,
+               now: float | None = None) -> Entry:
+        entry = Entry(cost, priority, client if self.fair else None,
+                      self.clock() if now is None else now, wait)
         self.backlog[priority] = self.backlog.get(priority, 0.0) + cost
         if entry.client is not None:
             held = self.clients.setdefault(entry.client, [0, 0.0])
@@ -338,9 +349,12 @@ class Admission:
                 if held[0] <= 0:
                     del self.clients[entry.client]
 
-    def waited(self, entry: Entry) -> None:
-        """``entry``'s job starts now: its actual wait against the predicted one."""
-        self._error(self.clock() - entry.t_in - entry.predicted_wait)
+    def waited(self, entry: Entry, now: float) -> None:
+        """``entry``'s job starts ``now``: its actual wait against the predicted one."""
+        err = now - entry.t_in - entry.predicted_wait
+        self.error_counts[bisect.bisect_left(ERROR_BUCKETS, err)] += 1
+        self.error_sum += err
+        self.error_n += 1
 
     def clear(self) -> None:
         self.backlog.clear()
@@ -354,11 +368,6 @@ class Admission:
         self.running.pop(id(executor), None)
         if sizes:
             self.model.observe(activation, device, sizes, wall)
-
-    def _error(self, err: float) -> None:
-        self.error_counts[bisect.bisect_left(ERROR_BUCKETS, err)] += 1
-        self.error_sum += err
-        self.error_n += 1
 
     def snapshot(self) -> dict:
         """The state ``/metrics`` reads at scrape time."""

@@ -82,6 +82,7 @@ class Batcher:
         self.clock = clock  # the deadlines' clock (time.monotonic; a fake one in tests)
         self.admission = Admission(settings, clock)
         self._entries: dict[Job, Entry] = {}  # queued jobs, oldest first
+        self._taken_cost = 0.0  # the predicted seconds of the batch ``_take`` returned
         # priority -> batch key -> FIFO of jobs
         self._levels: dict[int, dict[tuple, deque[Job]]] = {}
         self._waiting = 0
@@ -117,7 +118,6 @@ class Batcher:
         CURRENT.set(hint)
         if hint.deadline is not None:
             cost = self.admission.model.predict(hint.activation, hint.elements)
-            self._sync_executors()
             self.admission.check(cost, hint.deadline, hint.priority, hint.client)
 
     def _admit_basic(self) -> None:
@@ -135,18 +135,18 @@ class Batcher:
         hint = CURRENT.get()
         if hint is not None and hint.timed and hint.deadline < job.deadline:
             job.deadline = hint.deadline  # counted from the request's arrival
-        if job.deadline <= self.clock():
+        now = self.clock()
+        if job.deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         a = self.admission
-        cost = a.model.predict(job.activation.name, job.numel)
-        self._sync_executors()
+        cost = a.model.predict(job.activation.name, job.array.size)
         client = hint.client if hint is not None else None
-        wait = a.check(cost, job.deadline, job.priority, client)
+        wait = a.check(cost, job.deadline, job.priority, client, now)
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         job.seq = next(self._seq)
         job.t_enqueue = time.perf_counter()
-        self._entries[job] = a.queued(cost, job.priority, client, wait)
+        self._entries[job] = a.queued(cost, job.priority, client, wait, now)
         if self._sweeper is None:
             self._sweeper = loop.call_later(SWEEP_S, self._sweep)
         self._levels.setdefault(-job.priority, {}).setdefault(job.key, deque()).append(job)
@@ -200,6 +200,7 @@ class Batcher:
         """Pop the head job (highest priority, oldest; newest while overloaded with
         ``overload_lifo``) and its compatible followers; then show the discipline the
         standing delay (the oldest job still waiting)."""
+        self._sync_executors()
         batch = self._take_batch()
         self._observe_delay(self.clock())
         return batch
@@ -222,7 +223,8 @@ class Batcher:
             batch_cost = 0.0
             while q and len(batch) < s.max_batch_requests:
                 job = q[-1] if lifo else q[0]
-                if batch and elements + job.numel > s.max_batch_elements:
+                n = job.array.size
+                if batch and elements + n > s.max_batch_elements:
                     break
                 q.pop() if lifo else q.popleft()
                 self._waiting -= 1
@@ -240,14 +242,15 @@ class Batcher:
                         _resolve(job, error=PredictedLate(_SHED_LATE))
                         continue
                     batch_cost += entry.cost
-                    a.waited(entry)
+                    a.waited(entry, now)
                 batch.append(job)
-                elements += job.numel
+                elements += n
             if not q:
                 del queues[key]
                 if not queues:
                     del self._levels[level]
             if batch:
+                self._taken_cost = batch_cost
                 return batch
         return []
 
@@ -255,13 +258,12 @@ class Batcher:
         now = time.perf_counter()
         for job in batch:
             job.t_dispatch = now
-        self.admission.started(executor, sum(self._cost(j) for j in batch))
+        self.admission.started(executor, self._taken_cost)
         executor.submit(batch)
 
-    def _cost(self, job: Job) -> float:
-        return self.admission.model.predict(job.activation.name, job.numel)
-
     def _sync_executors(self) -> None:
+        """The executors that share the queued work (once a batch: the count changes only
+        when one dies or is restarted)."""
         self.admission.executors = sum(1 for e in self.pool.executors if e.alive) or 1
 
     def _observe_delay(self, now: float) -> None:
@@ -355,6 +357,7 @@ class Batcher:
 
     def _batch_lost(self, ex: ExecutorLike, jobs: list[Job], err: Exception) -> None:
         self.admission.running.pop(id(ex), None)
+        self._sync_executors()
         for job in jobs:
             _resolve(job, error=err)
         if not any(e.alive for e in self.pool.executors):

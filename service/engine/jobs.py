@@ -110,6 +110,10 @@ class JobFactory:
         plain requests may use. Work grows with the same terms, so this bounds how long one
         request can hold a compute thread (and every request queued behind it) too."""
         limit = WORKING_SET_BYTES_PER_ELEMENT * self.settings.max_batch_elements
+        if (array.size * PLAIN_BYTES_PER_ELEMENT <= limit and outputs == VALUE_ONLY
+                and not report and not upstream
+                and getattr(activation, "expression", None) is None):
+            return  # a plain built-in's most (float64 batch norm) fits: nothing to add up
         need = working_set(array.size, dtypes.itemsize(wire), dtypes.itemsize(compute),
                            tensor_ops(activation), outputs, report, upstream)
         if need > limit:
@@ -126,7 +130,9 @@ class JobFactory:
              array: np.ndarray, inplace: bool, where: str) -> tuple[tuple[str, ...], frozenset]:
         """The answers and reports a request asks for, checked (docs/lab.md)."""
         outputs = _names(settings.get("outputs"), OUTPUTS, "outputs", where) or VALUE_ONLY
-        report = frozenset(_names(settings.get("report"), reports.names(), "report", where))
+        asked = settings.get("report")
+        report = (frozenset(_names(asked, reports.names(), "report", where))
+                  if asked is not None else NO_REPORTS)
         if outputs == VALUE_ONLY and not report and grad_output is None:
             return VALUE_ONLY, report
         if grad_output is not None:
@@ -164,6 +170,9 @@ class JobFactory:
 # computed: 64 (256 MiB with the default 4 Mi elements). A full batch of plain float32
 # requests needs 16 (wire input, compute copy, output).
 WORKING_SET_BYTES_PER_ELEMENT = 64
+# a built-in activation's value alone: wire + compute copy + answer + 3 ops, 8 bytes each
+PLAIN_BYTES_PER_ELEMENT = 6 * 8
+NO_REPORTS: frozenset[str] = frozenset()
 
 
 def tensor_ops(activation: Activation) -> int:

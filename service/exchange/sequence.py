@@ -34,8 +34,9 @@ class Source(Protocol):
 
     api: str  # the metrics label: native, v2 or grpc
 
-    def hint(self, now: float) -> Any:
-        """What admission may know before the body is read (``admission.hint_from``)."""
+    def hint(self, clock) -> Any:
+        """What admission may know before the body is read (``admission.hint_from``), its
+        deadline counted from ``clock()``; None when nothing is worth checking yet."""
         ...
 
     def declared_size(self, limit: int) -> int | None:
@@ -62,7 +63,7 @@ class Source(Protocol):
         """The answer in the transport's format; it has an ``nbytes``."""
         ...
 
-    def respond(self, encoded: Any, result: JobResult, headers: dict[str, str]) -> Any:
+    def respond(self, encoded: Any, result: JobResult, headers: list[tuple[str, str]]) -> Any:
         """The transport's response, owning ``result.release`` from now on (set it to None
         if taken)."""
         ...
@@ -75,11 +76,14 @@ class Source(Protocol):
 def server_timing(decode: float, queue: float, compute: float, encode: float,
                   total: float) -> str:
     """Milliseconds to the microsecond: parts rounded down and the total up, so the parts
-    never add up to more than the total on the wire either."""
-    parts = [(name, math.floor(value * 1e6)) for name, value in
-             (("decode", decode), ("queue", queue), ("compute", compute), ("encode", encode))]
-    parts.append(("total", math.ceil(total * 1e6)))
-    return ", ".join(f"{name};dur={us / 1000:.3f}" for name, us in parts)
+    never add up to more than the total on the wire either. (One f-string: every answer
+    carries it.)"""
+    floor = math.floor
+    return (f"decode;dur={floor(decode * 1e6) / 1000:.3f}, "
+            f"queue;dur={floor(queue * 1e6) / 1000:.3f}, "
+            f"compute;dur={floor(compute * 1e6) / 1000:.3f}, "
+            f"encode;dur={floor(encode * 1e6) / 1000:.3f}, "
+            f"total;dur={math.ceil(total * 1e6) / 1000:.3f}")
 
 
 async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
@@ -102,7 +106,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     try:
         limit = settings.max_request_bytes
         size = source.declared_size(limit)  # refused here if it cannot be read at all (413)
-        engine.admit(source.hint(time.monotonic()))  # overload refused before the body is read
+        engine.admit(source.hint(time.monotonic))  # overload refused before the body is read
         # unknown (chunked) size: claim the limit
         granted = await svc.bodies.acquire(limit if size is None else size,
                                            settings.body_timeout_s)
@@ -120,23 +124,26 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         encoded = await source.encode(job, answer, result)
         t_end = time.perf_counter()
         bytes_out = encoded.nbytes
-        headers = {
-            "Server-Timing": server_timing(t_decoded - t0, result.queue_s, result.compute_s,
-                                           t_end - t_computed, t_end - t0),
-            "X-Batch-Size": str(result.batch_requests),
-            "X-Batch-Elements": str(result.batch_elements),
-        }
+        headers = [  # (lower-case name, value)
+            ("server-timing", server_timing(t_decoded - t0, result.queue_s, result.compute_s,
+                                            t_end - t_computed, t_end - t0)),
+            ("x-batch-size", str(result.batch_requests)),
+            ("x-batch-elements", str(result.batch_elements)),
+        ]
         response = source.respond(encoded, result, headers)
         status = getattr(response, "status_code", 200)
-        ctx["log"] = {
-            "api": api, "activation": label, "shape": list(job.array.shape),
-            "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype, "out_dtype": result.dtype,
-            "amp": job.mode.amp, "inplace": job.mode.inplace, "batch": result.batch_requests,
-            "decode_ms": round((t_decoded - t0) * 1000, 3),
-            "queue_ms": round(result.queue_s * 1000, 3),
-            "compute_ms": round(result.compute_s * 1000, 3),
-            "encode_ms": round((t_end - t_computed) * 1000, 3),
-        }
+        access = svc.access_log
+        if access is not None and access.enabled():  # the fields only a log line reads
+            ctx["log"] = {
+                "api": api, "activation": label, "shape": list(job.array.shape),
+                "dtype": job.wire_dtype, "compute_dtype": job.compute_dtype,
+                "out_dtype": result.dtype, "amp": job.mode.amp, "inplace": job.mode.inplace,
+                "batch": result.batch_requests,
+                "decode_ms": round((t_decoded - t0) * 1000, 3),
+                "queue_ms": round(result.queue_s * 1000, 3),
+                "compute_ms": round(result.compute_s * 1000, 3),
+                "encode_ms": round((t_end - t_computed) * 1000, 3),
+            }
         return response
     except ActserveError as exc:
         status = exc.status
@@ -154,7 +161,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         status = CLIENT_CLOSED
         raise
     finally:
-        if result is not None:
+        if result is not None and result.release is not None:
             release(result)  # no response took the lent memory
         if lent is not None:
             lent.release()  # a no-op when the job took the slot

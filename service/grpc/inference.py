@@ -48,7 +48,7 @@ class GrpcSource:
         self.regions = regions  # the caller's own system regions
         self.model = request.model_name
 
-    def hint(self, now: float):
+    def hint(self, clock):
         return None  # the message is here: its deadline and size are checked by decoding
 
     def declared_size(self, limit: int) -> int | None:
@@ -91,7 +91,7 @@ class GrpcSource:
         return _Encoded(response, sum(len(b) for b in response.raw_output_contents))
 
     def respond(self, encoded, result, headers):
-        return _Answer(encoded.response, tuple((k.lower(), v) for k, v in headers.items()))
+        return _Answer(encoded.response, tuple(headers))
 
     def gone(self):
         return None

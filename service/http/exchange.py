@@ -33,10 +33,6 @@ _HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
 _HINT_QUERY = ("dtype", "timeout", "priority")
 
 
-def _small(length: str | None) -> bool:
-    return length is not None and length.isdigit() and int(length) < LEND_BYTES
-
-
 def _query(raw: bytes) -> dict[str, str]:
     """The query keys admission reads, from the raw query string (a malformed value is left
     for the decoder to refuse)."""
@@ -72,28 +68,41 @@ class HttpSource:
         self.settings = svc.settings
         self.api = codec.api
 
-    def hint(self, now: float):
+    def hint(self, clock):
         """What admission may know before the body is read, read straight from the ASGI
         scope (the few query keys and headers it needs; no full parse on the hot path)."""
         scope = self.request.scope
-        headers = {}
-        for key, value in scope["headers"]:
-            if key in _HINT_HEADERS:
-                headers[key.decode()] = value.decode("latin-1")
-        if not self.settings.fair_share and _small(headers.get("content-length")):
-            # a small body is read and decoded in microseconds, and ``submit`` checks the
-            # prediction with the exact size right after: no pre-body check to pay for
-            return None
+        raw = scope["headers"]
+        if not self.settings.fair_share:
+            for key, value in raw:
+                if key == b"content-length":
+                    if value.isdigit() and int(value) < LEND_BYTES:
+                        # a small body is read and decoded in microseconds, and ``submit``
+                        # checks the prediction with the exact size right after: no
+                        # pre-body check to pay for
+                        return None
+                    break
+        headers = {key.decode(): value.decode("latin-1") for key, value in raw
+                   if key in _HINT_HEADERS}
         query = _query(scope["query_string"]) if self.api == "native" else {}
         client = scope.get("client")
-        return hint_from(self.name, query, headers, client[0] if client else None, now,
+        return hint_from(self.name, query, headers, client[0] if client else None, clock(),
                          self.settings.default_timeout_s, self.api)
 
     def declared_size(self, limit: int) -> int | None:
         return declared_size(self.request, limit)
 
     def lend(self, engine: Engine, size: int | None):
-        return _lend(engine, self.codec, self.wire, self.request, size)
+        """Room the engine lends to read a large plain binary body into, or None."""
+        if size is None or size < LEND_BYTES:
+            return None
+        if self.request.headers.get("content-encoding", "identity").strip().lower() not in (
+                "", "identity"):
+            return None
+        at = self.codec.tensor_at(self.wire)
+        if at is None or at > size:
+            return None
+        return engine.lend_body(size, at)
 
     async def read(self, size, granted, lent):
         s = self.settings
@@ -114,18 +123,43 @@ class HttpSource:
         return job, answer
 
     async def wait(self, engine: Engine, job: Job) -> JobResult:
+        """Queue ``job`` and wait for its answer. A client that disconnects while its job
+        waits frees its queue slot at once and its work is skipped if not yet started
+        (``ClientGone``). The disconnect watcher starts only once a job has waited
+        ``WATCH_AFTER_S``: most answers come sooner, and then no watcher task is made."""
+        fut = engine.submit(job)
+        watch: list[asyncio.Task] = []
+        receive = self.request.receive
+
+        def start_watch() -> None:
+            w = asyncio.ensure_future(_until_disconnect(receive))
+            w.add_done_callback(lambda t: t.cancelled() or engine.abandon(job))
+            watch.append(w)
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
         try:
-            return await _wait(engine, job, self.request.receive)
-        except ClientDisconnect:
-            raise ClientGone() from None
+            return await fut
+        except asyncio.CancelledError:
+            engine.abandon(job)  # the batcher skips it if it has not started
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                release(fut.result())  # answered, but nobody will send it
+            if watch and watch[0].done() and not watch[0].cancelled():
+                raise ClientGone() from None
+            raise
+        finally:
+            timer.cancel()
+            if watch:
+                watch[0].cancel()
 
     async def encode(self, job, answer, result):
         return await encode_off_loop(self.request, self.codec.encode, job, answer, result)
 
-    def respond(self, encoded: Encoded, result: JobResult, headers: dict[str, str]):
+    def respond(self, encoded: Encoded, result: JobResult, headers: list[tuple[str, str]]):
         response = to_response(encoded, result.release)
         result.release = None  # the response owns it now
-        response.headers.update(headers)
+        raw = response.raw_headers  # names new to this response: appended, not searched
+        for name, value in headers:
+            raw.append((name.encode("latin-1"), value.encode("latin-1")))
         return response
 
     def gone(self):
@@ -136,48 +170,6 @@ async def handle(request: Request, codec: Codec, name: str, wire: Wire) -> Respo
     svc: Services = request.app.state.services
     ctx = request.scope.get("actserve", {})
     return await sequence.run(svc, HttpSource(request, codec, name, wire, svc), name, ctx)
-
-
-def _lend(engine: Engine, codec: Codec, wire: Wire, request: Request, size: int | None):
-    """Room the engine lends to read a large plain binary body into, or None."""
-    if size is None or size < LEND_BYTES:
-        return None
-    if request.headers.get("content-encoding", "identity").strip().lower() not in (
-            "", "identity"):
-        return None
-    at = codec.tensor_at(wire)
-    if at is None or at > size:
-        return None
-    return engine.lend_body(size, at)
-
-
-async def _wait(engine: Engine, job: Job, receive) -> JobResult:
-    """Queue ``job`` and wait for its answer. A client that disconnects while its job waits
-    frees its queue slot at once and its work is skipped if not yet started
-    (``ClientDisconnect`` is raised). The disconnect watcher starts only once a job has
-    waited ``WATCH_AFTER_S``: most answers come sooner, and then no watcher task is made."""
-    fut = engine.submit(job)
-    watch: list[asyncio.Task] = []
-
-    def start_watch() -> None:
-        w = asyncio.ensure_future(_until_disconnect(receive))
-        w.add_done_callback(lambda t: t.cancelled() or engine.abandon(job))
-        watch.append(w)
-
-    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watch)
-    try:
-        return await fut
-    except asyncio.CancelledError:
-        engine.abandon(job)  # the batcher skips it if it has not started
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            release(fut.result())  # answered, but nobody will send it
-        if watch and watch[0].done() and not watch[0].cancelled():
-            raise ClientDisconnect() from None
-        raise
-    finally:
-        timer.cancel()
-        if watch:
-            watch[0].cancel()
 
 
 async def _until_disconnect(receive) -> None:

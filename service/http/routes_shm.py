@@ -57,7 +57,10 @@ def cuda_regions(request: Request):
 def caller_regions(request: Request):
     """(system regions, CUDA regions) as this caller sees them, its owner worked out once
     (an inference request names either)."""
-    svc, who = _services(request), owner(request)
+    svc = request.app.state.services
+    if not svc.settings.api_keys:  # no keys: one namespace (every inference request)
+        return svc.regions, svc.cuda_regions
+    who = owner(request)
     return svc.regions.scoped(who), svc.cuda_regions.scoped(who)
 
 
