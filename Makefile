@@ -1,6 +1,11 @@
 # Two commands on a fresh clone:  `make run` (server on CPU, 127.0.0.1:8000)  and  `make test`.
 # `make run` installs only what the server needs; `make test` adds the test and load tools.
 PYTHON ?= python3
+# The virtual environment keeps the bytecode Python compiles on first import (pip installs
+# with --no-compile, so nothing else writes it): where the environment sets
+# PYTHONDONTWRITEBYTECODE, every process would compile torch's Python sources again, about
+# 2 s of CPU on each server, worker or engine process start (docs/testing.md).
+unexport PYTHONDONTWRITEBYTECODE
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0

@@ -25,12 +25,15 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from loadtest import payloads, servers, wrk
+from loadtest import client_cells, payloads, servers, wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CELLS = [("native-binary", 1024, 64), ("v2-binary", 1024, 64),
          ("native-binary", 1 << 20, 8), ("v2-binary", 1 << 20, 8)]
+# gRPC unary: the stock tritonclient.grpc in client threads of this process (wrk speaks no
+# gRPC; loadtest/client_cells.py), every answer compared with the reference
+GRPC_CELLS = [("grpc-unary", 1024, 8)]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -40,15 +43,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def start(checkout: Path, log: Path, extra: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = servers.free_port()
+def start(checkout: Path, log: Path,
+          extra: dict | None = None) -> tuple[subprocess.Popen, str, str]:
+    """(the server process, its HTTP URL, its gRPC target)."""
+    port, grpc_port = servers.free_port(), servers.free_port()
     env = {**os.environ, "ACTSERVE_HOST": "127.0.0.1", "ACTSERVE_PORT": str(port),
-           "ACTSERVE_GRPC_PORT": "0", "ACTSERVE_ACCESS_LOG": "false",
+           "ACTSERVE_GRPC_PORT": str(grpc_port), "ACTSERVE_ACCESS_LOG": "false",
            "ACTSERVE_LOG_LEVEL": "warning", **(extra or {})}
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=checkout, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
 def answer(url: str, req: payloads.Request) -> tuple[dict, bytes]:
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                for side, path in sides.items()}
     out: dict = {}
     try:
-        for side, (proc, url) in running.items():
+        for side, (proc, url, _grpc) in running.items():
             servers.wait_ready(proc, url + "/readyz", 120, side)
         for protocol, size, conc in CELLS:
             case = payloads.Case(size=size, protocol=protocol)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             req = payloads.build(case, x)
             want = payloads.expected(case, x)
             bodies = {}
-            for side, (_proc, url) in running.items():
+            for side, (_proc, url, _grpc) in running.items():
                 headers, body = answer(url, req)
                 problem = payloads.mismatch(case, payloads.parse(case, headers, body), want)
                 if problem:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu: dict[str, list[float]] = {s: [] for s in sides}
             for i in range(a.pairs):
                 for side in (list(sides) if i % 2 == 0 else list(reversed(sides))):
-                    proc, url = running[side]
+                    proc, url, _grpc = running[side]
                     c0 = cpu_s(proc.pid)
                     res = wrk.run(url + req.path, req.body, req.headers, connections=conc,
                                   seconds=a.seconds, expect=bodies[side])
@@ -101,22 +106,41 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{side} {protocol} {size}: {res}")
                     rps[side].append(res.rps)
                     cpu[side].append((cpu_s(proc.pid) - c0) / max(1, res.requests) * 1e6)
-            ratios = [b / f for b, f in zip(rps["after"], rps["before"], strict=True) if f]
             key = f"{protocol} {size} el, {conc} clients"
-            out[key] = {"same_bytes": bodies["before"] == bodies["after"], "rps": rps,
-                        "ratios": ratios, "cpu_us_per_request": cpu}
-            med = {s: statistics.median(v) for s, v in rps.items()}
-            cpu_med = {s: statistics.median(v) for s, v in cpu.items()}
-            print(f"| {key} | {med['before']:.0f} | {med['after']:.0f} | "
-                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
-                  f"{cpu_med['before']:.0f} | {cpu_med['after']:.0f} | "
-                  f"{'yes' if out[key]['same_bytes'] else 'no'} |", flush=True)
+            out[key] = _row(key, rps, cpu, bodies["before"] == bodies["after"])
+        for protocol, size, conc in GRPC_CELLS:
+            rps = {s: [] for s in sides}
+            cpu = {s: [] for s in sides}
+            for i in range(a.pairs):
+                for side in (list(sides) if i % 2 == 0 else list(reversed(sides))):
+                    proc, url, grpc_target = running[side]
+                    c0 = cpu_s(proc.pid)
+                    res = client_cells.run("tritonclient-grpc", url, grpc_target, size, conc,
+                                           a.seconds)
+                    if "error" in res or res["errors"] or res["mismatches"]:
+                        raise SystemExit(f"{side} {protocol} {size}: {res}")
+                    rps[side].append(res["rps"])
+                    cpu[side].append((cpu_s(proc.pid) - c0) / max(1, res["requests"]) * 1e6)
+            key = f"{protocol} {size} el, {conc} clients"
+            out[key] = _row(key, rps, cpu, True)  # client_cells checks every answer's bits
     finally:
-        for proc, _url in running.values():
+        for proc, _url, _grpc in running.values():
             servers.stop_process(proc)
     if a.out:
         a.out.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _row(key: str, rps: dict, cpu: dict, same_bytes: bool) -> dict:
+    """Print one table row (medians, the ratio's median and range) and return its figures."""
+    ratios = [b / f for b, f in zip(rps["after"], rps["before"], strict=True) if f]
+    med = {s: statistics.median(v) for s, v in rps.items()}
+    cpu_med = {s: statistics.median(v) for s, v in cpu.items()}
+    print(f"| {key} | {med['before']:.0f} | {med['after']:.0f} | "
+          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+          f"{cpu_med['before']:.0f} | {cpu_med['after']:.0f} | "
+          f"{'yes' if same_bytes else 'no'} |", flush=True)
+    return {"same_bytes": same_bytes, "rps": rps, "ratios": ratios, "cpu_us_per_request": cpu}
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class InferenceService:
         """``fn(request, context)`` with auth and the error table around it."""
 
         async def unary(request, context):
-            if name not in OPEN and not self._authorised(context):
+            if self.keys and name not in OPEN and not self._authorised(context):
                 self.recorder.reject(Unauthorized("unauthorized"))
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "missing or invalid bearer token (authorization: Bearer ...)")
@@ -181,6 +181,8 @@ class InferenceService:
     def _scopes(self, context) -> tuple:
         """(system regions, CUDA regions) as this caller sees them, its owner worked out
         once (an inference request names either)."""
+        if not self.keys:  # one namespace: nothing to work out for every request
+            return self.regions, self.cuda
         who = self._owner(context)
         return self.regions.scoped(who), self.cuda.scoped(who)
 
