@@ -334,13 +334,14 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
 
 
 def test_sigterm_under_load_drains_every_worker_and_cleans_up():
-    """Requests are held in the workers' queues (max_delay_us) when the supervisor gets
-    SIGTERM; every accepted request gets its answer, the supervisor exits 0 and nothing of
-    the instance is left in /dev/shm."""
+    """Requests are held in the workers' queues (max_delay_us: a batch under
+    max_batch_requests waits that long) when the supervisor gets SIGTERM; every accepted
+    request gets its answer, the supervisor exits 0 and nothing of the instance is left in
+    /dev/shm."""
     rng = np.random.default_rng(13)
     xs = [rng.standard_normal(1000 + 100 * i).astype("<f4") for i in range(24)]
-    env = {"ACTSERVE_WORKERS": "2", "ACTSERVE_MAX_DELAY_US": "400000",
-           "ACTSERVE_MAX_BATCH_REQUESTS": "4"}
+    env = {"ACTSERVE_WORKERS": "2", "ACTSERVE_MAX_DELAY_US": "1000000",
+           "ACTSERVE_MAX_BATCH_REQUESTS": "64"}
     with subprocess_server(env) as (proc, url):
         assert len(run_dirs(proc.pid)) == 1
         workers = [w["pid"] for w in get_fresh(url, "/v1/stats").json()["workers"]]
@@ -350,10 +351,9 @@ def test_sigterm_under_load_drains_every_worker_and_cleans_up():
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
                 tasks = post_silu_all(c, xs)
                 deadline = asyncio.get_running_loop().time() + 30
-                while asyncio.get_running_loop().time() < deadline:
-                    if (await c.get("/v1/stats")).json()["queue_depth"] >= 8:
-                        break
-                proc.send_signal(signal.SIGTERM)
+                while (await c.get("/v1/stats")).json()["queue_depth"] < 8:
+                    assert asyncio.get_running_loop().time() < deadline, "never queued"
+                proc.send_signal(signal.SIGTERM)  # with at least 8 requests waiting
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
         results = asyncio.run(run())

@@ -40,6 +40,7 @@ from service.settings import Settings
 log = logging.getLogger("actserve")
 YOUNG_S = 5.0  # a child that dies younger than this doubles its restart delay
 MAX_DELAY_S = 10.0
+STARTING_GRACE_S = 3.0  # at shutdown, what a worker that is not ready yet gets before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class Supervisor:
                 self.flags.close()
         finally:
             self.run_dir.remove()
+            for name in clean_stale():  # what a child killed at shutdown left behind
+                log.info("actserve: removed %s, left by a child that was killed", name)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> int:
@@ -224,19 +227,27 @@ class Supervisor:
             c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.graceful_shutdown_s + 15
         ok = not failed
-        ok = self._wait(workers, deadline, ok)
+        # A worker still starting has accepted nothing (it listens only once it can serve)
+        # and may be waiting out a start-up timeout (an engine that died): it gets a short
+        # grace, not the drain's, and is killed after it.
+        starting = [c for c in workers if not self.flags.get(c.spec.slot)]
+        ok = self._wait(starting, min(deadline, time.monotonic() + STARTING_GRACE_S), ok,
+                        killed_ok=True)
+        ok = self._wait([c for c in workers if c not in starting], deadline, ok)
         for c in engines:  # the workers have drained: now the engine drains and exits
             c.proc.stdin.close()
         return 0 if self._wait(engines, deadline, ok) else 1
 
     @staticmethod
-    def _wait(live: list[Child], deadline: float, ok: bool) -> bool:
+    def _wait(live: list[Child], deadline: float, ok: bool, killed_ok: bool = False) -> bool:
         for c in live:
             try:
                 code = c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 code = c.proc.wait()
+                if killed_ok:
+                    continue
             # -SIGTERM: the child was still starting (no handler yet, nothing accepted: a
             # worker listens only once it can serve); a serving one drains and exits 0.
             ok = ok and code in (0, -signal.SIGTERM)
