@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    p.add_argument("--only", default="", help="comma-separated protocols to run (e.g. "
+                   "grpc-unary,native-binary); default: every cell")
     for side in ("before", "after"):
         p.add_argument(f"--{side}-env", action="append", default=[], metavar="KEY=VALUE",
                        help=f"an environment variable of the {side} server (repeatable)")
     a = p.parse_args(argv)
+    only = set(filter(None, a.only.split(",")))
     sides = {"before": a.before.resolve(), "after": a.after.resolve()}
     extra = {side: dict(kv.split("=", 1) for kv in getattr(a, f"{side}_env")) for side in sides}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for side, (proc, url, _grpc) in running.items():
             servers.wait_ready(proc, url + "/readyz", 120, side)
         for protocol, size, conc in CELLS:
+            if only and protocol not in only:
+                continue
             case = payloads.Case(size=size, protocol=protocol)
             x = payloads.values(case, 0)
             req = payloads.build(case, x)
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{protocol} {size} el, {conc} clients"
             out[key] = _row(key, rps, cpu, bodies["before"] == bodies["after"])
         for protocol, size, conc in GRPC_CELLS:
+            if only and protocol not in only:
+                continue
             rps = {s: [] for s in sides}
             cpu = {s: [] for s in sides}
             for i in range(a.pairs):
