@@ -20,11 +20,14 @@ from service.engine.admission import (
     Hint,
     PredictedLate,
     QueueDelay,
+    RemoteWait,
     ServiceModel,
     hint_from,
 )
 from service.engine.batcher import Batcher
 from service.engine.capabilities import Capabilities
+from service.engine.ipc import messages
+from service.engine.ipc.remote import RemoteEngine
 from service.engine.job import Job, JobResult
 from service.engine.pool import ExecutorPool
 from service.errors import DeadlineExceeded
@@ -368,3 +371,46 @@ def test_v1_stats_shows_the_queue_discipline_and_backlog():
         overload = c.get("/v1/stats").json()["overload"]
     assert overload["discipline"] in ("fifo", "controlled_delay", "adaptive_lifo"), overload
     assert overload["switches"] == 0 and overload["backlog_s"] >= 0
+
+
+# -- the engine process: the worker refuses before the body, from the engine's answers -----
+def test_the_engines_predicted_wait_drains_with_time_and_bounds_from_below():
+    clock = Clock()
+    seen = RemoteWait(Settings(overload_safety=1.0), clock)
+    soon = Hint("gelu", 1 << 18, deadline=clock.now + 0.5)
+    seen.check(soon)  # nothing seen yet: no bound
+    seen.observe(2.0)  # the engine's queue: 2 s of work ahead of a new request
+    with pytest.raises(PredictedLate) as refused:
+        seen.check(soon)
+    assert refused.value.retry_after == 2  # 1.5 s over, in whole seconds
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 2.5))  # fits
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.5, priority=1))  # may pass it
+    seen.check(None)
+    clock.now += 1.6  # drained at a second a second: 0.4 s left
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.5))
+    with pytest.raises(PredictedLate):
+        seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.3))
+    seen.observe(0.0)  # an answer from an empty queue
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.01))
+    off = RemoteWait(Settings(overload_admission=False), clock)
+    off.observe(60.0)
+    off.check(soon)
+
+
+def test_a_worker_refuses_before_the_body_from_the_wait_on_the_engines_answers():
+    """``RemoteEngine.admit`` with a hint: the wait the engine process put on its last
+    answer (``Done`` or ``Error``, even one for a job this worker no longer holds)."""
+    clock = Clock()
+    eng = RemoteEngine(Settings(overload_safety=1.0))
+    eng._ready = True
+    eng._engine_wait.clock = clock
+    late = Hint("gelu", 1 << 18, deadline=clock.now + 0.5)
+    eng.admit(late)
+    eng._on_message(messages.Done(99, "float32", (4,), 0.0, 1, 4, "cpu", 0.0, {}, None, None,
+                                  {}, 3.0))
+    with pytest.raises(PredictedLate):
+        eng.admit(late)
+    eng.admit(Hint("gelu", 1 << 18, deadline=clock.now + 5.0))
+    eng.admit()  # no hint (a small body, or submit's own count check): no prediction
+    eng._on_message(messages.Error(98, "predicted_late", "late", None, 0.0))
+    eng.admit(late)

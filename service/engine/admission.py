@@ -78,6 +78,15 @@ def _refusal(cls: type[ActserveError], message: str, retry_s: float) -> Actserve
     return exc
 
 
+def predicted_late(need: float, wait: float, room: float) -> ActserveError:
+    """503 ``predicted_late``: ``need`` seconds (``wait`` of them queued ahead) against
+    ``room`` left before the deadline."""
+    return _refusal(PredictedLate, (
+        f"the server would finish this request in about {need * 1000:.0f} ms "
+        f"({wait * 1000:.0f} ms of queued work ahead of it), after its deadline in "
+        f"{max(room, 0) * 1000:.0f} ms; retry later or with a longer timeout"), need - room)
+
+
 @dataclass(frozen=True, slots=True)
 class Hint:
     """What is known of a request before its body is read."""
@@ -293,11 +302,7 @@ class Admission:
             self._check_share(client, cost, wait, room)
         need = self.safety * (wait + cost)
         if need > room:
-            raise _refusal(PredictedLate, (
-                f"the server would finish this request in about {need * 1000:.0f} ms "
-                f"({wait * 1000:.0f} ms of queued work ahead of it), after its deadline in "
-                f"{max(room, 0) * 1000:.0f} ms; retry later or with a longer timeout"),
-                need - room)
+            raise predicted_late(need, wait, room)
         if self.overloaded and wait > self.max_wait:
             raise _refusal(QueueDelay, (
                 f"the queue is overloaded (its delay stood above "
@@ -376,3 +381,32 @@ class Admission:
                 "clients": len(self.clients),
                 "prediction_error": {"buckets": ERROR_BUCKETS, "counts": list(self.error_counts),
                                      "sum": self.error_sum, "count": self.error_n}}
+
+
+class RemoteWait:
+    """A worker's view of the engine process's queue (``--engine process``): the predicted
+    wait of a new request there (``Admission.wait_ahead(0)``), carried on every answer the
+    engine sends, drained at one second a second since it was seen. A request whose
+    deadline is nearer than that is refused before its body is read, as the inline engine
+    refuses it. A lower bound: its own cost and work other workers queued since are left
+    out, so it never refuses what the engine would admit."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+        self.enabled = settings.overload_admission
+        self.safety = settings.overload_safety
+        self.clock = clock
+        self.wait_s = 0.0
+        self.seen = 0.0
+
+    def observe(self, wait_s: float) -> None:
+        self.wait_s, self.seen = wait_s, self.clock()
+
+    def check(self, hint: Hint | None) -> None:
+        if (not self.enabled or hint is None or hint.deadline is None or hint.priority > 0
+                or self.wait_s <= 0.0):
+            return  # a higher priority may pass the queued work: no bound to go by
+        now = self.clock()
+        wait = self.wait_s - (now - self.seen)
+        room = hint.deadline - now
+        if wait > 0.0 and self.safety * wait > room:
+            raise predicted_late(self.safety * wait, wait, room)

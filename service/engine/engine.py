@@ -238,6 +238,11 @@ class Engine:
         too."""
         self.batcher.admit(hint)
 
+    def predicted_wait(self) -> float:
+        """Seconds a new request of priority 0 would wait now (``Admission.wait_ahead``);
+        the engine process sends it with every answer (``admission.RemoteWait``)."""
+        return self.batcher.admission.wait_ahead(0)
+
     def overload(self) -> dict:
         """The overload policy's state (``admission.Admission.snapshot``), for /metrics."""
         return self.batcher.admission.snapshot()

@@ -333,12 +333,14 @@ class EngineHost:
         elif future.exception() is not None:
             exc = future.exception()
             err = exc if isinstance(exc, ActserveError) else ActserveError(str(exc))
-            worker.send(messages.Error(jid, err.type, err.message, batch))
+            worker.send(messages.Error(jid, err.type, err.message, batch,
+                                       self.engine.predicted_wait()))
         else:
             r: JobResult = future.result()
             worker.send(messages.Done(jid, r.dtype, r.array.shape, r.compute_s,
                                       r.batch_requests, r.batch_elements, r.device, r.queue_s,
-                                      r.extra, batch, r.grad_dtype, to_channel(r.reports)))
+                                      r.extra, batch, r.grad_dtype, to_channel(r.reports),
+                                      self.engine.predicted_wait()))
         self._maybe_release(worker)
 
     def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:

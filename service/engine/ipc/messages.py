@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 1
+PROTOCOL = 2
 
 
 class _Message(msgspec.Struct, array_like=True, gc=False, omit_defaults=False):
@@ -139,6 +139,7 @@ class Done(_Message, tag="done"):
     batch: Batch | None
     grad_dtype: str | None  # None: no gradient
     reports: dict[str, Any]  # each as its report carries it (reports.to_channel)
+    wait_s: float = 0.0  # the engine's predicted wait for a new request (admission.RemoteWait)
 
 
 class Error(_Message, tag="error"):
@@ -146,6 +147,7 @@ class Error(_Message, tag="error"):
     error_type: str
     message: str
     batch: Batch | None = None
+    wait_s: float = 0.0  # as on ``Done``
 
 
 class Cancelled(_Message, tag="cancelled"):

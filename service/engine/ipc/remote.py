@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from service import dtypes
 from service.engine.activations import Activation, Registry
-from service.engine.admission import OVERLOAD_ERRORS, Hint
+from service.engine.admission import OVERLOAD_ERRORS, Hint, RemoteWait
 from service.engine.capabilities import Capabilities
 from service.engine.device_refs import placeholder
 from service.engine.inline import ExpressionCache
@@ -98,6 +98,7 @@ class RemoteEngine:
         self._link: channel.Link | None = None
         self._task: asyncio.Task | None = None
         self._pending = PendingJobs()
+        self._engine_wait = RemoteWait(settings, time.monotonic)  # the engine's queue, seen
         self._backlog: deque[int] = deque()  # waiting for arena space, in order
         self._ids = itertools.count(1)
         self._first_state = asyncio.Event()
@@ -241,7 +242,10 @@ class RemoteEngine:
 
     def admit(self, hint: Hint | None = None) -> None:
         """The queue and its prediction live in the engine process: an overload refusal
-        (``admission.py``) comes back as the job's error; here only the count."""
+        (``admission.py``) comes back as the job's error. Here the count, and, with a
+        ``hint``, the engine's predicted wait as its last answer gave it
+        (``admission.RemoteWait``): a request that cannot finish by its deadline is refused
+        before its body is read."""
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
         if not self._serving:
@@ -249,6 +253,7 @@ class RemoteEngine:
         if len(self._pending) >= self.settings.max_queue_requests:
             raise QueueFull(
                 f"the queue is full ({self.settings.max_queue_requests} requests waiting); retry")
+        self._engine_wait.check(hint)
 
     def lend_body(self, nbytes: int, tensor_at: int) -> LentBody | None:
         """Arena room to read a binary body into (``lending.py``); None: read it as usual."""
@@ -408,6 +413,7 @@ class RemoteEngine:
             self._unreadable(m)
 
     def _done(self, m: messages.Done) -> None:
+        self._engine_wait.observe(m.wait_s)
         p = self._pending.get(m.id)
         if p is None:
             return
@@ -425,6 +431,7 @@ class RemoteEngine:
 
     def _error(self, m: messages.Error) -> None:
         self._report(m.batch)
+        self._engine_wait.observe(m.wait_s)
         self._resolve(m.id, error=channel.error_from(m.error_type, m.message))
 
     def _cancelled(self, m: messages.Cancelled) -> None:
