@@ -65,13 +65,14 @@ lint: install
 	$(VENV)/bin/lint-imports --no-cache
 
 # the whole suite (what .ci/run calls); the tiers are in docs/testing.md. Two pytest worker
-# processes, each test file on one of them (module-scoped servers start once):
+# processes, each test file on one of them (module-scoped servers start once), the files with
+# slow tests handed out first (tests/conftest.py orders them; xdist keeps that order):
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # the quick loop while working: unit and in-process tests, no server, process or socket
 # (ACTSERVE_TEST_TIER=fast makes a test that starts a server without the socket mark fail)

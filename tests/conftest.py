@@ -196,10 +196,19 @@ def _needs_socket(item) -> bool:
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """``socket`` on the tests that start servers or processes (the fast tier leaves them
-    out); ``gpu`` tests skip cleanly where CUDA is absent."""
+    out); ``gpu`` tests skip cleanly where CUDA is absent. Under pytest-xdist (``make
+    test``) the files with ``slow`` tests go first, then those with ``socket`` ones: each
+    worker takes whole files in this order, so the long ones start early and the short
+    ones fill the gaps instead of one worker finishing a long file alone at the end."""
     for item in items:
         if "socket" not in item.keywords and _needs_socket(item):
             item.add_marker(pytest.mark.socket)
+    if getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        weight: dict[str, int] = {}
+        for item in items:
+            w = 0 if "slow" in item.keywords else 1 if "socket" in item.keywords else 2
+            weight[item.path] = min(weight.get(item.path, 2), w)
+        items.sort(key=lambda item: weight[item.path])  # stable: a file keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run scripts/gpu_check.sh on a GPU machine)")

@@ -206,6 +206,7 @@ def test_cli_names_a_bad_worker_count():
     assert "workers (ACTSERVE_WORKERS)" in r.stderr
 
 
+@pytest.mark.slow  # several server processes
 def test_one_worker_is_one_process_without_a_supervisor():
     with subprocess_server({"ACTSERVE_WORKERS": "1"}) as (proc, url):
         children = [c for t in Path(f"/proc/{proc.pid}/task").iterdir()
@@ -218,6 +219,7 @@ def test_one_worker_is_one_process_without_a_supervisor():
         assert proc.wait(60) == 0
 
 
+@pytest.mark.slow  # several server processes
 def test_a_worker_that_cannot_start_stops_the_server_cleanly():
     import torch
 
@@ -233,6 +235,7 @@ def test_a_worker_that_cannot_start_stops_the_server_cleanly():
 
 
 # -- one server in the numbers ----------------------------------------------------------------
+@pytest.mark.slow  # several server processes
 def test_numbers_from_any_worker_cover_every_worker(two_workers):
     _, url, port = two_workers
     before = get_fresh(url, "/v1/stats").json()
@@ -264,6 +267,7 @@ def test_numbers_from_any_worker_cover_every_worker(two_workers):
             base_v2["inference_stats"]["success"]["count"] + n
 
 
+@pytest.mark.slow  # several server processes
 def test_port_of_a_running_server_is_refused_to_another(two_workers):
     _, _, port = two_workers
     for workers in ("2", "1"):
@@ -275,6 +279,7 @@ def test_port_of_a_running_server_is_refused_to_another(two_workers):
 
 
 # -- faults -----------------------------------------------------------------------------------
+@pytest.mark.slow  # several server processes
 def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
     proc, url, port = two_workers
     for _ in range(20):
@@ -333,6 +338,7 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
     assert requests_total(get_fresh(url, "/metrics").text) >= total
 
 
+@pytest.mark.slow  # several server processes
 def test_sigterm_under_load_drains_every_worker_and_cleans_up():
     """Requests are held in the workers' queues (max_delay_us: a batch under
     max_batch_requests waits that long) when the supervisor gets SIGTERM; every accepted
@@ -363,6 +369,7 @@ def test_sigterm_under_load_drains_every_worker_and_cleans_up():
     assert run_dirs(proc.pid) == []
 
 
+@pytest.mark.slow  # several server processes
 def test_files_of_a_killed_server_are_removed_at_the_next_start():
     port = free_port()
     with subprocess_server({"ACTSERVE_WORKERS": "2"}, port=port) as (proc, url):
