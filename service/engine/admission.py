@@ -154,7 +154,8 @@ class ServiceModel:
     def __init__(self) -> None:
         self.cost: dict[tuple[str, str, int], float] = {}
         self.per_element: dict[str, float] = {}  # device -> seconds per element
-        self._memo: dict[tuple[str | None, int], float] = {}  # cleared by every observation
+        # (activation, elements) -> prediction; cleared by every observation
+        self._memo: dict[tuple[str | None, int], float] = {}
 
     def observe(self, activation: str, device: str, sizes: list[int], wall: float) -> None:
         total = sum(sizes)
@@ -166,7 +167,7 @@ class ServiceModel:
         self.per_element[device] = rate if old is None else old + ALPHA * (rate - old)
         by_class: dict[int, list[int]] = {}
         for n in sizes:
-            by_class.setdefault((n if n > 1 else 1).bit_length(), []).append(n)  # size_class
+            by_class.setdefault(size_class(n), []).append(n)
         for cls, ns in by_class.items():
             each = rate * sum(ns) / len(ns)
             key = (activation, device, cls)
@@ -177,10 +178,10 @@ class ServiceModel:
         """Seconds of compute one request of ``elements`` adds (mean over devices)."""
         if elements is None or not self.per_element:
             return 0.0
-        cls = (elements if elements > 1 else 1).bit_length()  # size_class, inlined (hot)
-        memo = self._memo.get((activation, cls))
+        memo = self._memo.get((activation, elements))  # one lookup per request (hot)
         if memo is None:
-            memo = self._memo[(activation, cls)] = self._predict(activation, cls)
+            memo = self._memo[(activation, elements)] = self._predict(activation,
+                                                                      size_class(elements))
         return memo
 
     def _predict(self, activation: str | None, cls: int) -> float:

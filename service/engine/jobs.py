@@ -170,8 +170,6 @@ class JobFactory:
 # computed: 64 (256 MiB with the default 4 Mi elements). A full batch of plain float32
 # requests needs 16 (wire input, compute copy, output).
 WORKING_SET_BYTES_PER_ELEMENT = 64
-# a built-in activation's value alone: wire + compute copy + answer + 3 ops, 8 bytes each
-PLAIN_BYTES_PER_ELEMENT = 6 * 8
 NO_REPORTS: frozenset[str] = frozenset()
 
 
@@ -206,6 +204,12 @@ def working_set(n: int, wire: int, compute: int, ops: int, outputs: tuple[str, .
     for name in report:  # e.g. numerics: float64 temporaries (service/engine/reports)
         per += reports.REGISTRY[name].bytes_per_element(ops)
     return n * per
+
+
+# The most a built-in activation's value alone needs per element (float64 everywhere, a
+# batch norm's three tensor operations), from ``working_set`` itself: a request this small
+# needs no sum (``JobFactory._admit_working_set``).
+PLAIN_BYTES_PER_ELEMENT = working_set(1, 8, 8, 3, VALUE_ONLY, NO_REPORTS, False)
 
 
 def _names(raw: object, allowed: tuple[str, ...], what: str, where: str) -> tuple[str, ...]:
