@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -50,6 +52,7 @@ class Conn:
 
 
 async def _exchange(conn: Conn, raw: bytes) -> tuple[int, bytes, bool]:
+    """One request on a stream connection (the /readyz probe)."""
     conn.writer.write(raw)
     head = await conn.reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -66,90 +69,160 @@ async def _exchange(conn: Conn, raw: bytes) -> tuple[int, bytes, bool]:
     return status, body, close
 
 
-class Generator:
-    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500) -> None:
-        self.host, self.port, self.raw = host, port, raw
-        self.idle: list[Conn] = []
-        self.open = 0
-        self.max_conns = max_conns
+_ERROR_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
 
-    async def _conn(self) -> Conn | None:
-        if self.idle:
-            return self.idle.pop()
-        if self.open >= self.max_conns:
-            return None
-        self.open += 1
-        try:
-            r, w = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            self.open -= 1
-            return None
-        return Conn(r, w)
 
-    async def one(self, deadline_s: float, out: list) -> None:
-        t0 = time.perf_counter()
-        conn = await self._conn()
-        if conn is None:
-            out.append((t0, time.perf_counter() - t0, -1, "client_no_connection"))
+class _Wire(asyncio.Protocol):
+    """One keep-alive connection, at most one request outstanding on it; reads just
+    enough of each answer: the status, Content-Length, Connection and the error type."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.due: float | None = None  # the outstanding request's scheduled time
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.gen.every.add(self)
+
+    def send(self, due: float) -> None:
+        self.due = due
+        self.transport.write(self.gen.raw)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.due is None:
             return
-        try:
-            status, body, close = await asyncio.wait_for(_exchange(conn, self.raw),
-                                                         deadline_s + 30)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-            self.open -= 1
-            conn.writer.close()
-            out.append((t0, time.perf_counter() - t0, -1, "client_error"))
+        head = bytes(self.buf[:end]).lower()
+        i = head.find(b"content-length:")
+        length = int(head[i + 15:].split(b"\r\n", 1)[0]) if i >= 0 else 0
+        if len(self.buf) < end + 4 + length:
             return
-        took = time.perf_counter() - t0
+        status = int(head[9:12])
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        del self.buf[:end + 4 + length]
+        due, self.due = self.due, None
         reason = ""
         if status != 200:
-            try:
-                err = json.loads(body).get("error", {})
-                reason = err.get("type", str(status)) if isinstance(err, dict) else str(status)
-            except ValueError:
-                reason = str(status)
-        if close:
-            self.open -= 1
-            conn.writer.close()
+            m = _ERROR_TYPE.search(body)
+            reason = m.group(1).decode() if m else str(status)
+        if b"connection: close" in head:
+            self.transport.close()
         else:
-            self.idle.append(conn)
-        out.append((t0, took, status, reason))
+            self.gen.idle.append(self)
+        self.gen.done(due, status, reason)
+
+    def connection_lost(self, exc) -> None:
+        self.gen.open -= 1
+        self.gen.every.discard(self)
+        if self in self.gen.idle:
+            self.gen.idle.remove(self)
+        if self.due is not None:
+            due, self.due = self.due, None
+            self.gen.done(due, -1, "client_error")
+
+
+class Generator:
+    """Requests on asyncio protocols over at most ``max_conns`` keep-alive connections.
+    Every latency is counted from the request's scheduled time (so a generator that falls
+    behind shows it, and no omission is coordinated with the server)."""
+
+    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500) -> None:
+        self.host, self.port, self.raw = host, port, raw
+        self.idle: list[_Wire] = []
+        self.every: set[_Wire] = set()  # every open connection, busy or idle
+        self.open = 0
+        self.max_conns = max_conns
+        self.out: list = []
+        self.outstanding = 0
+        self._connecting: set[asyncio.Task] = set()
+        self.lag = 0.0  # the open loop's worst slip behind its schedule, seconds
+        self._again: float | None = None  # closed loop: send again until this time
+        self._all_done: asyncio.Event | None = None
+
+    def _send(self, due: float) -> None:
+        self.outstanding += 1
+        if self.idle:
+            self.idle.pop().send(due)
+            return
+        if self.open >= self.max_conns:
+            self.done(due, -1, "client_no_connection")
+            return
+        self.open += 1
+        task = asyncio.ensure_future(self._connect(due))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, wire = await loop.create_connection(lambda: _Wire(self), self.host, self.port)
+        except OSError:
+            self.open -= 1
+            self.done(due, -1, "client_error")
+            return
+        wire.send(due)
+
+    def done(self, due: float, status: int, reason: str) -> None:
+        now = time.perf_counter()
+        self.out.append((due, now - due, status, reason))
+        self.outstanding -= 1
+        if self._again is not None and now < self._again:
+            self._send(now)
+        elif self.outstanding == 0 and self._all_done is not None:
+            self._all_done.set()
+
+    async def _drain(self, give_up_s: float) -> None:
+        if self.outstanding:
+            self._all_done = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_done.wait(), give_up_s)
+            except asyncio.TimeoutError:
+                pass
+            self._all_done = None
 
     async def open_loop(self, rate: float, seconds: float, deadline_s: float) -> list:
-        out: list = []
-        tasks = set()
-        start = time.perf_counter()
+        self.out = []
         n = int(rate * seconds)
-        for i in range(n):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            t = asyncio.ensure_future(self.one(deadline_s, out))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks, timeout=deadline_s + 35)
+        start = time.perf_counter() + 0.01
+        i = 0
+        self.lag = 0.0
+        while i < n:
+            now = time.perf_counter()
+            if i < n and now - (start + i / rate) > self.lag:
+                self.lag = now - (start + i / rate)  # how far the generator fell behind
+            while i < n and start + i / rate <= now:
+                self._send(start + i / rate)
+                i += 1
+            if i < n:
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        await self._drain(deadline_s + 10)
+        out = self.out
+        now = time.perf_counter()
+        pending = [w for w in self.every if w.due is not None]
+        for w in pending:  # never answered: the client gave up
+            out.append((w.due, now - w.due, -1, "client_timeout"))
+            w.due = None
         return out
 
     async def closed_loop(self, concurrency: int, seconds: float, deadline_s: float) -> float:
-        out: list = []
-        stop = time.perf_counter() + seconds
-
-        async def worker():
-            while time.perf_counter() < stop:
-                await self.one(deadline_s, out)
-
+        self.out = []
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        ok = sum(1 for r in out if r[2] == 200)
+        self._again = t0 + seconds
+        for _ in range(concurrency):
+            self._send(t0)
+        await asyncio.sleep(seconds)
+        self._again = None
+        await self._drain(deadline_s + 10)
+        ok = sum(1 for r in self.out if r[2] == 200)
         return ok / (time.perf_counter() - t0)
 
     def close(self) -> None:
-        for c in self.idle:
-            c.writer.close()
+        for w in list(self.every):
+            w.transport.close()
         self.idle.clear()
-        self.open = 0
 
 
 async def _readyz_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
@@ -206,7 +279,8 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         stop.set()
         await asyncio.wait([probe], timeout=5)
         row = summarize(results, seconds, deadline_s, capacity * m)
-        row.update(multiple=m, readyz_max_ms=_pct(worst, 100), rss_mib=round(_rss(child) / 2**20, 1))
+        row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
+                   readyz_max_ms=_pct(worst, 100), rss_mib=round(_rss(child) / 2**20, 1))
         rows.append(row)
         print(f"  {elements} x{m:g}: {row}", flush=True)
         gen.close()
@@ -255,6 +329,36 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _cpus(text: str) -> set[int]:
+    """``0``, ``0-3``, ``0,2``: a set of core numbers."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _split_cpus(server: str | None, client: str | None) -> tuple[set[int] | None, set[int] | None]:
+    """The server on one half of the cores, the generator on the other, so the generator's
+    own work is not taken from the server (a generator on the server's cores measures
+    itself). With one core, both share it."""
+    mine = sorted(os.sched_getaffinity(0))
+    if server is None and client is None and len(mine) < 2:
+        return None, None
+    half = max(1, len(mine) // 2)
+    s = _cpus(server) if server else set(mine[:half])
+    c = _cpus(client) if client else (set(mine) - s or set(mine))
+    return s, c
+
+
+def _run(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
@@ -264,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--steps", default=",".join(f"{s:g}" for s in STEPS))
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--server-cpus", default=None,
+                   help="cores for the server, e.g. 0 or 0-1 (default: the first half of "
+                        "this process's cores when it has two or more, else all)")
+    p.add_argument("--client-cpus", default=None,
+                   help="cores for the generator (default: the other half)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an actserve setting for the server (repeatable)")
     a = p.parse_args(argv)
@@ -274,13 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = item.partition("=")
         settings[k] = v
     steps = tuple(float(s) for s in a.steps.split(","))
-    child = servers.start_actserve("actserve-overload", out / "logs", settings)
+    server_cpus, client_cpus = _split_cpus(a.server_cpus, a.client_cpus)
+    child = servers.start_actserve("actserve-overload", out / "logs", settings,
+                                   cpus=server_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
+                       "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
+                       "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
               "cases": []}
     with servers.running([child]):
         for size in (int(s) for s in a.sizes.split(",")):
-            result["cases"].append(asyncio.run(run_case(child, size, a.activation, a.seconds,
+            result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
                                                         a.deadline, steps)))
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(_markdown(result))

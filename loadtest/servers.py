@@ -102,19 +102,24 @@ def _wait_ready(child: Child, timeout: float) -> None:
         raise
 
 
-def _spawn(name: str, argv: list[str], env: dict, log_dir: Path, port: int) -> Child:
+def _spawn(name: str, argv: list[str], env: dict, log_dir: Path, port: int,
+           cpus: set[int] | None = None) -> Child:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
+    # ``cpus``: the child and everything it starts run on these cores only
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, preexec_fn=pin)
     return Child(name, f"http://127.0.0.1:{port}", proc, log)
 
 
 def start_actserve(name: str, log_dir: Path, settings: dict | None = None, *,
-                   env: dict | None = None, port: int | None = None) -> Child:
+                   env: dict | None = None, port: int | None = None,
+                   cpus: set[int] | None = None) -> Child:
     """``python -m service serve`` with ``ACTSERVE_*`` settings (access log off, log level
-    warning unless ``settings`` say otherwise); ``env`` (raw variables) is applied last.
+    warning unless ``settings`` say otherwise); ``env`` (raw variables) is applied last;
+    ``cpus`` pins it (and its workers) to those cores.
     gRPC is off unless the settings say ``grpc_port="free"`` (a free port).
     Not yet ready: pass it to ``running`` (or ``wait_ready``)."""
     port = port or free_port()
@@ -129,7 +134,8 @@ def start_actserve(name: str, log_dir: Path, settings: dict | None = None, *,
     for k, v in settings.items():
         child_env[f"ACTSERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     child_env.update(env or {})
-    child = _spawn(name, [sys.executable, "-m", "service", "serve"], child_env, log_dir, port)
+    child = _spawn(name, [sys.executable, "-m", "service", "serve"], child_env, log_dir, port,
+                   cpus)
     child.grpc_target = grpc_target
     return child
 
