@@ -153,7 +153,7 @@ class Settings(BaseSettings):
         200.0, gt=0, description="how long the delay must stand above (or below) the target "
                                  "before the discipline switches (and back)")
     overload_max_wait_ms: float = Field(
-        500.0, gt=0, description="while overloaded, the longest predicted wait admitted "
+        100.0, gt=0, description="while overloaded, the longest predicted wait admitted "
                                  "(503 queue_delay beyond it)")
     overload_lifo: bool = Field(
         False, description="while overloaded, serve the newest batch first and shed jobs that "

@@ -3,11 +3,17 @@ predicted finish, a queue that stays fresh, and per-client shares. Event loop on
 and HTTP-free; every time is read from the clock the batcher hands in (a fake one in tests).
 
 * ``ServiceModel`` learns what a request costs: per (activation, device, size class) an
-  exponentially weighted mean of the seconds of compute each request took, its share of
-  its batch's wall time (``wall * numel / batch elements``), so batching under load is in
-  the figure. A size class with no sample yet is scaled from the nearest class measured
-  for that activation, then from the device's mean cost per element; nothing measured
-  yet predicts zero (admitted until the first batch has been timed).
+  exponentially weighted mean of the seconds each request took, its share of its batch's
+  time (``seconds * numel / batch elements``), so batching under load is in the figure.
+  While work waits behind a batch, its time is the executor's *cycle*, from its dispatch
+  to the dispatch of the next batch on that executor: the compute and everything the
+  process does before the queue moves on (the event loop decoding, encoding and answering
+  each request, on the same cores), which is the rate the queue really drains at (compute
+  alone predicted waits 15 times too short on one core with small requests). With nothing
+  waiting, it is the batch's compute wall time. A size class with no sample yet is scaled
+  from the nearest class measured for that activation, then from the device's mean cost
+  per element; nothing measured yet predicts zero (admitted until the first batch has been
+  timed).
 * ``Admission`` keeps the predicted seconds of work queued at each priority and running
   on each executor, so the wait of a new request is one sum: the work at its priority or
   above, divided by the executors, plus what remains of the running batches. A request
@@ -72,7 +78,7 @@ OVERLOAD_ERRORS: dict[str, type[ActserveError]] = {
     c.type: c for c in (PredictedLate, QueueDelay, ClientShare)}
 
 
-def _refusal(cls: type[ActserveError], message: str, retry_s: float) -> ActserveError:
+def refusal(cls: type[ActserveError], message: str, retry_s: float) -> ActserveError:
     exc = cls(message)
     exc.retry_after = max(1, math.ceil(retry_s))  # whole seconds (HTTP Retry-After)
     return exc
@@ -81,7 +87,7 @@ def _refusal(cls: type[ActserveError], message: str, retry_s: float) -> Actserve
 def predicted_late(need: float, wait: float, room: float) -> ActserveError:
     """503 ``predicted_late``: ``need`` seconds (``wait`` of them queued ahead) against
     ``room`` left before the deadline."""
-    return _refusal(PredictedLate, (
+    return refusal(PredictedLate, (
         f"the server would finish this request in about {need * 1000:.0f} ms "
         f"({wait * 1000:.0f} ms of queued work ahead of it), after its deadline in "
         f"{max(room, 0) * 1000:.0f} ms; retry later or with a longer timeout"), need - room)
@@ -231,6 +237,9 @@ class Admission:
         self.backlog: dict[int, float] = {}  # priority -> predicted seconds queued
         self.clients: dict[str, list] = {}  # client -> [jobs queued, predicted seconds]
         self.running: dict[int, tuple[float, float]] = {}  # executor id -> (start, cost)
+        # executor id -> (start, activation, device, sizes) of a batch that finished while
+        # work waited: observed at the executor's next dispatch, as a whole cycle
+        self._cycle: dict[int, tuple[float, str, str, list[int]]] = {}
         self.executors = 1
         self.overloaded = False
         self.switches = 0
@@ -305,7 +314,7 @@ class Admission:
         if need > room:
             raise predicted_late(need, wait, room)
         if self.overloaded and wait > self.max_wait:
-            raise _refusal(QueueDelay, (
+            raise refusal(QueueDelay, (
                 f"the queue is overloaded (its delay stood above "
                 f"{self.target * 1000:.0f} ms); this request would wait about "
                 f"{wait * 1000:.0f} ms, over the cap of {self.max_wait * 1000:.0f} ms"),
@@ -323,7 +332,7 @@ class Admission:
         share = bound / active
         mine = held[1] if held is not None else 0.0
         if mine + cost > share:
-            raise _refusal(ClientShare, (
+            raise refusal(ClientShare, (
                 f"this client has {mine * 1000:.0f} ms of work queued, over its share of "
                 f"{share * 1000:.0f} ms while {active} clients wait; retry later"),
                 mine + cost - share)
@@ -367,13 +376,30 @@ class Admission:
         self.clients.clear()
 
     def started(self, executor: object, cost: float) -> None:
-        self.running[id(executor)] = (self.clock(), cost)
+        now = self.clock()
+        key = id(executor)
+        cycle = self._cycle.pop(key, None)
+        if cycle is not None:  # the previous batch's whole cycle, dispatch to dispatch
+            start, activation, device, sizes = cycle
+            self.model.observe(activation, device, sizes, now - start)
+        self.running[key] = (now, cost)
 
     def finished(self, executor: object, activation: str, device: str, sizes: list[int],
-                 wall: float) -> None:
-        self.running.pop(id(executor), None)
-        if sizes:
+                 wall: float, waiting: bool = False) -> None:
+        """``executor``'s batch (``sizes``: its requests' element counts, empty when not
+        all succeeded) took ``wall`` seconds of compute; ``waiting``: work is queued."""
+        run = self.running.pop(id(executor), None)
+        if not sizes:
+            return
+        if run is not None and waiting:  # the queue waits on this executor: a whole cycle
+            self._cycle[id(executor)] = (run[0], activation, device, sizes)
+        else:
             self.model.observe(activation, device, sizes, wall)
+
+    def lost(self, executor: object) -> None:
+        """``executor`` died with its batch: nothing of it is measured."""
+        self.running.pop(id(executor), None)
+        self._cycle.pop(id(executor), None)
 
     def snapshot(self) -> dict:
         """The state ``/metrics`` reads at scrape time."""
@@ -395,12 +421,18 @@ class RemoteWait:
     def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
         self.enabled = settings.overload_admission
         self.safety = settings.overload_safety
+        self.target = settings.overload_target_delay_ms / 1000
         self.clock = clock
         self.wait_s = 0.0
         self.seen = 0.0
 
     def observe(self, wait_s: float) -> None:
         self.wait_s, self.seen = wait_s, self.clock()
+
+    def busy(self) -> bool:
+        """The engine's wait, drained since it was seen, is above the target delay."""
+        return (self.enabled and self.wait_s > self.target
+                and self.wait_s - (self.clock() - self.seen) > self.target)
 
     def check(self, hint: Hint | None) -> None:
         if (not self.enabled or hint is None or hint.deadline is None or hint.priority > 0

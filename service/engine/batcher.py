@@ -120,6 +120,12 @@ class Batcher:
             cost = self.admission.model.predict(hint.activation, hint.elements)
             self.admission.check(cost, hint.deadline, hint.priority, hint.client)
 
+    def busy(self) -> bool:
+        """``admit`` may refuse now (queue full, or the predicted wait above the target)."""
+        a = self.admission
+        return (self._waiting >= self.settings.max_queue_requests
+                or (a.enabled and a.wait_ahead(0) > a.target))
+
     def _admit_basic(self) -> None:
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")
@@ -340,7 +346,8 @@ class Batcher:
         ok = [j.numel for j, r in zip(jobs, results, strict=True) if isinstance(r, JobResult)]
         if jobs:
             self.admission.finished(ex, jobs[0].activation.name, ex.device,
-                                    ok if len(ok) == len(jobs) else [], wall)
+                                    ok if len(ok) == len(jobs) else [], wall,
+                                    self._waiting > 0)
         for job, res in zip(jobs, results, strict=True):
             if isinstance(res, JobResult):
                 res.queue_s = job.t_dispatch - job.t_enqueue
@@ -356,7 +363,7 @@ class Batcher:
         self._wakeup.set()
 
     def _batch_lost(self, ex: ExecutorLike, jobs: list[Job], err: Exception) -> None:
-        self.admission.running.pop(id(ex), None)
+        self.admission.lost(ex)
         self._sync_executors()
         for job in jobs:
             _resolve(job, error=err)

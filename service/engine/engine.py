@@ -238,6 +238,12 @@ class Engine:
         too."""
         self.batcher.admit(hint)
 
+    def busy(self) -> bool:
+        """The queue is full, or a new request's predicted wait stands above the target
+        delay: the HTTP protocol then checks ``admit`` before the application runs
+        (``service/http/shed.py``)."""
+        return self.batcher.busy()
+
     def predicted_wait(self) -> float:
         """Seconds a new request of priority 0 would wait now (``Admission.wait_ahead``);
         the engine process sends it with every answer (``admission.RemoteWait``)."""

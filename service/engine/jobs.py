@@ -5,6 +5,7 @@ and capability types are only named for type checkers).
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
     from service.engine.capabilities import Capabilities
 
 INLINE_NAME = "expr"  # activations.INLINE
+
+# When the request being handled in this task arrived (time.monotonic): set by the exchange
+# sequence (``service/exchange/sequence.py``); a job's deadline counts from it, so the time
+# a request spent in the server before it was decoded (waiting for the event loop, its body
+# arriving) is part of its timeout, as it is of its caller's.
+ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar("actserve_arrived",
+                                                                       default=None)
 
 
 class JobFactory:
@@ -94,7 +102,7 @@ class JobFactory:
             array=array,
             wire_dtype=wire_dtype,
             mode=mode,
-            deadline=time.monotonic() + timeout_s,
+            deadline=(ARRIVED.get() or time.monotonic()) + timeout_s,
             priority=int(priority),
             api=api,
             outputs=outputs,

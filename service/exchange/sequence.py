@@ -19,6 +19,7 @@ import time
 from typing import Any, Protocol
 
 from service.engine.job import Job, JobResult
+from service.engine.jobs import ARRIVED
 from service.errors import ActserveError
 from service.exchange.services import Services
 
@@ -33,10 +34,11 @@ class Source(Protocol):
     """What a transport supplies for one request."""
 
     api: str  # the metrics label: native, v2 or grpc
+    arrived: float  # when the request arrived (time.monotonic): its deadline counts from it
 
-    def hint(self, clock) -> Any:
+    def hint(self, now: float) -> Any:
         """What admission may know before the body is read (``admission.hint_from``), its
-        deadline counted from ``clock()``; None when nothing is worth checking yet."""
+        deadline counted from ``now``; None when nothing is worth checking yet."""
         ...
 
     def declared_size(self, limit: int) -> int | None:
@@ -106,7 +108,9 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     try:
         limit = settings.max_request_bytes
         size = source.declared_size(limit)  # refused here if it cannot be read at all (413)
-        engine.admit(source.hint(time.monotonic))  # overload refused before the body is read
+        arrived = source.arrived
+        ARRIVED.set(arrived)  # the job's deadline counts from the request's arrival
+        engine.admit(source.hint(arrived))  # overload refused before the body is read
         # unknown (chunked) size: claim the limit
         granted = await svc.bodies.acquire(limit if size is None else size,
                                            settings.body_timeout_s)

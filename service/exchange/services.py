@@ -17,6 +17,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:  # built by the HTTP layer, used by every transport through their calls
     from service.http.registrations import Registrations
+    from service.http.shed import Shed
     from service.http.traces import ProfileTraces
 
 
@@ -33,3 +34,4 @@ class Services:
     traces: ProfileTraces | None = None  # profiled requests' Chrome traces (docs/lab.md)
     registrations: Registrations | None = None  # custom activations (registrations.py)
     access_log: AccessLog | None = None  # one line per request, every transport
+    shed: Shed | None = None  # HTTP refusals before the application (shed.py)

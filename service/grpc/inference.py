@@ -38,17 +38,18 @@ class GrpcSource:
     """One ``ModelInferRequest`` (already parsed; ``nbytes``: its size on the wire)."""
 
     api = "grpc"
-    __slots__ = ("cuda", "deadline", "model", "nbytes", "regions", "request", "svc")
+    __slots__ = ("arrived", "cuda", "deadline", "model", "nbytes", "regions", "request", "svc")
 
     def __init__(self, request, nbytes: int, svc: Services, regions,
                  deadline: float | None = None, cuda=None) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
+        self.arrived = time.monotonic()  # the message is whole: it arrived now
         self.cuda = svc.cuda_regions if cuda is None else cuda  # the caller's own
         self.deadline = deadline  # the client's gRPC deadline (time.monotonic), or None
         self.regions = regions  # the caller's own system regions
         self.model = request.model_name
 
-    def hint(self, clock):
+    def hint(self, now):
         return None  # the message is here: its deadline and size are checked by decoding
 
     def declared_size(self, limit: int) -> int | None:

@@ -30,6 +30,7 @@ from service.http.routes_ops import router as ops_router
 from service.http.routes_shm import router as shm_router
 from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
+from service.http.shed import Shed
 from service.http.traces import ProfileTraces
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
                         traces=ProfileTraces(settings.profile_trace_ttl_s, directory=traces_dir),
                         registrations=for_engine(engine, recorder.model_stats),
                         access_log=access_log)
+    services.shed = Shed(services)  # overload refusals before the app (shed.py)
     if share_registrations is not None and engine.mode == "inline":
         # the engine process holds one set for every worker; inline engines share files
         services.registrations = share_registrations(services.registrations)

@@ -9,13 +9,12 @@ counting and the record are the sequence's, the same for gRPC.
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import unquote_plus
+import time
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.codecs.base import Codec, Encoded, Wire
-from service.engine.admission import hint_from
 from service.engine.engine import Engine
 from service.engine.job import Job, JobResult
 from service.exchange import sequence
@@ -24,27 +23,10 @@ from service.exchange.services import Services
 from service.http.body import declared_size, read_body
 from service.http.offload import decode_off_loop, encode_off_loop
 from service.http.parts_response import PartsResponse
+from service.http.shed import ARRIVAL_KEY, raw_hint
 
 LEND_BYTES = 64 << 10  # binary bodies this large are read straight into engine memory
 WATCH_AFTER_S = 0.5  # a job waiting longer than this gets a disconnect watcher
-
-
-_HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
-_HINT_QUERY = ("dtype", "timeout", "priority")
-
-
-def _query(raw: bytes) -> dict[str, str]:
-    """The query keys admission reads, from the raw query string (a malformed value is left
-    for the decoder to refuse)."""
-    if not raw:
-        return {}
-    out = {}
-    for part in raw.split(b"&"):
-        key, _, value = part.partition(b"=")
-        name = key.decode("latin-1")
-        if name in _HINT_QUERY:
-            out[name] = unquote_plus(value.decode("latin-1"))
-    return out
 
 
 def to_response(answer: Encoded, release=None) -> Response:
@@ -60,15 +42,24 @@ def to_response(answer: Encoded, release=None) -> Response:
 class HttpSource:
     """One HTTP request as a ``sequence.Source``."""
 
-    __slots__ = ("api", "codec", "name", "request", "settings", "svc", "wire")
+    __slots__ = ("api", "arrived", "codec", "name", "request", "settings", "svc", "wire")
 
     def __init__(self, request: Request, codec: Codec, name: str, wire: Wire,
                  svc: Services) -> None:
         self.request, self.codec, self.name, self.wire, self.svc = request, codec, name, wire, svc
         self.settings = svc.settings
         self.api = codec.api
+        # stamped by the HTTP protocol as the request's first bytes were parsed
+        # (``header_timeout.py``); now when another server runs the app
+        arrived = request.scope.get(ARRIVAL_KEY)
+        if arrived is None:
+            self.arrived = time.monotonic()
+        else:
+            self.arrived = arrived
+            if svc.shed is not None:  # the event loop's delay, for the refusals before it
+                svc.shed.observe(time.monotonic() - arrived)
 
-    def hint(self, clock):
+    def hint(self, now):
         """What admission may know before the body is read, read straight from the ASGI
         scope (the few query keys and headers it needs; no full parse on the hot path)."""
         scope = self.request.scope
@@ -82,12 +73,9 @@ class HttpSource:
                         # pre-body check to pay for
                         return None
                     break
-        headers = {key.decode(): value.decode("latin-1") for key, value in raw
-                   if key in _HINT_HEADERS}
-        query = _query(scope["query_string"]) if self.api == "native" else {}
         client = scope.get("client")
-        return hint_from(self.name, query, headers, client[0] if client else None, clock(),
-                         self.settings.default_timeout_s, self.api)
+        return raw_hint(self.name, self.api, scope["query_string"], raw,
+                        client[0] if client else None, now, self.settings.default_timeout_s)
 
     def declared_size(self, limit: int) -> int | None:
         return declared_size(self.request, limit)

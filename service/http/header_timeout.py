@@ -22,6 +22,9 @@ whenever the socket did not take everything, and uvicorn drains before the next 
 an answer sent from memory lent by the engine is in the kernel before that memory is reused
 (``parts_response.py``).
 
+**Overload refusals** are answered here too, while the engine is busy, before the
+application runs (``shed.py``); every request's scope carries its arrival time.
+
 **Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
 before any application code runs: with an ``X-Request-Id`` and, when the access log is on,
 an access-log line with the client's address, like every other answer.
@@ -37,6 +40,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.http.drain import DrainingConnection
+from service.http.shed import Shed, ShedConnection
 from service.observability.logs import AccessLog
 
 HEADER_END = b"\r\n\r\n"
@@ -49,8 +53,10 @@ class _Refused(Exception):
 
 
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
-                            max_count: int = 100, access: AccessLog | None = None) -> type:
-    """A protocol class for one server (one event loop)."""
+                            max_count: int = 100, access: AccessLog | None = None,
+                            shed: Shed | None = None) -> type:
+    """A protocol class for one server (one event loop); ``shed`` answers overload
+    refusals before the application (``shed.py``)."""
     id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
     ids = itertools.count(1)
     period = min(1.0, max(0.01, timeout_s / 4))
@@ -68,7 +74,7 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         if waiting:
             sweeper[0] = loop.call_later(period, sweep, loop)
 
-    class HeaderTimeoutProtocol(DrainingConnection, HttpToolsProtocol):
+    class HeaderTimeoutProtocol(ShedConnection, DrainingConnection, HttpToolsProtocol):
         _header_bytes = 0
         _header_count = 0
         _tail = b""
@@ -116,6 +122,8 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             except httptools.HttpParserError:
                 status, message = self._refusal or (400, "Invalid HTTP request received.")
                 self._refuse(status, message)
+                return
+            self.shed_after_read()
 
         def _headers_fit(self, data: bytes) -> bool:
             """Count header bytes as they arrive; False once the limit is passed without
@@ -182,4 +190,9 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             self._disarm()
             super().connection_lost(exc)
 
+    HeaderTimeoutProtocol.shed = shed
+    HeaderTimeoutProtocol.access = access
+    HeaderTimeoutProtocol.linger_s = LINGER_S
+    HeaderTimeoutProtocol.request_ids = staticmethod(
+        lambda: f"{id_prefix}{next(ids):x}".encode())
     return HeaderTimeoutProtocol

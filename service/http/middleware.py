@@ -24,7 +24,8 @@ from service.http.error_responses import error_response
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID = r"^[A-Za-z0-9._:\-]{1,128}$"  # a client's X-Request-Id is kept when it matches
+_ID_RE = re.compile(REQUEST_ID)
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 

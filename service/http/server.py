@@ -16,9 +16,11 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
     try:
         from service.http.header_timeout import header_timeout_protocol
 
+        services = getattr(app.state, "services", None)
         http = header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes,
                                        settings.max_header_count,
-                                       getattr(app.state, "access_log", None))
+                                       getattr(app.state, "access_log", None),
+                                       services.shed if services is not None else None)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(

@@ -240,6 +240,12 @@ class RemoteEngine:
                              "shared engine process (docs/lab.md); gradients and reports are "
                              "served here")
 
+    def busy(self) -> bool:
+        """This process's share of the queue is full, or the engine's predicted wait
+        (drained since it was seen) stands above the target delay."""
+        return (len(self._pending) >= self.settings.max_queue_requests
+                or self._engine_wait.busy())
+
     def admit(self, hint: Hint | None = None) -> None:
         """The queue and its prediction live in the engine process: an overload refusal
         (``admission.py``) comes back as the job's error. Here the count, and, with a

@@ -1,0 +1,303 @@
+"""Overload refusals in the HTTP protocol, before the application runs.
+
+Under overload a refusal has to cost far less than a served request, or refusing becomes
+what overloads the server: through the application (an ASGI scope and task, the routes,
+the body read and decoded, an error response through the framework's response class) a
+refusal of a small request cost almost what serving it did, and at 5x offered load the
+event loop spent its time refusing (docs/benchmarks.md, "Overload").
+
+So while the engine is busy (``Engine.busy``: its queue full, or a new request's predicted
+wait over ``overload_target_delay_ms``) the HTTP protocol (``header_timeout.py``) asks
+``Shed.refusal`` as soon as a request's headers are parsed. For an activation route
+(native or v2 ``infer``) of a known activation it makes the admission check the application
+would make (``engine.admit`` with the request's hint: declared size, timeout, priority,
+client, its deadline counted from the request's arrival). A refused request is answered
+from the protocol: no ASGI scope, task or framework, its body never decoded (dropped as it
+arrives), the connection kept alive. What it cannot decide (another route, an unknown
+activation, a request without a valid API key or an allowed Host, a pipelined request)
+goes to the application, which applies the same policy after decoding. With nothing
+waiting the check is one call.
+
+``ARRIVAL_KEY``: the protocol stamps every request's scope with the time its first bytes
+were parsed (``time.monotonic``); deadlines count from it (``jobs.ARRIVED``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import re
+import time
+from urllib.parse import unquote, unquote_plus
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from service.engine.admission import Hint, QueueDelay, hint_from, refusal
+from service.errors import ActserveError
+from service.exchange.auth import authorised
+from service.exchange.services import Services
+from service.http.guard import host_allowed, host_name
+from service.http.middleware import REQUEST_ID
+
+ARRIVAL_KEY = "actserve.arrived"
+HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
+_HINT_QUERY = ("dtype", "timeout", "priority")
+_NATIVE = re.compile(rb"/v1/activations/([^/?]+)")
+_V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer")
+_ID_RE = re.compile(REQUEST_ID.encode())
+RATE_DECAY = 0.9  # per interval: the remembered best rate halves in about 7 intervals
+
+
+def query_hints(raw: bytes) -> dict[str, str]:
+    """The query keys admission reads, from the raw query string (a malformed value is left
+    for the decoder to refuse)."""
+    if not raw:
+        return {}
+    out = {}
+    for part in raw.split(b"&"):
+        key, _, value = part.partition(b"=")
+        name = key.decode("latin-1")
+        if name in _HINT_QUERY:
+            out[name] = unquote_plus(value.decode("latin-1"))
+    return out
+
+
+def raw_hint(name: str, api: str, query_string: bytes, headers: list[tuple[bytes, bytes]],
+             client: str | None, now: float, default_timeout_s: float) -> Hint:
+    """``admission.hint_from`` of a request's raw (lower-case) headers and query string."""
+    found = {key.decode(): value.decode("latin-1") for key, value in headers
+             if key in HINT_HEADERS}
+    query = query_hints(query_string) if api == "native" else {}
+    return hint_from(name, query, found, client, now, default_timeout_s, api)
+
+
+class Shed:
+    """The protocol's question: refuse this request now? One per app (one event loop).
+
+    Two signals say the server is busy. The engine's (``Engine.busy``: queue full, or the
+    predicted wait over the target delay), and the event loop's own *standing delay*: the
+    least time a request waited between arriving and the application reaching it, over
+    the last ``overload_interval_ms`` (CoDel's measure; with one core shared by the loop
+    and the compute thread, small requests queue in the loop before they reach the
+    engine's queue). While the standing delay is over the target, the application may
+    hold at most ``rate x overload_max_wait_ms / 2`` requests (``rate``: the best rate at
+    which requests reached it lately, remembered with a decay so that the limit does not
+    follow the rate down when it is the shed work that slows the loop), so what it admits
+    is answered within about that wait (Little's law); beyond it a request is refused 503
+    ``queue_delay`` here. Then the admission check runs as the application would make it,
+    with the standing delay still ahead of the request."""
+
+    def __init__(self, services: Services, clock=time.monotonic) -> None:
+        s = services.settings
+        self.engine = services.engine
+        self.recorder = services.recorder
+        self.clock = clock
+        self.enabled = s.overload_admission
+        self.target = s.overload_target_delay_ms / 1000
+        self.interval = s.overload_interval_ms / 1000
+        self.max_wait = s.overload_max_wait_ms / 1000
+        self.default_timeout_s = s.default_timeout_s
+        self.api_keys = [k.encode() for k in s.api_key_list]
+        self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
+        self.refused = 0  # answered here (not by the application)
+        # the loop's standing delay: the minimum over the current and the last interval
+        self._window = 0.0  # the current interval's start
+        self._min_now = math.inf
+        self._min_last = 0.0
+        self._seen = 0  # requests that reached the application this interval
+        self.rate = 0.0  # ... a second, over the last interval
+
+    def observe(self, delay: float) -> None:
+        """A request reached the application ``delay`` seconds after it arrived."""
+        now = self.clock()
+        self._seen += 1
+        if now - self._window >= self.interval:
+            stale = now - self._window >= 2 * self.interval
+            self._min_last = 0.0 if stale or self._min_now is math.inf else self._min_now
+            # the best rate lately, decaying: the limit must not follow the rate down
+            # when it is the limit that holds the rate down (shed work slows the loop)
+            seen = 0.0 if stale else self._seen / (now - self._window)
+            self.rate = max(seen, self.rate * RATE_DECAY)
+            self._min_now = delay
+            self._window = now
+            self._seen = 0
+        elif delay < self._min_now:
+            self._min_now = delay
+
+    def standing_delay(self, now: float) -> float:
+        """The loop's standing delay; 0 when no request reached the application for two
+        intervals (nothing to go by: admit, and measure again)."""
+        if now - self._window >= 2 * self.interval:
+            return 0.0
+        current = self._min_now if now - self._window >= self.interval / 2 else math.inf
+        return min(self._min_last, current)
+
+    def limit(self) -> int:
+        """Requests the application may hold: the rate they reach it at (while it is
+        congested, what it serves) times the longest wait."""
+        return max(8, int(self.rate * self.max_wait / 2))
+
+    def refusal(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+                client: str | None, arrived: float,
+                held: int) -> tuple[str, str, ActserveError] | None:
+        """(api, activation, the refusal) for a request the server would refuse now; None
+        to let the application handle it. ``held``: the requests the application holds."""
+        if not self.enabled or method != b"POST":
+            return None
+        delay = self.standing_delay(arrived)
+        congested = delay > self.target
+        if not congested and not self.engine.busy():
+            return None
+        path, _, query = url.partition(b"?")
+        api = "native"
+        match = _NATIVE.fullmatch(path)
+        if match is None:
+            api = "v2"
+            match = _V2.fullmatch(path)
+            if match is None:
+                return None
+        name = unquote(match.group(1).decode("latin-1"))
+        activation = self.engine.registry.find(name)
+        if activation is None or not self._let_through(headers):
+            return None  # the application answers 404, 401 or 400 as it always does
+        try:
+            limit = self.limit() if congested else held + 1
+            if held >= limit:
+                raise refusal(QueueDelay, (
+                    f"the server is overloaded: it holds {held} requests, its limit while "
+                    f"requests wait {delay * 1000:.0f} ms for it ({self.rate:.0f} a second "
+                    f"for half of "
+                    f"{self.max_wait * 1000:.0f} ms); retry later"), self.max_wait)
+            # the loop's delay is still ahead of it: its deadline, less that delay
+            hint = raw_hint(name, api, query, headers, client, arrived - delay,
+                            self.default_timeout_s)
+            # a copy: admit keeps the hint in a context variable for the request's own
+            # task, and this runs in the protocol's callback, not in that task
+            contextvars.copy_context().run(self.engine.admit, hint)
+        except ActserveError as exc:
+            self.refused += 1
+            recorder = self.recorder
+            recorder.reject(exc)  # counted as the application counts its refusals
+            recorder.request_started()
+            recorder.record(api, activation.name, exc.status, total=self.clock() - arrived)
+            return api, activation.name, exc
+        return None
+
+    def _let_through(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """The checks the application makes before overload: a valid API key, an allowed
+        Host (only when configured)."""
+        if not self.api_keys and self.hosts is None:
+            return True
+        token = host = None
+        for key, value in headers:
+            if key == b"authorization":
+                token = value
+            elif key == b"host":
+                host = value
+        if self.api_keys and (token is None or not authorised(token, self.api_keys)):
+            return False
+        return self.hosts is None or (
+            host is not None and host_allowed(host_name(host.decode("latin-1")), self.hosts))
+
+
+class _Answered:
+    """The cycle of a request answered from the protocol: complete, so uvicorn drops the
+    body that follows (``on_body`` and ``on_message_complete`` return early)."""
+
+    __slots__ = ("disconnected", "keep_alive", "response_complete")
+
+    def __init__(self) -> None:
+        self.response_complete = True
+        self.keep_alive = True
+        self.disconnected = False
+
+
+class ShedConnection:
+    """Mixin for uvicorn's httptools protocol (before it in the bases): stamps each request's
+    arrival and answers the refusals ``Shed`` makes. The answer goes out when the request's
+    body has arrived (dropped, unread), keeping the connection; or at once with
+    ``Connection: close`` when the body is still arriving at the end of a read (a large
+    one: reading it would cost more than the refusal saves), closed after a linger so the
+    client reads the answer."""
+
+    shed: Shed | None = None
+    request_ids = None  # () -> a new request id (bytes)
+    access = None  # the AccessLog, or None
+    linger_s = 1.0
+    _shed_answer: tuple[str, str, ActserveError] | None = None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[ARRIVAL_KEY] = time.monotonic()
+
+    def on_headers_complete(self) -> None:
+        shed = self.shed
+        if (shed is not None and not self._drain_requested
+                and (self.cycle is None or self.cycle.response_complete)
+                and not self.parser.should_upgrade()):
+            client = self.client[0] if self.client else None
+            refused = shed.refusal(self.parser.get_method(), self.url, self.headers, client,
+                                   self.scope[ARRIVAL_KEY], len(self.tasks))
+            if refused is not None:
+                self._mid_request = False
+                self._shed_answer = refused
+                self.cycle = _Answered()
+                return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if self._shed_answer is not None:
+            self._shed_send(keep_alive=self.parser.should_keep_alive())
+            return
+        super().on_message_complete()
+
+    def shed_after_read(self) -> None:
+        """End of a read: a refusal whose body is still arriving is answered now."""
+        if self._shed_answer is not None:
+            self._shed_send(keep_alive=False)
+
+    def _shed_send(self, keep_alive: bool) -> None:
+        api, activation, exc = self._shed_answer
+        self._shed_answer = None
+        if api == "v2":
+            body = orjson.dumps({"error": exc.message})
+        else:
+            body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+        rid = None
+        for name, value in self.headers:
+            if name == b"x-request-id":
+                rid = value if _ID_RE.match(value) else None
+                break
+        rid = rid or self.request_ids()
+        head = [STATUS_LINE[exc.status]]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.extend([b"content-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n"])
+        if exc.retry_after is not None:
+            head.extend([b"retry-after: ", str(exc.retry_after).encode(), b"\r\n"])
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        head.extend([b"\r\n", body])
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(b"".join(head))
+        if self.access is not None and self.access.enabled():
+            self.access.write({
+                "id": rid.decode("latin-1"), "client": self.client[0] if self.client else None,
+                "transport": "http", "method": self.scope["method"],
+                "path": self.url.partition(b"?")[0].decode("latin-1"), "status": exc.status,
+                "ms": round((time.monotonic() - self.scope[ARRIVAL_KEY]) * 1000, 3),
+                "api": api, "activation": activation, "error": exc.type})
+        if keep_alive:
+            self.on_response_complete()  # the keep-alive timer, as after any answer
+            return
+        self.server_state.total_requests += 1
+        # drop what the client still sends, then close (closing with unread bytes would
+        # reset the connection, and the client could lose the answer)
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(self.linger_s, transport.close)

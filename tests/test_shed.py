@@ -1,0 +1,284 @@
+"""Overload refusals in the HTTP protocol, before the application (service/http/shed.py),
+the deadline counted from a request's arrival (jobs.ARRIVED), and the service model's
+cost taken from the executor's whole cycle while work waits (admission.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from service.engine.admission import Admission, PredictedLate
+from service.engine.jobs import ARRIVED
+from service.http.shed import ARRIVAL_KEY, Shed
+from service.observability.recorder import Recorder
+from service.settings import Settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Registry:
+    def find(self, name: str):
+        return type("A", (), {"name": name})() if name in ("gelu", "relu") else None
+
+
+class FakeEngine:
+    """The two calls the shed makes: ``busy`` and ``admit`` (which raises what the engine
+    would refuse)."""
+
+    def __init__(self, busy: bool = True, refuse: bool = False) -> None:
+        self.registry = Registry()
+        self._busy = busy
+        self.refuse = refuse
+        self.hints: list = []
+
+    def busy(self) -> bool:
+        return self._busy
+
+    def admit(self, hint=None) -> None:
+        self.hints.append(hint)
+        if self.refuse:
+            raise PredictedLate("late")
+
+
+class FakeServices:
+    def __init__(self, engine, **settings) -> None:
+        self.settings = Settings(**settings)
+        self.engine = engine
+        self.recorder = Recorder(["gelu", "relu"], metrics=True, window_s=60)
+
+
+def _shed(engine, clock=None, **settings) -> Shed:
+    return Shed(FakeServices(engine, **settings), clock=clock or Clock())
+
+
+HOST = [(b"host", b"127.0.0.1")]
+SMALL = [*HOST, (b"content-type", b"application/octet-stream"), (b"content-length", b"4096")]
+
+
+def _rejections(text: str, reason: str) -> float:
+    """``actserve_rejections_total`` for ``reason`` in a Prometheus exposition."""
+    prefix = f'actserve_rejections_total{{reason="{reason}"}}'
+    return float(next(ln for ln in text.splitlines() if ln.startswith(prefix)).split()[-1])
+
+
+def test_not_busy_nothing_is_refused_and_admit_is_not_asked():
+    engine = FakeEngine(busy=False, refuse=True)
+    shed = _shed(engine)
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, "c", 1000.0, 10_000) is None
+    assert engine.hints == []
+
+
+def test_busy_a_request_admit_refuses_is_refused_here_with_its_hint_and_counted():
+    engine = FakeEngine(refuse=True)
+    shed = _shed(engine)
+    got = shed.refusal(b"POST", b"/v1/activations/gelu?timeout=0.5&priority=0", SMALL,
+                       "10.0.0.1", 1000.0, 0)
+    assert got is not None
+    api, activation, exc = got
+    assert (api, activation, exc.type, exc.status) == ("native", "gelu", "predicted_late", 503)
+    hint = engine.hints[0]
+    assert hint.elements == 1024 and hint.timed  # float32 from the declared length
+    assert hint.deadline == pytest.approx(1000.5)  # counted from the arrival
+    assert shed.refused == 1
+    assert _rejections(shed.recorder.metrics.exposition().decode(), "predicted_late") == 1
+    v2 = shed.refusal(b"POST", b"/v2/models/relu/versions/1/infer", SMALL, None, 1000.0, 0)
+    assert v2 is not None and v2[:2] == ("v2", "relu")
+
+
+def test_what_the_application_answers_otherwise_is_left_to_it():
+    engine = FakeEngine(refuse=True)
+    shed = _shed(engine, api_keys="k-0123456789abcdef")
+    for method, url, headers in [
+        (b"GET", b"/v1/activations/gelu", SMALL),
+        (b"POST", b"/v1/activations/nope", SMALL),  # unknown: its 404
+        (b"POST", b"/v1/custom", SMALL),  # another route
+        (b"POST", b"/v1/activations/gelu", SMALL),  # no API key: its 401
+        (b"POST", b"/v1/activations/gelu", [*SMALL, (b"authorization", b"Bearer wrong")]),
+    ]:
+        assert shed.refusal(method, url, headers, None, 1000.0, 0) is None
+    ok = [*SMALL, (b"authorization", b"Bearer k-0123456789abcdef")]
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", ok, None, 1000.0, 0) is not None
+    hosts = _shed(FakeEngine(refuse=True), allowed_hosts="api.example")
+    assert hosts.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, 1000.0, 0) is None
+
+
+def test_busy_the_application_holds_at_most_its_rate_times_half_the_longest_wait():
+    clock = Clock()
+    engine = FakeEngine(refuse=False)
+    shed = _shed(engine, clock, overload_interval_ms=200, overload_max_wait_ms=100)
+    engine._busy = False
+    for _ in range(200):  # 200 requests reach the application in one interval (0.2 s)
+        shed.observe(0.0)
+        clock.t += 0.001
+    clock.t += 0.001
+    shed.observe(0.0)  # the interval rolls: 1,000 a second
+    assert shed.rate == pytest.approx(1000, rel=0.01)
+    limit = shed.limit()
+    assert limit == int(shed.rate * 0.05)  # about 1,000/s x 50 ms
+    # not congested (the loop reaches requests at once): no limit, only admit's check
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6) is None
+    shed._min_last = 0.2  # the loop is congested
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit - 1) is None
+    got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit)
+    assert got is not None and got[2].type == "queue_delay" and got[2].retry_after == 1
+    assert len(engine.hints) == 1  # the limit refused before admit was asked
+    # the remembered rate decays when fewer arrive, never at once
+    for _ in range(3):
+        clock.t += 0.2
+        shed.observe(0.0)
+    assert 0 < shed.rate < 1000 and shed.limit() >= 8
+
+
+def test_the_standing_delay_is_the_least_delay_of_an_interval_and_forgotten_when_stale():
+    clock = Clock()
+    shed = _shed(FakeEngine(busy=False), clock, overload_interval_ms=100,
+                 overload_target_delay_ms=50)
+    for delay in (0.3, 0.08, 0.2):
+        shed.observe(delay)
+        clock.t += 0.04
+    shed.observe(0.5)  # rolls: the last interval's least was 80 ms
+    assert shed.standing_delay(clock.t) == pytest.approx(0.08)
+    engine = shed.engine
+    engine.refuse = True  # congested by the loop's delay alone (the engine is not busy)
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 0) is not None
+    # the loop's delay is still ahead of it: its deadline is counted that much earlier
+    assert engine.hints[-1].deadline == pytest.approx(clock.t - 0.08 + 30.0)
+    clock.t += 0.25  # nothing reached the application for two intervals
+    assert shed.standing_delay(clock.t) == 0.0
+
+
+def test_a_jobs_deadline_counts_from_the_requests_arrival(app):
+    jobs = app.services.engine.jobs
+    act = app.services.engine.registry.get("relu")
+    import numpy as np
+
+    token = ARRIVED.set(time.monotonic() - 0.4)
+    try:
+        job = jobs.build(act, np.zeros(4, "float32"), "float32", {"timeout": 1.0}, {},
+                         api="native")
+    finally:
+        ARRIVED.reset(token)
+    assert job.deadline - time.monotonic() == pytest.approx(0.6, abs=0.05)
+
+
+def test_the_model_costs_a_batch_its_whole_cycle_while_work_waits():
+    clock = Clock()
+    a = Admission(Settings(), clock)
+    ex = object()
+    a.started(ex, 0.0)
+    clock.t += 0.001
+    a.finished(ex, "gelu", "cpu", [1000], wall=0.001, waiting=True)
+    assert a.model.predict("gelu", 1000) == 0.0  # not yet: its cycle is not over
+    clock.t += 0.009  # the loop answers, decodes ... then dispatches the next batch
+    a.started(ex, 0.0)
+    assert a.model.predict("gelu", 1000) == pytest.approx(0.010)
+    clock.t += 0.001
+    b = Admission(Settings(), clock)
+    b.started(ex, 0.0)
+    clock.t += 0.001
+    b.finished(ex, "gelu", "cpu", [1000], wall=0.001, waiting=False)  # nothing waits
+    assert b.model.predict("gelu", 1000) == pytest.approx(0.001)
+    b.started(ex, 0.0)
+    b.lost(ex)
+    assert ex.__class__ is object and id(ex) not in b.running
+
+
+# -- on a real socket -----------------------------------------------------------------------
+class Refusing:
+    """The server's engine, but busy and refusing every hint (``refuse``), or neither."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.registry = engine.registry
+        self.on = True
+
+    def busy(self) -> bool:
+        return self.on
+
+    def admit(self, hint=None) -> None:
+        if self.on:
+            raise PredictedLate("the server would finish this request late")
+
+
+def _read_answer(s: socket.socket) -> tuple[int, dict, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before an answer"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def _post(n: int, body: bool = True) -> bytes:
+    x = bytes(4 * n)
+    head = (f"POST /v1/activations/relu?shape={n}&dtype=float32&timeout=5 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"X-Request-Id: shed-1\r\nContent-Length: {len(x)}\r\n\r\n").encode()
+    return head + x if body else head
+
+
+def test_before_the_application_a_refusal_is_answered_by_the_protocol():
+    from tests.conftest import serve
+
+    with serve(metrics=True) as srv:
+        shed = srv.services.shed
+        fake = Refusing(shed.engine)
+        shed.engine = fake
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            # a whole small request: refused, the connection kept
+            s.sendall(_post(256))
+            status, headers, body = _read_answer(s)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert headers["x-request-id"] == "shed-1"
+            assert "close" not in headers.get("connection", "")
+            assert json.loads(body)["error"]["type"] == "predicted_late"
+            fake.on = False  # the same connection, served again once the engine is not busy
+            s.sendall(_post(256))
+            status, headers, body = _read_answer(s)
+            assert status == 200 and len(body) == 4 * 256
+        fake.on = True
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            # headers only, a MiB declared and never sent: answered at once (no body read),
+            # and the connection closed after the answer
+            s.sendall(_post(1 << 18, body=False))
+            status, headers, _ = _read_answer(s)
+            assert status == 503 and headers["connection"] == "close"
+        import httpx
+
+        assert _rejections(httpx.get(srv.url + "/metrics").text, "predicted_late") == 2
+
+
+def test_every_request_scope_carries_its_arrival(server):
+    seen = []
+    app = server.app
+    inner = app.middleware_stack
+
+    async def spy(scope, receive, send):
+        if scope["type"] == "http":
+            seen.append(scope.get(ARRIVAL_KEY))
+        await inner(scope, receive, send)
+
+    import httpx
+
+    app.middleware_stack = spy
+    try:
+        before = time.monotonic()
+        httpx.get(server.url + "/healthz")
+    finally:
+        app.middleware_stack = inner
+    assert seen and before <= seen[0] <= time.monotonic()
