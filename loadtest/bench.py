@@ -226,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     seconds = a.duration or (1.0 if a.quick else 3.0)
     groups = () if a.quick else tuple(a.groups.split(","))
-    if "overload" in groups:  # the open-loop overload bench (loadtest/overload.py)
-        from . import overload
+    if "overload" in groups:  # what a refusal costs, then the open-loop overload bench
+        from . import overload, refusal_cost
 
+        refusal_cost.main([])
         return overload.main(["--out", str(a.out)] if a.out else [])
     if a.quick:
         plan = sweep.quick_plan()

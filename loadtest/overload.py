@@ -87,8 +87,7 @@ class _Wire(asyncio.Protocol):
         self.transport = transport
         self.gen.every.add(self)
 
-    def send(self, due: float, fresh: bool = False) -> None:
-        self.fresh = fresh  # on a connection opened for it
+    def send(self, due: float) -> None:
         self.due = due
         self.transport.write(self.gen.raw)
 
@@ -118,7 +117,7 @@ class _Wire(asyncio.Protocol):
             self.transport.close()
         else:
             self.gen.idle.append(self)
-        self.gen.done(due, status, reason, self.fresh)
+        self.gen.done(due, status, reason)
 
     def connection_lost(self, exc) -> None:
         self.gen.open -= 1
@@ -144,7 +143,6 @@ class Generator:
         self.out: list = []
         self.server_s: list[float] = []  # Server-Timing totals of the 200s
         self.outstanding = 0
-        self.late_fresh = 0  # answers after a second on a connection opened for them
         self._connecting: set[asyncio.Task] = set()
         self.lag = 0.0  # the open loop's worst slip behind its schedule, seconds
         self._again: float | None = None  # closed loop: send again until this time
@@ -171,13 +169,11 @@ class Generator:
             self.open -= 1
             self.done(due, -1, "client_error")
             return
-        wire.send(due, fresh=True)
+        wire.send(due)
 
-    def done(self, due: float, status: int, reason: str, fresh: bool = False) -> None:
+    def done(self, due: float, status: int, reason: str) -> None:
         now = time.perf_counter()
         self.out.append((due, now - due, status, reason))
-        if fresh and now - due > 1.0:
-            self.late_fresh += 1
         self.outstanding -= 1
         if self._again is not None and now < self._again:
             self._send(now)
@@ -215,8 +211,6 @@ class Generator:
     async def open_loop(self, rate: float, seconds: float, deadline_s: float) -> list:
         self.out = []
         await self.warm(int(rate * 0.1) + 32)
-        import os as _o
-        await asyncio.sleep(float(_o.environ.get("WARM_SLEEP", "0")))
         n = int(rate * seconds)
         start = time.perf_counter() + 0.01
         i = 0
