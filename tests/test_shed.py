@@ -111,22 +111,21 @@ def test_what_the_application_answers_otherwise_is_left_to_it():
     assert hosts.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, 1000.0, 0) is None
 
 
-def test_busy_the_application_holds_at_most_its_rate_times_half_the_longest_wait():
+def test_busy_the_application_holds_at_most_its_rate_times_the_longest_wait():
     clock = Clock()
-    engine = FakeEngine(refuse=False)
+    engine = FakeEngine(busy=False, refuse=False)
     shed = _shed(engine, clock, overload_interval_ms=200, overload_max_wait_ms=100)
-    engine._busy = False
     for _ in range(200):  # 200 requests reach the application in one interval (0.2 s)
         shed.observe(0.0)
         clock.t += 0.001
     clock.t += 0.001
-    shed.observe(0.0)  # the interval rolls: 1,000 a second
+    shed.observe(0.0)  # the interval rolls: about 1,000 a second
     assert shed.rate == pytest.approx(1000, rel=0.01)
-    limit = shed.limit()
-    assert limit == int(shed.rate * 0.05)  # about 1,000/s x 50 ms
-    # not congested (the loop reaches requests at once): no limit, only admit's check
+    assert shed.cap == shed.limit() == int(shed.rate * 0.1)  # Little's law: rate x 100 ms
+    limit = shed.cap
+    # nothing congested: no limit (and admit is not even asked)
     assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6) is None
-    shed._min_last = 0.2  # the loop is congested
+    engine._busy = True  # the engine's predicted wait is over the target
     assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit - 1) is None
     got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit)
     assert got is not None and got[2].type == "queue_delay" and got[2].retry_after == 1
@@ -135,7 +134,7 @@ def test_busy_the_application_holds_at_most_its_rate_times_half_the_longest_wait
     for _ in range(3):
         clock.t += 0.2
         shed.observe(0.0)
-    assert 0 < shed.rate < 1000 and shed.limit() >= 8
+    assert 0.9 * 1000 < shed.rate < 1000 and shed.cap >= 8
 
 
 def test_the_standing_delay_is_the_least_delay_of_an_interval_and_forgotten_when_stale():
@@ -282,3 +281,57 @@ def test_every_request_scope_carries_its_arrival(server):
     finally:
         app.middleware_stack = inner
     assert seen and before <= seen[0] <= time.monotonic()
+
+
+def test_while_shedding_a_request_is_refused_unparsed_and_counted():
+    from tests.conftest import serve
+
+    with serve(metrics=True) as srv:
+        shed = srv.services.shed
+        fake = Refusing(shed.engine)
+        shed.engine = fake
+        shed.cap = 0  # the application holds its limit
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            for _ in range(3):  # keep-alive: answered from the raw bytes, connection kept
+                s.sendall(_post(256))
+                status, headers, body = _read_answer(s)
+                assert status == 503 and headers["retry-after"] == "1"
+                assert headers["x-request-id"] and "close" not in headers.get("connection", "")
+                assert json.loads(body)["error"]["type"] == "queue_delay"
+            s.sendall(_post(256).replace(b"/v1/activations/relu?", b"/v2/models/relu/infer?"))
+            status, _, body = _read_answer(s)
+            assert status == 503 and "overloaded" in json.loads(body)["error"]
+            # a Host the server does not serve is never refused as overload: its own 400
+            s.sendall(_post(256).replace(b"Host: 127.0.0.1", b"Host: evil.example"))
+            status, _, body = _read_answer(s)
+            assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(_post(1 << 18, body=False))  # a MiB declared, not sent yet
+            status, headers, _ = _read_answer(s)  # answered before the body
+            assert status == 503 and "close" not in headers.get("connection", "")
+            # the body then arrives and is dropped unparsed; the next request is read
+            s.sendall(_post(1 << 18)[len(_post(1 << 18, body=False)):] + _post(64))
+            status, _, body = _read_answer(s)
+            assert status == 503 and json.loads(body)["error"]["type"] == "queue_delay"
+        import httpx
+
+        metrics = httpx.get(srv.url + "/metrics").text  # counted when scraped
+        assert _rejections(metrics, "queue_delay") == 6
+        shed.cap = 1 << 30
+        fake.on = False
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(_post(256))
+            assert _read_answer(s)[0] == 200
+
+
+def test_shedding_needs_the_limit_held_and_a_congested_server():
+    clock = Clock()
+    engine = FakeEngine(busy=False)
+    shed = _shed(engine, clock)
+    shed.cap = 10
+    assert not shed.shedding(100)  # neither the loop nor the engine is congested
+    engine._busy = True
+    assert shed.shedding(10) and not shed.shedding(9)
+    engine._busy = False
+    shed._window, shed._min_last, shed._min_now = clock.t, 0.2, 0.2  # the loop's delay
+    assert shed.shedding(10)

@@ -103,7 +103,13 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         def data_received(self, data: bytes) -> None:
             if self._discarding:
                 return
+            if self._skip:  # the body of a request refused unparsed (shed.py)
+                data = self.skip_body(data)
+                if not data:
+                    return
             if self.cycle is None or (self.cycle.response_complete and self._message_done):
+                if self.fast_refusal(data):  # overloaded: answered unparsed (shed.py)
+                    return
                 # a new request starts on this connection (an answer sent before its
                 # request's body was read, a 413 say, leaves that body still arriving:
                 # those bytes are the old request's, not the next one's headers)

@@ -46,7 +46,7 @@ _HINT_QUERY = ("dtype", "timeout", "priority")
 _NATIVE = re.compile(rb"/v1/activations/([^/?]+)")
 _V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer")
 _ID_RE = re.compile(REQUEST_ID.encode())
-RATE_DECAY = 0.9  # per interval: the remembered best rate halves in about 7 intervals
+RATE_DECAY = 0.98  # per interval: the remembered best rate halves in about 35 intervals
 
 
 def query_hints(raw: bytes) -> dict[str, str]:
@@ -101,6 +101,11 @@ class Shed:
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
+        self.cap = 1 << 30  # the limit on held requests, refreshed every interval
+        self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
+        self._fast: dict[str, bytes] = {}  # api -> the fast refusal's body
+        if self.recorder.metrics is not None:
+            self.recorder.metrics.before_scrape(self.flush)
         # the loop's standing delay: the minimum over the current and the last interval
         self._window = 0.0  # the current interval's start
         self._min_now = math.inf
@@ -119,6 +124,7 @@ class Shed:
             # when it is the limit that holds the rate down (shed work slows the loop)
             seen = 0.0 if stale else self._seen / (now - self._window)
             self.rate = max(seen, self.rate * RATE_DECAY)
+            self.cap = self.limit()
             self._min_now = delay
             self._window = now
             self._seen = 0
@@ -136,7 +142,36 @@ class Shed:
     def limit(self) -> int:
         """Requests the application may hold: the rate they reach it at (while it is
         congested, what it serves) times the longest wait."""
-        return max(8, int(self.rate * self.max_wait / 2))
+        return max(8, int(self.rate * self.max_wait))
+
+    def shedding(self, held: int) -> bool:
+        """Refuse every activation request now, unparsed: the loop is congested and the
+        application holds its limit (``ShedConnection.fast_refusal``)."""
+        if held < self.cap or not self.enabled:
+            return False
+        return self.standing_delay(self.clock()) > self.target or self.engine.busy()
+
+    def fast_answer(self, api: str) -> bytes:
+        """The fast refusal's JSON body for ``api`` (rendered once)."""
+        body = self._fast.get(api)
+        if body is None:
+            message = (f"the server is overloaded: it holds all the requests it can answer "
+                       f"within {self.max_wait * 1000:.0f} ms; retry later")
+            body = orjson.dumps({"error": message} if api == "v2" else
+                                {"error": {"type": QueueDelay.type, "message": message}})
+            self._fast[api] = body
+        return body
+
+    def count_fast(self) -> None:
+        self.refused += 1
+        self._unflushed += 1
+
+    def flush(self) -> None:
+        """Fast refusals into ``actserve_rejections_total`` (a plain count until a scrape)."""
+        n, self._unflushed = self._unflushed, 0
+        m = self.recorder.metrics
+        if n and m is not None:
+            m.child(m.rejections, "queue_delay").inc(n)
 
     def refusal(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
                 client: str | None, arrived: float,
@@ -146,8 +181,9 @@ class Shed:
         if not self.enabled or method != b"POST":
             return None
         delay = self.standing_delay(arrived)
-        congested = delay > self.target
-        if not congested and not self.engine.busy():
+        engine = self.engine
+        loop_congested = delay > self.target
+        if not loop_congested and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
         api = "native"
@@ -162,12 +198,11 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         try:
-            limit = self.limit() if congested else held + 1
+            limit = self.cap
             if held >= limit:
                 raise refusal(QueueDelay, (
                     f"the server is overloaded: it holds {held} requests, its limit while "
-                    f"requests wait {delay * 1000:.0f} ms for it ({self.rate:.0f} a second "
-                    f"for half of "
+                    f"congested ({self.rate:.0f} a second for half of "
                     f"{self.max_wait * 1000:.0f} ms); retry later"), self.max_wait)
             # the loop's delay is still ahead of it: its deadline, less that delay
             hint = raw_hint(name, api, query, headers, client, arrived - delay,
@@ -226,10 +261,95 @@ class ShedConnection:
     access = None  # the AccessLog, or None
     linger_s = 1.0
     _shed_answer: tuple[str, str, ActserveError] | None = None
+    _skip = 0  # body bytes of a request refused unparsed still to drop
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[ARRIVAL_KEY] = time.monotonic()
+
+    def skip_body(self, data: bytes) -> bytes:
+        """Drop the rest of a body refused unparsed; what follows it (the next request)."""
+        n = min(self._skip, len(data))
+        self._skip -= n
+        return data[n:] if n < len(data) else b""
+
+    def fast_refusal(self, data: bytes) -> bool:
+        """While ``Shed.shedding``: refuse a new activation request in ``data`` without
+        parsing it (a few byte searches, one prepared answer: no parser callbacks, no
+        scope). True when answered. Anything unusual (a partial header block, another
+        route, chunked, pipelined, API keys to check) is left to the parser and
+        ``Shed.refusal``."""
+        shed = self.shed
+        if shed is None or shed.api_keys or not shed.shedding(len(self.tasks)):
+            return False
+        end = data.find(b"\r\n\r\n")
+        first = data.find(b"\r\n")
+        if end < 0 or not data.startswith(b"POST /"):
+            return False
+        line = data[5:first]
+        path = line[:line.rfind(b" ")].partition(b"?")[0]
+        if path.startswith(b"/v1/activations/"):
+            api = "native"
+            name = path[16:]
+        elif (match := _V2.fullmatch(path)) is not None:
+            api = "v2"
+            name = match.group(1)
+        else:
+            return False
+        if b"/" in name or shed.engine.registry.find(unquote(name.decode("latin-1"))) is None:
+            return False
+        head = data[first:end].lower()
+        if shed.hosts is not None:
+            i = head.find(b"\r\nhost:")
+            if i < 0:
+                return False
+            j = head.find(b"\r\n", i + 2)
+            host = head[i + 7:j if j > 0 else len(head)].strip().decode("latin-1")
+            if not host_allowed(host_name(host), shed.hosts):
+                return False
+        i = head.find(b"\r\ncontent-length:")
+        if i < 0 or b"\r\ntransfer-encoding:" in head:
+            return False
+        j = head.find(b"\r\n", i + 2)
+        try:
+            length = int(head[i + 17:j if j > 0 else len(head)])
+        except ValueError:
+            return False
+        have = len(data) - end - 4
+        if have > length:
+            return False  # pipelined: another request follows
+        keep_alive = line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
+        body = shed.fast_answer(api)
+        head_out = [STATUS_LINE[503]]
+        for hname, value in self.server_state.default_headers:
+            head_out.extend([hname, b": ", value, b"\r\n"])
+        head_out.extend([b"content-type: application/json\r\ncontent-length: ",
+                         str(len(body)).encode(), b"\r\nx-request-id: ", self.request_ids(),
+                         b"\r\nretry-after: 1\r\n",
+                         b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
+        self.transport.write(b"".join(head_out))
+        shed.count_fast()
+        self._disarm()
+        if self.access is not None and self.access.enabled():
+            self.access.write({
+                "client": self.client[0] if self.client else None, "transport": "http",
+                "method": "POST", "path": path.decode("latin-1"), "status": 503,
+                "api": api, "activation": name.decode("latin-1"), "error": "queue_delay"})
+        if keep_alive:
+            # the rest of the body, still arriving, is dropped unparsed (``skip_body``):
+            # cheaper than closing, which would have the client connect again while the
+            # server is busiest
+            self._skip = length - have
+            self.on_response_complete()  # the keep-alive timer, as after any answer
+        else:
+            # the rest of the body is never read: reading is paused, and the connection
+            # closed after a linger (the client reads the answer first; closing at once
+            # with unread bytes would reset it)
+            self._discarding = True
+            self.transport.pause_reading()
+            self.server_state.total_requests += 1
+            self.loop.call_later(self.linger_s, self.transport.close)
+        return True
 
     def on_headers_complete(self) -> None:
         shed = self.shed

@@ -173,6 +173,7 @@ class Metrics:
     def __init__(self, activations: list[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._known = set(activations)
+        self._before: list[Callable[[], None]] = []
         r = self.registry
         self.requests = LoopCounter(
             "actserve_requests_total", "Activation requests answered",
@@ -269,5 +270,11 @@ class Metrics:
     def reject(self, error_type: str, status: int) -> None:
         self.child(self.rejections, reject_reason(error_type, status)).inc()
 
+    def before_scrape(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs before every exposition (counts kept as plain ints elsewhere)."""
+        self._before.append(fn)
+
     def exposition(self) -> bytes:
+        for fn in self._before:
+            fn()
         return generate_latest(self.registry)
