@@ -16,6 +16,7 @@ from service.engine.admission import (
     CURRENT,
     FIFO,
     LIFO,
+    Admission,
     ClientShare,
     Hint,
     PredictedLate,
@@ -414,3 +415,32 @@ def test_a_worker_refuses_before_the_body_from_the_wait_on_the_engines_answers()
     eng.admit()  # no hint (a small body, or submit's own count check): no prediction
     eng._on_message(messages.Error(98, "predicted_late", "late", None, 0.0))
     eng.admit(late)
+
+
+def test_the_engine_process_overload_state_reaches_one_workers_metrics():
+    """``State.overload``: the engine's discipline, switches and prediction errors, shown
+    by the first worker only (the workers' numbers are summed into one server's)."""
+    from service.observability.metrics import Metrics
+
+    snapshot = Admission(Settings(), Clock()).snapshot()
+    snapshot["prediction_error"]["buckets"] = list(snapshot["prediction_error"]["buckets"])
+    snapshot.update(discipline="controlled_delay", switches=3)
+    state = messages.State(True, "", False, ["cpu"], [], 0, 5, snapshot)
+    import msgspec
+
+    wire = messages.for_worker(memoryview(msgspec.msgpack.encode(state)))
+    assert wire.overload == snapshot  # as the channel carries it
+    eng = RemoteEngine(Settings())
+    assert eng.overload() == {}
+    eng._on_message(state)
+    assert eng.overload()["discipline"] == "controlled_delay"
+
+    def scrape(engine) -> str:
+        m = Metrics(["gelu"])
+        m.track_overload(engine.overload)
+        return m.exposition().decode()
+
+    assert "actserve_queue_discipline 1.0" in scrape(eng)
+    assert "actserve_queue_discipline_switches_total 3.0" in scrape(eng)
+    eng.shows_overload = False  # a worker other than the first
+    assert "\nactserve_queue_discipline " not in scrape(eng)  # the family, no sample

@@ -122,6 +122,8 @@ class Batcher:
 
     def busy(self) -> bool:
         """``admit`` may refuse now (queue full, or the predicted wait above the target)."""
+        if not self._waiting:
+            return False  # nothing queued (the hot path at low load: no sums)
         a = self.admission
         return (self._waiting >= self.settings.max_queue_requests
                 or (a.enabled and a.wait_ahead(0) > a.target))

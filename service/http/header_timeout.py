@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.http.drain import DrainingConnection
-from service.http.shed import Shed, ShedConnection
+from service.http.shed import ARRIVAL_KEY, Shed, ShedConnection
 from service.observability.logs import AccessLog
 
 HEADER_END = b"\r\n\r\n"
@@ -108,7 +109,8 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                 if not data:
                     return
             if self.cycle is None or (self.cycle.response_complete and self._message_done):
-                if self.fast_refusal(data):  # overloaded: answered unparsed (shed.py)
+                if (shed is not None and len(self.tasks) >= shed.cap
+                        and self.fast_refusal(data)):  # overloaded: answered unparsed
                     return
                 # a new request starts on this connection (an answer sent before its
                 # request's body was read, a 413 say, leaves that body still arriving:
@@ -129,7 +131,8 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                 status, message = self._refusal or (400, "Invalid HTTP request received.")
                 self._refuse(status, message)
                 return
-            self.shed_after_read()
+            if self._shed_answer is not None:  # refused early, its body still arriving
+                self.shed_send(keep_alive=False)
 
         def _headers_fit(self, data: bytes) -> bool:
             """Count header bytes as they arrive; False once the limit is passed without
@@ -146,9 +149,13 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         def on_message_begin(self) -> None:
             self._message_done = False
             super().on_message_begin()
+            self.scope[ARRIVAL_KEY] = time.monotonic()  # deadlines count from here
 
         def on_message_complete(self) -> None:
             self._message_done = True
+            if self._shed_answer is not None:  # refused early: its body is in (shed.py)
+                self.shed_send(keep_alive=self.parser.should_keep_alive())
+                return
             super().on_message_complete()
 
         def on_header(self, name: bytes, value: bytes) -> None:
@@ -160,6 +167,8 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if shed is not None and self.refused_early():
+                return
             super().on_headers_complete()
 
         def send_400_response(self, msg: str) -> None:

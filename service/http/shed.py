@@ -180,7 +180,11 @@ class Shed:
         to let the application handle it. ``held``: the requests the application holds."""
         if not self.enabled or method != b"POST":
             return None
-        delay = self.standing_delay(arrived)
+        # the standing delay (``standing_delay``, inlined: this runs for every request)
+        since = arrived - self._window
+        delay = 0.0 if since >= 2 * self.interval else (
+            self._min_last if since < self.interval / 2 or self._min_now > self._min_last
+            else self._min_now)
         engine = self.engine
         loop_congested = delay > self.target
         if not loop_congested and not engine.busy():
@@ -262,10 +266,6 @@ class ShedConnection:
     linger_s = 1.0
     _shed_answer: tuple[str, str, ActserveError] | None = None
     _skip = 0  # body bytes of a request refused unparsed still to drop
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope[ARRIVAL_KEY] = time.monotonic()
 
     def skip_body(self, data: bytes) -> bytes:
         """Drop the rest of a body refused unparsed; what follows it (the next request)."""
@@ -351,33 +351,24 @@ class ShedConnection:
             self.loop.call_later(self.linger_s, self.transport.close)
         return True
 
-    def on_headers_complete(self) -> None:
-        shed = self.shed
-        if (shed is not None and not self._drain_requested
-                and (self.cycle is None or self.cycle.response_complete)
-                and not self.parser.should_upgrade()):
-            client = self.client[0] if self.client else None
-            refused = shed.refusal(self.parser.get_method(), self.url, self.headers, client,
-                                   self.scope[ARRIVAL_KEY], len(self.tasks))
-            if refused is not None:
-                self._mid_request = False
-                self._shed_answer = refused
-                self.cycle = _Answered()
-                return
-        super().on_headers_complete()
+    def refused_early(self) -> bool:
+        """At the end of a request's headers: True when ``Shed.refusal`` refused it (its
+        answer goes out with ``shed_send`` when its body has arrived, or at the end of the
+        read)."""
+        if (self._drain_requested or not (self.cycle is None or self.cycle.response_complete)
+                or self.parser.should_upgrade()):
+            return False
+        refused = self.shed.refusal(self.parser.get_method(), self.url, self.headers,
+                                    self.client[0] if self.client else None,
+                                    self.scope[ARRIVAL_KEY], len(self.tasks))
+        if refused is None:
+            return False
+        self._mid_request = False
+        self._shed_answer = refused
+        self.cycle = _Answered()
+        return True
 
-    def on_message_complete(self) -> None:
-        if self._shed_answer is not None:
-            self._shed_send(keep_alive=self.parser.should_keep_alive())
-            return
-        super().on_message_complete()
-
-    def shed_after_read(self) -> None:
-        """End of a read: a refusal whose body is still arriving is answered now."""
-        if self._shed_answer is not None:
-            self._shed_send(keep_alive=False)
-
-    def _shed_send(self, keep_alive: bool) -> None:
+    def shed_send(self, keep_alive: bool) -> None:
         api, activation, exc = self._shed_answer
         self._shed_answer = None
         if api == "v2":

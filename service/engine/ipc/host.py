@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from functools import partial
 from typing import ClassVar
 
@@ -49,6 +50,8 @@ from service.engine.job import BatchReport, Job, JobResult, Mode
 from service.engine.reports import to_channel
 from service.errors import ActserveError, InvalidRequest
 from service.settings import Settings
+
+OVERLOAD_STATE_S = 1.0  # the overload state goes to the workers at most this often
 
 log = logging.getLogger("actserve.engine")
 _TAGS = itertools.count(1)
@@ -91,6 +94,7 @@ class EngineHost:
         self.loaded = asyncio.Event()  # the activations file is in (or there is none)
         self.fatal: str | None = None  # why the engine cannot serve (a bad file)
         self.tasks: set[asyncio.Task] = set()
+        self._overload_seen = (0.0, None)  # (when its state was last sent, what it was)
 
     # -- state ---------------------------------------------------------------------------
     def _state(self) -> messages.State:
@@ -104,7 +108,7 @@ class EngineHost:
         else:
             reason = "" if ready else e.not_ready_reason()
         return messages.State(ready, reason, self.fatal is not None, e.devices, failures,
-                              e.restarts, e.waiting)
+                              e.restarts, e.waiting, e.overload())
 
     def _broadcast(self, message: object) -> None:
         for w in self.workers:
@@ -342,6 +346,20 @@ class EngineHost:
                                       r.extra, batch, r.grad_dtype, to_channel(r.reports),
                                       self.engine.predicted_wait()))
         self._maybe_release(worker)
+        self._overload_state()
+
+    def _overload_state(self) -> None:
+        """The overload policy's state to every worker (their /metrics), at most once a
+        second and only when it changed (a switch, more waits measured)."""
+        now = time.monotonic()
+        sent, last = self._overload_seen
+        if now - sent < OVERLOAD_STATE_S:
+            return
+        a = self.engine.batcher.admission
+        key = (a.overloaded, a.switches, a.error_n)
+        if key != last:
+            self._broadcast_state()
+        self._overload_seen = (now, key)
 
     def _batch_done(self, report: BatchReport, jobs: list[Job]) -> None:
         """Runs before the batch's futures' callbacks: the report rides on the first job

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL = 2
+PROTOCOL = 3
 
 
 class _Message(msgspec.Struct, array_like=True, gc=False, omit_defaults=False):
@@ -109,6 +109,9 @@ class State(_Message, tag="state"):
     capability_failures: list[tuple[tuple[Any, ...], str]] = []
     restarts: int = 0
     waiting: int = 0
+    # the overload policy's state (``admission.Admission.snapshot``): sent with readiness
+    # changes and, while it changes, at most once a second (``EngineHost``)
+    overload: dict[str, Any] = {}
 
 
 class Batch(_Message, tag="batch"):

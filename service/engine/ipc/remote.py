@@ -99,6 +99,8 @@ class RemoteEngine:
         self._task: asyncio.Task | None = None
         self._pending = PendingJobs()
         self._engine_wait = RemoteWait(settings, time.monotonic)  # the engine's queue, seen
+        self._overload: dict = {}  # the engine's overload state (``State.overload``)
+        self.shows_overload = True  # False in every worker but the first
         self._backlog: deque[int] = deque()  # waiting for arena space, in order
         self._ids = itertools.count(1)
         self._first_state = asyncio.Event()
@@ -186,7 +188,10 @@ class RemoteEngine:
         return []  # the engine process owns the devices and their memory
 
     def overload(self) -> dict:
-        return {}  # the overload policy's state lives in the engine process
+        """The engine process's overload state as its last ``State`` carried it (at most
+        a second old), shown by one worker only (``shows_overload``): the workers' numbers
+        are summed into one server's, and the engine's would count once per worker."""
+        return self._overload if self.shows_overload else {}
 
     def observe_batches(self, observer: Callable[[BatchReport, list], None]) -> None:
         """``observer(report, [])`` for every batch whose report the engine attached to one
@@ -455,6 +460,7 @@ class RemoteEngine:
         self.devices = m.devices
         self.restarts = m.restarts + (self._process.restarts if self._process else 0)
         self.engine_waiting = m.waiting
+        self._overload = m.overload
         self._ready = bool(m.ready)
         self._reason = m.reason or "ready"
         self._first_state.set()
