@@ -111,47 +111,52 @@ def test_what_the_application_answers_otherwise_is_left_to_it():
     assert hosts.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, 1000.0, 0) is None
 
 
-def test_busy_the_application_holds_at_most_its_rate_times_the_longest_wait():
+def test_congested_the_application_holds_at_most_its_rate_times_the_longest_wait():
     clock = Clock()
     engine = FakeEngine(busy=False, refuse=False)
-    shed = _shed(engine, clock, overload_interval_ms=200, overload_max_wait_ms=100)
-    for _ in range(200):  # 200 requests reach the application in one interval (0.2 s)
-        shed.observe(0.0)
+    shed = _shed(engine, clock, overload_interval_ms=200, overload_max_wait_ms=100,
+                 overload_target_delay_ms=50)
+    for _ in range(200):  # 200 answers in one interval (0.2 s), each 80 ms after arrival
+        shed.observe(0.08)
         clock.t += 0.001
     clock.t += 0.001
-    shed.observe(0.0)  # the interval rolls: about 1,000 a second
+    shed.observe(0.08)  # the interval rolls: about 1,000 a second, standing delay 80 ms
     assert shed.rate == pytest.approx(1000, rel=0.01)
     assert shed.cap == shed.limit() == int(shed.rate * 0.1)  # Little's law: rate x 100 ms
+    assert shed.standing_delay(clock.t) == pytest.approx(0.08)
     limit = shed.cap
-    # nothing congested: no limit (and admit is not even asked)
-    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6) is None
-    engine._busy = True  # the engine's predicted wait is over the target
     assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit - 1) is None
     got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit)
     assert got is not None and got[2].type == "queue_delay" and got[2].retry_after == 1
     assert len(engine.hints) == 1  # the limit refused before admit was asked
-    # the remembered rate decays when fewer arrive, never at once
+    assert shed.shedding(limit) and not shed.shedding(limit - 1)
+    # the remembered rate decays when fewer are answered, never at once
     for _ in range(3):
         clock.t += 0.2
-        shed.observe(0.0)
+        shed.observe(0.08)
     assert 0.9 * 1000 < shed.rate < 1000 and shed.cap >= 8
 
 
-def test_the_standing_delay_is_the_least_delay_of_an_interval_and_forgotten_when_stale():
+def test_not_congested_the_limit_never_refuses_and_a_busy_engine_decides():
+    """At or below capacity some request is answered quickly in every interval: the
+    standing delay stays under the target and nothing is refused by the limit, however
+    many requests are held; a busy engine's own check still runs."""
     clock = Clock()
-    shed = _shed(FakeEngine(busy=False), clock, overload_interval_ms=100,
-                 overload_target_delay_ms=50)
-    for delay in (0.3, 0.08, 0.2):
+    engine = FakeEngine(busy=False, refuse=True)
+    shed = _shed(engine, clock, overload_interval_ms=100, overload_target_delay_ms=50)
+    for delay in (0.3, 0.01, 0.2):  # one quick answer in the interval
         shed.observe(delay)
         clock.t += 0.04
-    shed.observe(0.5)  # rolls: the last interval's least was 80 ms
-    assert shed.standing_delay(clock.t) == pytest.approx(0.08)
-    engine = shed.engine
-    engine.refuse = True  # congested by the loop's delay alone (the engine is not busy)
-    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 0) is not None
-    # the loop's delay is still ahead of it: its deadline is counted that much earlier
-    assert engine.hints[-1].deadline == pytest.approx(clock.t - 0.08 + 30.0)
-    clock.t += 0.25  # nothing reached the application for two intervals
+    shed.observe(0.5)
+    assert shed.standing_delay(clock.t) == pytest.approx(0.01)
+    shed.cap = 8
+    assert not shed.shedding(10**6)
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6) is None
+    engine._busy = True  # the engine's predicted wait is over the target: its check
+    got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6)
+    assert got is not None and got[2].type == "predicted_late"
+    assert engine.hints[-1].deadline == pytest.approx(clock.t + 30.0)  # from the arrival
+    clock.t += 0.25  # nothing answered for two intervals: nothing to go by
     assert shed.standing_delay(clock.t) == 0.0
 
 
@@ -290,7 +295,11 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
         shed = srv.services.shed
         fake = Refusing(shed.engine)
         shed.engine = fake
-        shed.cap = 0  # the application holds its limit
+        # congested (answers stood 1 s in the server, an interval long enough for the
+        # test) and the application holds its limit
+        shed.interval = 60.0
+        shed._window, shed._min_last, shed._min_now = time.monotonic(), 1.0, 1.0
+        shed.cap = 0
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             for _ in range(3):  # keep-alive: answered from the raw bytes, connection kept
                 s.sendall(_post(256))
@@ -322,16 +331,3 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             s.sendall(_post(256))
             assert _read_answer(s)[0] == 200
-
-
-def test_shedding_needs_the_limit_held_and_a_congested_server():
-    clock = Clock()
-    engine = FakeEngine(busy=False)
-    shed = _shed(engine, clock)
-    shed.cap = 10
-    assert not shed.shedding(100)  # neither the loop nor the engine is congested
-    engine._busy = True
-    assert shed.shedding(10) and not shed.shedding(9)
-    engine._busy = False
-    shed._window, shed._min_last, shed._min_now = clock.t, 0.2, 0.2  # the loop's delay
-    assert shed.shedding(10)

@@ -136,6 +136,8 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         ]
         response = source.respond(encoded, result, headers)
         status = getattr(response, "status_code", 200)
+        if svc.shed is not None:  # how long it was in the server: the refusals' signal
+            svc.shed.observe(time.monotonic() - arrived)
         access = svc.access_log
         if access is not None and access.enabled():  # the fields only a log line reads
             ctx["log"] = {

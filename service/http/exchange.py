@@ -51,13 +51,7 @@ class HttpSource:
         self.api = codec.api
         # stamped by the HTTP protocol as the request's first bytes were parsed
         # (``header_timeout.py``); now when another server runs the app
-        arrived = request.scope.get(ARRIVAL_KEY)
-        if arrived is None:
-            self.arrived = time.monotonic()
-        else:
-            self.arrived = arrived
-            if svc.shed is not None:  # the event loop's delay, for the refusals before it
-                svc.shed.observe(time.monotonic() - arrived)
+        self.arrived = request.scope.get(ARRIVAL_KEY) or time.monotonic()
 
     def hint(self, now):
         """What admission may know before the body is read, read straight from the ASGI

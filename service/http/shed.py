@@ -75,18 +75,21 @@ def raw_hint(name: str, api: str, query_string: bytes, headers: list[tuple[bytes
 class Shed:
     """The protocol's question: refuse this request now? One per app (one event loop).
 
-    Two signals say the server is busy. The engine's (``Engine.busy``: queue full, or the
-    predicted wait over the target delay), and the event loop's own *standing delay*: the
-    least time a request waited between arriving and the application reaching it, over
-    the last ``overload_interval_ms`` (CoDel's measure; with one core shared by the loop
-    and the compute thread, small requests queue in the loop before they reach the
-    engine's queue). While the standing delay is over the target, the application may
-    hold at most ``rate x overload_max_wait_ms / 2`` requests (``rate``: the best rate at
-    which requests reached it lately, remembered with a decay so that the limit does not
-    follow the rate down when it is the shed work that slows the loop), so what it admits
-    is answered within about that wait (Little's law); beyond it a request is refused 503
-    ``queue_delay`` here. Then the admission check runs as the application would make it,
-    with the standing delay still ahead of the request."""
+    Two signals say the server is busy. The engine's (``Engine.busy``: queue full, or a
+    new request's predicted wait over the target delay): the protocol then makes the
+    admission check the application would make. And the server's *standing delay*: the
+    least time an answered request spent in the server (from its arrival to its answer:
+    the event loop, the queue, the compute), over the last ``overload_interval_ms`` —
+    CoDel's measure, taken over the whole server because with one core shared by the
+    loop and the compute thread, small requests wait in the loop as much as in the queue.
+    While it is over the target, the application may hold at most ``rate x
+    overload_max_wait_ms`` requests (``rate``: the best rate it answered at lately,
+    remembered with a slow decay so the limit does not follow the rate down when it is the
+    refusing that slows the loop), so what it admits is answered within about that wait
+    (Little's law); beyond it a request is refused 503 ``queue_delay`` here, and, from the
+    raw bytes, unparsed (``ShedConnection.fast_refusal``). At or below capacity some
+    request is answered quickly in every interval, the standing delay stays under the
+    target, and nothing is refused by the limit."""
 
     def __init__(self, services: Services, clock=time.monotonic) -> None:
         s = services.settings
@@ -106,7 +109,7 @@ class Shed:
         self._fast: dict[str, bytes] = {}  # api -> the fast refusal's body
         if self.recorder.metrics is not None:
             self.recorder.metrics.before_scrape(self.flush)
-        # the loop's standing delay: the minimum over the current and the last interval
+        # the standing delay: the minimum over the current and the last interval
         self._window = 0.0  # the current interval's start
         self._min_now = math.inf
         self._min_last = 0.0
@@ -114,7 +117,7 @@ class Shed:
         self.rate = 0.0  # ... a second, over the last interval
 
     def observe(self, delay: float) -> None:
-        """A request reached the application ``delay`` seconds after it arrived."""
+        """A request was answered ``delay`` seconds after it arrived."""
         now = self.clock()
         self._seen += 1
         if now - self._window >= self.interval:
@@ -132,24 +135,24 @@ class Shed:
             self._min_now = delay
 
     def standing_delay(self, now: float) -> float:
-        """The loop's standing delay; 0 when no request reached the application for two
-        intervals (nothing to go by: admit, and measure again)."""
+        """The standing delay; 0 when no request was answered for two intervals (nothing
+        to go by: admit, and measure again)."""
         if now - self._window >= 2 * self.interval:
             return 0.0
         current = self._min_now if now - self._window >= self.interval / 2 else math.inf
         return min(self._min_last, current)
 
     def limit(self) -> int:
-        """Requests the application may hold: the rate they reach it at (while it is
-        congested, what it serves) times the longest wait."""
+        """Requests the application may hold: the rate it answers at times the longest
+        wait."""
         return max(8, int(self.rate * self.max_wait))
 
     def shedding(self, held: int) -> bool:
-        """Refuse every activation request now, unparsed: the loop is congested and the
+        """Refuse every activation request now, unparsed: the server is congested and the
         application holds its limit (``ShedConnection.fast_refusal``)."""
         if held < self.cap or not self.enabled:
             return False
-        return self.standing_delay(self.clock()) > self.target or self.engine.busy()
+        return self.standing_delay(self.clock()) > self.target
 
     def fast_answer(self, api: str) -> bytes:
         """The fast refusal's JSON body for ``api`` (rendered once)."""
@@ -186,8 +189,8 @@ class Shed:
             self._min_last if since < self.interval / 2 or self._min_now > self._min_last
             else self._min_now)
         engine = self.engine
-        loop_congested = delay > self.target
-        if not loop_congested and not engine.busy():
+        congested = delay > self.target
+        if not congested and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
         api = "native"
@@ -202,14 +205,13 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         try:
-            limit = self.cap
+            limit = self.cap if congested else held + 1
             if held >= limit:
                 raise refusal(QueueDelay, (
                     f"the server is overloaded: it holds {held} requests, its limit while "
                     f"congested ({self.rate:.0f} a second for half of "
                     f"{self.max_wait * 1000:.0f} ms); retry later"), self.max_wait)
-            # the loop's delay is still ahead of it: its deadline, less that delay
-            hint = raw_hint(name, api, query, headers, client, arrived - delay,
+            hint = raw_hint(name, api, query, headers, client, arrived,
                             self.default_timeout_s)
             # a copy: admit keeps the hint in a context variable for the request's own
             # task, and this runs in the protocol's callback, not in that task
@@ -245,6 +247,12 @@ class _Answered:
     body that follows (``on_body`` and ``on_message_complete`` return early)."""
 
     __slots__ = ("disconnected", "keep_alive", "response_complete")
+
+    class _NoEvent:
+        def set(self) -> None:
+            pass
+
+    message_event = _NoEvent()  # uvicorn sets it when the connection is lost
 
     def __init__(self) -> None:
         self.response_complete = True
