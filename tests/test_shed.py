@@ -123,7 +123,7 @@ def test_congested_the_application_holds_at_most_its_rate_times_the_longest_wait
     shed.observe(0.08)  # the interval rolls: about 1,000 a second, standing delay 80 ms
     assert shed.rate == pytest.approx(1000, rel=0.01)
     assert shed.cap == shed.limit() == int(shed.rate * 0.1)  # Little's law: rate x 100 ms
-    assert shed.standing_delay(clock.t) == pytest.approx(0.08)
+    assert shed.standing == pytest.approx(0.08) and shed.congested
     limit = shed.cap
     assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit - 1) is None
     got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit)
@@ -144,11 +144,12 @@ def test_not_congested_the_limit_never_refuses_and_a_busy_engine_decides():
     clock = Clock()
     engine = FakeEngine(busy=False, refuse=True)
     shed = _shed(engine, clock, overload_interval_ms=100, overload_target_delay_ms=50)
-    for delay in (0.3, 0.01, 0.2):  # one quick answer in the interval
+    shed.congested = True  # it was; one quick answer in an interval ends it
+    for delay in (0.3, 0.01, 0.2):
         shed.observe(delay)
         clock.t += 0.04
-    shed.observe(0.5)
-    assert shed.standing_delay(clock.t) == pytest.approx(0.01)
+    shed.observe(0.5)  # the interval rolls
+    assert shed.standing == pytest.approx(0.01) and not shed.congested
     shed.cap = 8
     assert not shed.shedding(10**6)
     assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6) is None
@@ -156,8 +157,30 @@ def test_not_congested_the_limit_never_refuses_and_a_busy_engine_decides():
     got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 10**6)
     assert got is not None and got[2].type == "predicted_late"
     assert engine.hints[-1].deadline == pytest.approx(clock.t + 30.0)  # from the arrival
-    clock.t += 0.25  # nothing answered for two intervals: nothing to go by
-    assert shed.standing_delay(clock.t) == 0.0
+
+
+def test_the_state_switches_with_hysteresis_and_a_silent_interval_counts_as_slow():
+    clock = Clock()
+    shed = _shed(FakeEngine(busy=False), clock, overload_interval_ms=100,
+                 overload_target_delay_ms=50)
+
+    def interval(*delays: float) -> None:
+        for d in delays:
+            shed.observe(d)
+        clock.t += 0.1
+        shed.observe(delays[-1] if delays else 10.0)  # rolls
+
+    interval(0.06, 0.07)
+    assert shed.congested  # the least over the target
+    interval(0.04, 0.03)
+    assert shed.congested  # under the target, not under half of it: unchanged
+    interval(0.02)
+    assert not shed.congested  # under half
+    interval(0.04)
+    assert not shed.congested  # between the two: unchanged
+    clock.t += 1.0  # a second with nothing answered, then one answer 1.2 s old
+    shed.observe(1.2)
+    assert shed.congested and shed.rate > 0
 
 
 def test_a_jobs_deadline_counts_from_the_requests_arrival(app):
@@ -295,11 +318,10 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
         shed = srv.services.shed
         fake = Refusing(shed.engine)
         shed.engine = fake
-        # congested (answers stood 1 s in the server, an interval long enough for the
-        # test) and the application holds its limit
+        # congested, for an interval long enough for the test, and the application holds
+        # its limit
         shed.interval = 60.0
-        shed._window, shed._min_last, shed._min_now = time.monotonic(), 1.0, 1.0
-        shed.cap = 0
+        shed._window, shed.congested, shed.cap = time.monotonic(), True, 0
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             for _ in range(3):  # keep-alive: answered from the raw bytes, connection kept
                 s.sendall(_post(256))

@@ -154,6 +154,8 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     except ActserveError as exc:
         status = exc.status
         recorder.reject(exc)
+        if svc.shed is not None and status in (503, 504):  # overload: its wait counts too
+            svc.shed.observe(time.monotonic() - source.arrived, served=False)
         ctx["log"] = {"api": api, "activation": label, "error": exc.type}
         # error answers carry the total too (the transport adds it)
         ctx["server_timing"] = f"total;dur={math.ceil((time.perf_counter() - t0) * 1e6) / 1000:.3f}"

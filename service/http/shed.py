@@ -82,8 +82,9 @@ class Shed:
     the event loop, the queue, the compute), over the last ``overload_interval_ms`` —
     CoDel's measure, taken over the whole server because with one core shared by the
     loop and the compute thread, small requests wait in the loop as much as in the queue.
-    While it is over the target, the application may hold at most ``rate x
-    overload_max_wait_ms`` requests (``rate``: the best rate it answered at lately,
+    Once it is over the target (and until it falls under half of it: hysteresis, as a
+    state that flipped every interval lets a flood in every other one), the application
+    may hold at most ``rate x overload_max_wait_ms`` requests (``rate``: the best rate it answered at lately,
     remembered with a slow decay so the limit does not follow the rate down when it is the
     refusing that slows the loop), so what it admits is answered within about that wait
     (Little's law); beyond it a request is refused 503 ``queue_delay`` here, and, from the
@@ -109,38 +110,43 @@ class Shed:
         self._fast: dict[str, bytes] = {}  # api -> the fast refusal's body
         if self.recorder.metrics is not None:
             self.recorder.metrics.before_scrape(self.flush)
-        # the standing delay: the minimum over the current and the last interval
+        # the standing delay: the least delay of the last interval (CoDel's measure)
         self._window = 0.0  # the current interval's start
-        self._min_now = math.inf
-        self._min_last = 0.0
+        self._min_now = math.inf  # the least delay of the current one so far
+        self.standing = 0.0
+        self.congested = False
         self._seen = 0  # requests that reached the application this interval
         self.rate = 0.0  # ... a second, over the last interval
 
-    def observe(self, delay: float) -> None:
-        """A request was answered ``delay`` seconds after it arrived."""
+    def observe(self, delay: float, served: bool = True) -> None:
+        """The application answered a request ``delay`` seconds after it arrived: served,
+        or refused for overload (its wait counts, its answer not in the rate). Without the
+        refusals, a server refusing everything it reads would measure nothing, look idle,
+        and let everything in again."""
+        if served:
+            self._seen += 1
+        if delay < self._min_now:
+            self._min_now = delay
         now = self.clock()
-        self._seen += 1
         if now - self._window >= self.interval:
-            stale = now - self._window >= 2 * self.interval
-            self._min_last = 0.0 if stale or self._min_now is math.inf else self._min_now
-            # the best rate lately, decaying: the limit must not follow the rate down
-            # when it is the limit that holds the rate down (shed work slows the loop)
-            seen = 0.0 if stale else self._seen / (now - self._window)
-            self.rate = max(seen, self.rate * RATE_DECAY)
-            self.cap = self.limit()
-            self._min_now = delay
-            self._window = now
-            self._seen = 0
-        elif delay < self._min_now:
-            self._min_now = delay
+            self._roll(now)
 
-    def standing_delay(self, now: float) -> float:
-        """The standing delay; 0 when no request was answered for two intervals (nothing
-        to go by: admit, and measure again)."""
-        if now - self._window >= 2 * self.interval:
-            return 0.0
-        current = self._min_now if now - self._window >= self.interval / 2 else math.inf
-        return min(self._min_last, current)
+    def _roll(self, now: float) -> None:
+        """An interval is over: its least delay decides the state, with hysteresis (in
+        over the target, out under half of it: a state that flipped every interval would
+        let a flood in every other one); its answers a second, the rate."""
+        span = now - self._window
+        self.standing = self._min_now
+        if self.standing > self.target:
+            self.congested = True
+        elif self.standing < self.target / 2:
+            self.congested = False
+        # the best rate lately, decaying: the limit must not follow the rate down when
+        # it is the limit that holds the rate down (refusing slows the loop)
+        seen = self._seen / span if span < 2 * self.interval else 0.0
+        self.rate = max(seen, self.rate * RATE_DECAY)
+        self.cap = self.limit()
+        self._window, self._min_now, self._seen = now, math.inf, 0
 
     def limit(self) -> int:
         """Requests the application may hold: the rate it answers at times the longest
@@ -150,9 +156,7 @@ class Shed:
     def shedding(self, held: int) -> bool:
         """Refuse every activation request now, unparsed: the server is congested and the
         application holds its limit (``ShedConnection.fast_refusal``)."""
-        if held < self.cap or not self.enabled:
-            return False
-        return self.standing_delay(self.clock()) > self.target
+        return held >= self.cap and self.congested and self.enabled
 
     def fast_answer(self, api: str) -> bytes:
         """The fast refusal's JSON body for ``api`` (rendered once)."""
@@ -183,13 +187,8 @@ class Shed:
         to let the application handle it. ``held``: the requests the application holds."""
         if not self.enabled or method != b"POST":
             return None
-        # the standing delay (``standing_delay``, inlined: this runs for every request)
-        since = arrived - self._window
-        delay = 0.0 if since >= 2 * self.interval else (
-            self._min_last if since < self.interval / 2 or self._min_now > self._min_last
-            else self._min_now)
         engine = self.engine
-        congested = delay > self.target
+        congested = self.congested
         if not congested and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
