@@ -168,6 +168,10 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
                     engine.admit = _raise
                 elif case in ("refused in the protocol", "refused unparsed"):
                     shed.engine = _Refusing(engine)
+                # the shed's state set, not measured: congested with its limit held for
+                # the unparsed case only (no interval ends during the run)
+                shed.interval = 1e9
+                shed.congested = case == "refused unparsed"
                 shed.cap = 0 if case == "refused unparsed" else 1 << 30
                 # only the refusal under test: no overload policy refusing on its own
                 shed.enabled = case.startswith("refused in") or case == "refused unparsed"
