@@ -153,8 +153,12 @@ class Settings(BaseSettings):
         200.0, gt=0, description="how long the delay must stand above (or below) the target "
                                  "before the discipline switches (and back)")
     overload_max_wait_ms: float = Field(
-        100.0, gt=0, description="while overloaded, the longest predicted wait admitted "
+        500.0, gt=0, description="while overloaded, the longest predicted wait admitted "
                                  "(503 queue_delay beyond it)")
+    overload_fresh_fraction: float = Field(
+        0.1, gt=0, le=1.0, description="while the server is congested, the HTTP protocol "
+        "refuses a request when the requests already held would make it wait more than "
+        "this fraction of its timeout (Little's law: held / the rate they are served at)")
     overload_lifo: bool = Field(
         False, description="while overloaded, serve the newest batch first and shed jobs that "
                            "waited past overload_max_wait_ms (adaptive LIFO)")

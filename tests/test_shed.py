@@ -111,25 +111,30 @@ def test_what_the_application_answers_otherwise_is_left_to_it():
     assert hosts.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, 1000.0, 0) is None
 
 
-def test_congested_the_application_holds_at_most_its_rate_times_the_longest_wait():
+def test_congested_a_request_is_refused_when_what_is_held_leaves_it_no_time():
     clock = Clock()
     engine = FakeEngine(busy=False, refuse=False)
-    shed = _shed(engine, clock, overload_interval_ms=200, overload_max_wait_ms=100,
-                 overload_target_delay_ms=50)
-    for _ in range(200):  # 200 answers in one interval (0.2 s), each 80 ms after arrival
+    shed = _shed(engine, clock, overload_interval_ms=200, overload_target_delay_ms=50,
+                 overload_safety=1.0, default_timeout_s=30)
+    for _ in range(200):  # 200 answers in one interval (0.2 s), each waited 80 ms
         shed.observe(0.08)
         clock.t += 0.001
     clock.t += 0.001
     shed.observe(0.08)  # the interval rolls: about 1,000 a second, standing delay 80 ms
-    assert shed.rate == pytest.approx(1000, rel=0.01)
-    assert shed.cap == shed.limit() == int(shed.rate * 0.1)  # Little's law: rate x 100 ms
-    assert shed.standing == pytest.approx(0.08) and shed.congested
-    limit = shed.cap
-    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit - 1) is None
-    got = shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit)
-    assert got is not None and got[2].type == "queue_delay" and got[2].retry_after == 1
+    assert shed.rate == pytest.approx(1000, rel=0.01) and shed.congested
+    assert shed.standing == pytest.approx(0.08)
+    # Little's law against a tenth of the request's own timeout (2 s): about 1,000 x 0.2 s
+    limit = shed.limit(2.0)
+    assert limit == int(shed.rate * 2.0 * 0.1)
+    url = b"/v1/activations/gelu?timeout=2"
+    assert shed.refusal(b"POST", url, SMALL, None, clock.t, limit - 1) is None
+    got = shed.refusal(b"POST", url, SMALL, None, clock.t, limit)
+    assert got is not None and got[2].type == "predicted_late" and got[2].retry_after == 1
     assert len(engine.hints) == 1  # the limit refused before admit was asked
-    assert shed.shedding(limit) and not shed.shedding(limit - 1)
+    # the default timeout (30 s) leaves room for a burst of long-deadline requests (3 s)
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, limit) is None
+    assert shed.shedding(shed.cap) and not shed.shedding(shed.cap - 1)
+    assert shed.budget(b"shape=4&timeout=2") == 2.0 and shed.budget(b"xtimeout=2") == 30
     # the remembered rate decays when fewer are answered, never at once
     for _ in range(3):
         clock.t += 0.2
@@ -181,6 +186,13 @@ def test_the_state_switches_with_hysteresis_and_a_silent_interval_counts_as_slow
     clock.t += 1.0  # a second with nothing answered, then one answer 1.2 s old
     shed.observe(1.2)
     assert shed.congested and shed.rate > 0
+    # idle for two intervals, nothing held: a new request finds the server not congested
+    # (a burst after a quiet spell is served, not refused by a state from before it)
+    clock.t += 0.3
+    shed.limit = lambda budget: 0  # whatever is held leaves no time
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 1) is not None
+    assert shed.refusal(b"POST", b"/v1/activations/gelu", SMALL, None, clock.t, 0) is None
+    assert not shed.congested and not shed.shedding(10)
 
 
 def test_a_jobs_deadline_counts_from_the_requests_arrival(app):
@@ -322,13 +334,14 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
         # its limit
         shed.interval = 60.0
         shed._window, shed.congested, shed.cap = time.monotonic(), True, 0
+        shed.limit = lambda budget: 0  # whatever is held leaves no time
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             for _ in range(3):  # keep-alive: answered from the raw bytes, connection kept
                 s.sendall(_post(256))
                 status, headers, body = _read_answer(s)
-                assert status == 503 and headers["retry-after"] == "1"
+                assert status == 503 and int(headers["retry-after"]) >= 1
                 assert headers["x-request-id"] and "close" not in headers.get("connection", "")
-                assert json.loads(body)["error"]["type"] == "queue_delay"
+                assert json.loads(body)["error"]["type"] == "predicted_late"
             s.sendall(_post(256).replace(b"/v1/activations/relu?", b"/v2/models/relu/infer?"))
             status, _, body = _read_answer(s)
             assert status == 503 and "overloaded" in json.loads(body)["error"]
@@ -343,12 +356,13 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
             # the body then arrives and is dropped unparsed; the next request is read
             s.sendall(_post(1 << 18)[len(_post(1 << 18, body=False)):] + _post(64))
             status, _, body = _read_answer(s)
-            assert status == 503 and json.loads(body)["error"]["type"] == "queue_delay"
+            assert status == 503 and json.loads(body)["error"]["type"] == "predicted_late"
         import httpx
 
         metrics = httpx.get(srv.url + "/metrics").text  # counted when scraped
-        assert _rejections(metrics, "queue_delay") == 6
+        assert _rejections(metrics, "predicted_late") == 6
         shed.cap = 1 << 30
+        del shed.limit
         fake.on = False
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             s.sendall(_post(256))

@@ -37,6 +37,7 @@ class Engine:
     """The inline engine: this process's own compute threads (``protocol.EngineProtocol``)."""
 
     mode = "inline"
+    shows_overload = True  # each worker's inline engine has its own queue to show
 
     def __init__(self, settings: Settings, executors: list[ExecutorLike] | None = None) -> None:
         self.settings = settings

@@ -109,6 +109,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         limit = settings.max_request_bytes
         size = source.declared_size(limit)  # refused here if it cannot be read at all (413)
         arrived = source.arrived
+        t0_mono = time.monotonic()  # waited since its arrival: the event loop's delay
         ARRIVED.set(arrived)  # the job's deadline counts from the request's arrival
         engine.admit(source.hint(arrived))  # overload refused before the body is read
         # unknown (chunked) size: claim the limit
@@ -136,8 +137,8 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         ]
         response = source.respond(encoded, result, headers)
         status = getattr(response, "status_code", 200)
-        if svc.shed is not None:  # how long it was in the server: the refusals' signal
-            svc.shed.observe(time.monotonic() - arrived)
+        if svc.shed is not None:  # how long it waited in the server: the refusals' signal
+            svc.shed.observe(t0_mono - arrived + result.queue_s)
         access = svc.access_log
         if access is not None and access.enabled():  # the fields only a log line reads
             ctx["log"] = {
@@ -154,7 +155,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     except ActserveError as exc:
         status = exc.status
         recorder.reject(exc)
-        if svc.shed is not None and status in (503, 504):  # overload: its wait counts too
+        if svc.shed is not None and status in (503, 504):  # overload: all it spent, waiting
             svc.shed.observe(time.monotonic() - source.arrived, served=False)
         ctx["log"] = {"api": api, "activation": label, "error": exc.type}
         # error answers carry the total too (the transport adds it)

@@ -33,7 +33,7 @@ from urllib.parse import unquote, unquote_plus
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from service.engine.admission import Hint, QueueDelay, hint_from, refusal
+from service.engine.admission import Hint, PredictedLate, hint_from, refusal
 from service.errors import ActserveError
 from service.exchange.auth import authorised
 from service.exchange.services import Services
@@ -46,6 +46,7 @@ _HINT_QUERY = ("dtype", "timeout", "priority")
 _NATIVE = re.compile(rb"/v1/activations/([^/?]+)")
 _V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer")
 _ID_RE = re.compile(REQUEST_ID.encode())
+MIN_BUDGET_S = 0.05  # the shortest timeout the protocol's quick pre-check allows for
 RATE_DECAY = 0.98  # per interval: the remembered best rate halves in about 35 intervals
 
 
@@ -78,19 +79,24 @@ class Shed:
     Two signals say the server is busy. The engine's (``Engine.busy``: queue full, or a
     new request's predicted wait over the target delay): the protocol then makes the
     admission check the application would make. And the server's *standing delay*: the
-    least time an answered request spent in the server (from its arrival to its answer:
-    the event loop, the queue, the compute), over the last ``overload_interval_ms`` —
-    CoDel's measure, taken over the whole server because with one core shared by the
-    loop and the compute thread, small requests wait in the loop as much as in the queue.
+    least time a request the application answered waited in the server (from its
+    arrival until the application reached it, plus its wait in the engine's queue; for an
+    overload refusal, all its time), over each ``overload_interval_ms`` — CoDel's
+    measure, taken over the whole server because with one core shared by the loop and the
+    compute thread, small requests wait in the loop as much as in the queue.
     Once it is over the target (and until it falls under half of it: hysteresis, as a
-    state that flipped every interval lets a flood in every other one), the application
-    may hold at most ``rate x overload_max_wait_ms`` requests (``rate``: the best rate it answered at lately,
-    remembered with a slow decay so the limit does not follow the rate down when it is the
-    refusing that slows the loop), so what it admits is answered within about that wait
-    (Little's law); beyond it a request is refused 503 ``queue_delay`` here, and, from the
-    raw bytes, unparsed (``ShedConnection.fast_refusal``). At or below capacity some
-    request is answered quickly in every interval, the standing delay stays under the
-    target, and nothing is refused by the limit."""
+    state that flipped every interval lets a flood in every other one; and not after two
+    intervals idle with nothing held), a request is refused 503 ``predicted_late`` when
+    the application already holds more than it can answer within a fraction of the
+    request's timeout: ``rate x timeout x overload_fresh_fraction`` (Little's law;
+    ``rate``: the best rate it served at lately, remembered with a slow decay so the limit
+    does not follow the rate down when it is the refusing that slows the loop; ``timeout``:
+    the query's, else the default). So the served stay fresh in proportion to what their
+    callers allow: under a 1 s timeout a request waits at most about 100 ms, and a burst
+    of requests with the default 30 s is held and served, not refused. Over the shortest
+    budget's limit the protocol makes this check on the raw bytes, unparsed
+    (``ShedConnection.fast_refusal``). At or below capacity some request is answered
+    quickly in every interval and nothing is refused."""
 
     def __init__(self, services: Services, clock=time.monotonic) -> None:
         s = services.settings
@@ -100,7 +106,8 @@ class Shed:
         self.enabled = s.overload_admission
         self.target = s.overload_target_delay_ms / 1000
         self.interval = s.overload_interval_ms / 1000
-        self.max_wait = s.overload_max_wait_ms / 1000
+        self.safety = s.overload_safety
+        self.fraction = s.overload_fresh_fraction
         self.default_timeout_s = s.default_timeout_s
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
@@ -145,29 +152,50 @@ class Shed:
         # it is the limit that holds the rate down (refusing slows the loop)
         seen = self._seen / span if span < 2 * self.interval else 0.0
         self.rate = max(seen, self.rate * RATE_DECAY)
-        self.cap = self.limit()
+        self.cap = self.limit(MIN_BUDGET_S)
         self._window, self._min_now, self._seen = now, math.inf, 0
 
-    def limit(self) -> int:
-        """Requests the application may hold: the rate it answers at times the longest
-        wait."""
-        return max(8, int(self.rate * self.max_wait))
+    def limit(self, budget_s: float) -> int:
+        """Requests the application may hold for a new request with ``budget_s`` seconds
+        to its deadline to wait at most ``overload_fresh_fraction`` of them (Little's law:
+        the wait is about what is held over the rate it is served at)."""
+        return max(8, int(self.rate * budget_s * self.fraction))
+
+    def budget(self, query: bytes) -> float:
+        """The request's own timeout from its raw query string (native API), else the
+        default: the seconds it has."""
+        i = query.find(b"timeout=")
+        if i >= 0 and (i == 0 or query[i - 1:i] == b"&"):
+            try:
+                t = float(query[i + 8:].partition(b"&")[0])
+            except ValueError:
+                return self.default_timeout_s
+            if 0 < t < 1e9:
+                return t
+        return self.default_timeout_s
 
     def shedding(self, held: int) -> bool:
-        """Refuse every activation request now, unparsed: the server is congested and the
-        application holds its limit (``ShedConnection.fast_refusal``)."""
+        """Refuse activation requests unparsed now: the server is congested and the
+        application holds at least the shortest budget's limit
+        (``ShedConnection.fast_refusal`` then checks each request's own)."""
         return held >= self.cap and self.congested and self.enabled
 
-    def fast_answer(self, api: str) -> bytes:
-        """The fast refusal's JSON body for ``api`` (rendered once)."""
-        body = self._fast.get(api)
-        if body is None:
-            message = (f"the server is overloaded: it holds all the requests it can answer "
-                       f"within {self.max_wait * 1000:.0f} ms; retry later")
-            body = orjson.dumps({"error": message} if api == "v2" else
-                                {"error": {"type": QueueDelay.type, "message": message}})
-            self._fast[api] = body
-        return body
+    def late(self, held: int, budget: float) -> ActserveError:
+        """503 ``predicted_late``: ``held`` requests ahead, answered at ``rate``, leave no
+        room within ``budget`` seconds."""
+        wait = held / self.rate if self.rate else budget  # unmeasured: retry soon
+        return refusal(PredictedLate, (
+            f"the server is overloaded: {held} requests ahead of this one, answered at "
+            f"about {self.rate:.0f} a second, would keep it waiting for more than "
+            f"{self.fraction:.0%} of its {budget * 1000:.0f} ms timeout; retry later"),
+            wait - budget * self.fraction)
+
+    def fast_answer(self, api: str, held: int, budget: float) -> tuple[bytes, int]:
+        """The unparsed refusal's JSON body for ``api`` and its ``Retry-After``."""
+        exc = self.late(held, budget)
+        return orjson.dumps({"error": exc.message} if api == "v2" else
+                            {"error": {"type": exc.type, "message": exc.message}}), \
+            exc.retry_after
 
     def count_fast(self) -> None:
         self.refused += 1
@@ -178,7 +206,7 @@ class Shed:
         n, self._unflushed = self._unflushed, 0
         m = self.recorder.metrics
         if n and m is not None:
-            m.child(m.rejections, "queue_delay").inc(n)
+            m.child(m.rejections, "predicted_late").inc(n)
 
     def refusal(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
                 client: str | None, arrived: float,
@@ -189,6 +217,10 @@ class Shed:
             return None
         engine = self.engine
         congested = self.congested
+        if congested and not held and arrived - self._window >= 2 * self.interval:
+            # nothing answered for two intervals and nothing held: idle since, not
+            # congested (a stall holds requests, and stays congested)
+            congested = self.congested = False
         if not congested and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
@@ -204,12 +236,11 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         try:
-            limit = self.cap if congested else held + 1
-            if held >= limit:
-                raise refusal(QueueDelay, (
-                    f"the server is overloaded: it holds {held} requests, its limit while "
-                    f"congested ({self.rate:.0f} a second for half of "
-                    f"{self.max_wait * 1000:.0f} ms); retry later"), self.max_wait)
+            if congested:
+                budget = self.budget(query) if api == "native" else self.default_timeout_s
+                limit = self.limit(budget)
+                if held >= limit:
+                    raise self.late(held, budget)
             hint = raw_hint(name, api, query, headers, client, arrived,
                             self.default_timeout_s)
             # a copy: admit keeps the hint in a context variable for the request's own
@@ -294,7 +325,7 @@ class ShedConnection:
         if end < 0 or not data.startswith(b"POST /"):
             return False
         line = data[5:first]
-        path = line[:line.rfind(b" ")].partition(b"?")[0]
+        path, _, query = line[:line.rfind(b" ")].partition(b"?")
         if path.startswith(b"/v1/activations/"):
             api = "native"
             name = path[16:]
@@ -326,13 +357,17 @@ class ShedConnection:
         if have > length:
             return False  # pipelined: another request follows
         keep_alive = line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
-        body = shed.fast_answer(api)
+        budget = shed.budget(query) if api == "native" else shed.default_timeout_s
+        held = len(self.tasks)
+        if held < shed.limit(budget):
+            return False  # it can finish in time: the parser and the application
+        body, retry = shed.fast_answer(api, held, budget)
         head_out = [STATUS_LINE[503]]
         for hname, value in self.server_state.default_headers:
             head_out.extend([hname, b": ", value, b"\r\n"])
         head_out.extend([b"content-type: application/json\r\ncontent-length: ",
                          str(len(body)).encode(), b"\r\nx-request-id: ", self.request_ids(),
-                         b"\r\nretry-after: 1\r\n",
+                         b"\r\nretry-after: ", str(retry).encode(), b"\r\n",
                          b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
         self.transport.write(b"".join(head_out))
         shed.count_fast()
@@ -341,7 +376,7 @@ class ShedConnection:
             self.access.write({
                 "client": self.client[0] if self.client else None, "transport": "http",
                 "method": "POST", "path": path.decode("latin-1"), "status": 503,
-                "api": api, "activation": name.decode("latin-1"), "error": "queue_delay"})
+                "api": api, "activation": name.decode("latin-1"), "error": "predicted_late"})
         if keep_alive:
             # the rest of the body, still arriving, is dropped unparsed (``skip_body``):
             # cheaper than closing, which would have the client connect again while the

@@ -62,7 +62,7 @@ def main() -> int:
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
     services = app.state.services
-    if hasattr(services.engine, "shows_overload"):  # one engine process for all workers
+    if services.engine.mode == "process":  # one engine for all: its state shown once
         services.engine.shows_overload = slot == 0
     cluster = Cluster(slot, spec["count"], run_dir, services)
     app.state.cluster = cluster
