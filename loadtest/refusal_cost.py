@@ -153,6 +153,7 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
            f"Content-Length: {len(x)}\r\n\r\n").encode() + x
     engine, shed = svc.engine, svc.shed
     real_admit, real_submit, real_shed_engine = engine.admit, engine.submit, shed.engine
+    real_limit = shed.limit
     results: dict[str, list[float]] = {k: [] for k in (
         "served", "refused after decode", "refused at admit", "refused in the protocol",
         "refused unparsed")}
@@ -173,6 +174,8 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
                 shed.interval = 1e9
                 shed.congested = case == "refused unparsed"
                 shed.cap = 0 if case == "refused unparsed" else 1 << 30
+                # ... and whatever it holds leaves no time (the limit is measured, not here)
+                shed.limit = (lambda budget: 0) if case == "refused unparsed" else real_limit
                 # only the refusal under test: no overload policy refusing on its own
                 shed.enabled = case.startswith("refused in") or case == "refused unparsed"
                 engine.batcher.admission.enabled = False
