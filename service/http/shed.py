@@ -4,19 +4,20 @@ Under overload a refusal has to cost far less than a served request, or refusing
 what overloads the server: through the application (an ASGI scope and task, the routes,
 the body read and decoded, an error response through the framework's response class) a
 refusal of a small request cost almost what serving it did, and at 5x offered load the
-event loop spent its time refusing (docs/benchmarks.md, "Overload").
+event loop spent its time refusing (``loadtest/refusal_cost.py``; docs/reliability.md,
+"Cheap refusals").
 
-So while the engine is busy (``Engine.busy``: its queue full, or a new request's predicted
-wait over ``overload_target_delay_ms``) the HTTP protocol (``header_timeout.py``) asks
-``Shed.refusal`` as soon as a request's headers are parsed. For an activation route
-(native or v2 ``infer``) of a known activation it makes the admission check the application
-would make (``engine.admit`` with the request's hint: declared size, timeout, priority,
-client, its deadline counted from the request's arrival). A refused request is answered
-from the protocol: no ASGI scope, task or framework, its body never decoded (dropped as it
-arrives), the connection kept alive. What it cannot decide (another route, an unknown
-activation, a request without a valid API key or an allowed Host, a pipelined request)
-goes to the application, which applies the same policy after decoding. With nothing
-waiting the check is one call.
+So the HTTP protocol (``header_timeout.py``) refuses by itself, in two places. As soon as
+a request's headers are parsed it asks ``Shed.refusal``: while the server is busy (the
+engine's signal, or its own congestion state, see ``Shed``) that makes the admission check
+the application would make, for an activation route (native or v2 ``infer``) of a known
+activation. And while congested with the application holding its limit, a new request is
+refused from its raw bytes before the parser sees them (``ShedConnection.fast_refusal``).
+A refused request is answered from the protocol: no ASGI scope, task or framework, its
+body never decoded (dropped as it arrives), the connection kept. What the protocol cannot
+decide (another route, an unknown activation, a request without a valid API key or an
+allowed Host, a pipelined one) goes to the application, which applies the same policy
+after decoding. With nothing waiting the check costs two calls a request.
 
 ``ARRIVAL_KEY``: the protocol stamps every request's scope with the time its first bytes
 were parsed (``time.monotonic``); deadlines count from it (``jobs.ARRIVED``).
@@ -106,7 +107,6 @@ class Shed:
         self.enabled = s.overload_admission
         self.target = s.overload_target_delay_ms / 1000
         self.interval = s.overload_interval_ms / 1000
-        self.safety = s.overload_safety
         self.fraction = s.overload_fresh_fraction
         self.default_timeout_s = s.default_timeout_s
         self.api_keys = [k.encode() for k in s.api_key_list]
@@ -114,7 +114,6 @@ class Shed:
         self.refused = 0  # answered here (not by the application)
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
-        self._fast: dict[str, bytes] = {}  # api -> the fast refusal's body
         if self.recorder.metrics is not None:
             self.recorder.metrics.before_scrape(self.flush)
         # the standing delay: the least delay of the last interval (CoDel's measure)
@@ -291,12 +290,14 @@ class _Answered:
 
 
 class ShedConnection:
-    """Mixin for uvicorn's httptools protocol (before it in the bases): stamps each request's
-    arrival and answers the refusals ``Shed`` makes. The answer goes out when the request's
-    body has arrived (dropped, unread), keeping the connection; or at once with
-    ``Connection: close`` when the body is still arriving at the end of a read (a large
-    one: reading it would cost more than the refusal saves), closed after a linger so the
-    client reads the answer."""
+    """Mixin for uvicorn's httptools protocol (before it in the bases; ``header_timeout.py``
+    calls it): answers the refusals ``Shed`` makes. Refused after its headers were parsed,
+    the answer goes out when the request's body has arrived (dropped, unparsed), keeping the
+    connection, or at the end of a read with ``Connection: close`` when the body is still
+    arriving, closed after a linger so the client reads the answer first. Refused
+    unparsed, the answer goes out at once and the rest of the body is skipped as it
+    arrives, keeping the connection (closing it would have the client connect again while
+    the server is busiest)."""
 
     shed: Shed | None = None
     request_ids = None  # () -> a new request id (bytes)
@@ -313,10 +314,10 @@ class ShedConnection:
 
     def fast_refusal(self, data: bytes) -> bool:
         """While ``Shed.shedding``: refuse a new activation request in ``data`` without
-        parsing it (a few byte searches, one prepared answer: no parser callbacks, no
-        scope). True when answered. Anything unusual (a partial header block, another
-        route, chunked, pipelined, API keys to check) is left to the parser and
-        ``Shed.refusal``."""
+        parsing it (a few byte searches and one short answer: no parser callbacks, no
+        scope) when what the application holds leaves it no time. True when answered.
+        Anything unusual (a partial header block, another route, chunked, pipelined, API
+        keys to check) is left to the parser and ``Shed.refusal``."""
         shed = self.shed
         if shed is None or shed.api_keys or not shed.shedding(len(self.tasks)):
             return False
