@@ -22,8 +22,9 @@ whenever the socket did not take everything, and uvicorn drains before the next 
 an answer sent from memory lent by the engine is in the kernel before that memory is reused
 (``parts_response.py``).
 
-**Overload refusals** are answered here too, while the engine is busy, before the
-application runs (``shed.py``); every request's scope carries its arrival time.
+**Overload refusals** are answered here too, while the server is busy or congested, before
+the application runs, some from the raw bytes before the parser sees them (``shed.py``);
+every request's scope carries its arrival time (``ARRIVAL_KEY``).
 
 **Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
 before any application code runs: with an ``X-Request-Id`` and, when the access log is on,
