@@ -134,8 +134,10 @@ class Generator:
     Every latency is counted from the request's scheduled time (so a generator that falls
     behind shows it, and no omission is coordinated with the server)."""
 
-    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500) -> None:
+    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500,
+                 pool: int | None = None) -> None:
         self.host, self.port, self.raw = host, port, raw
+        self.pool = pool
         self.idle: list[_Wire] = []
         self.every: set[_Wire] = set()  # every open connection, busy or idle
         self.open = 0
@@ -224,7 +226,9 @@ class Generator:
 
     async def open_loop(self, rate: float, seconds: float, deadline_s: float) -> list:
         self.out = []
-        await self.warm(int(rate * 0.1) + 32)
+        # the pool opened and primed first: ``pool`` connections, or (None) about what
+        # 100 ms of the schedule needs, more opened as needed
+        await self.warm(self.pool if self.pool is not None else int(rate * 0.1) + 32)
         n = int(rate * seconds)
         start = time.perf_counter() + 0.01
         i = 0
@@ -299,7 +303,7 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
 
 
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
-                   deadline_s: float, steps: tuple[float, ...]) -> dict:
+                   deadline_s: float, steps: tuple[float, ...], pool: int | None = None) -> dict:
     port = int(child.url.rsplit(":", 1)[1])
     x = np.random.default_rng(7).standard_normal(elements).astype("<f4").tobytes()
     path = (f"/v1/activations/{activation}?shape={elements}&dtype=float32"
@@ -313,7 +317,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     await asyncio.sleep(1.0)
     rows = []
     for m in steps:
-        gen = Generator("127.0.0.1", port, raw)
+        gen = Generator("127.0.0.1", port, raw, pool=pool)
         stop, worst = asyncio.Event(), []
         probe = asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
@@ -411,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--steps", default=",".join(f"{s:g}" for s in STEPS))
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--pool", type=int, default=None,
+                   help="connections opened and primed before each step (default: about "
+                        "what 100 ms of the schedule needs; more are opened as needed, up "
+                        "to 1,500)")
     p.add_argument("--server-cpus", default=None,
                    help="cores for the server, e.g. 0 or 0-1 (default: the first half of "
                         "this process's cores when it has two or more, else all)")
@@ -432,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
+                       "pool": a.pool,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
@@ -439,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     with servers.running([child]):
         for size in (int(s) for s in a.sizes.split(",")):
             result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
-                                                        a.deadline, steps)))
+                                                        a.deadline, steps, a.pool)))
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(_markdown(result))
     try:

@@ -5,6 +5,7 @@ here would monkey-patch the test process)."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -127,3 +128,31 @@ def test_the_progress_line_rate_is_measured_over_its_interval():
                             get_response_time_percentile=lambda q: 3.0)
     assert "241.8 req/s" in progress_line(total, 5.0)  # the first line: 1209 in 5 s
     assert "100.0 req/s" in progress_line(total, 10.0, (709, 5.0))
+
+
+@pytest.mark.slow
+@pytest.mark.socket
+def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path):
+    """``loadtest.overload`` end to end on a short run: a real actserve child, the
+    open-loop generator, one step; every scheduled request is accounted for and the 200s
+    are counted as goodput."""
+    from loadtest import overload
+
+    assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
+                          "--steps", "0.5", "--pool", "8"]) == 0
+    result = json.loads((tmp_path / "overload.json").read_text())
+    case = result["cases"][0]
+    step = case["steps"][0]
+    assert case["capacity_per_s"] > 0 and result["meta"]["pool"] == 8
+    assert step["sent"] == int(step["offered_per_s"] * 0.5)  # sent on schedule, all answered
+    assert step["ok"] + step["refused"] == step["sent"]
+    assert step["goodput_per_s"] > 0 and step["ok_p99_ms"] is not None
+    assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
+
+
+def test_refusal_cost_answers_every_case_as_it_should():
+    """``loadtest.refusal_cost`` raises when a case's answers are not all 200 (served) or
+    all 503 (the refusals): one short round of each, in process."""
+    from loadtest import refusal_cost
+
+    assert refusal_cost.main(["--elements", "1024", "--rounds", "1", "--per-conn", "1"]) == 0
