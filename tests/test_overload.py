@@ -444,3 +444,38 @@ def test_the_engine_process_overload_state_reaches_one_workers_metrics():
     assert "actserve_queue_discipline_switches_total 3.0" in scrape(eng)
     eng.shows_overload = False  # a worker other than the first
     assert "\nactserve_queue_discipline " not in scrape(eng)  # the family, no sample
+
+
+def test_the_engine_is_busy_while_a_new_request_would_wait_past_the_target():
+    """``Batcher.busy`` (the HTTP protocol's cue to check admission before the application)
+    and ``congested`` (queue full, or the overloaded discipline)."""
+    async def main():
+        clock = Clock()
+        async with scheduler(clock, overload_target_delay_ms=50, overload_interval_ms=100,
+                             max_queue_requests=20) as (b, ex):
+            await warm(b, ex, clock)  # 1,000 elements cost 0.1 s
+            assert not b.busy() and not b.congested()  # nothing queued: no sums made
+            futs = [b.submit(job(clock, timeout=5))]
+            held = await ex.next_batch()  # one running, nothing queued: not busy
+            assert not b.busy()
+            futs.append(b.submit(job(clock, timeout=5)))  # 0.1 s queued ahead of a new one
+            assert b.busy() and not b.congested()
+            futs += [b.submit(job(clock, timeout=5)) for _ in range(19)]
+            assert b.congested()  # the queue is full
+            held.release()
+            await serve(ex, futs)
+            await asyncio.gather(*futs)
+            assert not b.busy()
+
+    run(main())
+
+
+def test_a_workers_view_of_the_engine_is_busy_until_its_wait_drains():
+    clock = Clock()
+    w = RemoteWait(Settings(overload_target_delay_ms=50), clock)
+    assert not w.busy()
+    w.observe(0.2)
+    assert w.busy()
+    clock.now += 0.16  # 40 ms left of the 200: under the target
+    assert not w.busy()
+    assert not RemoteWait(Settings(overload_admission=False), clock).busy()
