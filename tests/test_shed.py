@@ -367,3 +367,38 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             s.sendall(_post(256))
             assert _read_answer(s)[0] == 200
+
+
+def test_while_congested_the_probes_are_answered_unparsed_as_their_routes_answer():
+    from tests.conftest import serve
+
+    def get(s: socket.socket, path: str, host: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        return _read_answer(s)
+
+    with serve() as srv:
+        shed = srv.services.shed
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            routed = {p: get(s, p) for p in ("/healthz", "/readyz")}  # not congested
+            shed.interval, shed._window, shed.congested = 60.0, time.monotonic(), True
+            for path, (status, _, body) in routed.items():  # the same answers, unparsed
+                got_status, headers, got = get(s, path)
+                assert (got_status, got) == (status, body) and headers["x-request-id"]
+            assert json.loads(routed["/readyz"][2])["status"] == "ready"
+            assert get(s, "/readyz", host="evil.example")[0] == 400  # the guard's, routed
+            engine = shed.engine
+
+            class NotReadyEngine:
+                ready = False
+                devices = engine.devices
+
+                def not_ready_reason(self) -> str:
+                    return "warming up"
+
+            shed.engine = NotReadyEngine()
+            status, headers, body = get(s, "/readyz")
+            assert status == 503 and headers["retry-after"] == "1"
+            assert json.loads(body)["error"] == {"type": "not_ready",
+                                                 "message": "not ready: warming up"}
+            shed.engine, shed.probes = engine, False  # several workers: the route's
+            assert get(s, "/readyz")[0] == 200

@@ -35,7 +35,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.engine.admission import Hint, PredictedLate, hint_from, refusal
-from service.errors import ActserveError
+from service.errors import ActserveError, NotReady
 from service.exchange.auth import authorised
 from service.exchange.services import Services
 from service.http.guard import host_allowed, host_name
@@ -112,6 +112,7 @@ class Shed:
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
+        self.probes = True  # /healthz, /readyz answered here while congested (one process)
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
         if self.recorder.metrics is not None:
@@ -305,6 +306,62 @@ class ShedConnection:
     linger_s = 1.0
     _shed_answer: tuple[str, str, ActserveError] | None = None
     _skip = 0  # body bytes of a request refused unparsed still to drop
+
+    def fast_probe(self, data: bytes) -> bool:
+        """While congested: ``GET /healthz`` and ``GET /readyz`` answered from the raw bytes,
+        as their routes answer (a prober would otherwise wait behind every request the
+        application holds, its task hopping through the loop's queue several times). Only
+        where this process answers for itself (``Shed.probes``: not with several workers,
+        whose readiness is the cluster's). True when answered."""
+        shed = self.shed
+        if not data.startswith(b"GET /") or not shed.probes:
+            return False
+        if data.startswith(b"GET /healthz "):
+            status, body, retry = 200, b'{"status":"live"}', None
+        elif data.startswith(b"GET /readyz "):
+            engine = shed.engine
+            if engine.ready:
+                status, retry = 200, None
+                body = orjson.dumps({"status": "ready", "devices": engine.devices})
+            else:
+                exc = NotReady(f"not ready: {engine.not_ready_reason()}")
+                status, retry = exc.status, exc.retry_after
+                body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+        else:
+            return False
+        if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
+            return False  # partial, with a body, or pipelined: the parser's
+        head = data[:len(data) - 4].lower()
+        if shed.hosts is not None:
+            i = head.find(b"\r\nhost:")
+            j = head.find(b"\r\n", i + 2) if i >= 0 else -1
+            host = head[i + 7:j if j > 0 else len(head)].strip().decode("latin-1")
+            if i < 0 or not host_allowed(host_name(host), shed.hosts):
+                return False
+        keep_alive = (head[:head.find(b"\r\n")].endswith(b"http/1.1")
+                      and b"\r\nconnection: close" not in head)
+        out = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            out.extend([name, b": ", value, b"\r\n"])
+        out.extend([b"content-type: application/json\r\ncontent-length: ",
+                    str(len(body)).encode(), b"\r\nx-request-id: ", self.request_ids(),
+                    b"\r\n"])
+        if retry is not None:
+            out.extend([b"retry-after: ", str(retry).encode(), b"\r\n"])
+        out.extend([b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
+        self.transport.write(b"".join(out))
+        self._disarm()
+        if self.access is not None and self.access.enabled():
+            self.access.write({
+                "client": self.client[0] if self.client else None, "transport": "http",
+                "method": "GET", "path": data[4:data.find(b" ", 4)].decode("latin-1"),
+                "status": status})
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self.server_state.total_requests += 1
+            self.transport.close()  # nothing unread: the request was whole
+        return True
 
     def skip_body(self, data: bytes) -> bytes:
         """Drop the rest of a body refused unparsed; what follows it (the next request)."""

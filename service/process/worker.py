@@ -62,6 +62,7 @@ def main() -> int:
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
     services = app.state.services
+    services.shed.probes = False  # readiness is the cluster's: the route asks the others
     if services.engine.mode == "process":  # one engine for all: its state shown once
         services.engine.shows_overload = slot == 0
     cluster = Cluster(slot, spec["count"], run_dir, services)
