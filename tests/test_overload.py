@@ -447,21 +447,21 @@ def test_the_engine_process_overload_state_reaches_one_workers_metrics():
 
 
 def test_the_engine_is_busy_while_a_new_request_would_wait_past_the_target():
-    """``Batcher.busy`` (the HTTP protocol's cue to check admission before the application)
-    and ``congested`` (queue full, or the overloaded discipline)."""
+    """``Batcher.busy``: the HTTP protocol's cue to check admission before the
+    application (a new request's predicted wait over the target, or the queue full)."""
     async def main():
         clock = Clock()
         async with scheduler(clock, overload_target_delay_ms=50, overload_interval_ms=100,
                              max_queue_requests=20) as (b, ex):
             await warm(b, ex, clock)  # 1,000 elements cost 0.1 s
-            assert not b.busy() and not b.congested()  # nothing queued: no sums made
+            assert not b.busy()  # nothing queued: no sums made
             futs = [b.submit(job(clock, timeout=5))]
             held = await ex.next_batch()  # one running, nothing queued: not busy
             assert not b.busy()
             futs.append(b.submit(job(clock, timeout=5)))  # 0.1 s queued ahead of a new one
-            assert b.busy() and not b.congested()
+            assert b.busy()
             futs += [b.submit(job(clock, timeout=5)) for _ in range(19)]
-            assert b.congested()  # the queue is full
+            assert b.busy() and b.waiting == 20  # the queue is full
             held.release()
             await serve(ex, futs)
             await asyncio.gather(*futs)

@@ -429,17 +429,20 @@ class RemoteWait:
     def observe(self, wait_s: float) -> None:
         self.wait_s, self.seen = wait_s, self.clock()
 
+    def left(self, now: float) -> float:
+        """The engine's wait as last seen, drained since."""
+        return self.wait_s - (now - self.seen)
+
     def busy(self) -> bool:
         """The engine's wait, drained since it was seen, is above the target delay."""
-        return (self.enabled and self.wait_s > self.target
-                and self.wait_s - (self.clock() - self.seen) > self.target)
+        return self.enabled and self.wait_s > self.target and self.left(self.clock()) > self.target
 
     def check(self, hint: Hint | None) -> None:
         if (not self.enabled or hint is None or hint.deadline is None or hint.priority > 0
                 or self.wait_s <= 0.0):
             return  # a higher priority may pass the queued work: no bound to go by
         now = self.clock()
-        wait = self.wait_s - (now - self.seen)
+        wait = self.left(now)
         room = hint.deadline - now
         if wait > 0.0 and self.safety * wait > room:
             raise predicted_late(self.safety * wait, wait, room)

@@ -128,11 +128,6 @@ class Batcher:
         return (self._waiting >= self.settings.max_queue_requests
                 or (a.enabled and a.wait_ahead(0) > a.target))
 
-    def congested(self) -> bool:
-        """The queue is full, or overloaded (``Admission.overloaded``)."""
-        return self._waiting >= self.settings.max_queue_requests or (
-            self.admission.enabled and self.admission.overloaded)
-
     def _admit_basic(self) -> None:
         if self._draining or self._stopped:
             raise Draining("the server is shutting down; retry on another replica")

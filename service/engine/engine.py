@@ -245,12 +245,6 @@ class Engine:
         (``service/http/shed.py``)."""
         return self.batcher.busy()
 
-    def congested(self) -> bool:
-        """The queue is full, or overloaded (CoDel's state: its delay stood above the target
-        for an interval): the HTTP protocol then limits the requests the application holds
-        (``service/http/shed.py``)."""
-        return self.batcher.congested()
-
     def predicted_wait(self) -> float:
         """Seconds a new request of priority 0 would wait now (``Admission.wait_ahead``);
         the engine process sends it with every answer (``admission.RemoteWait``)."""

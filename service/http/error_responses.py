@@ -21,15 +21,18 @@ def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def error_body(v2: bool, type_: str, message: str) -> bytes:
+    """An error's JSON body in the API's format (also written by the HTTP protocol's own
+    refusals, ``shed.py``)."""
+    return orjson.dumps({"error": message} if v2 else
+                        {"error": {"type": type_, "message": message}})
+
+
 def error_response(path: str, status: int, type_: str, message: str,
                    retry_after: int | None = None) -> Response:
-    if is_v2(path):
-        body = {"error": message}
-    else:
-        body = {"error": {"type": type_, "message": message}}
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
+    return Response(error_body(is_v2(path), type_, message), status_code=status,
+                    headers=headers, media_type="application/json")
 
 
 def from_error(path: str, exc: ActserveError) -> Response:

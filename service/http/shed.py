@@ -38,6 +38,7 @@ from service.engine.admission import Hint, PredictedLate, hint_from, refusal
 from service.errors import ActserveError, NotReady
 from service.exchange.auth import authorised
 from service.exchange.services import Services
+from service.http.error_responses import error_body
 from service.http.guard import host_allowed, host_name
 from service.http.middleware import REQUEST_ID
 
@@ -193,9 +194,7 @@ class Shed:
     def fast_answer(self, api: str, held: int, budget: float) -> tuple[bytes, int]:
         """The unparsed refusal's JSON body for ``api`` and its ``Retry-After``."""
         exc = self.late(held, budget)
-        return orjson.dumps({"error": exc.message} if api == "v2" else
-                            {"error": {"type": exc.type, "message": exc.message}}), \
-            exc.retry_after
+        return error_body(api == "v2", exc.type, exc.message), exc.retry_after
 
     def count_fast(self) -> None:
         self.refused += 1
@@ -271,6 +270,17 @@ class Shed:
         return self.hosts is None or (
             host is not None and host_allowed(host_name(host.decode("latin-1")), self.hosts))
 
+    def host_ok(self, head: bytes) -> bool:
+        """The ``Host`` check of ``_let_through`` on a raw, lower-cased header block."""
+        if self.hosts is None:
+            return True
+        i = head.find(b"\r\nhost:")
+        if i < 0:
+            return False
+        j = head.find(b"\r\n", i + 2)
+        return host_allowed(host_name(head[i + 7:j if j > 0 else len(head)].strip()
+                                      .decode("latin-1")), self.hosts)
+
 
 class _Answered:
     """The cycle of a request answered from the protocol: complete, so uvicorn drops the
@@ -326,30 +336,17 @@ class ShedConnection:
             else:
                 exc = NotReady(f"not ready: {engine.not_ready_reason()}")
                 status, retry = exc.status, exc.retry_after
-                body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+                body = error_body(False, exc.type, exc.message)
         else:
             return False
         if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
             return False  # partial, with a body, or pipelined: the parser's
         head = data[:len(data) - 4].lower()
-        if shed.hosts is not None:
-            i = head.find(b"\r\nhost:")
-            j = head.find(b"\r\n", i + 2) if i >= 0 else -1
-            host = head[i + 7:j if j > 0 else len(head)].strip().decode("latin-1")
-            if i < 0 or not host_allowed(host_name(host), shed.hosts):
-                return False
+        if not shed.host_ok(head):
+            return False
         keep_alive = (head[:head.find(b"\r\n")].endswith(b"http/1.1")
                       and b"\r\nconnection: close" not in head)
-        out = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            out.extend([name, b": ", value, b"\r\n"])
-        out.extend([b"content-type: application/json\r\ncontent-length: ",
-                    str(len(body)).encode(), b"\r\nx-request-id: ", self.request_ids(),
-                    b"\r\n"])
-        if retry is not None:
-            out.extend([b"retry-after: ", str(retry).encode(), b"\r\n"])
-        out.extend([b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
-        self.transport.write(b"".join(out))
+        self.transport.write(self._answer(status, body, self.request_ids(), retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
             self.access.write({
@@ -362,6 +359,20 @@ class ShedConnection:
             self.server_state.total_requests += 1
             self.transport.close()  # nothing unread: the request was whole
         return True
+
+    def _answer(self, status: int, body: bytes, rid: bytes, retry: int | None,
+                keep_alive: bool) -> bytes:
+        """A whole JSON answer: status line, the server's default headers, the id,
+        ``Retry-After`` when given, ``Connection: close`` unless kept."""
+        out = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            out.extend([name, b": ", value, b"\r\n"])
+        out.extend([b"content-type: application/json\r\ncontent-length: ",
+                    str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n"])
+        if retry is not None:
+            out.extend([b"retry-after: ", str(retry).encode(), b"\r\n"])
+        out.extend([b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
+        return b"".join(out)
 
     def skip_body(self, data: bytes) -> bytes:
         """Drop the rest of a body refused unparsed; what follows it (the next request)."""
@@ -395,14 +406,8 @@ class ShedConnection:
         if b"/" in name or shed.engine.registry.find(unquote(name.decode("latin-1"))) is None:
             return False
         head = data[first:end].lower()
-        if shed.hosts is not None:
-            i = head.find(b"\r\nhost:")
-            if i < 0:
-                return False
-            j = head.find(b"\r\n", i + 2)
-            host = head[i + 7:j if j > 0 else len(head)].strip().decode("latin-1")
-            if not host_allowed(host_name(host), shed.hosts):
-                return False
+        if not shed.host_ok(head):
+            return False
         i = head.find(b"\r\ncontent-length:")
         if i < 0 or b"\r\ntransfer-encoding:" in head:
             return False
@@ -420,14 +425,7 @@ class ShedConnection:
         if held < shed.limit(budget):
             return False  # it can finish in time: the parser and the application
         body, retry = shed.fast_answer(api, held, budget)
-        head_out = [STATUS_LINE[503]]
-        for hname, value in self.server_state.default_headers:
-            head_out.extend([hname, b": ", value, b"\r\n"])
-        head_out.extend([b"content-type: application/json\r\ncontent-length: ",
-                         str(len(body)).encode(), b"\r\nx-request-id: ", self.request_ids(),
-                         b"\r\nretry-after: ", str(retry).encode(), b"\r\n",
-                         b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
-        self.transport.write(b"".join(head_out))
+        self.transport.write(self._answer(503, body, self.request_ids(), retry, keep_alive))
         shed.count_fast()
         self._disarm()
         if self.access is not None and self.access.enabled():
@@ -471,30 +469,17 @@ class ShedConnection:
     def shed_send(self, keep_alive: bool) -> None:
         api, activation, exc = self._shed_answer
         self._shed_answer = None
-        if api == "v2":
-            body = orjson.dumps({"error": exc.message})
-        else:
-            body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
         rid = None
         for name, value in self.headers:
             if name == b"x-request-id":
                 rid = value if _ID_RE.match(value) else None
                 break
         rid = rid or self.request_ids()
-        head = [STATUS_LINE[exc.status]]
-        for name, value in self.server_state.default_headers:
-            head.extend([name, b": ", value, b"\r\n"])
-        head.extend([b"content-type: application/json\r\ncontent-length: ",
-                     str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n"])
-        if exc.retry_after is not None:
-            head.extend([b"retry-after: ", str(exc.retry_after).encode(), b"\r\n"])
-        if not keep_alive:
-            head.append(b"connection: close\r\n")
-        head.extend([b"\r\n", body])
         transport = self.transport
         if transport.is_closing():
             return
-        transport.write(b"".join(head))
+        transport.write(self._answer(exc.status, error_body(api == "v2", exc.type, exc.message),
+                                     rid, exc.retry_after, keep_alive))
         if self.access is not None and self.access.enabled():
             self.access.write({
                 "id": rid.decode("latin-1"), "client": self.client[0] if self.client else None,

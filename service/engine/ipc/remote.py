@@ -251,11 +251,6 @@ class RemoteEngine:
         return (len(self._pending) >= self.settings.max_queue_requests
                 or self._engine_wait.busy())
 
-    def congested(self) -> bool:
-        """The engine's own state does not travel: its predicted wait over the target
-        stands for it (``busy``)."""
-        return self.busy()
-
     def admit(self, hint: Hint | None = None) -> None:
         """The queue and its prediction live in the engine process: an overload refusal
         (``admission.py``) comes back as the job's error. Here the count, and, with a
