@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import reprlib
 
+import orjson
+
 MAX_ECHO = 80
 
 # Bounded work whatever the value: a few levels deep, a few items wide, short strings, so
@@ -35,6 +37,14 @@ for _name, _limit in (("maxlevel", 3), ("maxtuple", 6), ("maxlist", 6), ("maxarr
                       ("maxdict", 4), ("maxset", 6), ("maxfrozenset", 6), ("maxdeque", 6),
                       ("maxstring", MAX_ECHO), ("maxlong", 40), ("maxother", MAX_ECHO)):
     setattr(_REPR, _name, _limit)
+
+
+def error_body(v2: bool, type_: str, message: str) -> bytes:
+    """An error's JSON body in the API's format: the app's handlers
+    (``service.http.error_responses``), the HTTP protocol's own refusals (``shed.py``) and
+    the probe port write it."""
+    return orjson.dumps({"error": message} if v2 else
+                        {"error": {"type": type_, "message": message}})
 
 
 def echo(value: object) -> str:

@@ -10,7 +10,8 @@ import socket
 
 from service.settings import Settings
 
-FLAGS = {"HTTP": "--port (ACTSERVE_PORT)", "gRPC": "--grpc-port (ACTSERVE_GRPC_PORT)"}
+FLAGS = {"HTTP": "--port (ACTSERVE_PORT)", "gRPC": "--grpc-port (ACTSERVE_GRPC_PORT)",
+         "probe": "--probe-port (ACTSERVE_PROBE_PORT)"}
 
 
 def problem(settings: Settings) -> str | None:
@@ -21,14 +22,19 @@ def problem(settings: Settings) -> str | None:
                 f"(--grpc-port, default 8001) cannot share the HTTP one (--port); pass "
                 f"--grpc-port with another port (e.g. --grpc-port {_other(port)}) or "
                 f"--grpc-port 0 to turn gRPC off")
-    for kind, number in (("HTTP", port), ("gRPC", grpc_port)):
+    probe_port = settings.probe_port
+    if probe_port and probe_port in (port, grpc_port):
+        other = "HTTP" if probe_port == port else "gRPC"
+        return (f"the probe port and the {other} port are both {probe_port}: pass "
+                f"--probe-port with another port, or 0 to turn the probe port off")
+    for kind, number in (("HTTP", port), ("gRPC", grpc_port), ("probe", probe_port)):
         if not number:
-            continue  # 0: HTTP picks a free port; gRPC is off
+            continue  # 0: HTTP picks a free port; gRPC and the probe port are off
         why = _unavailable(host, number)
         if why:
             return f"cannot listen for {kind} on {host}:{number} ({why}); choose another " \
-                   f"port with {FLAGS[kind]}" + (", or 0 to turn gRPC off" if kind == "gRPC"
-                                                 else "")
+                   f"port with {FLAGS[kind]}" + ("" if kind == "HTTP" else
+                                                 f", or 0 to turn the {kind} port off")
     return None
 
 

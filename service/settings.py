@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535,
         description="KServe v2 gRPC port (inference.GRPCInferenceService); 0 turns gRPC off")
+    probe_port: int = Field(
+        0, ge=0, le=65535,
+        description="a port of its own for GET /healthz and /readyz, answered by a thread "
+                    "(with several workers, the supervisor's) that never waits behind the "
+                    "requests the event loop holds; 0: off (the API port still answers them)")
+    probe_stall_s: float = Field(
+        10.0, gt=0,
+        description="on the probe port, an event loop that has not run for this long fails "
+                    "/healthz and /readyz (wedged, not busy)")
     warm_autograd: bool = Field(
         True, description="at start-up, before readiness, import what torch's first "
                           "gradient needs (sympy: seconds of CPU), so the first gradient "

@@ -37,7 +37,9 @@ def test_a_port_held_by_another_process_is_one_line_naming_its_flag():
         holder.listen()
         busy = holder.getsockname()[1]
         for args, flag in ((("--port", str(busy), "--grpc-port", "0"), "--port"),
-                           (("--port", str(free_port()), "--grpc-port", str(busy)), "--grpc-port")):
+                           (("--port", str(free_port()), "--grpc-port", str(busy)), "--grpc-port"),
+                           (("--port", str(free_port()), "--grpc-port", "0", "--probe-port",
+                             str(busy)), "--probe-port")):
             r = _serve(*args)
             assert r.returncode != 0, args
             lines = r.stderr.strip().splitlines()
@@ -51,3 +53,9 @@ def test_free_and_distinct_ports_pass_the_check():
     assert listeners.problem(Settings(port=a, grpc_port=0)) is None
     assert listeners.problem(Settings(port=0, grpc_port=0)) is None
     assert "both" in listeners.problem(Settings(port=a, grpc_port=a))
+    assert listeners.problem(Settings(port=a, grpc_port=0, probe_port=b)) is None
+    for grpc in (0, b):
+        same = listeners.problem(Settings(port=a, grpc_port=grpc, probe_port=a))
+        assert "probe port and the HTTP port are both" in same and "--probe-port" in same
+    assert "probe port and the gRPC port" in listeners.problem(
+        Settings(port=a, grpc_port=b, probe_port=b))

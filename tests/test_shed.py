@@ -13,6 +13,7 @@ import pytest
 from service.engine.admission import Admission, PredictedLate
 from service.engine.jobs import ARRIVED
 from service.http.shed import ARRIVAL_KEY, Shed
+from service.observability import probe_port
 from service.observability.recorder import Recorder
 from service.settings import Settings
 
@@ -395,10 +396,11 @@ def test_while_congested_the_probes_are_answered_unparsed_as_their_routes_answer
                 def not_ready_reason(self) -> str:
                     return "warming up"
 
-            shed.engine = NotReadyEngine()
+            answer = shed.probe_answer  # what the probe port answers too (probe_port.py)
+            shed.probe_answer = probe_port.single_process(NotReadyEngine())
             status, headers, body = get(s, "/readyz")
             assert status == 503 and headers["retry-after"] == "1"
             assert json.loads(body)["error"] == {"type": "not_ready",
                                                  "message": "not ready: warming up"}
-            shed.engine, shed.probes = engine, False  # several workers: the route's
+            shed.probe_answer, shed.probes = answer, False  # several workers: the route's
             assert get(s, "/readyz")[0] == 200

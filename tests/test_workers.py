@@ -169,9 +169,11 @@ class Load:
 
 @pytest.fixture(scope="module")
 def two_workers():
-    port = free_port()
-    with subprocess_server({"ACTSERVE_WORKERS": "2"}, port=port) as (proc, url):
-        yield proc, url, port
+    """(process, url, port, probe port url): the supervisor serves the probe port."""
+    port, probes = free_port(), free_port()
+    with subprocess_server({"ACTSERVE_WORKERS": "2", "ACTSERVE_PROBE_PORT": str(probes),
+                            "ACTSERVE_PROBE_STALL_S": "2"}, port=port) as (proc, url):
+        yield proc, url, port, f"http://127.0.0.1:{probes}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert run_dirs(proc.pid) == []
@@ -237,7 +239,7 @@ def test_a_worker_that_cannot_start_stops_the_server_cleanly():
 # -- one server in the numbers ----------------------------------------------------------------
 @pytest.mark.slow  # several server processes
 def test_numbers_from_any_worker_cover_every_worker(two_workers):
-    _, url, port = two_workers
+    _, url, port, _ = two_workers
     before = get_fresh(url, "/v1/stats").json()
     base_total = requests_total(get_fresh(url, "/metrics").text)
     base_v2 = get_fresh(url, "/v2/models/relu/stats").json()["model_stats"][0]
@@ -269,7 +271,7 @@ def test_numbers_from_any_worker_cover_every_worker(two_workers):
 
 @pytest.mark.slow  # several server processes
 def test_port_of_a_running_server_is_refused_to_another(two_workers):
-    _, _, port = two_workers
+    _, _, port, _ = two_workers
     for workers in ("2", "1"):
         r = subprocess.run([sys.executable, "-m", "service", "serve", "--workers", workers,
                             "--port", str(port)], cwd=ROOT, capture_output=True, text=True,
@@ -280,8 +282,29 @@ def test_port_of_a_running_server_is_refused_to_another(two_workers):
 
 # -- faults -----------------------------------------------------------------------------------
 @pytest.mark.slow  # several server processes
+def test_the_supervisors_probe_port_sees_a_worker_whose_loop_stopped(two_workers):
+    """A worker stopped (SIGSTOP: its loop runs nothing, as when wedged) keeps its ready
+    flag, but its heartbeat ages: past probe_stall_s (2 s here) the supervisor's probe port
+    fails /healthz and /readyz naming it, and passes again once it runs."""
+    _, url, _, probes = two_workers
+    assert get_fresh(probes, "/healthz").json() == {"status": "live"}
+    assert get_fresh(probes, "/readyz").json() == {"status": "ready", "workers": 2}
+    victim = wait_until(lambda: worker_pid(url, 1), 60, "worker 1's pid")
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        stalled = wait_until(lambda: (r := get_fresh(probes, "/healthz")).status_code == 503
+                             and r, 30, "the stopped worker seen stalled")
+        assert "event loop stalled: worker slot 1 for" in stalled.json()["error"]["message"]
+        assert get_fresh(probes, "/readyz").status_code == 503
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    wait_until(lambda: get_fresh(probes, "/readyz").status_code == 200, 30, "ready again")
+    assert get_fresh(probes, "/healthz").status_code == 200
+
+
+@pytest.mark.slow  # several server processes
 def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
-    proc, url, port = two_workers
+    proc, url, port, probes = two_workers
     for _ in range(20):
         assert post_fresh(port)[0] == 200
     total = requests_total(get_fresh(url, "/metrics").text)
@@ -308,8 +331,10 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
         def not_ready() -> bool:
             r = status_or_none(url, "/readyz")
             v2 = status_or_none(url, "/v2/health/ready")
+            p = status_or_none(probes, "/readyz")  # the supervisor's probe port too
             return r is not None and r.status_code == 503 and "worker slot(s) [1]" in r.text \
-                and v2 is not None and v2.status_code == 503
+                and v2 is not None and v2.status_code == 503 \
+                and p is not None and p.status_code == 503 and "worker slot(s) [1]" in p.text
 
         wait_until(not_ready, 30, "not ready")
 
@@ -333,6 +358,7 @@ def test_killed_worker_is_restarted_while_the_other_serves(two_workers):
     assert load.wrong == 0
     assert get_fresh(url, "/readyz").status_code == 200
     assert get_fresh(url, "/v2/health/ready").status_code == 200
+    assert get_fresh(probes, "/readyz").json() == {"status": "ready", "workers": 2}
     # The dead worker's counts stay in the totals (its last snapshot was retired): without
     # that, the total would lose slot 1's share of the requests before the load.
     assert requests_total(get_fresh(url, "/metrics").text) >= total

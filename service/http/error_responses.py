@@ -7,25 +7,17 @@ the only place a status code is chosen. Under ``/v2`` every error body is
 
 from __future__ import annotations
 
-import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import ActserveError
+from service.errors import ActserveError, error_body
 
 
 def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
-
-
-def error_body(v2: bool, type_: str, message: str) -> bytes:
-    """An error's JSON body in the API's format (also written by the HTTP protocol's own
-    refusals, ``shed.py``)."""
-    return orjson.dumps({"error": message} if v2 else
-                        {"error": {"type": type_, "message": message}})
 
 
 def error_response(path: str, status: int, type_: str, message: str,

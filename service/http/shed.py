@@ -31,16 +31,15 @@ import re
 import time
 from urllib.parse import unquote, unquote_plus
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.engine.admission import Hint, PredictedLate, hint_from, refusal
-from service.errors import ActserveError, NotReady
+from service.errors import ActserveError, error_body
 from service.exchange.auth import authorised
 from service.exchange.services import Services
-from service.http.error_responses import error_body
 from service.http.guard import host_allowed, host_name
 from service.http.middleware import REQUEST_ID
+from service.observability import probe_port
 
 ARRIVAL_KEY = "actserve.arrived"
 HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
@@ -114,6 +113,8 @@ class Shed:
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
         self.probes = True  # /healthz, /readyz answered here while congested (one process)
+        # as the probe port answers them (the loop that answers here is ticking)
+        self.probe_answer = probe_port.single_process(self.engine)
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
         if self.recorder.metrics is not None:
@@ -327,16 +328,9 @@ class ShedConnection:
         if not data.startswith(b"GET /") or not shed.probes:
             return False
         if data.startswith(b"GET /healthz "):
-            status, body, retry = 200, b'{"status":"live"}', None
+            path = "/healthz"
         elif data.startswith(b"GET /readyz "):
-            engine = shed.engine
-            if engine.ready:
-                status, retry = 200, None
-                body = orjson.dumps({"status": "ready", "devices": engine.devices})
-            else:
-                exc = NotReady(f"not ready: {engine.not_ready_reason()}")
-                status, retry = exc.status, exc.retry_after
-                body = error_body(False, exc.type, exc.message)
+            path = "/readyz"
         else:
             return False
         if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
@@ -346,12 +340,13 @@ class ShedConnection:
             return False
         keep_alive = (head[:head.find(b"\r\n")].endswith(b"http/1.1")
                       and b"\r\nconnection: close" not in head)
+        status, body, retry = shed.probe_answer(path)
         self.transport.write(self._answer(status, body, self.request_ids(), retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
             self.access.write({
                 "client": self.client[0] if self.client else None, "transport": "http",
-                "method": "GET", "path": data[4:data.find(b" ", 4)].decode("latin-1"),
+                "method": "GET", "path": path,
                 "status": status})
         if keep_alive:
             self.on_response_complete()

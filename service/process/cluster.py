@@ -71,6 +71,7 @@ class Cluster:
                 self._write_snapshot()
 
     def _publish(self) -> None:
+        self.flags.beat(self.slot, time.monotonic())  # before the flag: never ready and stale
         self.flags.set(self.slot, self.engine.ready and not self.draining)
 
     def _write_snapshot(self) -> None:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -98,15 +99,20 @@ class RunDir:
 class ReadyFlags:
     """One byte per worker slot in a shared, memory-mapped file: a worker writes its own
     byte, any worker reads them all on a readiness probe, the supervisor clears the byte of
-    a worker that died. Single-byte writes need no lock."""
+    a worker that died. Single-byte writes need no lock. After the bytes, one heartbeat per
+    slot (``time.monotonic()`` when that worker's event loop last published its flag, a
+    clock every process shares), read by the supervisor's probe port: a worker marked ready
+    whose heartbeat has stopped has a stalled loop."""
 
     def __init__(self, path: Path, count: int, *, create: bool = False) -> None:
         self.count = count
+        self._beats = -(-count // 8) * 8  # the heartbeats' offset, 8-byte aligned
+        size = self._beats + 8 * count
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, count)
-            self._map = mmap.mmap(fd, count)
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
 
@@ -118,6 +124,19 @@ class ReadyFlags:
 
     def not_ready(self) -> list[int]:
         return [s for s in range(self.count) if self._map[s] != 1]
+
+    def beat(self, slot: int, now: float) -> None:
+        struct.pack_into("d", self._map, self._beats + 8 * slot, now)
+
+    def stalled(self, now: float, limit_s: float) -> dict[int, float]:
+        """Ready slots whose heartbeat is older than ``limit_s``: slot -> its age."""
+        ages = {}
+        for s in range(self.count):
+            if self._map[s] == 1:
+                age = now - struct.unpack_from("d", self._map, self._beats + 8 * s)[0]
+                if age > limit_s:
+                    ages[s] = age
+        return ages
 
     def close(self) -> None:
         self._map.close()

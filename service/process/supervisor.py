@@ -30,8 +30,12 @@ import sys
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from service.engine.factory import engine_mode
 from service.engine.ipc.channel import SETTINGS_ENV, SOCKET_ENV
+from service.errors import Draining, NotReady
+from service.observability.probe_port import Answer, ProbeServer, live, refused
 from service.process.rundir import ReadyFlags, RunDir, clean_stale
 from service.process.snapshots import SnapshotFiles
 from service.process.sockets import reserve_port
@@ -105,14 +109,49 @@ class Supervisor:
                 return 1
             self.port = self.reservation.getsockname()[1]
             try:
+                probes = self._probe_server()
+            except OSError as exc:
+                log.error("actserve: cannot listen for probes on %s:%s: %s", self.settings.host,
+                          self.settings.probe_port, exc)
+                self.reservation.close()
+                return 1
+            try:
                 return self._loop()
             finally:
+                if probes is not None:
+                    probes.stop()  # before the flags it reads are unmapped
                 self.reservation.close()
                 self.flags.close()
         finally:
             self.run_dir.remove()
             for name in clean_stale():  # what a child killed at shutdown left behind
                 log.info("actserve: removed %s, left by a child that was killed", name)
+
+    # -- the probe port -----------------------------------------------------------------------
+    def _probe_server(self) -> ProbeServer | None:
+        """``probe_port``: answered on a thread here, from the workers' flags and
+        heartbeats, never behind the requests a worker holds (``probe_port.py``)."""
+        if not self.settings.probe_port:
+            return None
+        server = ProbeServer(self.settings.host, self.settings.probe_port, self._probe_answer)
+        server.start()
+        log.info("actserve probes on http://%s:%d (/healthz, /readyz)", self.settings.host,
+                 server.port)
+        return server
+
+    def _probe_answer(self, path: str) -> Answer:
+        stalled = self.flags.stalled(time.monotonic(), self.settings.probe_stall_s)
+        if stalled:
+            ages = ", ".join(f"{slot} for {age:.1f} s" for slot, age in stalled.items())
+            return refused(NotReady(f"event loop stalled: worker slot {ages}"))
+        if path == "/healthz":
+            return live()
+        if self.stopping:
+            return refused(Draining("not ready: draining"))
+        waiting = self.flags.not_ready()
+        if waiting:
+            return refused(NotReady(f"not ready: worker slot(s) {waiting} not ready"))
+        return 200, orjson.dumps({"status": "ready", "workers": self.workers}), None
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> int:
@@ -202,7 +241,8 @@ class Supervisor:
 
     def _child_settings(self) -> dict:
         engine = "process" if self.shared_engine else "inline"
-        return self.settings.model_dump(mode="json") | {"port": self.port, "engine": engine}
+        return self.settings.model_dump(mode="json") | {"port": self.port, "engine": engine,
+                                                        "probe_port": 0}  # served here
 
     @property
     def engine_socket(self):

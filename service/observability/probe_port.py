@@ -1,0 +1,167 @@
+"""Liveness and readiness on a port of their own (``probe_port``), answered by a thread.
+
+On the API port ``GET /healthz`` and ``GET /readyz`` wait, with every other request, for
+the event loop to read them: under overload that is hundreds of milliseconds
+(docs/benchmarks.md, "Overload"), and an orchestrator that reads a slow probe as "not live"
+restarts a server that is only busy, which moves its load onto the others: the cascade the
+overload policy exists to prevent. On the probe port a thread that never waits for the loop
+answers from state it reads directly (in one process, this one; with several workers, the
+supervisor's, which handles no requests):
+
+* ``/healthz``: 200 ``{"status": "live"}`` while every event loop has ticked within
+  ``probe_stall_s``; 503 naming the stalled loop otherwise. A loop under 10× overload still
+  ticks every few hundred milliseconds: only one that is wedged (a deadlock, a call that
+  never returns) fails it.
+* ``/readyz``: 200 ``{"status": "ready", ...}`` as the API's route answers; 503 with the
+  reason (warming up, draining, a worker not ready, a loop stalled) and ``Retry-After``.
+
+Any other path: 404; a method other than GET or HEAD: 501. HTTP/1.0, one request per
+connection, read within ``READ_TIMEOUT_S``; one thread answers them one at a time, so the
+port costs one thread and a client that sends nothing delays the next probe by at most that
+long, never the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import orjson
+
+from service.errors import ActserveError, NotReady, UnknownActivation, error_body
+
+READ_TIMEOUT_S = 2.0
+HEARTBEAT_S = 0.25  # how often the event loop records that it runs
+
+# (status, JSON body, Retry-After or None)
+Answer = tuple[int, bytes, "int | None"]
+
+
+def live() -> Answer:
+    return 200, b'{"status":"live"}', None
+
+
+def refused(exc: ActserveError) -> Answer:
+    return exc.status, error_body(False, exc.type, exc.message), exc.retry_after
+
+
+class Heartbeat:
+    """When the event loop last ran a callback: ``run()`` is a task on that loop; ``age()``
+    is read from any thread (a float read is atomic under the GIL)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.last = clock()
+
+    def beat(self) -> None:
+        self.last = self.clock()
+
+    def age(self) -> float:
+        return max(0.0, self.clock() - self.last)
+
+    async def run(self, period_s: float = HEARTBEAT_S) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(period_s)
+
+
+class ProbeServer:
+    """The probe port: ``answer(path)`` gives ``/healthz`` and ``/readyz`` their answers
+    (called on the probe thread; it must not touch the event loop). Bound when made, so a
+    port in use fails start-up; ``start()`` runs the thread, ``stop()`` ends it."""
+
+    def __init__(self, host: str, port: int, answer: Callable[[str], Answer]) -> None:
+        handler = type("ProbeHandler", (_Handler,), {"answer": staticmethod(answer)})
+        self.server = HTTPServer((host, port), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.5},
+                                       name="actserve-probes", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # one request per connection: no client holds the thread
+    timeout = READ_TIMEOUT_S
+    server_version = "actserve"
+    sys_version = ""
+    answer: Callable[[str], Answer]
+
+    def do_GET(self) -> None:
+        self._reply(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._reply(with_body=False)
+
+    def _reply(self, with_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/healthz", "/readyz"):
+            try:
+                status, body, retry = self.answer(path)
+            except Exception as exc:  # a probe that cannot be answered is a failed probe
+                status, body, retry = refused(ActserveError(f"probe failed: {exc!r}"))
+        else:
+            status, body, retry = refused(UnknownActivation(
+                f"the probe port serves GET /healthz and GET /readyz, not {path[:100]!r}"))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if retry is not None:
+            self.send_header("Retry-After", str(retry))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """What ``http.server`` refuses (a malformed request line, a method other than GET
+        or HEAD, headers too long): the API's JSON error, with a status line even for what
+        is not HTTP/1.x at all."""
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        short, _ = self.responses.get(code, ("error", ""))
+        body = error_body(False, "invalid_request" if code < 500 else "not_implemented",
+                          f"{short}: {message or short}"[:200])
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # probes are not access-logged
+        pass
+
+
+def single_process(engine, heartbeat: Heartbeat | None = None,
+                   stall_s: float = 0.0) -> Callable[[str], Answer]:
+    """The answers of a one-process server: its engine's readiness and, from another thread
+    than the loop's, the loop's heartbeat (``None``: asked on the loop itself)."""
+
+    def answer(path: str) -> Answer:
+        age = 0.0 if heartbeat is None else heartbeat.age()
+        if age > stall_s > 0:
+            return refused(NotReady(f"event loop stalled: no tick for {age:.1f} s"))
+        if path == "/healthz":
+            return live()
+        if engine.ready:
+            return 200, _ready_body(engine.devices), None
+        return refused(NotReady(f"not ready: {engine.not_ready_reason()}"))
+
+    return answer
+
+
+def _ready_body(devices) -> bytes:
+    return orjson.dumps({"status": "ready", "devices": devices})
