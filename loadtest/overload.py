@@ -5,7 +5,8 @@ actserve child on 127.0.0.1, at 0.5x, 1x, 2x, 5x and 10x of the capacity measure
 (closed loop, the same request), with client deadlines (``timeout`` in the query and the
 same budget on the client's clock). Per step: goodput (200s within the deadline per
 second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, the
-slowest /readyz and the server's RSS. Writes ``overload.json``, ``overload.md`` and
+slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
+each time, as an orchestrator asks) and the server's RSS. Writes ``overload.json``, ``overload.md`` and
 ``overload.png`` (goodput vs offered load). Every run is bounded in time.
 """
 
@@ -284,6 +285,24 @@ async def _readyz_probe(host: str, port: int, stop: asyncio.Event, worst: list) 
         w.close()
 
 
+async def _probe_port_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
+    """``GET /readyz`` on the probe port as an orchestrator asks it: a new connection each
+    time, timed from connect to the answer's end (one request per connection there)."""
+    raw = b"GET /readyz HTTP/1.0\r\n\r\n"
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        r, w = await asyncio.open_connection(host, port)
+        try:
+            w.write(raw)
+            answer = await r.read()
+        finally:
+            w.close()
+        if not answer.startswith(b"HTTP/1.0 200"):
+            raise RuntimeError(f"the probe port answered {answer[:60]!r}")
+        worst.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.1)
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
@@ -303,7 +322,8 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
 
 
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
-                   deadline_s: float, steps: tuple[float, ...], pool: int | None = None) -> dict:
+                   deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
+                   probe_port: int = 0) -> dict:
     port = int(child.url.rsplit(":", 1)[1])
     x = np.random.default_rng(7).standard_normal(elements).astype("<f4").tobytes()
     path = (f"/v1/activations/{activation}?shape={elements}&dtype=float32"
@@ -318,16 +338,23 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     rows = []
     for m in steps:
         gen = Generator("127.0.0.1", port, raw, pool=pool)
-        stop, worst = asyncio.Event(), []
-        probe = asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))
+        stop, worst, probe_worst = asyncio.Event(), [], []
+        probes = [asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))]
+        if probe_port:
+            probes.append(asyncio.ensure_future(
+                _probe_port_probe("127.0.0.1", probe_port, stop, probe_worst)))
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
         stop.set()
-        await asyncio.wait([probe], timeout=5)
+        await asyncio.wait(probes, timeout=5)
+        for probe in probes:
+            if probe.done() and probe.exception() is not None:
+                raise probe.exception()
         row = summarize(results, seconds, deadline_s, capacity * m)
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
                    server_total_p99_ms=_pct(gen.server_s, 99))
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
-                   readyz_max_ms=_pct(worst, 100), rss_mib=round(_rss(child) / 2**20, 1))
+                   readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
+                   rss_mib=round(_rss(child) / 2**20, 1))
         rows.append(row)
         print(f"  {elements} x{m:g}: {row}", flush=True)
         gen.close()
@@ -342,15 +369,16 @@ def _markdown(result: dict) -> str:
         lines += [f"\n**{case['elements']} elements, {case['activation']}, workers "
                   f"{result['meta']['workers']}** (capacity {case['capacity_per_s']} req/s)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
-                  "| refusals p99 ms | refusals by reason | /readyz max ms | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
+                  "/readyz max ms | RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
             lines.append(
                 f"| {r['multiple']:g}x | {r['offered_per_s']} | {r['goodput_per_s']} | "
                 f"{r['goodput_per_s'] / max(case['capacity_per_s'], 1e-9):.2f} | {r['ok_p50_ms']} | "
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
-                f"{r['readyz_max_ms']} | {r['rss_mib']} |")
+                f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -429,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = a.out or ROOT / "loadtest" / "reports" / time.strftime("overload-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"workers": a.workers, "metrics": True}
+    probe_port = servers.free_port()  # /readyz also asked there, as an orchestrator would
+    settings = {"workers": a.workers, "metrics": True, "probe_port": probe_port}
     for item in a.set:
         k, _, v = item.partition("=")
         settings[k] = v
@@ -448,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     with servers.running([child]):
         for size in (int(s) for s in a.sizes.split(",")):
             result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
-                                                        a.deadline, steps, a.pool)))
+                                                        a.deadline, steps, a.pool,
+                                                        probe_port)))
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(_markdown(result))
     try:

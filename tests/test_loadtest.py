@@ -147,6 +147,8 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     assert step["sent"] == int(step["offered_per_s"] * 0.5)  # sent on schedule, all answered
     assert step["ok"] + step["refused"] == step["sent"]
     assert step["goodput_per_s"] > 0 and step["ok_p99_ms"] is not None
+    # /readyz asked on the API port and on the probe port (each answered 200, or it raises)
+    assert step["readyz_max_ms"] is not None and step["probe_port_readyz_max_ms"] is not None
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
 
 
