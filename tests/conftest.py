@@ -20,7 +20,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from loadtest.servers import free_port, start_actserve, wait_ready
 from service import dtypes
@@ -28,7 +27,7 @@ from service.engine.activations import Registry
 from service.engine.job import Mode
 from service.engine.reference import reference as lone_reference
 from service.http.app import create_app
-from service.http.server import uvicorn_config
+from service.http.server import DrainingServer, uvicorn_config
 from service.settings import Settings
 
 from .inprocess import InProcess, in_process
@@ -67,7 +66,7 @@ class ThreadServer:
         self.port = settings.port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn_config(self.app, settings, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config)  # the production server class
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:

@@ -289,10 +289,14 @@ def test_deployment_probes_resources_and_termination(overlay, client):
     assert c["image"] == {"cpu": "actserve:cpu", "gpu": "actserve:cuda"}[overlay]
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
     assert int(env["ACTSERVE_PORT"]) == port and env["ACTSERVE_HOST"] == "0.0.0.0"
-    # Probes point at endpoints the server has, with the meaning they need.
+    # Probes point at endpoints the server has, with the meaning they need, on the probe
+    # port the server is told to open (answered off the event loop: fast under overload).
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    probes = {p["name"]: p["containerPort"] for p in c["ports"]}["probes"]
+    assert int(env["ACTSERVE_PROBE_PORT"]) == probes != port
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] == "probes"
         assert client.get(c[probe]["httpGet"]["path"]).status_code == 200
     # Graceful termination: preStop pause + drain fit in the grace period.
     pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]

@@ -96,8 +96,9 @@ def test_container_install_and_entrypoint_outside_a_container(tmp_path):
 
     run_dir = tmp_path / "run"  # neither the repository nor the source copy
     run_dir.mkdir()
-    port = free_port()
+    port, probes = free_port(), free_port()
     env = entrypoint_env(venv, port)
+    env["ACTSERVE_PROBE_PORT"] = str(probes)  # as in deploy/k8s: the healthcheck asks there
     not_yet = healthcheck(env, run_dir)
     assert not_yet.returncode == 1 and "not ready" in not_yet.stderr
 
@@ -120,6 +121,7 @@ def test_container_install_and_entrypoint_outside_a_container(tmp_path):
         assert answer.json()["data"] == np.maximum(x, 0).tolist()
         ready = httpx.get(url + "/readyz", timeout=10).json()
         assert ready == {"status": "ready", "devices": ["cpu"]}
+        assert httpx.get(f"http://127.0.0.1:{probes}/readyz", timeout=10).json() == ready
 
         proc.send_signal(signal.SIGTERM)  # the Dockerfile's STOPSIGNAL
         assert proc.wait(60) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import inspect
@@ -33,7 +32,6 @@ from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
 from service.http.shed import Shed
 from service.http.traces import ProfileTraces
-from service.observability import probe_port
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
@@ -59,27 +57,6 @@ async def _start_grpc(services: Services):
     server = GrpcServer(services)
     await server.start()
     return server
-
-
-def _start_probes(services: Services) -> Callable[[], None]:
-    """The probe port (``probe_port``, one process) and the loop's heartbeat it reads;
-    returns what stops both (with several workers the supervisor serves the port). Started
-    before warm-up, so that ``/readyz`` there says "warming up" rather than nothing."""
-    settings = services.settings
-    if not settings.probe_port:
-        return lambda: None
-    heartbeat = probe_port.Heartbeat()
-    server = probe_port.ProbeServer(settings.host, settings.probe_port, probe_port.single_process(
-        services.engine, heartbeat, settings.probe_stall_s))
-    server.start()
-    beating = asyncio.ensure_future(heartbeat.run())
-    log.info("actserve probes on http://%s:%d (/healthz, /readyz)", settings.host, server.port)
-
-    def stop() -> None:
-        beating.cancel()
-        server.stop()
-
-    return stop
 
 
 def create_app(settings: Settings | None = None, *, traces_dir: Path | None = None,
@@ -119,18 +96,12 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
     async def lifespan(app: FastAPI):
         if access_log is not None:
             access_log.start()
-        stop_probes = _start_probes(services)
-        try:
-            await engine.start()
-        except BaseException:
-            stop_probes()
-            raise
+        await engine.start()
         try:
             if settings.activations_file:
                 await services.registrations.load_file(settings.activations_file)
             await services.registrations.start()  # several workers: what the others have
         except BaseException:
-            stop_probes()
             await engine.stop()  # start-up fails with the file's problem
             raise
         # Everything alive now (torch, the app, the registry) lives as long as the process:
@@ -149,7 +120,6 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
             await engine.stop()
             services.regions.close()
             services.cuda_regions.close()
-            stop_probes()
             if access_log is not None:
                 access_log.close()  # every line of the drained requests is written
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.http import drain
+from service.observability import probe_port
 from service.settings import Settings
+
+log = logging.getLogger("actserve")
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
@@ -35,6 +40,27 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
     return uvicorn.Config(app, **options)
 
 
+def start_probes(services) -> Callable[[], None]:
+    """The probe port (``probe_port``, one process: with several workers the supervisor
+    serves it) and the loop's heartbeat it reads; returns what stops both. Started once the
+    API port listens, as that port is (a server warming up answers neither)."""
+    settings = services.settings
+    if not settings.probe_port:
+        return lambda: None
+    heartbeat = probe_port.Heartbeat()
+    server = probe_port.ProbeServer(settings.host, settings.probe_port, probe_port.single_process(
+        services.engine, heartbeat, settings.probe_stall_s))
+    server.start()
+    beating = asyncio.ensure_future(heartbeat.run())
+    log.info("actserve probes on http://%s:%d (/healthz, /readyz)", settings.host, server.port)
+
+    def stop() -> None:
+        beating.cancel()
+        server.stop()
+
+    return stop
+
+
 def proxy_options(settings: Settings) -> dict:
     """X-Forwarded-For / -Proto are believed only from the configured proxies; with none
     configured they are ignored (uvicorn would otherwise trust them from 127.0.0.1)."""
@@ -53,10 +79,18 @@ class DrainingServer(uvicorn.Server):
 
     _loop: asyncio.AbstractEventLoop | None = None
     _stopped_accepting = False
+    _stop_probes = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started:  # listening: what the probe port's "ready" promises
+            self._stop_probes = start_probes(self.config.app.state.services)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)  # drained; the probe port said "draining" meanwhile
+        if self._stop_probes is not None:
+            self._stop_probes()
 
     def handle_exit(self, sig, frame):
         self.config.app.state.services.engine.begin_drain()

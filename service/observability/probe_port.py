@@ -15,7 +15,8 @@ supervisor's, which handles no requests):
 * ``/readyz``: 200 ``{"status": "ready", ...}`` as the API's route answers; 503 with the
   reason (warming up, draining, a worker not ready, a loop stalled) and ``Retry-After``.
 
-Any other path: 404; a method other than GET or HEAD: 501. HTTP/1.0, one request per
+The port listens from when the API port does (a server warming up answers neither) until
+the drain has finished (``/readyz`` meanwhile: 503 ``draining``). Any other path: 404; a method other than GET or HEAD: 501. HTTP/1.0, one request per
 connection, read within ``READ_TIMEOUT_S``; one thread answers them one at a time, so the
 port costs one thread and a client that sends nothing delays the next probe by at most that
 long, never the API.
