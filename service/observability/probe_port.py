@@ -16,10 +16,10 @@ supervisor's, which handles no requests):
   reason (warming up, draining, a worker not ready, a loop stalled) and ``Retry-After``.
 
 The port listens from when the API port does (a server warming up answers neither) until
-the drain has finished (``/readyz`` meanwhile: 503 ``draining``). Any other path: 404; a method other than GET or HEAD: 501. HTTP/1.0, one request per
-connection, read within ``READ_TIMEOUT_S``; one thread answers them one at a time, so the
-port costs one thread and a client that sends nothing delays the next probe by at most that
-long, never the API.
+the drain has finished (``/readyz`` meanwhile: 503 ``draining``). Any other path: 404; a
+method other than GET or HEAD: 501. HTTP/1.0, one request per connection, read within
+``READ_TIMEOUT_S``; one thread answers them one at a time, so the port costs one thread and
+a client that sends nothing delays the next probe by at most that long, never the API.
 """
 
 from __future__ import annotations
