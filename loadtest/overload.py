@@ -83,6 +83,7 @@ class _Wire(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.due: float | None = None  # the outstanding request's scheduled time
+        self.first: float | None = None  # when the outstanding answer's first bytes came
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -90,9 +91,12 @@ class _Wire(asyncio.Protocol):
 
     def send(self, due: float) -> None:
         self.due = due
+        self.first = None
         self.transport.write(self.gen.raw)
 
     def data_received(self, data: bytes) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
         self.buf += data
         end = self.buf.find(b"\r\n\r\n")
         if end < 0 or self.due is None:
@@ -114,6 +118,7 @@ class _Wire(asyncio.Protocol):
             m = _TOTAL.search(head)
             if m:
                 self.gen.server_s.append(float(m.group(1)) / 1000)
+            self.gen.first_s.append(self.first - due)
         if b"connection: close" in head:
             self.transport.close()
         else:
@@ -145,6 +150,7 @@ class Generator:
         self.max_conns = max_conns
         self.out: list = []
         self.server_s: list[float] = []  # Server-Timing totals of the 200s
+        self.first_s: list[float] = []  # the 200s' first answer bytes, from scheduled time
         self.outstanding = 0
         self._connecting: set[asyncio.Task] = set()
         self.lag = 0.0  # the open loop's worst slip behind its schedule, seconds
@@ -230,6 +236,7 @@ class Generator:
         # the pool opened and primed first: ``pool`` connections, or (None) about what
         # 100 ms of the schedule needs, more opened as needed
         await self.warm(self.pool if self.pool is not None else int(rate * 0.1) + 32)
+        self.server_s, self.first_s = [], []  # the step's own answers, not the priming ones
         n = int(rate * seconds)
         start = time.perf_counter() + 0.01
         i = 0
@@ -351,7 +358,9 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
                 raise probe.exception()
         row = summarize(results, seconds, deadline_s, capacity * m)
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
-                   server_total_p99_ms=_pct(gen.server_s, 99))
+                   server_total_p99_ms=_pct(gen.server_s, 99),
+                   ok_first_byte_p50_ms=_pct(gen.first_s, 50),
+                   ok_first_byte_p99_ms=_pct(gen.first_s, 99))
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
                    readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
                    rss_mib=round(_rss(child) / 2**20, 1))

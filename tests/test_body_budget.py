@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.errors import QueueFull
+from service.errors import DeadlineExceeded, QueueFull
 from service.exchange.budget import SMALL_BYTES, BodyBudget
 
 from .conftest import reference, same_bits, serve
@@ -86,6 +86,27 @@ def test_a_waiter_past_its_deadline_gets_503_and_the_queue_moves_on():
     asyncio.run(run())
 
 
+def test_a_waiter_whose_own_deadline_comes_first_gets_504_at_it_and_the_queue_moves_on():
+    """A request's deadline before the body timeout: it waits no longer than that, and is
+    answered 504 (its body never read) instead of being read, decoded and refused later."""
+    async def run():
+        budget = BodyBudget(MB)
+        first = await budget.acquire(MB)
+        with pytest.raises(DeadlineExceeded) as info:
+            await budget.acquire(MB, timeout_s=30.0, deadline_in_s=0.01)
+        assert info.value.status == 504 and "never read" in str(info.value)
+        assert budget.waiting == 0 and budget.held == MB
+        # a deadline already past: refused at once; one beyond the body timeout: the 503
+        with pytest.raises(DeadlineExceeded):
+            await budget.acquire(MB, timeout_s=30.0, deadline_in_s=-1.0)
+        with pytest.raises(QueueFull):
+            await budget.acquire(MB, timeout_s=0.01, deadline_in_s=30.0)
+        budget.release(first)
+        assert await budget.acquire(MB, timeout_s=0.01, deadline_in_s=0.01) == MB  # room
+
+    asyncio.run(run())
+
+
 def test_bodies_beyond_the_budget_wait_unread_then_all_are_answered():
     n = 65_536  # 256 KiB bodies; the budget holds one at a time
     xs = [np.full(n, i - 1.5, dtype="<f4") for i in range(3)]
@@ -115,3 +136,35 @@ def test_bodies_beyond_the_budget_wait_unread_then_all_are_answered():
     for x, r in zip(xs, rs, strict=True):
         assert r.status_code == 200, r.text
         assert same_bits(np.frombuffer(r.content, "<f4"), reference("relu", x, "float32")[0])
+
+
+def test_a_body_waiting_for_room_past_its_timeout_is_answered_504_unread():
+    """Over HTTP: the first large body is read and held (its batch gated); a second one
+    with ``timeout=0.3`` waits for room, and at its deadline gets 504 without its body
+    being read; the first is served once released."""
+    n = 65_536
+    x = np.full(n, 0.5, dtype="<f4")
+    with serve(max_body_bytes_in_flight=300_000) as srv:
+        rt = srv.engine
+        base = submissions(rt).count
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                gate = block_executor(rt)
+                try:
+                    first = asyncio.ensure_future(c.post(
+                        "/v1/activations/relu", params={"shape": str(n)}, content=x.tobytes(),
+                        headers={"content-type": "application/octet-stream"}))
+                    await wait_for(lambda: submissions(rt).count - base == 1)
+                    late = await c.post(
+                        "/v1/activations/relu", params={"shape": str(n), "timeout": "0.3"},
+                        content=x.tobytes(), headers={"content-type": "application/octet-stream"})
+                    waited = srv.services.bodies.waiting
+                finally:
+                    gate.set()
+                return await first, late, waited
+
+        first, late, waited = asyncio.run(run())
+    assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
+    assert "never read" in late.json()["error"]["message"] and waited == 0
+    assert first.status_code == 200

@@ -10,7 +10,9 @@ admitted when it can run alone. A gzip or deflate body is charged again as it in
 byte for byte, whatever its compressed size (``charge``). A request that waits longer than
 ``timeout_s`` (the body deadline: a slow sender holds its share at most that long, and one
 below the minimum rate about a second, ``service.http.body``) is refused with 503 and
-``Retry-After``, so every waiter gets an answer.
+``Retry-After``, so every waiter gets an answer; one whose own deadline comes first waits
+no longer than that: 504 ``deadline_exceeded``, its body never read (it could only have been
+read, decoded and then refused at the queue for the same reason).
 
 Event loop only.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from service.errors import QueueFull
+from service.errors import DeadlineExceeded, QueueFull
 
 SMALL_BYTES = 64 * 1024
 
@@ -49,9 +51,11 @@ class BodyBudget:
     def _fits(self, size: int) -> bool:
         return self.held + size <= self.total or self.held == 0
 
-    async def acquire(self, size: int, timeout_s: float = 30.0) -> int:
+    async def acquire(self, size: int, timeout_s: float = 30.0,
+                      deadline_in_s: float | None = None) -> int:
         """Wait until ``size`` bytes may be read; returns the bytes to ``release`` later
-        (0 for a small body). ``QueueFull`` (503) after ``timeout_s`` of waiting."""
+        (0 for a small body). ``QueueFull`` (503) after ``timeout_s`` of waiting;
+        ``DeadlineExceeded`` (504) after ``deadline_in_s``, the request's own, if sooner."""
         if size < SMALL_BYTES:
             return 0
         if not self._waiters and self._fits(size):
@@ -60,7 +64,8 @@ class BodyBudget:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._waiters.append((size, fut))
-        timer = loop.call_later(timeout_s, _expire, fut)
+        late = deadline_in_s is not None and deadline_in_s < timeout_s
+        timer = loop.call_later(max(0.0, deadline_in_s) if late else timeout_s, _expire, fut)
         try:
             await fut
         except (asyncio.CancelledError, _Expired) as exc:
@@ -73,6 +78,10 @@ class BodyBudget:
                     pass  # already taken off by _grant
                 self._grant()  # it may have been the head that held the others back
             if isinstance(exc, _Expired):
+                if late:
+                    raise DeadlineExceeded(
+                        "the request's deadline passed while its body waited for room among "
+                        f"the large bodies in flight ({size} bytes, never read)") from None
                 raise QueueFull(f"too many large request bodies in flight (waited "
                                 f"{timeout_s:g} s for {size} bytes); retry") from None
             raise

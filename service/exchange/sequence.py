@@ -111,10 +111,12 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         arrived = source.arrived
         t0_mono = time.monotonic()  # waited since its arrival: the event loop's delay
         ARRIVED.set(arrived)  # the job's deadline counts from the request's arrival
-        engine.admit(source.hint(arrived))  # overload refused before the body is read
-        # unknown (chunked) size: claim the limit
-        granted = await svc.bodies.acquire(limit if size is None else size,
-                                           settings.body_timeout_s)
+        hint = source.hint(arrived)
+        engine.admit(hint)  # overload refused before the body is read
+        # unknown (chunked) size: claim the limit; no waiting for room past the deadline
+        granted = await svc.bodies.acquire(
+            limit if size is None else size, settings.body_timeout_s,
+            None if hint is None or hint.deadline is None else hint.deadline - time.monotonic())
         lent = source.lend(engine, size)
         body, granted, bytes_in = await source.read(size, granted, lent)
         if activation is None:

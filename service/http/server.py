@@ -87,6 +87,12 @@ class DrainingServer(uvicorn.Server):
         if self.started:  # listening: what the probe port's "ready" promises
             self._stop_probes = start_probes(self.config.app.state.services)
 
+    def _protocol(self, _loop=None):
+        """A connection's protocol, as uvicorn's own server makes it."""
+        return self.config.http_protocol_class(
+            config=self.config, server_state=self.server_state,
+            app_state=self.lifespan.state, _loop=_loop)
+
     async def shutdown(self, sockets=None) -> None:
         await super().shutdown(sockets)  # drained; the probe port said "draining" meanwhile
         if self._stop_probes is not None:
@@ -103,10 +109,4 @@ class DrainingServer(uvicorn.Server):
         if self._stopped_accepting:
             return
         self._stopped_accepting = True
-
-        def protocol(_loop=None):
-            return self.config.http_protocol_class(
-                config=self.config, server_state=self.server_state,
-                app_state=self.lifespan.state, _loop=_loop)
-
-        drain.stop_accepting(self.servers, self._loop, protocol)
+        drain.stop_accepting(self.servers, self._loop, self._protocol)
