@@ -158,3 +158,21 @@ def test_refusal_cost_answers_every_case_as_it_should():
     from loadtest import refusal_cost
 
     assert refusal_cost.main(["--elements", "1024", "--rounds", "1", "--per-conn", "1"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.socket
+def test_ab_latency_compares_two_servers_at_a_fixed_open_loop_rate(capsys):
+    """``scripts.ab_latency`` end to end: two real servers (the same checkout twice), one
+    short round a side at a low rate, every answer a 200 (else it exits), and the table of
+    medians and ratios printed."""
+    from scripts import ab_latency
+
+    assert ab_latency.main(["--before", ".", "--after", ".", "--rate", "200", "--seconds",
+                            "0.5", "--rounds", "2", "--pool", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 200 p")]
+    assert [r.split("|")[1].strip() for r in rows] == ["200 p50", "200 p99"]
+    for row in rows:
+        before, after = (float(c) for c in row.split("|")[2:4])
+        assert before > 0 and after > 0
