@@ -38,7 +38,7 @@ def test_answers_follow_the_engine_and_the_heartbeat():
     clock = Clock()
     beat = probe_port.Heartbeat(clock)
     engine = Engine()
-    answer = probe_port.single_process(engine, beat, stall_s=10.0)
+    answer = probe_port.answers(engine, beat, stall_s=10.0)
     assert answer("/healthz") == (200, b'{"status":"live"}', None)
     status, body, retry = answer("/readyz")
     assert (status, json.loads(body), retry) == (200, {"status": "ready", "devices": ["cpu"]},
@@ -57,9 +57,18 @@ def test_answers_follow_the_engine_and_the_heartbeat():
         assert status == 503 and "event loop stalled: no tick for 10.5 s" in body.decode()
     beat.beat()  # it ran again
     assert answer("/healthz")[0] == answer("/readyz")[0] == 200
+    # with several workers: ready only when every worker is (the others' flags)
+    waiting = [1]
+    several = probe_port.answers(engine, beat, stall_s=10.0, others=lambda: waiting)
+    status, body, retry = several("/readyz")
+    assert (status, retry) == (503, 1) and json.loads(body)["error"]["message"] == \
+        "not ready: worker slot(s) [1] not ready"
+    assert several("/healthz")[0] == 200
+    waiting.clear()
+    assert several("/readyz")[0] == 200
     # on the loop itself (the HTTP protocol's answers while congested): no heartbeat asked
     clock.t += 100
-    assert probe_port.single_process(engine)("/healthz")[0] == 200
+    assert probe_port.answers(engine)("/healthz")[0] == 200
 
 
 def test_ready_flags_carry_each_workers_heartbeat(tmp_path):

@@ -396,11 +396,19 @@ def test_while_congested_the_probes_are_answered_unparsed_as_their_routes_answer
                 def not_ready_reason(self) -> str:
                     return "warming up"
 
-            answer = shed.probe_answer  # what the probe port answers too (probe_port.py)
-            shed.probe_answer = probe_port.single_process(NotReadyEngine())
+            services = srv.services
+            answer = services.readiness  # the route's, the protocol's and the probe port's
+            services.readiness = probe_port.answers(NotReadyEngine())
             status, headers, body = get(s, "/readyz")
             assert status == 503 and headers["retry-after"] == "1"
             assert json.loads(body)["error"] == {"type": "not_ready",
                                                  "message": "not ready: warming up"}
-            shed.probe_answer, shed.probes = answer, False  # several workers: the route's
+            # a worker of several: the others' flags (slot 1 not ready), unparsed and routed
+            services.readiness = probe_port.answers(engine, others=lambda: [1])
+            for congested in (True, False):
+                shed.congested = congested
+                status, _, body = get(s, "/readyz")
+                assert status == 503 and json.loads(body)["error"]["message"] == \
+                    "not ready: worker slot(s) [1] not ready"
+            services.readiness = answer
             assert get(s, "/readyz")[0] == 200

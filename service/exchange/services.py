@@ -4,6 +4,7 @@ calls, never their insides."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,3 +36,6 @@ class Services:
     registrations: Registrations | None = None  # custom activations (registrations.py)
     access_log: AccessLog | None = None  # one line per request, every transport
     shed: Shed | None = None  # HTTP refusals before the application (shed.py)
+    # (path) -> (status, JSON body, Retry-After): /healthz and /readyz, wherever answered
+    # (service/observability/probe_port.py ``answers``; a worker's asks the cluster)
+    readiness: Callable[[str], tuple] | None = None

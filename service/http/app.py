@@ -32,6 +32,7 @@ from service.http.routes_v2 import infer, infer_version
 from service.http.routes_v2 import router as v2_router
 from service.http.shed import Shed
 from service.http.traces import ProfileTraces
+from service.observability import probe_port
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
                         traces=ProfileTraces(settings.profile_trace_ttl_s, directory=traces_dir),
                         registrations=for_engine(engine, recorder.model_stats),
                         access_log=access_log)
+    services.readiness = probe_port.answers(engine)  # a worker's asks the cluster too
     services.shed = Shed(services)  # overload refusals before the app (shed.py)
     if share_registrations is not None and engine.mode == "inline":
         # the engine process holds one set for every worker; inline engines share files

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service import __version__
-from service.errors import NotReady
 from service.http import cluster_view
 
 router = APIRouter(tags=["ops"])
@@ -22,12 +21,10 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness (warm-up self-test passed, not draining)")
 async def readyz(request: Request) -> Response:
-    engine = request.app.state.services.engine
-    others = cluster_view.workers_not_ready(request)  # several worker processes: all ready
-    if engine.ready and not others:
-        return JSONResponse({"status": "ready", "devices": engine.devices})
-    reason = f"worker slot(s) {others} not ready" if engine.ready else engine.not_ready_reason()
-    raise NotReady(f"not ready: {reason}")
+    # the same answer the protocol (while congested) and the probe port give
+    status, body, retry = request.app.state.services.readiness("/readyz")
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -48,7 +48,7 @@ def start_probes(services) -> Callable[[], None]:
     if not settings.probe_port:
         return lambda: None
     heartbeat = probe_port.Heartbeat()
-    server = probe_port.ProbeServer(settings.host, settings.probe_port, probe_port.single_process(
+    server = probe_port.ProbeServer(settings.host, settings.probe_port, probe_port.answers(
         services.engine, heartbeat, settings.probe_stall_s))
     server.start()
     beating = asyncio.ensure_future(heartbeat.run())

@@ -39,7 +39,6 @@ from service.exchange.auth import authorised
 from service.exchange.services import Services
 from service.http.guard import host_allowed, host_name
 from service.http.middleware import REQUEST_ID
-from service.observability import probe_port
 
 ARRIVAL_KEY = "actserve.arrived"
 HINT_HEADERS = (b"content-length", b"content-type", b"authorization")
@@ -112,9 +111,7 @@ class Shed:
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
-        self.probes = True  # /healthz, /readyz answered here while congested (one process)
-        # as the probe port answers them (the loop that answers here is ticking)
-        self.probe_answer = probe_port.single_process(self.engine)
+        self.services = services  # its ``readiness``: the probes' answers while congested
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
         if self.recorder.metrics is not None:
@@ -320,12 +317,12 @@ class ShedConnection:
 
     def fast_probe(self, data: bytes) -> bool:
         """While congested: ``GET /healthz`` and ``GET /readyz`` answered from the raw bytes,
-        as their routes answer (a prober would otherwise wait behind every request the
-        application holds, its task hopping through the loop's queue several times). Only
-        where this process answers for itself (``Shed.probes``: not with several workers,
-        whose readiness is the cluster's). True when answered."""
+        as their routes answer (``Services.readiness``: a worker's asks the cluster's
+        flags), where a prober would otherwise wait behind every request the application
+        holds, its task hopping through the loop's queue several times. True when
+        answered."""
         shed = self.shed
-        if not data.startswith(b"GET /") or not shed.probes:
+        if not data.startswith(b"GET /"):
             return False
         if data.startswith(b"GET /healthz "):
             path = "/healthz"
@@ -340,7 +337,7 @@ class ShedConnection:
             return False
         keep_alive = (head[:head.find(b"\r\n")].endswith(b"http/1.1")
                       and b"\r\nconnection: close" not in head)
-        status, body, retry = shed.probe_answer(path)
+        status, body, retry = shed.services.readiness(path)
         self.transport.write(self._answer(status, body, self.request_ids(), retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():

@@ -146,10 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def single_process(engine, heartbeat: Heartbeat | None = None,
-                   stall_s: float = 0.0) -> Callable[[str], Answer]:
-    """The answers of a one-process server: its engine's readiness and, from another thread
-    than the loop's, the loop's heartbeat (``None``: asked on the loop itself)."""
+def answers(engine, heartbeat: Heartbeat | None = None, stall_s: float = 0.0,
+            others: Callable[[], list[int]] | None = None) -> Callable[[str], Answer]:
+    """What a server process answers to ``/healthz`` and ``/readyz``, wherever it answers
+    them (the API's route, the HTTP protocol while congested, the probe port): its engine's
+    readiness; with several workers (``others``: the slots not ready, this one included,
+    from the shared flags) every worker's; asked from another thread than the loop's, the
+    loop's heartbeat too (``heartbeat``; None on the loop itself, which is running)."""
 
     def answer(path: str) -> Answer:
         age = 0.0 if heartbeat is None else heartbeat.age()
@@ -157,9 +160,12 @@ def single_process(engine, heartbeat: Heartbeat | None = None,
             return refused(NotReady(f"event loop stalled: no tick for {age:.1f} s"))
         if path == "/healthz":
             return live()
-        if engine.ready:
-            return 200, _ready_body(engine.devices), None
-        return refused(NotReady(f"not ready: {engine.not_ready_reason()}"))
+        if not engine.ready:
+            return refused(NotReady(f"not ready: {engine.not_ready_reason()}"))
+        waiting = others() if others is not None else []
+        if waiting:
+            return refused(NotReady(f"not ready: worker slot(s) {waiting} not ready"))
+        return 200, _ready_body(engine.devices), None
 
     return answer
 

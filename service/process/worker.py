@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from service import malloc_tuning
-from service.observability import logs
+from service.observability import logs, probe_port
 from service.process.rundir import RunDir
 from service.process.sockets import worker_socket
 from service.settings import Settings
@@ -62,11 +62,12 @@ def main() -> int:
     except RuntimeError as exc:  # e.g. a CUDA device asked for where there is none
         raise SystemExit(f"actserve: {exc}") from None
     services = app.state.services
-    services.shed.probes = False  # readiness is the cluster's: the route asks the others
     if services.engine.mode == "process":  # one engine for all: its state shown once
         services.engine.shows_overload = slot == 0
     cluster = Cluster(slot, spec["count"], run_dir, services)
     app.state.cluster = cluster
+    # ready when every worker is: the others' flags, read wherever /readyz is answered
+    services.readiness = probe_port.answers(services.engine, others=cluster.not_ready_workers)
 
     class WorkerServer(DrainingServer):
         async def startup(self, sockets=None) -> None:
