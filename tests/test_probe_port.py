@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from loadtest.servers import free_port
 from service.observability import probe_port
@@ -175,3 +176,23 @@ def test_the_probe_port_says_draining_and_closes_with_the_server():
         raise AssertionError("the probe port outlived the server")
     except httpx.ConnectError:
         pass
+
+
+def test_the_probe_port_listens_on_an_ipv6_host_without_a_name_lookup(monkeypatch):
+    """An IPv6 host (``::1``) is bound as IPv6, and binding looks nothing up (the
+    standard library's HTTPServer asks the resolver for the host's name at bind)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    looked_up = []
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: looked_up.append(a) or "")
+    server = probe_port.ProbeServer("::1", 0, probe_port.answers(Engine()))
+    server.start()
+    try:
+        r = httpx.get(f"http://[::1]:{server.port}/readyz", timeout=10)
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+    finally:
+        server.stop()
+    assert looked_up == []

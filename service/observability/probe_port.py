@@ -25,10 +25,12 @@ a client that sends nothing delays the next probe by at most that long, never th
 from __future__ import annotations
 
 import asyncio
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import orjson
 
@@ -76,7 +78,7 @@ class ProbeServer:
 
     def __init__(self, host: str, port: int, answer: Callable[[str], Answer]) -> None:
         handler = type("ProbeHandler", (_Handler,), {"answer": staticmethod(answer)})
-        self.server = HTTPServer((host, port), handler)
+        self.server = _Listener((host, port), handler)
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.5},
                                        name="actserve-probes", daemon=True)
@@ -92,6 +94,19 @@ class ProbeServer:
         if self.thread.is_alive():
             self.server.shutdown()
         self.server.server_close()
+
+
+class _Listener(socketserver.TCPServer):
+    """``http.server.HTTPServer`` without its bind-time ``getfqdn`` (a reverse DNS lookup
+    that can take seconds where there is no resolver, a container say), and IPv6 for an
+    IPv6 host, as the API port takes it."""
+
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
