@@ -330,8 +330,10 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
 
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
                    deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
-                   probe_port: int = 0) -> dict:
-    port = int(child.url.rsplit(":", 1)[1])
+                   probe_port: int = 0, front: servers.Child | None = None) -> dict:
+    """One request size through the steps; ``front``: a front end the load goes through
+    (its ``/readyz`` too), else straight to ``child``."""
+    port = int((front or child).url.rsplit(":", 1)[1])
     x = np.random.default_rng(7).standard_normal(elements).astype("<f4").tobytes()
     path = (f"/v1/activations/{activation}?shape={elements}&dtype=float32"
             f"&timeout={deadline_s:g}")
@@ -372,11 +374,18 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
             "steps": rows}
 
 
+def _front(meta: dict) -> str:
+    if meta.get("front", "none") == "none":
+        return ""
+    return f", through {meta['front']} ({meta['front_conns']} requests in flight at most)"
+
+
 def _markdown(result: dict) -> str:
     lines = []
     for case in result["cases"]:
         lines += [f"\n**{case['elements']} elements, {case['activation']}, workers "
-                  f"{result['meta']['workers']}** (capacity {case['capacity_per_s']} req/s)\n",
+                  f"{result['meta']['workers']}{_front(result['meta'])}** (capacity "
+                  f"{case['capacity_per_s']} req/s)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
                   "/readyz max ms | RSS MiB |",
@@ -463,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="cores for the generator (default: the other half)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an actserve setting for the server (repeatable)")
+    p.add_argument("--front", choices=("none", "nginx"), default="none",
+                   help="nginx: the load goes through nginx on the server's cores, which "
+                        "passes at most --front-conns requests at once and answers the rest "
+                        "503 itself (loadtest/front_nginx.py)")
+    p.add_argument("--front-conns", type=int, default=128,
+                   help="with --front nginx: requests in flight to the server at most")
     a = p.parse_args(argv)
     out = a.out or ROOT / "loadtest" / "reports" / time.strftime("overload-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -478,16 +493,27 @@ def main(argv: list[str] | None = None) -> int:
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
-                       "pool": a.pool,
+                       "pool": a.pool, "front": a.front,
+                       "front_conns": a.front_conns if a.front != "none" else None,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
               "cases": []}
     with servers.running([child]):
-        for size in (int(s) for s in a.sizes.split(",")):
-            result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
-                                                        a.deadline, steps, a.pool,
-                                                        probe_port)))
+        front = None
+        if a.front == "nginx":  # on the server's cores; started once the server is ready
+            from . import front_nginx
+
+            front = front_nginx.start(out / "nginx", child.url.removeprefix("http://"),
+                                      a.front_conns, server_cpus)
+        try:
+            for size in (int(s) for s in a.sizes.split(",")):
+                result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
+                                                     a.deadline, steps, a.pool, probe_port,
+                                                     front)))
+        finally:
+            if front is not None:
+                front.stop()
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(_markdown(result))
     try:

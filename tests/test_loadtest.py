@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +152,30 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     # /readyz asked on the API port and on the probe port (each answered 200, or it raises)
     assert step["readyz_max_ms"] is not None and step["probe_port_readyz_max_ms"] is not None
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
+
+
+# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
+@pytest.mark.slow
+@pytest.mark.socket
+@pytest.mark.skipif(shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
+                    and os.environ.get("CI") != "true",
+                    reason="nginx is not installed (.ci/run installs Debian's)")
+def test_the_overload_bench_through_nginx_refuses_past_its_limit_in_the_apis_format(tmp_path):
+    """``--front nginx``: the load goes through a real nginx that passes at most 2 requests
+    at once; at 2x of the capacity measured through it, every scheduled request is
+    answered, and those nginx refused carry the API's error type (``front_limit``)."""
+    from loadtest import front_nginx, overload
+
+    assert front_nginx.NGINX is not None, "nginx is not installed (see .ci/run)"
+    assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
+                          "--steps", "2", "--pool", "16", "--front", "nginx",
+                          "--front-conns", "2"]) == 0
+    result = json.loads((tmp_path / "overload.json").read_text())
+    step = result["cases"][0]["steps"][0]
+    assert result["meta"]["front"] == "nginx" and result["meta"]["front_conns"] == 2
+    assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
+    assert step["reasons"].get("front_limit", 0) > 0, step["reasons"]
+    assert "through nginx (2 requests in flight at most)" in (tmp_path / "overload.md").read_text()
 
 
 def test_refusal_cost_answers_every_case_as_it_should():

@@ -1,0 +1,99 @@
+"""nginx in front of one actserve as its overload front end, for the overload bench
+(``python -m loadtest.overload --front nginx``).
+
+A Python server refuses a request for about a tenth of what serving it costs (the bound in
+docs/reliability.md, "Overload"); nginx refuses in C, before the request reaches the
+server, for a few microseconds. Here it passes at most ``max_conns`` requests at once to
+the server (``limit_conn``, one key for every client: a concurrency limit, Little's law's
+way of bounding the wait without a rate to tune) and answers the rest 503 at once, JSON in
+the API's error format with ``Retry-After``; it accepts every pending connection at each
+wake-up (``multi_accept``) and keeps its connections to the server alive, so no request
+waits unseen in a queue of connections. The configuration is the one docs/deployment.md
+shows; nginx runs on the server's cores (they share them, as in a pod).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from . import servers
+
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+
+CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    limit_conn_zone $server_port zone=actserve_inflight:1m;
+    upstream actserve {{
+        server {upstream};
+        keepalive {keepalive};
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        client_max_body_size 64m;
+        client_body_buffer_size 4m;
+        keepalive_requests 1000000;
+        location / {{
+            limit_conn actserve_inflight {max_conns};
+            limit_conn_status 503;
+            error_page 503 = @overloaded;
+            proxy_pass http://actserve;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_buffering on;
+            proxy_max_temp_file_size 0;
+        }}
+        location @overloaded {{
+            default_type application/json;
+            add_header Retry-After 1 always;
+            return 503 '{answer}';
+        }}
+    }}
+}}
+"""
+
+
+def render(tmp: Path, port: int, upstream: str, max_conns: int) -> str:
+    answer = json.dumps({"error": {"type": "front_limit", "message": (
+        f"the server is at its limit of {max_conns} requests in flight; retry later")}},
+        separators=(",", ":"))
+    return CONF.format(tmp=tmp, port=port, upstream=upstream, max_conns=max_conns,
+                       keepalive=max(64, 2 * max_conns), answer=answer)
+
+
+def start(tmp: Path, upstream: str, max_conns: int,
+          cpus: set[int] | None = None) -> servers.Child:
+    """nginx on a free 127.0.0.1 port in front of ``upstream`` (host:port), pinned to
+    ``cpus``; a ``Child`` (its URL, its output in ``tmp/error.log``)."""
+    if NGINX is None:
+        raise RuntimeError("nginx is not installed (`apt-get install nginx`; .ci/run does)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = servers.free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(render(tmp, port, upstream, max_conns))
+    argv = [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx refused its configuration: {check.stderr}")
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, preexec_fn=pin)
+    child = servers.Child("nginx", f"http://127.0.0.1:{port}", proc, tmp / "error.log")
+    servers.wait_ready(proc, child.url + "/readyz", 30, "nginx", child.output)
+    return child
