@@ -5,7 +5,9 @@ A Python server refuses a request for about a tenth of what serving it costs (th
 docs/reliability.md, "Overload"); nginx refuses in C, before the request reaches the
 server, for a few microseconds. Here it passes at most ``max_conns`` requests at once to
 the server (``limit_conn``, one key for every client: a concurrency limit, Little's law's
-way of bounding the wait without a rate to tune) and answers the rest 503 at once, JSON in
+way of bounding the wait without a rate to tune), ``max_large`` for bodies of 100,000
+bytes and more (a request's cost follows its size: one limit cannot suit both), and
+answers the rest 503 at once, JSON in
 the API's error format with ``Retry-After``; it accepts every pending connection at each
 wake-up (``multi_accept``) and keeps its connections to the server alive, so no request
 waits unseen in a queue of connections. The configuration is the one docs/deployment.md
@@ -38,7 +40,11 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    limit_conn_zone $server_port zone=actserve_inflight:1m;
+    # two classes by declared size, each with its own limit (an empty key is not counted)
+    map $http_content_length $actserve_small {{ "~^[0-9]{{1,5}}$" s; default ""; }}
+    map $http_content_length $actserve_large {{ "~^[0-9]{{6,}}$" l; default ""; }}
+    limit_conn_zone $actserve_small zone=actserve_small:1m;
+    limit_conn_zone $actserve_large zone=actserve_large:1m;
     upstream actserve {{
         server {upstream};
         keepalive {keepalive};
@@ -49,7 +55,8 @@ http {{
         client_body_buffer_size 4m;
         keepalive_requests 1000000;
         location / {{
-            limit_conn actserve_inflight {max_conns};
+            limit_conn actserve_small {max_conns};
+            limit_conn actserve_large {max_large};
             limit_conn_status 503;
             error_page 503 = @overloaded;
             proxy_pass http://actserve;
@@ -69,24 +76,27 @@ http {{
 """
 
 
-def render(tmp: Path, port: int, upstream: str, max_conns: int) -> str:
+def render(tmp: Path, port: int, upstream: str, max_conns: int, max_large: int) -> str:
     answer = json.dumps({"error": {"type": "front_limit", "message": (
-        f"the server is at its limit of {max_conns} requests in flight; retry later")}},
+        "the server is at its limit of requests in flight; retry later")}},
         separators=(",", ":"))
     return CONF.format(tmp=tmp, port=port, upstream=upstream, max_conns=max_conns,
-                       keepalive=max(64, 2 * max_conns), answer=answer)
+                       max_large=max_large, keepalive=max(64, 2 * (max_conns + max_large)),
+                       answer=answer)
 
 
-def start(tmp: Path, upstream: str, max_conns: int,
+def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
           cpus: set[int] | None = None) -> servers.Child:
     """nginx on a free 127.0.0.1 port in front of ``upstream`` (host:port), pinned to
-    ``cpus``; a ``Child`` (its URL, its output in ``tmp/error.log``)."""
+    ``cpus``, passing at most ``max_conns`` requests with bodies under 100,000 bytes and
+    ``max_large`` with larger ones at once; a ``Child`` (its URL, its output in
+    ``tmp/error.log``)."""
     if NGINX is None:
         raise RuntimeError("nginx is not installed (`apt-get install nginx`; .ci/run does)")
     tmp.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(render(tmp, port, upstream, max_conns))
+    conf.write_text(render(tmp, port, upstream, max_conns, max_large))
     argv = [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:

@@ -377,7 +377,8 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
 def _front(meta: dict) -> str:
     if meta.get("front", "none") == "none":
         return ""
-    return f", through {meta['front']} ({meta['front_conns']} requests in flight at most)"
+    return (f", through {meta['front']} (at most {meta['front_conns']} small and "
+            f"{meta.get('front_large_conns')} large requests in flight)")
 
 
 def _markdown(result: dict) -> str:
@@ -474,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="an actserve setting for the server (repeatable)")
     p.add_argument("--front", choices=("none", "nginx"), default="none",
                    help="nginx: the load goes through nginx on the server's cores, which "
-                        "passes at most --front-conns requests at once and answers the rest "
-                        "503 itself (loadtest/front_nginx.py)")
+                        "passes at most --front-conns (--front-large-conns) requests at once "
+                        "and answers the rest 503 itself (loadtest/front_nginx.py)")
     p.add_argument("--front-conns", type=int, default=128,
-                   help="with --front nginx: requests in flight to the server at most")
+                   help="with --front nginx: requests with bodies under 100,000 bytes in "
+                        "flight to the server at most")
+    p.add_argument("--front-large-conns", type=int, default=16,
+                   help="with --front nginx: requests with larger bodies in flight at most")
     a = p.parse_args(argv)
     out = a.out or ROOT / "loadtest" / "reports" / time.strftime("overload-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
                        "pool": a.pool, "front": a.front,
                        "front_conns": a.front_conns if a.front != "none" else None,
+                       "front_large_conns": a.front_large_conns if a.front != "none" else None,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
@@ -505,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import front_nginx
 
             front = front_nginx.start(out / "nginx", child.url.removeprefix("http://"),
-                                      a.front_conns, server_cpus)
+                                      a.front_conns, a.front_large_conns, server_cpus)
         try:
             for size in (int(s) for s in a.sizes.split(",")):
                 result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,

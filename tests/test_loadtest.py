@@ -175,7 +175,8 @@ def test_the_overload_bench_through_nginx_refuses_past_its_limit_in_the_apis_for
     assert result["meta"]["front"] == "nginx" and result["meta"]["front_conns"] == 2
     assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
     assert step["reasons"].get("front_limit", 0) > 0, step["reasons"]
-    assert "through nginx (2 requests in flight at most)" in (tmp_path / "overload.md").read_text()
+    assert "through nginx (at most 2 small and 16 large requests in flight)" in \
+        (tmp_path / "overload.md").read_text()
 
 
 def test_refusal_cost_answers_every_case_as_it_should():
