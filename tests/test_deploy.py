@@ -357,3 +357,34 @@ def test_kserve_inference_service_uses_the_v2_protocol(client):
         path = c[probe]["httpGet"]["path"]
         assert path.startswith("/v2/health/")
         assert client.get(path).status_code == 200
+
+
+NGINX_BIN = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK)
+                                      else None)
+
+
+# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
+@pytest.mark.skipif(NGINX_BIN is None and os.environ.get("CI") != "true",
+                    reason="nginx is not installed (.ci/run installs Debian's)")
+def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_path):
+    """docs/deployment.md's "Overload: let nginx refuse" block, as written, passes
+    ``nginx -t`` (only its listen address and this run's paths filled in), and limits what
+    the bench's front end (loadtest/front_nginx.py) limits."""
+    assert NGINX_BIN is not None, "nginx is not installed (see .ci/run)"
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    block = text.split("### Overload: let nginx refuse", 1)[1].split("```nginx", 1)[1]
+    block = block.split("```", 1)[0]
+    for directive in ("multi_accept on", "limit_conn actserve_small 128",
+                      "limit_conn actserve_large 16", "limit_conn_status 503",
+                      "add_header Retry-After 1 always", '"type":"front_limit"'):
+        assert directive in block, directive
+    paths = " ".join(f"{name}_temp_path {tmp_path}/{name};"
+                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = (f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+            + block.replace("listen 8080", "listen 127.0.0.1:18080")
+                   .replace("http {", "http {\n    " + paths, 1))
+    (tmp_path / "nginx.conf").write_text(conf)
+    check = subprocess.run([NGINX_BIN, "-t", "-p", str(tmp_path), "-c",
+                            str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
