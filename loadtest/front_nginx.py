@@ -5,15 +5,14 @@ A Python server refuses a request for about a tenth of what serving it costs (th
 docs/reliability.md, "Overload"); nginx refuses in C, before the request reaches the
 server, for a few microseconds. Here it passes at most ``max_conns`` requests at once to
 the server (``limit_conn``, one key for every client: a concurrency limit, Little's law's
-way of bounding the wait without a rate to tune), ``max_large`` for bodies of 100,000
-bytes and more (a request's cost follows its size: one limit cannot suit both), and
-answers the rest 503 at once, JSON in
-the API's error format with ``Retry-After``; it accepts every pending connection at each
-wake-up (``multi_accept``) and keeps its connections to the server alive, so no request
-waits unseen in a queue of connections. The configuration is the one docs/deployment.md
-shows; nginx runs on the server's cores (they share them, as in a pod).
+way of bounding the wait without a rate to tune) and ``max_large`` of those with bodies of
+100,000 bytes and more (a request's cost follows its size: one limit cannot suit both),
+and answers the rest 503 at once, JSON in the API's error format with ``Retry-After``. It
+accepts every pending connection at each wake-up (``multi_accept``) and keeps its
+connections to the server alive, so no request waits unseen in a queue of connections.
+The configuration is the one docs/deployment.md shows; nginx runs on the server's cores
+(they share them, as in a pod).
 """
-
 from __future__ import annotations
 
 import json

@@ -6,8 +6,10 @@ actserve child on 127.0.0.1, at 0.5x, 1x, 2x, 5x and 10x of the capacity measure
 same budget on the client's clock). Per step: goodput (200s within the deadline per
 second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, the
 slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
-each time, as an orchestrator asks) and the server's RSS. Writes ``overload.json``, ``overload.md`` and
-``overload.png`` (goodput vs offered load). Every run is bounded in time.
+each time, as an orchestrator asks) and the server's RSS. ``--front nginx`` sends the load
+through nginx as the overload front end (``front_nginx.py``). Writes ``overload.json``,
+``overload.md`` and ``overload.png`` (goodput vs offered load). Every run is bounded in
+time.
 """
 
 from __future__ import annotations
