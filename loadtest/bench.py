@@ -226,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     seconds = a.duration or (1.0 if a.quick else 3.0)
     groups = () if a.quick else tuple(a.groups.split(","))
-    if "overload" in groups:  # what a refusal costs, then the open-loop overload bench
-        from . import overload, refusal_cost
+    if "overload" in groups:  # what a refusal costs, then the open-loop overload bench,
+        from . import front_nginx, overload, refusal_cost  # then through nginx in front
 
         refusal_cost.main([])
-        return overload.main(["--out", str(a.out)] if a.out else [])
+        rc = overload.main(["--out", str(a.out)] if a.out else [])
+        if rc == 0 and front_nginx.NGINX is not None:
+            rc = overload.main(["--front", "nginx"] +
+                               (["--out", str(a.out / "front-nginx")] if a.out else []))
+        return rc
     if a.quick:
         plan = sweep.quick_plan()
     else:
