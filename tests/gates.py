@@ -73,3 +73,14 @@ async def held(engine, expected_jobs: int, index: int = 0):
         await wait_for(lambda: counter.count - base >= expected_jobs)
     finally:
         gate.set()
+
+
+class FakeClock:
+    """A clock tests move by hand (``clock.t += 0.5``): deadlines, intervals and
+    heartbeats without waiting."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

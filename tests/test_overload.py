@@ -33,22 +33,15 @@ from service.engine.job import Job, JobResult
 from service.engine.pool import ExecutorPool
 from service.errors import DeadlineExceeded
 from service.settings import Settings
+from tests.gates import FakeClock
 from tests.test_batcher import PLAIN, REGISTRY, FakeExecutor, Tracker, run
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Timed(FakeExecutor):
     """A fake executor whose batches take ``per_element`` fake seconds per element: the
     test advances the clock by that much when it releases a batch."""
 
-    def __init__(self, index: int, clock: Clock, per_element: float) -> None:
+    def __init__(self, index: int, clock: FakeClock, per_element: float) -> None:
         super().__init__(index)
         self.clock, self.per_element = clock, per_element
 
@@ -56,14 +49,14 @@ class Timed(FakeExecutor):
         await held.go.wait()
         elements = sum(j.numel for j in held.jobs)
         wall = elements * self.per_element
-        self.clock.now += wall
+        self.clock.t += wall
         results = [JobResult(j.array, j.wire_dtype, wall, len(held.jobs), elements, self.device)
                    for j in held.jobs]
         self.on_done(self, held.jobs, results, wall)
 
 
 @asynccontextmanager
-async def scheduler(clock: Clock, per_element: float = 1e-4, **settings):
+async def scheduler(clock: FakeClock, per_element: float = 1e-4, **settings):
     ex = Timed(0, clock, per_element)
     pool = ExecutorPool([ex], REGISTRY, Capabilities(), probe=lambda c, r: {},
                         self_test=lambda c, r, caps: [])
@@ -80,15 +73,15 @@ async def scheduler(clock: Clock, per_element: float = 1e-4, **settings):
     tracker.check()
 
 
-def job(clock: Clock, n: int = 1000, *, timeout: float = 1.0, priority: int = 0,
+def job(clock: FakeClock, n: int = 1000, *, timeout: float = 1.0, priority: int = 0,
         activation: str = "relu") -> Job:
     act = REGISTRY.get(activation)
     return Job(activation=act, params=act.parse_params({}), array=np.zeros(n, np.float32),
-               wire_dtype="float32", mode=PLAIN, deadline=clock.now + timeout,
+               wire_dtype="float32", mode=PLAIN, deadline=clock.t + timeout,
                priority=priority)
 
 
-async def warm(b: Batcher, ex: Timed, clock: Clock, n: int = 1000) -> None:
+async def warm(b: Batcher, ex: Timed, clock: FakeClock, n: int = 1000) -> None:
     """One batch through, so the service model has a measurement."""
     fut = b.submit(job(clock, n))
     (await ex.next_batch()).release()
@@ -127,7 +120,7 @@ def test_the_model_learns_per_request_cost_and_bounds_unmeasured_sizes_from_belo
 # -- admission by predicted finish ----------------------------------------------------------
 def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once_with_retry_after():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)  # 0.1 s per 1000-element request
             futs = [b.submit(job(clock)) for _ in range(7)]  # 1 running + 6 queued
@@ -150,19 +143,19 @@ def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once_with_re
 
 def test_before_the_body_a_declared_size_and_timeout_are_enough_to_refuse():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)
             futs = [b.submit(job(clock, timeout=5)) for _ in range(9)]
             held = await ex.next_batch()
             # the headers alone: 4000 bytes of float32, timeout 1 s on the query
             h = hint_from("relu", {"timeout": "1"}, {"content-length": "4000"}, "10.0.0.1",
-                          clock.now, 30.0)
-            assert (h.elements, h.deadline, h.timed) == (1000, clock.now + 1, True)
+                          clock.t, 30.0)
+            assert (h.elements, h.deadline, h.timed) == (1000, clock.t + 1, True)
             with pytest.raises(PredictedLate):
                 b.admit(h)
             b.admit(hint_from("relu", {"timeout": "30"}, {"content-length": "4000"}, None,
-                              clock.now, 30.0))  # a long deadline passes
+                              clock.t, 30.0))  # a long deadline passes
             held.release()
             await serve(ex, futs)
             await asyncio.gather(*futs)
@@ -175,21 +168,21 @@ def test_below_capacity_nothing_is_refused_and_nothing_is_late():
     deadlines, a burst of three on top now and then: every request is admitted and
     answered 200 before its deadline."""
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)
             answered = []
             for i in range(60):
                 burst = 3 if i % 20 == 0 else 1
                 futs = [b.submit(job(clock)) for _ in range(burst)]
-                deadlines = [clock.now + 1.0] * burst
+                deadlines = [clock.t + 1.0] * burst
                 for _ in range(burst):
                     (await ex.next_batch()).release()
                     await settle()
                 for fut, deadline in zip(futs, deadlines, strict=True):
                     assert isinstance(await fut, JobResult)
-                    answered.append(clock.now <= deadline)
-                clock.now += max(0.0, 0.15 * burst - 0.1 * burst)
+                    answered.append(clock.t <= deadline)
+                clock.t += max(0.0, 0.15 * burst - 0.1 * burst)
             assert all(answered) and len(answered) == 66
 
     run(main())
@@ -197,7 +190,7 @@ def test_below_capacity_nothing_is_refused_and_nothing_is_late():
 
 def test_a_job_computed_after_its_deadline_is_answered_504_not_200():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock, per_element=1e-3) as (b, ex):  # 1 s per request
             fut = b.submit(job(clock, timeout=0.5))  # nothing measured yet: admitted
             (await ex.next_batch()).release()
@@ -209,13 +202,13 @@ def test_a_job_computed_after_its_deadline_is_answered_504_not_200():
 
 def test_a_head_job_that_can_no_longer_finish_in_time_is_shed_uncomputed():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)
             first = b.submit(job(clock, timeout=5))
             held = await ex.next_batch()
             late = b.submit(job(clock, timeout=0.5))  # predicted 0.24 s: admitted
-            clock.now += 0.35  # the running batch took longer than predicted (0.45 s)
+            clock.t += 0.35  # the running batch took longer than predicted (0.45 s)
             held.release()
             await first
             with pytest.raises(PredictedLate):  # 0.45 + 0.1 > 0.5: not computed
@@ -228,7 +221,7 @@ def test_a_head_job_that_can_no_longer_finish_in_time_is_shed_uncomputed():
 # -- the discipline ------------------------------------------------------------------------
 def test_the_discipline_switches_to_controlled_delay_and_back_when_the_queue_drains():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock, overload_target_delay_ms=50, overload_interval_ms=100,
                              overload_max_wait_ms=300) as (b, ex):
             await warm(b, ex, clock)
@@ -256,7 +249,7 @@ def test_the_discipline_switches_to_controlled_delay_and_back_when_the_queue_dra
 
 def test_adaptive_lifo_serves_the_newest_and_sheds_the_stale():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock, overload_target_delay_ms=10, overload_interval_ms=10,
                              overload_max_wait_ms=250, overload_lifo=True,
                              max_batch_requests=1) as (b, ex):
@@ -267,7 +260,7 @@ def test_adaptive_lifo_serves_the_newest_and_sheds_the_stale():
             old = [b.submit(job(clock, timeout=5)) for _ in range(2)]
             held = await ex.next_batch()  # the newest of the two runs first
             assert held.jobs[0].future is old[1]
-            clock.now += 0.3  # the older one has now waited 0.3 s > 0.25 s
+            clock.t += 0.3  # the older one has now waited 0.3 s > 0.25 s
             new = b.submit(job(clock, timeout=5))
             b._sweep()
             with pytest.raises(QueueDelay):
@@ -281,7 +274,7 @@ def test_adaptive_lifo_serves_the_newest_and_sheds_the_stale():
 
 def test_under_overload_a_higher_priority_is_admitted_and_served_first():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)
             low = [b.submit(job(clock, timeout=2)) for _ in range(12)]
@@ -304,11 +297,11 @@ def test_under_overload_a_higher_priority_is_admitted_and_served_first():
 
 
 # -- fair share ----------------------------------------------------------------------------
-def _as_client(b: Batcher, clock: Clock, client: str, timeout: float = 1.0) -> asyncio.Future:
+def _as_client(b: Batcher, clock: FakeClock, client: str, timeout: float = 1.0) -> asyncio.Future:
     """Submit as ``client`` would through the HTTP path: admit with its hint, then submit,
     in one task context."""
     ctx = __import__("contextvars").copy_context()
-    hint = Hint("relu", 1000, clock.now + timeout, 0, client, True)
+    hint = Hint("relu", 1000, clock.t + timeout, 0, client, True)
 
     def both():
         b.admit(hint)
@@ -319,7 +312,7 @@ def _as_client(b: Batcher, clock: Clock, client: str, timeout: float = 1.0) -> a
 
 def test_a_flooding_client_gets_429_first_and_the_quiet_one_is_served():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock, fair_share=True) as (b, ex):
             await warm(b, ex, clock)
             flood, refused = [], []
@@ -339,7 +332,7 @@ def test_a_flooding_client_gets_429_first_and_the_quiet_one_is_served():
 
 def test_without_fair_share_the_client_is_not_counted():
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock) as (b, ex):
             await warm(b, ex, clock)
             futs = [_as_client(b, clock, "addr:noisy") for _ in range(6)]
@@ -376,23 +369,23 @@ def test_v1_stats_shows_the_queue_discipline_and_backlog():
 
 # -- the engine process: the worker refuses before the body, from the engine's answers -----
 def test_the_engines_predicted_wait_drains_with_time_and_bounds_from_below():
-    clock = Clock()
+    clock = FakeClock()
     seen = RemoteWait(Settings(overload_safety=1.0), clock)
-    soon = Hint("gelu", 1 << 18, deadline=clock.now + 0.5)
+    soon = Hint("gelu", 1 << 18, deadline=clock.t + 0.5)
     seen.check(soon)  # nothing seen yet: no bound
     seen.observe(2.0)  # the engine's queue: 2 s of work ahead of a new request
     with pytest.raises(PredictedLate) as refused:
         seen.check(soon)
     assert refused.value.retry_after == 2  # 1.5 s over, in whole seconds
-    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 2.5))  # fits
-    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.5, priority=1))  # may pass it
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.t + 2.5))  # fits
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.t + 0.5, priority=1))  # may pass it
     seen.check(None)
-    clock.now += 1.6  # drained at a second a second: 0.4 s left
-    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.5))
+    clock.t += 1.6  # drained at a second a second: 0.4 s left
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.t + 0.5))
     with pytest.raises(PredictedLate):
-        seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.3))
+        seen.check(Hint("gelu", 1 << 18, deadline=clock.t + 0.3))
     seen.observe(0.0)  # an answer from an empty queue
-    seen.check(Hint("gelu", 1 << 18, deadline=clock.now + 0.01))
+    seen.check(Hint("gelu", 1 << 18, deadline=clock.t + 0.01))
     off = RemoteWait(Settings(overload_admission=False), clock)
     off.observe(60.0)
     off.check(soon)
@@ -401,17 +394,17 @@ def test_the_engines_predicted_wait_drains_with_time_and_bounds_from_below():
 def test_a_worker_refuses_before_the_body_from_the_wait_on_the_engines_answers():
     """``RemoteEngine.admit`` with a hint: the wait the engine process put on its last
     answer (``Done`` or ``Error``, even one for a job this worker no longer holds)."""
-    clock = Clock()
+    clock = FakeClock()
     eng = RemoteEngine(Settings(overload_safety=1.0))
     eng._ready = True
     eng._engine_wait.clock = clock
-    late = Hint("gelu", 1 << 18, deadline=clock.now + 0.5)
+    late = Hint("gelu", 1 << 18, deadline=clock.t + 0.5)
     eng.admit(late)
     eng._on_message(messages.Done(99, "float32", (4,), 0.0, 1, 4, "cpu", 0.0, {}, None, None,
                                   {}, 3.0))
     with pytest.raises(PredictedLate):
         eng.admit(late)
-    eng.admit(Hint("gelu", 1 << 18, deadline=clock.now + 5.0))
+    eng.admit(Hint("gelu", 1 << 18, deadline=clock.t + 5.0))
     eng.admit()  # no hint (a small body, or submit's own count check): no prediction
     eng._on_message(messages.Error(98, "predicted_late", "late", None, 0.0))
     eng.admit(late)
@@ -422,7 +415,7 @@ def test_the_engine_process_overload_state_reaches_one_workers_metrics():
     by the first worker only (the workers' numbers are summed into one server's)."""
     from service.observability.metrics import Metrics
 
-    snapshot = Admission(Settings(), Clock()).snapshot()
+    snapshot = Admission(Settings(), FakeClock()).snapshot()
     snapshot["prediction_error"]["buckets"] = list(snapshot["prediction_error"]["buckets"])
     snapshot.update(discipline="controlled_delay", switches=3)
     state = messages.State(True, "", False, ["cpu"], [], 0, 5, snapshot)
@@ -450,7 +443,7 @@ def test_the_engine_is_busy_while_a_new_request_would_wait_past_the_target():
     """``Batcher.busy``: the HTTP protocol's cue to check admission before the
     application (a new request's predicted wait over the target, or the queue full)."""
     async def main():
-        clock = Clock()
+        clock = FakeClock()
         async with scheduler(clock, overload_target_delay_ms=50, overload_interval_ms=100,
                              max_queue_requests=20) as (b, ex):
             await warm(b, ex, clock)  # 1,000 elements cost 0.1 s
@@ -471,11 +464,11 @@ def test_the_engine_is_busy_while_a_new_request_would_wait_past_the_target():
 
 
 def test_a_workers_view_of_the_engine_is_busy_until_its_wait_drains():
-    clock = Clock()
+    clock = FakeClock()
     w = RemoteWait(Settings(overload_target_delay_ms=50), clock)
     assert not w.busy()
     w.observe(0.2)
     assert w.busy()
-    clock.now += 0.16  # 40 ms left of the 200: under the target
+    clock.t += 0.16  # 40 ms left of the 200: under the target
     assert not w.busy()
     assert not RemoteWait(Settings(overload_admission=False), clock).busy()

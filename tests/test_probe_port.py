@@ -16,14 +16,7 @@ import pytest
 from loadtest.servers import free_port
 from service.observability import probe_port
 from service.process.rundir import ReadyFlags
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 500.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.gates import FakeClock
 
 
 class Engine:
@@ -36,7 +29,7 @@ class Engine:
 
 
 def test_answers_follow_the_engine_and_the_heartbeat():
-    clock = Clock()
+    clock = FakeClock()
     beat = probe_port.Heartbeat(clock)
     engine = Engine()
     answer = probe_port.answers(engine, beat, stall_s=10.0)

@@ -16,14 +16,7 @@ from service.http.shed import ARRIVAL_KEY, Shed
 from service.observability import probe_port
 from service.observability.recorder import Recorder
 from service.settings import Settings
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.gates import FakeClock
 
 
 class Registry:
@@ -58,7 +51,7 @@ class FakeServices:
 
 
 def _shed(engine, clock=None, **settings) -> Shed:
-    return Shed(FakeServices(engine, **settings), clock=clock or Clock())
+    return Shed(FakeServices(engine, **settings), clock=clock or FakeClock())
 
 
 HOST = [(b"host", b"127.0.0.1")]
@@ -113,7 +106,7 @@ def test_what_the_application_answers_otherwise_is_left_to_it():
 
 
 def test_congested_a_request_is_refused_when_what_is_held_leaves_it_no_time():
-    clock = Clock()
+    clock = FakeClock()
     engine = FakeEngine(busy=False, refuse=False)
     shed = _shed(engine, clock, overload_interval_ms=200, overload_target_delay_ms=50,
                  overload_safety=1.0, default_timeout_s=30)
@@ -147,7 +140,7 @@ def test_not_congested_the_limit_never_refuses_and_a_busy_engine_decides():
     """At or below capacity some request is answered quickly in every interval: the
     standing delay stays under the target and nothing is refused by the limit, however
     many requests are held; a busy engine's own check still runs."""
-    clock = Clock()
+    clock = FakeClock()
     engine = FakeEngine(busy=False, refuse=True)
     shed = _shed(engine, clock, overload_interval_ms=100, overload_target_delay_ms=50)
     shed.congested = True  # it was; one quick answer in an interval ends it
@@ -166,7 +159,7 @@ def test_not_congested_the_limit_never_refuses_and_a_busy_engine_decides():
 
 
 def test_the_state_switches_with_hysteresis_and_a_silent_interval_counts_as_slow():
-    clock = Clock()
+    clock = FakeClock()
     shed = _shed(FakeEngine(busy=False), clock, overload_interval_ms=100,
                  overload_target_delay_ms=50)
 
@@ -211,7 +204,7 @@ def test_a_jobs_deadline_counts_from_the_requests_arrival(app):
 
 
 def test_the_model_costs_a_batch_its_whole_cycle_while_work_waits():
-    clock = Clock()
+    clock = FakeClock()
     a = Admission(Settings(), clock)
     ex = object()
     a.started(ex, 0.0)

@@ -116,7 +116,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         # unknown (chunked) size: claim the limit; no waiting for room past the deadline
         granted = await svc.bodies.acquire(
             limit if size is None else size, settings.body_timeout_s,
-            None if hint is None or hint.deadline is None else hint.deadline - time.monotonic())
+            None if hint is None or hint.deadline is None else hint.deadline - t0_mono)
         lent = source.lend(engine, size)
         body, granted, bytes_in = await source.read(size, granted, lent)
         if activation is None:

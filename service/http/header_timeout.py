@@ -112,7 +112,7 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             if self.cycle is None or (self.cycle.response_complete and self._message_done):
                 if shed is not None and shed.congested and (
                         self.fast_probe(data)  # /healthz, /readyz: not behind the queue
-                        or (len(self.tasks) >= shed.cap and self.fast_refusal(data))):
+                        or (shed.shedding(len(self.tasks)) and self.fast_refusal(data))):
                     return  # answered unparsed (shed.py)
                 # a new request starts on this connection (an answer sent before its
                 # request's body was read, a 413 say, leaves that body still arriving:

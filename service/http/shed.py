@@ -322,8 +322,6 @@ class ShedConnection:
         holds, its task hopping through the loop's queue several times. True when
         answered."""
         shed = self.shed
-        if not data.startswith(b"GET /"):
-            return False
         if data.startswith(b"GET /healthz "):
             path = "/healthz"
         elif data.startswith(b"GET /readyz "):
@@ -373,13 +371,13 @@ class ShedConnection:
         return data[n:] if n < len(data) else b""
 
     def fast_refusal(self, data: bytes) -> bool:
-        """While ``Shed.shedding``: refuse a new activation request in ``data`` without
+        """Called while ``Shed.shedding``: refuse a new activation request in ``data`` without
         parsing it (a few byte searches and one short answer: no parser callbacks, no
         scope) when what the application holds leaves it no time. True when answered.
         Anything unusual (a partial header block, another route, chunked, pipelined, API
         keys to check) is left to the parser and ``Shed.refusal``."""
         shed = self.shed
-        if shed is None or shed.api_keys or not shed.shedding(len(self.tasks)):
+        if shed.api_keys:
             return False
         end = data.find(b"\r\n\r\n")
         first = data.find(b"\r\n")

@@ -161,6 +161,31 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+def responder(stalled: Callable[[], str | None], not_ready: Callable[[], ActserveError | None],
+              ready: Callable[[], dict]) -> Callable[[str], Answer]:
+    """The probes' answers from three questions, the order every server asks them in: a
+    stalled event loop (``stalled()``: what is stalled, or None) fails both; else
+    ``/healthz`` is live, and ``/readyz`` is ``not_ready()``'s refusal or 200 with
+    ``ready()``'s fields beside ``"status": "ready"``."""
+
+    def answer(path: str) -> Answer:
+        why = stalled()
+        if why is not None:
+            return refused(NotReady(f"event loop stalled: {why}"))
+        if path == "/healthz":
+            return live()
+        exc = not_ready()
+        if exc is not None:
+            return refused(exc)
+        return 200, orjson.dumps({"status": "ready", **ready()}), None
+
+    return answer
+
+
+def slots_not_ready(slots: list[int]) -> NotReady:
+    return NotReady(f"not ready: worker slot(s) {slots} not ready")
+
+
 def answers(engine, heartbeat: Heartbeat | None = None, stall_s: float = 0.0,
             others: Callable[[], list[int]] | None = None) -> Callable[[str], Answer]:
     """What a server process answers to ``/healthz`` and ``/readyz``, wherever it answers
@@ -169,21 +194,14 @@ def answers(engine, heartbeat: Heartbeat | None = None, stall_s: float = 0.0,
     from the shared flags) every worker's; asked from another thread than the loop's, the
     loop's heartbeat too (``heartbeat``; None on the loop itself, which is running)."""
 
-    def answer(path: str) -> Answer:
+    def stalled() -> str | None:
         age = 0.0 if heartbeat is None else heartbeat.age()
-        if age > stall_s > 0:
-            return refused(NotReady(f"event loop stalled: no tick for {age:.1f} s"))
-        if path == "/healthz":
-            return live()
+        return f"no tick for {age:.1f} s" if age > stall_s > 0 else None
+
+    def not_ready() -> ActserveError | None:
         if not engine.ready:
-            return refused(NotReady(f"not ready: {engine.not_ready_reason()}"))
+            return NotReady(f"not ready: {engine.not_ready_reason()}")
         waiting = others() if others is not None else []
-        if waiting:
-            return refused(NotReady(f"not ready: worker slot(s) {waiting} not ready"))
-        return 200, _ready_body(engine.devices), None
+        return slots_not_ready(waiting) if waiting else None
 
-    return answer
-
-
-def _ready_body(devices) -> bytes:
-    return orjson.dumps({"status": "ready", "devices": devices})
+    return responder(stalled, not_ready, lambda: {"devices": engine.devices})

@@ -30,12 +30,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-import orjson
-
 from service.engine.factory import engine_mode
 from service.engine.ipc.channel import SETTINGS_ENV, SOCKET_ENV
-from service.errors import Draining, NotReady
-from service.observability.probe_port import Answer, ProbeServer, live, refused
+from service.errors import ActserveError, Draining
+from service.observability.probe_port import ProbeServer, responder, slots_not_ready
 from service.process.rundir import ReadyFlags, RunDir, clean_stale
 from service.process.snapshots import SnapshotFiles
 from service.process.sockets import reserve_port
@@ -133,25 +131,26 @@ class Supervisor:
         heartbeats, never behind the requests a worker holds (``probe_port.py``)."""
         if not self.settings.probe_port:
             return None
-        server = ProbeServer(self.settings.host, self.settings.probe_port, self._probe_answer)
+        server = ProbeServer(self.settings.host, self.settings.probe_port, responder(
+            self._stalled, self._not_ready, lambda: {"workers": self.workers}))
         server.start()
         log.info("actserve probes on http://%s:%d (/healthz, /readyz)", self.settings.host,
                  server.port)
         return server
 
-    def _probe_answer(self, path: str) -> Answer:
+    def _stalled(self) -> str | None:
+        """Ready workers whose loop has not published its flag for ``probe_stall_s``."""
         stalled = self.flags.stalled(time.monotonic(), self.settings.probe_stall_s)
-        if stalled:
-            ages = ", ".join(f"{slot} for {age:.1f} s" for slot, age in stalled.items())
-            return refused(NotReady(f"event loop stalled: worker slot {ages}"))
-        if path == "/healthz":
-            return live()
+        if not stalled:
+            return None
+        return "worker slot " + ", ".join(f"{slot} for {age:.1f} s"
+                                          for slot, age in stalled.items())
+
+    def _not_ready(self) -> ActserveError | None:
         if self.stopping:
-            return refused(Draining("not ready: draining"))
+            return Draining("not ready: draining")
         waiting = self.flags.not_ready()
-        if waiting:
-            return refused(NotReady(f"not ready: worker slot(s) {waiting} not ready"))
-        return 200, orjson.dumps({"status": "ready", "workers": self.workers}), None
+        return slots_not_ready(waiting) if waiting else None
 
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> int:
