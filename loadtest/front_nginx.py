@@ -11,7 +11,10 @@ and answers the rest 503 at once, JSON in the API's error format with ``Retry-Af
 accepts every pending connection at each wake-up (``multi_accept``) and keeps its
 connections to the server alive, so no request waits unseen in a queue of connections.
 The configuration is the one docs/deployment.md shows; nginx runs on the server's cores
-(they share them, as in a pod).
+(they share them, as in a pod). The two limits are in a file the ``location`` includes;
+with ``follow`` (the server's ``/v1/stats`` URL) ``scripts/nginx_limits.py`` runs beside
+nginx and rewrites them from the server's measured rates (reloading nginx), as a deployment
+would run it.
 """
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+from scripts import nginx_limits
 
 from . import servers
 
@@ -54,8 +60,7 @@ http {{
         client_body_buffer_size 4m;
         keepalive_requests 1000000;
         location / {{
-            limit_conn actserve_small {max_conns};
-            limit_conn actserve_large {max_large};
+            include {tmp}/limits.conf;
             limit_conn_status 503;
             error_page 503 = @overloaded;
             proxy_pass http://actserve;
@@ -76,26 +81,30 @@ http {{
 
 
 def render(tmp: Path, port: int, upstream: str, max_conns: int, max_large: int) -> str:
+    """nginx's configuration; the limits go in ``tmp/limits.conf`` (``nginx_limits``)."""
     answer = json.dumps({"error": {"type": "front_limit", "message": (
         "the server is at its limit of requests in flight; retry later")}},
         separators=(",", ":"))
-    return CONF.format(tmp=tmp, port=port, upstream=upstream, max_conns=max_conns,
-                       max_large=max_large, keepalive=max(64, 2 * (max_conns + max_large)),
-                       answer=answer)
+    return CONF.format(tmp=tmp, port=port, upstream=upstream,
+                       keepalive=max(64, 2 * (max_conns + max_large)), answer=answer)
 
 
 def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
-          cpus: set[int] | None = None) -> servers.Child:
+          cpus: set[int] | None = None, follow: str | None = None) -> list[servers.Child]:
     """nginx on a free 127.0.0.1 port in front of ``upstream`` (host:port), pinned to
     ``cpus``, passing at most ``max_conns`` requests with bodies under 100,000 bytes and
-    ``max_large`` with larger ones at once; a ``Child`` (its URL, its output in
-    ``tmp/error.log``)."""
+    ``max_large`` with larger ones at once; with ``follow`` (a ``/v1/stats`` URL) those
+    are the limits until ``scripts/nginx_limits.py``, started beside nginx on ``cpus``,
+    puts the server's measured ones in force. The children, nginx first (its URL, its
+    output in ``tmp/error.log``; the keeper's in ``tmp/limits.log``)."""
     if NGINX is None:
         raise RuntimeError("nginx is not installed (`apt-get install nginx`; .ci/run does)")
     tmp.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(render(tmp, port, upstream, max_conns, max_large))
+    nginx_limits.write(tmp / "limits.conf", nginx_limits.render(
+        {"small": max_conns, "large": max_large}, "the bench's --front-conns"))
     argv = [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
@@ -105,4 +114,13 @@ def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
                             stdin=subprocess.DEVNULL, preexec_fn=pin)
     child = servers.Child("nginx", f"http://127.0.0.1:{port}", proc, tmp / "error.log")
     servers.wait_ready(proc, child.url + "/readyz", 30, "nginx", child.output)
-    return child
+    if follow is None:
+        return [child]
+    with open(tmp / "limits.log", "wb") as log:
+        keeper = subprocess.Popen(
+            [sys.executable, "-m", "scripts.nginx_limits", "--stats", follow,
+             "--out", str(tmp / "limits.conf"), "--nginx-pid", str(tmp / "nginx.pid"),
+             "--small", str(max_conns), "--large", str(max_large), "--every", "1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pin,
+            cwd=Path(__file__).resolve().parent.parent)
+    return [child, servers.Child("nginx_limits", "", keeper, tmp / "limits.log")]

@@ -281,17 +281,23 @@ class Generator:
 
 
 async def _readyz_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
+    """``GET /readyz`` every 100 ms on a keep-alive connection, opened again (in the time
+    counted) when the other end closed it: a front end reloading closes its idle ones."""
     raw = f"GET /readyz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    r, w = await asyncio.open_connection(host, port)
-    conn = Conn(r, w)
+    conn = Conn(*await asyncio.open_connection(host, port))
     try:
         while not stop.is_set():
             t0 = time.perf_counter()
-            await _exchange(conn, raw)
+            try:
+                await _exchange(conn, raw)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                conn.writer.close()
+                conn = Conn(*await asyncio.open_connection(host, port))
+                await _exchange(conn, raw)
             worst.append(time.perf_counter() - t0)
             await asyncio.sleep(0.1)
     finally:
-        w.close()
+        conn.writer.close()
 
 
 async def _probe_port_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
@@ -365,6 +371,8 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
                    server_total_p99_ms=_pct(gen.server_s, 99),
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
                    ok_first_byte_p99_ms=_pct(gen.first_s, 99))
+        if front is not None:  # the limits nginx has in force at the step's end
+            row["front_limits"] = limits_in_force(front.log.parent / "limits.conf")
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
                    readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
                    rss_mib=round(_rss(child) / 2**20, 1))
@@ -376,9 +384,23 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
             "steps": rows}
 
 
+def limits_in_force(path: Path) -> dict[str, int]:
+    """The ``limit_conn`` numbers of nginx's included limits file, by size class."""
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.rstrip(";").split()
+        if len(parts) == 3 and parts[0] == "limit_conn":
+            out[parts[1].removeprefix("actserve_")] = int(parts[2])
+    return out
+
+
 def _front(meta: dict) -> str:
     if meta.get("front", "none") == "none":
         return ""
+    if meta.get("front_follow"):
+        return (f", through {meta['front']} (limits kept at the server's measured rate by "
+                f"scripts/nginx_limits.py, {meta['front_conns']} small and "
+                f"{meta.get('front_large_conns')} large until measured)")
     return (f", through {meta['front']} (at most {meta['front_conns']} small and "
             f"{meta.get('front_large_conns')} large requests in flight)")
 
@@ -393,13 +415,19 @@ def _markdown(result: dict) -> str:
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
                   "/readyz max ms | RSS MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        header = len(lines) - 2
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
             lines.append(
                 f"| {r['multiple']:g}x | {r['offered_per_s']} | {r['goodput_per_s']} | "
                 f"{r['goodput_per_s'] / max(case['capacity_per_s'], 1e-9):.2f} | {r['ok_p50_ms']} | "
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
-                f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} |")
+                f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} |"
+                + (f" {r['front_limits']['small']} / {r['front_limits']['large']} |"
+                   if r.get("front_limits") else ""))
+        if any(r.get("front_limits") for r in case["steps"]):
+            lines[header] += " nginx limits small / large |"
+            lines[header + 1] += "---|"
     return "\n".join(lines) + "\n"
 
 
@@ -484,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                         "flight to the server at most")
     p.add_argument("--front-large-conns", type=int, default=16,
                    help="with --front nginx: requests with larger bodies in flight at most")
+    p.add_argument("--front-follow", action="store_true",
+                   help="with --front nginx: scripts/nginx_limits.py keeps both limits at "
+                        "the server's measured rate x front_delay_ms (/v1/stats), the two "
+                        "above only until it has measured")
     a = p.parse_args(argv)
     out = a.out or ROOT / "loadtest" / "reports" / time.strftime("overload-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -502,25 +534,30 @@ def main(argv: list[str] | None = None) -> int:
                        "pool": a.pool, "front": a.front,
                        "front_conns": a.front_conns if a.front != "none" else None,
                        "front_large_conns": a.front_large_conns if a.front != "none" else None,
+                       "front_follow": a.front != "none" and a.front_follow,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
               "cases": []}
     with servers.running([child]):
-        front = None
+        front: list[servers.Child] = []
         if a.front == "nginx":  # on the server's cores; started once the server is ready
             from . import front_nginx
 
             front = front_nginx.start(out / "nginx", child.url.removeprefix("http://"),
-                                      a.front_conns, a.front_large_conns, server_cpus)
+                                      a.front_conns, a.front_large_conns, server_cpus,
+                                      child.url + "/v1/stats" if a.front_follow else None)
         try:
             for size in (int(s) for s in a.sizes.split(",")):
                 result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
                                                      a.deadline, steps, a.pool, probe_port,
-                                                     front)))
+                                                     front[0] if front else None)))
         finally:
-            if front is not None:
-                front.stop()
+            for c in reversed(front):
+                c.stop()
+        if a.front_follow and front:  # the limits nginx was reloaded with, in order
+            result["meta"]["front_reloads"] = [
+                line for line in front[-1].output().splitlines() if "reloaded" in line]
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(_markdown(result))
     try:

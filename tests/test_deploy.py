@@ -368,20 +368,30 @@ NGINX_BIN = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/
                     reason="nginx is not installed (.ci/run installs Debian's)")
 def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_path):
     """docs/deployment.md's "Overload: let nginx refuse" block, as written, passes
-    ``nginx -t`` (only its listen address and this run's paths filled in), and limits what
-    the bench's front end (loadtest/front_nginx.py) limits."""
+    ``nginx -t`` (only its listen address and this run's paths filled in) with the limits
+    file ``scripts/nginx_limits.py --once`` writes, which is the one the docs show, and
+    limits what the bench's front end (loadtest/front_nginx.py) limits."""
     assert NGINX_BIN is not None, "nginx is not installed (see .ci/run)"
     text = (ROOT / "docs" / "deployment.md").read_text()
-    block = text.split("### Overload: let nginx refuse", 1)[1].split("```nginx", 1)[1]
-    block = block.split("```", 1)[0]
-    for directive in ("multi_accept on", "limit_conn actserve_small 128",
-                      "limit_conn actserve_large 16", "limit_conn_status 503",
-                      "add_header Retry-After 1 always", '"type":"front_limit"'):
+    section = text.split("### Overload: let nginx refuse", 1)[1]
+    block, limits_block = (b.split("```", 1)[0] for b in section.split("```nginx")[1:3])
+    for directive in ("multi_accept on", "include /etc/nginx/actserve-limits.conf;",
+                      "limit_conn_status 503", "add_header Retry-After 1 always",
+                      '"type":"front_limit"'):
         assert directive in block, directive
+    limits = tmp_path / "actserve-limits.conf"
+    subprocess.run([sys.executable, "-m", "scripts.nginx_limits", "--stats",
+                    "http://127.0.0.1:8000/v1/stats", "--out", str(limits), "--nginx-pid",
+                    str(tmp_path / "nginx.pid"), "--once"], cwd=ROOT, check=True, timeout=60)
+    written = [line for line in limits.read_text().splitlines() if not line.startswith("#")]
+    assert written == ["limit_conn actserve_small 128;", "limit_conn actserve_large 16;"]
+    assert [line for line in limits_block.splitlines()
+            if line and not line.startswith("#")] == written
     paths = " ".join(f"{name}_temp_path {tmp_path}/{name};"
                      for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     conf = (f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
             + block.replace("listen 8080", "listen 127.0.0.1:18080")
+                   .replace("/etc/nginx/actserve-limits.conf", str(limits))
                    .replace("http {", "http {\n    " + paths, 1))
     (tmp_path / "nginx.conf").write_text(conf)
     check = subprocess.run([NGINX_BIN, "-t", "-p", str(tmp_path), "-c",

@@ -141,6 +141,10 @@ class OverloadCollector:
         error = HistogramMetricFamily(
             "actserve_queue_wait_prediction_error_seconds", "Actual minus predicted queue "
             "wait of each dispatched request")
+        front = GaugeMetricFamily(
+            "actserve_front_limit", "Requests in flight a front end should pass to this "
+            "queue at once per size class: the rate it drains that class at under load x "
+            "front_delay_ms (absent until measured)", labels=["size_class"])
         if s:
             discipline.add_metric([], float(DISCIPLINES.index(s["discipline"])))
             switches.add_metric([], s["switches"])
@@ -151,7 +155,10 @@ class OverloadCollector:
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             error.add_metric([], buckets, e["sum"])
-        yield from (discipline, switches, backlog, error)
+            for name, cls in (s.get("front_limits") or {}).items():
+                if isinstance(cls, dict) and cls["limit"] is not None:
+                    front.add_metric([name], cls["limit"])
+        yield from (discipline, switches, backlog, error, front)
 
 
 class AnsweredSeries:

@@ -15,6 +15,7 @@ import time
 import numpy as np
 from prometheus_client.exposition import generate_latest
 
+from service.engine import front_limits
 from service.observability.stats import summarize
 from service.process import merge
 from service.process.peers import PeerServer, ask
@@ -102,6 +103,7 @@ class Cluster:
                 "ready": engine.ready and not self.draining,
                 "queue_depth": engine.waiting, "inflight": recorder.inflight,
                 "executor_restarts": engine.restarts,
+                "front_limits": engine.overload().get("front_limits"),
                 "uptime_s": round(time.time() - recorder.started, 3)}
 
     def _answer(self, kind: str) -> object:
@@ -158,5 +160,6 @@ class Cluster:
                                      self.settings.metrics_window_s),
             "queue_depth": sum(w["queue_depth"] for w in workers),
             "executor_restarts": sum(w["executor_restarts"] for w in workers),
+            "front_limits": front_limits.merged([w.pop("front_limits", None) for w in workers]),
             "workers": workers,
         }
