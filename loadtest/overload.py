@@ -7,7 +7,9 @@ same budget on the client's clock). Per step: goodput (200s within the deadline 
 second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, the
 slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
 each time, as an orchestrator asks) and the server's RSS. ``--front nginx`` sends the load
-through nginx as the overload front end (``front_nginx.py``). Writes ``overload.json``,
+through nginx as the overload front end (``front_nginx.py``); ``--front-follow`` has
+``scripts/nginx_limits.py`` keep its limits at what the server measures (each step records
+the limits in force at its end). Writes ``overload.json``,
 ``overload.md`` and ``overload.png`` (goodput vs offered load). Every run is bounded in
 time.
 """

@@ -8,7 +8,7 @@ nginx's ``location`` includes ``--out``: two ``limit_conn`` lines, one per size 
 Every ``--every`` seconds this reads ``overload.front_limits`` from the server's
 ``/v1/stats`` (per size class, the rate its queue drains that class at under load times
 ``front_delay_ms``; with ``--workers N``, summed over the workers) and, when a class's limit
-moved by more than ``--change`` (25 %) of the one in force and ``--min-interval`` (30 s) has
+moved by more than ``--change`` (25 %) of the one in force and ``--min-interval`` (10 s) has
 passed since the last reload, writes the file (whole, by rename) and reloads nginx (SIGHUP to its master:
 new workers take the new limits, the shared zones keep their counts). A class the server has
 not measured yet keeps what the file said, or ``--small``/``--large`` at the start. The
@@ -82,7 +82,7 @@ class Keeper:
     """The limits in force and when they were last put in force; ``step`` is one look."""
 
     def __init__(self, source: str, out: Path, reload: Callable[[], None],
-                 initial: dict[str, int], change: float = 0.25, min_interval_s: float = 30.0,
+                 initial: dict[str, int], change: float = 0.25, min_interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic,
                  get: Callable[[str], dict | None] = fetch) -> None:
         self.source, self.out, self.reload = source, out, reload
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=float, default=1.0, help="seconds between looks")
     p.add_argument("--change", type=float, default=0.25,
                    help="reload when a limit moves by more than this fraction")
-    p.add_argument("--min-interval", type=float, default=30.0,
+    p.add_argument("--min-interval", type=float, default=10.0,
                    help="seconds between reloads at least (each one starts new nginx workers "
                         "and closes the old ones' idle connections)")
     p.add_argument("--once", action="store_true", help="write the initial file and exit")

@@ -179,6 +179,32 @@ def test_the_overload_bench_through_nginx_refuses_past_its_limit_in_the_apis_for
         (tmp_path / "overload.md").read_text()
 
 
+# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
+@pytest.mark.slow
+@pytest.mark.socket
+@pytest.mark.skipif(shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
+                    and os.environ.get("CI") != "true",
+                    reason="nginx is not installed (.ci/run installs Debian's)")
+def test_the_overload_bench_runs_the_limits_keeper_beside_nginx(tmp_path):
+    """``--front nginx --front-follow``: ``scripts/nginx_limits.py`` runs beside nginx,
+    every request is answered, each step records the limits nginx has in force (what the
+    server measured, or the bench's until then)."""
+    from loadtest import overload
+
+    assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
+                          "--steps", "1", "--pool", "16", "--front", "nginx",
+                          "--front-follow"]) == 0
+    result = json.loads((tmp_path / "overload.json").read_text())
+    step = result["cases"][0]["steps"][0]
+    assert result["meta"]["front_follow"] is True
+    assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
+    limits = step["front_limits"]
+    assert set(limits) == {"small", "large"} and limits["large"] >= 4 and limits["small"] >= 4
+    reloads = result["meta"]["front_reloads"]  # the keeper's log, each reload it made
+    assert all("nginx reloaded: small " in line for line in reloads), reloads
+    assert "limits kept at the server's measured rate" in (tmp_path / "overload.md").read_text()
+
+
 def test_refusal_cost_answers_every_case_as_it_should():
     """``loadtest.refusal_cost`` raises when a case's answers are not all 200 (served) or
     all 503 (the refusals): one short round of each, in process."""

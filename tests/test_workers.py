@@ -263,6 +263,10 @@ def test_numbers_from_any_worker_cover_every_worker(two_workers):
         assert stats["activations"]["relu"]["requests"] == base_stats + n
         assert [w["slot"] for w in stats["workers"]] == [0, 1]
         assert len({w["pid"] for w in stats["workers"]}) == 2 and stats["ready"] is True
+        # a front end's limits for both workers' queues (merged: front_limits.merged)
+        front = stats["overload"]["front_limits"]
+        assert front["small"]["workers_measured"] in (0, 1, 2), front
+        assert all("front_limits" not in w for w in stats["workers"])
         v2 = get_fresh(url, "/v2/models/relu/stats").json()["model_stats"][0]
         assert v2["inference_count"] == base_v2["inference_count"] + n
         assert v2["inference_stats"]["success"]["count"] == \
