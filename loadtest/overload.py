@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts import nginx_limits
+
 from . import servers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,7 +376,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
                    ok_first_byte_p99_ms=_pct(gen.first_s, 99))
         if front is not None:  # the limits nginx has in force at the step's end
-            row["front_limits"] = limits_in_force(front.log.parent / "limits.conf")
+            row["front_limits"] = nginx_limits.read(front.log.parent / "limits.conf")
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
                    readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
                    rss_mib=round(_rss(child) / 2**20, 1))
@@ -384,16 +386,6 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         await asyncio.sleep(2.0)  # drain between steps
     return {"elements": elements, "activation": activation, "capacity_per_s": round(capacity, 1),
             "steps": rows}
-
-
-def limits_in_force(path: Path) -> dict[str, int]:
-    """The ``limit_conn`` numbers of nginx's included limits file, by size class."""
-    out = {}
-    for line in path.read_text().splitlines():
-        parts = line.rstrip(";").split()
-        if len(parts) == 3 and parts[0] == "limit_conn":
-            out[parts[1].removeprefix("actserve_")] = int(parts[2])
-    return out
 
 
 def _front(meta: dict) -> str:

@@ -68,6 +68,17 @@ def render(limits: dict[str, int], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read(path: Path) -> dict[str, int]:
+    """The limits a file written by ``render`` holds, by class."""
+    zones = {zone: name for name, zone in CLASSES.items()}
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.rstrip(";").split()
+        if len(parts) == 3 and parts[0] == "limit_conn" and parts[1] in zones:
+            out[zones[parts[1]]] = int(parts[2])
+    return out
+
+
 def write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -93,7 +104,10 @@ class Keeper:
         self.reloads = 0
 
     def start(self) -> None:
-        """Write the initial limits (nginx reads them when it starts)."""
+        """Take the limits the file holds (a keeper started again), else write the initial
+        ones (nginx reads them when it starts)."""
+        if self.out.exists():
+            self.limits.update(read(self.out))
         write(self.out, render(self.limits, self.source))
 
     def step(self) -> dict[str, int] | None:
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(a.every):
         try:
             new = keeper.step()
-        except OSError as exc:  # nginx gone or the file not writable: say so, keep looking
+        except (OSError, ValueError) as exc:  # nginx gone, no pid yet, the file not writable
             print(f"nginx_limits: {exc}", file=sys.stderr, flush=True)
             continue
         if new is not None:

@@ -65,6 +65,24 @@ def test_a_batch_is_shared_between_the_classes_by_elements():
     assert front_limits.size_name(LARGE_ELEMENTS) == "large"
 
 
+def test_a_window_the_executor_was_not_kept_busy_measures_nothing():
+    """Cycles with gaps between them (moderate load: the process worked on their requests
+    in the gaps too) would read a rate above capacity: such a window is not counted."""
+    clock, f = FakeClock(), FrontLimits(0.05)
+    for _ in range(101):
+        clock.t += 0.01 + 0.002  # a 10 ms cycle, then 2 ms idle: busy 83 % of the window
+        f.observe([1024] * 20, 0.01, clock.t)
+    assert f.limit("small", 1) is None
+    for _ in range(101):
+        clock.t += 0.01 + 0.0005  # busy 95 %
+        f.observe([1024] * 20, 0.01, clock.t)
+    assert f.limit("small", 1) == 100  # 2,000/s of cycle time x 50 ms
+    for _ in range(101):  # two executors, each busy half the time: not saturated
+        clock.t += 0.01
+        f.observe([1024] * 10, 0.01, clock.t, executors=2)
+    assert f.windows["small"] == 1
+
+
 def test_a_window_with_too_few_requests_measures_nothing():
     clock, f = FakeClock(), FrontLimits(0.05)
     cycles(f, clock, [1024], 0.1, front_limits.WINDOW_MIN_REQUESTS - 1)
@@ -122,6 +140,30 @@ def test_the_batcher_measures_the_limit_from_cycles_while_work_waits():
     run(main())
 
 
+def test_with_an_engine_process_its_limits_reach_the_worker_that_shows_its_state():
+    """``--engine process``: the queue (and so the measure) is the engine's; its snapshot
+    travels in ``State`` and one worker shows it, so the workers' sum counts it once."""
+    import msgspec
+
+    from service.engine.admission import Admission
+    from service.engine.ipc import messages
+    from service.engine.ipc.remote import RemoteEngine
+    from service.settings import Settings
+
+    clock = FakeClock()
+    a = Admission(Settings(), clock)
+    cycles(a.front, clock, [1024] * 10, 0.005, 201)
+    snapshot = a.snapshot()
+    snapshot["prediction_error"]["buckets"] = list(snapshot["prediction_error"]["buckets"])
+    state = messages.State(True, "", False, ["cpu"], [], 0, 5, snapshot)
+    wire = messages.for_worker(memoryview(msgspec.msgpack.encode(state)))
+    eng = RemoteEngine(Settings())
+    eng._on_message(wire)
+    shown = eng.overload()["front_limits"]
+    assert shown["small"]["limit"] == 100 and shown["large"]["limit"] is None
+    assert front_limits.merged([shown, None])["small"]["limit"] == 100  # counted once
+
+
 def test_the_limits_are_exposed_to_prometheus_once_measured():
     def families(state):
         return {m.name: m for m in OverloadCollector(lambda: state).collect()}
@@ -169,6 +211,7 @@ def test_the_keeper_reloads_only_for_a_real_move_and_not_too_often(tmp_path):
                             clock=clock, get=served)
     k.start()
     assert "limit_conn actserve_small 128;" in out.read_text()
+    assert nginx_limits.read(out) == {"small": 128, "large": 16}
     assert k.step() is None and reloads == []  # the server unreachable: nothing changes
     served.front = limits(None, None)
     assert k.step() is None  # nothing measured yet
@@ -184,6 +227,10 @@ def test_the_keeper_reloads_only_for_a_real_move_and_not_too_often(tmp_path):
     assert k.step() is None  # too soon after the last reload
     clock.t += 1
     assert k.step() == {"small": 100, "large": 40} and len(reloads) == 2
+    again = nginx_limits.Keeper("http://x/v1/stats", out, lambda: None,
+                                {"small": 128, "large": 16}, get=served)
+    again.start()  # started again: what nginx has in force, not the initial numbers
+    assert again.limits == {"small": 100, "large": 40} == nginx_limits.read(out)
 
 
 def test_the_keeper_reads_the_front_limits_from_a_real_stats_answer():

@@ -384,7 +384,7 @@ class Admission:
         if cycle is not None:  # the previous batch's whole cycle, dispatch to dispatch
             start, activation, device, sizes = cycle
             self.model.observe(activation, device, sizes, now - start)
-            self.front.observe(sizes, now - start, now)
+            self.front.observe(sizes, now - start, now, self.executors)
         self.running[key] = (now, cost)
 
     def finished(self, executor: object, activation: str, device: str, sizes: list[int],

@@ -10,8 +10,11 @@ instead of the tenth of a served request a refusal costs in Python.
 The rate comes from the executor's *cycles* only (``Admission.started``: dispatch to the
 next dispatch while work waited), each request's share of its batch's cycle by elements:
 under load that is what one request of the class costs the whole process (decoding,
-answering, refusing, a front end on the same cores). Over each ``WINDOW_S`` with enough
-such requests, ``requests / their cycle seconds`` is the rate the class drained at; the
+answering, refusing, a front end on the same cores). Over each ``WINDOW_S`` in which the
+executors were in such cycles ``BUSY_FRACTION`` of the time (saturated: with gaps between
+cycles, the work the process did for their requests in the gaps is not in them, and the
+rate read would be too high, twice the capacity at moderate load), with enough
+requests, ``requests / their cycle seconds`` is the rate the class drained at; the
 figure kept is the best of those, decaying by half over ``HALF_LIFE_S`` of measured windows
 (so a slower machine brings it down). The best, not the latest: the rate grows with the
 batches more requests in flight allow, so the rate measured at a low limit would hold the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 WINDOW_S = 1.0  # a rate is measured over this much time
 WINDOW_MIN_REQUESTS = 16  # and from at least this many requests of the class
+BUSY_FRACTION = 0.9  # in a window the executors were in cycles this much of the time
 HALF_LIFE_S = 10.0  # the best rate halves over this many seconds of measured windows
 LARGE_BYTES = 100_000  # the size classes' boundary, as nginx's map sees Content-Length
 LARGE_ELEMENTS = LARGE_BYTES // 4
@@ -54,9 +58,9 @@ class FrontLimits:
         self._seconds = dict.fromkeys(CLASSES, 0.0)
         self._requests = dict.fromkeys(CLASSES, 0)
 
-    def observe(self, sizes: list[int], wall: float, now: float) -> None:
+    def observe(self, sizes: list[int], wall: float, now: float, executors: int = 1) -> None:
         """One executor cycle of ``wall`` seconds, ending at ``now``, that served requests
-        of ``sizes`` elements."""
+        of ``sizes`` elements (``executors``: how many cycle side by side)."""
         total = sum(sizes)
         if total <= 0 or wall <= 0:
             return
@@ -67,13 +71,14 @@ class FrontLimits:
             self._seconds[name] += wall * n / total
             self._requests[name] += 1
         if now - self._since >= WINDOW_S:
-            self._close(now - self._since)
+            self._close(now - self._since, executors)
             self._since = now
 
-    def _close(self, span: float) -> None:
+    def _close(self, span: float, executors: int) -> None:
         decay = 0.5 ** (span / HALF_LIFE_S)
+        busy = sum(self._seconds.values()) >= BUSY_FRACTION * span * executors
         for name in CLASSES:
-            if self._requests[name] >= WINDOW_MIN_REQUESTS and self._seconds[name] > 0:
+            if busy and self._requests[name] >= WINDOW_MIN_REQUESTS and self._seconds[name] > 0:
                 rate = self._requests[name] / self._seconds[name]
                 self.rate[name] = max(rate, self.rate.get(name, 0.0) * decay)
                 self.windows[name] += 1
