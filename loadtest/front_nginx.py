@@ -62,6 +62,7 @@ http {{
         location / {{
             include {tmp}/limits.conf;
             limit_conn_status 503;
+            limit_conn_log_level info;
             error_page 503 = @overloaded;
             proxy_pass http://actserve;
             proxy_http_version 1.1;

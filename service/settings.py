@@ -173,8 +173,8 @@ class Settings(BaseSettings):
                            "waited past overload_max_wait_ms (adaptive LIFO)")
     front_delay_ms: float = Field(
         50.0, gt=0, description="the wait a front end's limits allow: /v1/stats "
-        "overload.front_limits is, per size class, this delay x the rate the queue drains "
-        "that class at under load (scripts/nginx_limits.py writes it for nginx)")
+        "overload.front_limits is, per size class, this delay x the rate the server "
+        "answers that class at while saturated (scripts/nginx_limits.py keeps it in nginx)")
     fair_share: bool = Field(
         False, description="per client (API key, else address) share of a contended queue: "
                            "a client over its share is refused 429 client_share first")

@@ -1,7 +1,7 @@
-"""A front end's limits follow the server (service/engine/front_limits.py,
+"""A front end's limits follow the server (service/observability/front_limits.py,
 scripts/nginx_limits.py; docs/deployment.md "Overload: let nginx refuse"): the rate the
-queue drains each size class at under load x ``front_delay_ms``, kept in nginx by reloading
-it. Fake clocks and the batcher's fake executors; nginx itself where it is installed."""
+server answers each size class at while saturated x ``front_delay_ms``, kept in nginx by
+reloading it. Fake clocks; a real server and a real nginx where they are needed."""
 
 from __future__ import annotations
 
@@ -20,91 +20,93 @@ from pathlib import Path
 import pytest
 
 from scripts import nginx_limits
-from service.engine import front_limits
-from service.engine.front_limits import LARGE_ELEMENTS, MIN_LIMIT, WINDOW_S, FrontLimits
-from service.observability.metrics import OverloadCollector
+from service.observability import front_limits
+from service.observability.front_limits import LARGE_BYTES, MIN_LIMIT, FrontLimits
+from service.observability.recorder import Recorder
 from tests.gates import FakeClock
-from tests.test_batcher import run
-from tests.test_overload import job, scheduler, settle, warm
-from tests.test_overload import serve as serve_batches
+
+SMALL = 4096  # a body of 1,024 float32 elements
 
 
-def cycles(f: FrontLimits, clock: FakeClock, sizes: list[int], wall: float, count: int) -> None:
-    for _ in range(count):
-        clock.t += wall
-        f.observe(sizes, wall, clock.t)
+def answers(f: FrontLimits, clock: FakeClock, per_s: float, seconds: float,
+            nbytes: int = SMALL, in_hand: int = 8, every: int = 0) -> None:
+    """``per_s`` answers a second for ``seconds``, the server holding ``in_hand`` others
+    as each ends (none at every ``every``-th, when ``every``)."""
+    for i in range(round(per_s * seconds)):
+        clock.t += 1 / per_s
+        f.ended(nbytes, True, 0 if every and i % every == every - 1 else in_hand)
 
 
 # -- the measure --------------------------------------------------------------------------------
 def test_nothing_measured_means_no_limit():
-    f = FrontLimits(0.05)
-    snap = f.snapshot(1)
+    snap = FrontLimits(0.05).snapshot()
     assert snap["small"]["limit"] is None and snap["large"]["limit"] is None
     assert snap["delay_ms"] == 50 and snap["large_bytes"] == 100_000
 
 
-def test_the_limit_is_the_rate_a_class_drains_at_times_the_delay():
-    clock, f = FakeClock(), FrontLimits(0.05)
-    # batches of 10 small requests, 5 ms each: 2,000 requests a second of cycle time
-    cycles(f, clock, [1024] * 10, 0.005, int(WINDOW_S / 0.005) + 1)
-    assert f.limit("small", 1) == 100  # 2,000/s x 50 ms
-    assert f.limit("small", 2) == 200  # two executors drain twice as fast
-    assert f.limit("large", 1) is None
-    assert f.snapshot(1)["small"]["rate_per_s"] == pytest.approx(2000, rel=1e-6)
+def test_the_limit_is_the_rate_answered_while_saturated_times_the_delay():
+    clock = FakeClock()
+    f = FrontLimits(0.05, clock)
+    answers(f, clock, 2000, 1.01)
+    assert f.limit("small") == 100  # 2,000/s x 50 ms
+    assert f.limit("large") is None
+    assert f.snapshot()["small"]["rate_per_s"] == pytest.approx(2000, rel=0.01)
 
 
-def test_a_batch_is_shared_between_the_classes_by_elements():
-    clock, f = FakeClock(), FrontLimits(0.1)
-    small, large = 1000, LARGE_ELEMENTS * 4  # 1 : 100 elements
-    # 20 ms a cycle, 20 small and one large request: the large one's share is 100/120
-    cycles(f, clock, [small] * 20 + [large], 0.02, int(WINDOW_S / 0.02) + 1)
-    per_small = 0.02 * (20 * small / (20 * small + large)) / 20
-    assert f.limit("small", 1) == pytest.approx(0.1 / per_small, abs=1)
-    assert f.limit("large", 1) == round(0.1 / (0.02 * 100 / 120))  # 6
-    assert front_limits.size_name(LARGE_ELEMENTS - 1) == "small"
-    assert front_limits.size_name(LARGE_ELEMENTS) == "large"
+def test_a_window_with_slack_measures_nothing():
+    """A server that once had no request in hand could have served more: what it answered
+    is the load, not its capacity."""
+    clock = FakeClock()
+    f = FrontLimits(0.05, clock)
+    answers(f, clock, 2000, 3.0, every=500)  # idle for an instant twice a window
+    assert f.limit("small") is None
+    answers(f, clock, 2000, 2.0)  # then saturated
+    assert f.limit("small") == 100
 
 
-def test_a_window_the_executor_was_not_kept_busy_measures_nothing():
-    """Cycles with gaps between them (moderate load: the process worked on their requests
-    in the gaps too) would read a rate above capacity: such a window is not counted."""
-    clock, f = FakeClock(), FrontLimits(0.05)
-    for _ in range(101):
-        clock.t += 0.01 + 0.002  # a 10 ms cycle, then 2 ms idle: busy 83 % of the window
-        f.observe([1024] * 20, 0.01, clock.t)
-    assert f.limit("small", 1) is None
-    for _ in range(101):
-        clock.t += 0.01 + 0.0005  # busy 95 %
-        f.observe([1024] * 20, 0.01, clock.t)
-    assert f.limit("small", 1) == 100  # 2,000/s of cycle time x 50 ms
-    for _ in range(101):  # two executors, each busy half the time: not saturated
-        clock.t += 0.01
-        f.observe([1024] * 10, 0.01, clock.t, executors=2)
-    assert f.windows["small"] == 1
+def test_the_classes_follow_the_body_size_a_front_end_sees():
+    clock = FakeClock()
+    f = FrontLimits(0.1, clock)
+    for _ in range(1010):  # 1,000 small and 100 large answers a second, together
+        clock.t += 0.001
+        f.ended(SMALL, True, 4)
+        if clock.t * 1000 % 10 < 1:
+            f.ended(LARGE_BYTES, True, 4)
+    assert f.limit("small") == pytest.approx(100, abs=2)
+    assert f.limit("large") == pytest.approx(10, abs=1)
+    assert front_limits.size_name(LARGE_BYTES - 1) == "small"
+    assert front_limits.size_name(LARGE_BYTES) == "large"
 
 
-def test_a_window_with_too_few_requests_measures_nothing():
-    clock, f = FakeClock(), FrontLimits(0.05)
-    cycles(f, clock, [1024], 0.1, front_limits.WINDOW_MIN_REQUESTS - 1)
-    assert f.limit("small", 1) is None
+def test_refusals_and_failures_are_not_throughput_and_too_few_measure_nothing():
+    clock = FakeClock()
+    f = FrontLimits(0.05, clock)
+    for _ in range(3000):
+        clock.t += 0.0005
+        f.ended(SMALL, False, 8)  # refused (503) or failed: not served
+    assert f.limit("small") is None
+    answers(f, clock, front_limits.WINDOW_MIN_REQUESTS - 1, 3.0)
+    assert f.limit("small") is None
 
 
 def test_the_best_rate_holds_against_a_slow_spell_and_decays_under_a_lasting_one():
-    clock, f = FakeClock(), FrontLimits(0.05)
-    cycles(f, clock, [1024] * 20, 0.01, 101)  # 2,000/s
-    assert f.limit("small", 1) == 100
-    cycles(f, clock, [1024] * 20, 0.04, 26)  # one window at 500/s: the best decays a little
-    assert 90 <= f.limit("small", 1) < 100
-    cycles(f, clock, [1024] * 20, 0.04, 26 * 60)  # a minute at 500/s: down to it
-    assert f.limit("small", 1) == 25
-    cycles(f, clock, [1024] * 20, 0.005, 201)  # faster (larger batches): up at once
-    assert f.limit("small", 1) == 200
+    clock = FakeClock()
+    f = FrontLimits(0.05, clock)
+    answers(f, clock, 2000, 1.01)
+    assert f.limit("small") == 100
+    answers(f, clock, 500, 1.0)  # one window at 500/s: the best decays a little
+    assert 90 <= f.limit("small") < 100
+    answers(f, clock, 500, 60.0)  # a minute at 500/s: down to it
+    assert f.limit("small") == 25
+    answers(f, clock, 4000, 2.0)  # faster (larger batches): up at once
+    assert f.limit("small") == 200
 
 
 def test_the_limit_is_never_below_the_floor():
-    clock, f = FakeClock(), FrontLimits(0.001)
-    cycles(f, clock, [1024] * 20, 0.5, 3)  # 40/s x 1 ms
-    assert f.limit("small", 1) == MIN_LIMIT
+    clock = FakeClock()
+    f = FrontLimits(0.001, clock)
+    answers(f, clock, 40, 3.0)  # 40/s x 1 ms
+    assert f.limit("small") == MIN_LIMIT
 
 
 def test_several_workers_limits_add_up_and_an_unmeasured_one_counts_as_the_others():
@@ -120,61 +122,23 @@ def test_several_workers_limits_add_up_and_an_unmeasured_one_counts_as_the_other
     assert front_limits.merged([None, None]) is None
 
 
-# -- measured where the queue is: cycles only, through the batcher ------------------------------
-def test_the_batcher_measures_the_limit_from_cycles_while_work_waits():
-    async def main():
-        clock = FakeClock()
-        # 1,000 elements at 10 us an element: 10 ms a request, one a batch -> 100/s
-        async with scheduler(clock, per_element=1e-5, front_delay_ms=500) as (b, ex):
-            await warm(b, ex, clock)  # alone: compute time, no cycle
-            for _ in range(3):
-                await warm(b, ex, clock)
-            assert b.admission.snapshot()["front_limits"]["small"]["limit"] is None
-            futs = [b.submit(job(clock, timeout=60)) for _ in range(130)]
-            await serve_batches(ex, futs)  # a backlog: every batch's cycle is measured
-            await settle()
-            limits = b.admission.snapshot()["front_limits"]
-            assert limits["small"]["limit"] == 50  # 100/s x 500 ms
-            assert limits["small"]["windows"] == 1 and limits["large"]["limit"] is None
-
-    run(main())
-
-
-def test_with_an_engine_process_its_limits_reach_the_worker_that_shows_its_state():
-    """``--engine process``: the queue (and so the measure) is the engine's; its snapshot
-    travels in ``State`` and one worker shows it, so the workers' sum counts it once."""
-    import msgspec
-
-    from service.engine.admission import Admission
-    from service.engine.ipc import messages
-    from service.engine.ipc.remote import RemoteEngine
-    from service.settings import Settings
-
+# -- measured where every request ends: the recorder --------------------------------------------
+def test_the_recorder_measures_from_the_requests_it_records_and_exposes_the_limit():
     clock = FakeClock()
-    a = Admission(Settings(), clock)
-    cycles(a.front, clock, [1024] * 10, 0.005, 201)
-    snapshot = a.snapshot()
-    snapshot["prediction_error"]["buckets"] = list(snapshot["prediction_error"]["buckets"])
-    state = messages.State(True, "", False, ["cpu"], [], 0, 5, snapshot)
-    wire = messages.for_worker(memoryview(msgspec.msgpack.encode(state)))
-    eng = RemoteEngine(Settings())
-    eng._on_message(wire)
-    shown = eng.overload()["front_limits"]
-    assert shown["small"]["limit"] == 100 and shown["large"]["limit"] is None
-    assert front_limits.merged([shown, None])["small"]["limit"] == 100  # counted once
-
-
-def test_the_limits_are_exposed_to_prometheus_once_measured():
-    def families(state):
-        return {m.name: m for m in OverloadCollector(lambda: state).collect()}
-
-    base = {"discipline": "fifo", "switches": 0, "backlog_s": 0.0,
-            "prediction_error": {"buckets": [0.0], "counts": [0, 0], "sum": 0.0, "count": 0}}
-    clock, f = FakeClock(), FrontLimits(0.05)
-    assert families({**base, "front_limits": f.snapshot(1)})["actserve_front_limit"].samples == []
-    cycles(f, clock, [1024] * 10, 0.005, 201)
-    got = families({**base, "front_limits": f.snapshot(1)})["actserve_front_limit"].samples
-    assert [(s.labels, s.value) for s in got] == [({"size_class": "small"}, 100.0)]
+    r = Recorder(["gelu"], metrics=True, window_s=60, front_delay_s=0.05)
+    r.front.clock = clock
+    for _ in range(8):  # eight requests in hand throughout
+        r.request_started()
+    assert "\nactserve_front_limit{" not in r.metrics.exposition().decode()
+    for _ in range(2020):  # each answered, the next one started: 2,000 a second
+        clock.t += 0.0005
+        r.request_started()
+        r.record("native", "gelu", 200, total=0.004, bytes_in=SMALL)
+    assert r.front.limit("small") == 100 and r.inflight == 8
+    assert 'actserve_front_limit{size_class="small"} 100.0' in r.metrics.exposition().decode()
+    for _ in range(8):  # the last ones end: no request in hand, slack from here
+        r.record("native", "gelu", 503, total=0.001)
+    assert r.front._slack and r.inflight == 0
 
 
 def test_v1_stats_carries_the_front_limits():

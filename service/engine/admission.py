@@ -42,7 +42,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.engine.front_limits import FrontLimits
 from service.errors import ActserveError, Unavailable
 from service.settings import Settings
 
@@ -235,7 +234,6 @@ class Admission:
         self.lifo = settings.overload_lifo
         self.fair = settings.fair_share
         self.model = ServiceModel()
-        self.front = FrontLimits(settings.front_delay_ms / 1000)  # front_limits.py
         self.backlog: dict[int, float] = {}  # priority -> predicted seconds queued
         self.clients: dict[str, list] = {}  # client -> [jobs queued, predicted seconds]
         self.running: dict[int, tuple[float, float]] = {}  # executor id -> (start, cost)
@@ -384,7 +382,6 @@ class Admission:
         if cycle is not None:  # the previous batch's whole cycle, dispatch to dispatch
             start, activation, device, sizes = cycle
             self.model.observe(activation, device, sizes, now - start)
-            self.front.observe(sizes, now - start, now, self.executors)
         self.running[key] = (now, cost)
 
     def finished(self, executor: object, activation: str, device: str, sizes: list[int],
@@ -409,7 +406,6 @@ class Admission:
         return {"discipline": self.discipline, "switches": self.switches,
                 "backlog_s": round(sum(self.backlog.values()), 6),
                 "clients": len(self.clients),
-                "front_limits": self.front.snapshot(self.executors),
                 "prediction_error": {"buckets": ERROR_BUCKETS, "counts": list(self.error_counts),
                                      "sum": self.error_sum, "count": self.error_n}}
 

@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
     settings = settings or Settings()
     engine = build_engine(settings)
     recorder = Recorder([*engine.registry.names(), "expr"], metrics=settings.metrics,
-                        window_s=settings.metrics_window_s)
+                        window_s=settings.metrics_window_s,
+                        front_delay_s=settings.front_delay_ms / 1000)
     bodies = BodyBudget(settings.max_body_bytes_in_flight)
     engine.observe_batches(recorder.observe_batch)
     recorder.track(queue_depth=lambda: engine.waiting, bodies_held=lambda: bodies.held,

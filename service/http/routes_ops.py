@@ -52,5 +52,7 @@ async def stats(request: Request) -> dict:
         "activations": recorder.stats.snapshot(),
         # the overload policy of this process's queue (docs/reliability.md, "Overload"):
         # discipline, switches, predicted backlog; refusals by reason are in /metrics
-        "overload": {k: v for k, v in engine.overload().items() if k != "prediction_error"},
+        "overload": {**{k: v for k, v in engine.overload().items() if k != "prediction_error"},
+                     # what a front end should pass at once (docs/deployment.md)
+                     "front_limits": recorder.front.snapshot()},
     })

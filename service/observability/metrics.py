@@ -141,10 +141,6 @@ class OverloadCollector:
         error = HistogramMetricFamily(
             "actserve_queue_wait_prediction_error_seconds", "Actual minus predicted queue "
             "wait of each dispatched request")
-        front = GaugeMetricFamily(
-            "actserve_front_limit", "Requests in flight a front end should pass to this "
-            "queue at once per size class: the rate it drains that class at under load x "
-            "front_delay_ms (absent until measured)", labels=["size_class"])
         if s:
             discipline.add_metric([], float(DISCIPLINES.index(s["discipline"])))
             switches.add_metric([], s["switches"])
@@ -155,10 +151,32 @@ class OverloadCollector:
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             error.add_metric([], buckets, e["sum"])
-            for name, cls in (s.get("front_limits") or {}).items():
-                if isinstance(cls, dict) and cls["limit"] is not None:
-                    front.add_metric([name], cls["limit"])
-        yield from (discipline, switches, backlog, error, front)
+        yield from (discipline, switches, backlog, error)
+
+
+class FrontLimitCollector:
+    """``actserve_front_limit``: a front end's limit per size class
+    (``front_limits.FrontLimits.snapshot``), read at scrape time; absent until measured."""
+
+    def __init__(self, state: Callable[[], dict]) -> None:
+        self._state = state
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for name, cls in self._state().items():
+            if isinstance(cls, dict) and cls["limit"] is not None:
+                family.add_metric([name], cls["limit"])
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "actserve_front_limit", "Requests in flight a front end should pass to this "
+            "server at once per size class: the rate it answers that class at while "
+            "saturated x front_delay_ms (absent until measured)", labels=["size_class"])
 
 
 class AnsweredSeries:
@@ -273,6 +291,9 @@ class Metrics:
         """``state``: ``Engine.overload`` (an empty dict where the queue lives in another
         process: nothing is exposed then)."""
         self.registry.register(OverloadCollector(state))
+
+    def track_front_limits(self, state: Callable[[], dict]) -> None:
+        self.registry.register(FrontLimitCollector(state))
 
     def reject(self, error_type: str, status: int) -> None:
         self.child(self.rejections, reject_reason(error_type, status)).inc()

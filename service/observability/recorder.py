@@ -11,20 +11,24 @@ from collections.abc import Callable
 
 from service.engine.job import BatchReport, Job, JobResult
 from service.errors import ActserveError
+from service.observability.front_limits import FrontLimits
 from service.observability.metrics import Metrics, status_class
 from service.observability.model_stats import ModelStats
 from service.observability.stats import WindowStats
 
 
 class Recorder:
-    def __init__(self, activations: list[str], *, metrics: bool, window_s: float) -> None:
+    def __init__(self, activations: list[str], *, metrics: bool, window_s: float,
+                 front_delay_s: float = 0.05) -> None:
         self.metrics = Metrics(activations) if metrics else None
         self.stats = WindowStats(window_s)
         self.model_stats = ModelStats(activations)  # v2 statistics extension
         self.started = time.time()
         self.inflight = 0  # activation requests being handled
+        self.front = FrontLimits(front_delay_s)  # a front end's limits (front_limits.py)
         if self.metrics is not None:
             self.metrics.inflight.set_function(lambda: self.inflight)
+            self.metrics.track_front_limits(self.front.snapshot)
 
     def track(self, *, queue_depth: Callable[[], int], bodies_held: Callable[[], int],
               bodies_waiting: Callable[[], int], restarts: Callable[[], int],
@@ -47,6 +51,7 @@ class Recorder:
                result: JobResult | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
         self.model_stats.request(activation, status, total, result)
         self.inflight -= 1
+        self.front.ended(bytes_in, status == 200, self.inflight)
         m = self.metrics
         if m is None:
             return

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from prometheus_client.exposition import generate_latest
 
-from service.engine import front_limits
+from service.observability import front_limits
 from service.observability.stats import summarize
 from service.process import merge
 from service.process.peers import PeerServer, ask
@@ -103,7 +103,7 @@ class Cluster:
                 "ready": engine.ready and not self.draining,
                 "queue_depth": engine.waiting, "inflight": recorder.inflight,
                 "executor_restarts": engine.restarts,
-                "front_limits": engine.overload().get("front_limits"),
+                "front_limits": recorder.front.snapshot(),
                 "uptime_s": round(time.time() - recorder.started, 3)}
 
     def _answer(self, kind: str) -> object:
