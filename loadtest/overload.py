@@ -375,8 +375,11 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
                    server_total_p99_ms=_pct(gen.server_s, 99),
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
                    ok_first_byte_p99_ms=_pct(gen.first_s, 99))
-        if front is not None:  # the limits nginx has in force at the step's end
+        if front is not None:  # the limits nginx has in force at the step's end, and the
+            # server's measured ones (the keeper reloads nginx when they differ by 25 %)
             row["front_limits"] = nginx_limits.read(front.log.parent / "limits.conf")
+            row["server_front_limits"] = nginx_limits.wanted(
+                nginx_limits.fetch(child.url + "/v1/stats"))
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
                    readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
                    rss_mib=round(_rss(child) / 2**20, 1))

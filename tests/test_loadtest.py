@@ -121,6 +121,41 @@ def test_locust_counts_answers_that_differ_as_failures(tmp_path):
     assert "unreadable answer" in (tmp_path / "locust_final_failures.csv").read_text()
 
 
+def test_the_locust_overload_shape_holds_capacity_times_each_step():
+    from loadtest.overload_shape import users_at
+
+    steps = [0.5, 1.0, 2.0, 5.0, 10.0]
+    got = [users_at(t, 300.0, steps, 10.0) for t in (0.0, 9.9, 10.0, 25.0, 49.9, 50.0)]
+    assert got == [150, 150, 300, 600, 3000, None]
+    assert users_at(0.0, 0.5, [0.5], 1.0) == 1  # one user at least
+
+
+@pytest.mark.slow
+def test_the_locust_overload_shape_runs_its_steps_and_stops(tmp_path):
+    """Headless against a real server: users at 0.5x and 1x of a small capacity, each
+    sending a request a second with a 1 s deadline; the run stops by itself after the
+    last step, every answer a 200 in time."""
+    child = servers.start_actserve("actserve-locust-overload", tmp_path / "logs", {})
+    with servers.running([child]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "loadtest/locust_overload.py", "--headless",
+             "--host", child.url, "--overload-capacity", "8", "--overload-steps", "0.5,1",
+             "--overload-step-s", "2", "--csv", str(tmp_path / "ov"), "--only-summary"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [r for r in _rows(tmp_path / "ov_stats.csv") if r["Type"] == "POST"]
+    assert [r["Name"] for r in rows] == ["gelu 1024"]
+    assert int(rows[0]["Request Count"]) > 0 and int(rows[0]["Failure Count"]) == 0
+
+
+def test_the_locust_overload_user_names_refusals_by_their_error_type():
+    from loadtest.overload_shape import refusal
+
+    assert refusal(503, b'{"error":{"type":"front_limit","message":"x"}}') == "503 front_limit"
+    assert refusal(429, b'{"error":{"type":"client_share"}}') == "429 client_share"
+    assert refusal(502, b"<html>bad gateway</html>") == "502"
+
+
 def test_the_progress_line_rate_is_measured_over_its_interval():
     from types import SimpleNamespace
 
@@ -200,6 +235,7 @@ def test_the_overload_bench_runs_the_limits_keeper_beside_nginx(tmp_path):
     assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
     limits = step["front_limits"]
     assert set(limits) == {"small", "large"} and limits["large"] >= 4 and limits["small"] >= 4
+    assert set(step["server_front_limits"]) <= {"small", "large"}  # those measured so far
     reloads = result["meta"]["front_reloads"]  # the keeper's log, each reload it made
     assert all("nginx reloaded: small " in line for line in reloads), reloads
     assert "limits kept at the server's measured rate" in (tmp_path / "overload.md").read_text()
