@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socketserver
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import front_nginx
 from scripts import nginx_limits
 from service.observability import front_limits
 from service.observability.front_limits import LARGE_BYTES, MIN_LIMIT, FrontLimits
@@ -277,20 +277,15 @@ def reloaded(master: int, old: set[int]) -> bool:
     return bool(set(now) - old) and all("shutting down" in now[p] for p in old if p in now)
 
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK)
-                                  else None)
-
-
 # In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
 @pytest.mark.socket
-@pytest.mark.skipif(NGINX is None and os.environ.get("CI") != "true",
+@pytest.mark.skipif(front_nginx.NGINX is None and os.environ.get("CI") != "true",
                     reason="nginx is not installed (.ci/run installs Debian's)")
 def test_nginx_reloaded_by_the_keeper_passes_what_the_new_limit_allows(tmp_path):
     """A real nginx with a limit of one small request in flight refuses the second
     (``front_limit``); the keeper puts the server's limit of 2 in force (file, SIGHUP) and
     the same second request then passes, while the first is still held."""
-    from loadtest import front_nginx
-
+    assert front_nginx.NGINX is not None, "nginx is not installed (see .ci/run)"
     upstream = Held()
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     first: list = []

@@ -74,6 +74,12 @@ def _locust(tmp_path, *args, timeout=150):
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
+    and os.environ.get("CI") != "true", reason="nginx is not installed (.ci/run installs Debian's)")
+
+
 def _rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -189,12 +195,9 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
 
 
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
 @pytest.mark.slow
 @pytest.mark.socket
-@pytest.mark.skipif(shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
-                    and os.environ.get("CI") != "true",
-                    reason="nginx is not installed (.ci/run installs Debian's)")
+@needs_nginx
 def test_the_overload_bench_through_nginx_refuses_past_its_limit_in_the_apis_format(tmp_path):
     """``--front nginx``: the load goes through a real nginx that passes at most 2 requests
     at once; at 2x of the capacity measured through it, every scheduled request is
@@ -214,12 +217,9 @@ def test_the_overload_bench_through_nginx_refuses_past_its_limit_in_the_apis_for
         (tmp_path / "overload.md").read_text()
 
 
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
 @pytest.mark.slow
 @pytest.mark.socket
-@pytest.mark.skipif(shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
-                    and os.environ.get("CI") != "true",
-                    reason="nginx is not installed (.ci/run installs Debian's)")
+@needs_nginx
 def test_the_overload_bench_runs_the_limits_keeper_beside_nginx(tmp_path):
     """``--front nginx --front-follow``: ``scripts/nginx_limits.py`` runs beside nginx,
     every request is answered, each step records the limits nginx has in force (what the

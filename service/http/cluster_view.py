@@ -33,7 +33,7 @@ async def stats(request: Request, own: dict) -> dict:
     return {**own, "ready": own["ready"] and not cluster.not_ready_workers(),
             "queue_depth": merged["queue_depth"],
             "executor_restarts": merged["executor_restarts"], "workers": merged["workers"],
-            # every worker's queue: the limits a front end should keep for all of them
+            # what a front end should pass to all the workers together (summed)
             "overload": {**own["overload"], "front_limits": merged["front_limits"]},
             "activations": merged["activations"]}
 
