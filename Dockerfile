@@ -80,6 +80,8 @@ RUN groupadd --system --gid 10001 actserve \
        --shell /usr/sbin/nologin actserve
 COPY --from=build-cuda /opt/actserve /opt/actserve
 COPY scripts/container_entrypoint.sh /usr/local/bin/actserve-entrypoint
+# the front end's limits keeper (deploy/k8s/overlays/nginx-front; standard library only)
+COPY scripts/nginx_limits.py /opt/actserve/nginx_limits.py
 # ACTSERVE_DEVICE=all: one executor per visible GPU behind one queue (least-loaded dispatch).
 # ACTSERVE_WORKERS: HTTP worker processes on the port (auto: the container's cores; see
 # docs/deployment.md for workers per container against more replicas).
@@ -110,6 +112,8 @@ RUN groupadd --system --gid 10001 actserve \
        --shell /usr/sbin/nologin actserve
 COPY --from=build-cpu /opt/actserve /opt/actserve
 COPY scripts/container_entrypoint.sh /usr/local/bin/actserve-entrypoint
+# the front end's limits keeper (deploy/k8s/overlays/nginx-front; standard library only)
+COPY scripts/nginx_limits.py /opt/actserve/nginx_limits.py
 ENV PATH=/opt/actserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -10,15 +10,15 @@ way of bounding the wait without a rate to tune) and ``max_large`` of those with
 and answers the rest 503 at once, JSON in the API's error format with ``Retry-After``. It
 accepts every pending connection at each wake-up (``multi_accept``) and keeps its
 connections to the server alive, so no request waits unseen in a queue of connections.
-The configuration is the one docs/deployment.md shows; nginx runs on the server's cores
-(they share them, as in a pod). The two limits are in a file the ``location`` includes;
+The configuration is the deployed one (``deploy/k8s/overlays/nginx-front/nginx.conf``,
+shown in docs/deployment.md), its paths and addresses replaced; nginx runs on the server's
+cores (they share them, as in the pod). The two limits are in a file the ``location`` includes;
 with ``follow`` (the server's ``/v1/stats`` URL) ``scripts/nginx_limits.py`` runs beside
 nginx and rewrites them from the server's measured rates (reloading nginx), as a deployment
 would run it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -29,65 +29,28 @@ from scripts import nginx_limits
 
 from . import servers
 
+ROOT = Path(__file__).resolve().parents[1]
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
 
-CONF = """\
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 8192; multi_accept on; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    # two classes by declared size, each with its own limit (an empty key is not counted)
-    map $http_content_length $actserve_small {{ "~^[0-9]{{1,5}}$" s; default ""; }}
-    map $http_content_length $actserve_large {{ "~^[0-9]{{6,}}$" l; default ""; }}
-    limit_conn_zone $actserve_small zone=actserve_small:1m;
-    limit_conn_zone $actserve_large zone=actserve_large:1m;
-    upstream actserve {{
-        server {upstream};
-        keepalive {keepalive};
-    }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        client_max_body_size 64m;
-        client_body_buffer_size 4m;
-        keepalive_requests 1000000;
-        location / {{
-            include {tmp}/limits.conf;
-            limit_conn_status 503;
-            limit_conn_log_level info;
-            error_page 503 = @overloaded;
-            proxy_pass http://actserve;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_buffering on;
-            proxy_max_temp_file_size 0;
-        }}
-        location @overloaded {{
-            default_type application/json;
-            add_header Retry-After 1 always;
-            return 503 '{answer}';
-        }}
-    }}
-}}
-"""
+CONF = ROOT / "deploy" / "k8s" / "overlays" / "nginx-front" / "nginx.conf"
 
 
-def render(tmp: Path, port: int, upstream: str, max_conns: int, max_large: int) -> str:
-    """nginx's configuration; the limits go in ``tmp/limits.conf`` (``nginx_limits``)."""
-    answer = json.dumps({"error": {"type": "front_limit", "message": (
-        "the server is at its limit of requests in flight; retry later")}},
-        separators=(",", ":"))
-    return CONF.format(tmp=tmp, port=port, upstream=upstream,
-                       keepalive=max(64, 2 * (max_conns + max_large)), answer=answer)
+def render(tmp: Path, port: int, upstream: str) -> str:
+    """The deployed configuration (``CONF``) with this run's paths and addresses: its pid,
+    log, temporary and limits files in ``tmp``, listening on 127.0.0.1:``port``, passing to
+    ``upstream``. Each replacement must match once: a change to the file that the bench
+    would silently not follow fails here instead."""
+    text = CONF.read_text()
+    for old, new in (("pid /var/run/nginx/nginx.pid;", f"pid {tmp}/nginx.pid;"),
+                     ("error_log /dev/stderr warn;", f"error_log {tmp}/error.log warn;"),
+                     ("listen 8080 ", f"listen 127.0.0.1:{port} "),
+                     ("server 127.0.0.1:8000;", f"server {upstream};"),
+                     ("/etc/nginx/limits/actserve-limits.conf", f"{tmp}/limits.conf")):
+        if text.count(old) != 1:
+            raise RuntimeError(f"{CONF}: expected {old!r} once")
+        text = text.replace(old, new)
+    return text.replace("/var/cache/nginx/", f"{tmp}/")
 
 
 def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
@@ -103,10 +66,11 @@ def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
     tmp.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(render(tmp, port, upstream, max_conns, max_large))
+    conf.write_text(render(tmp, port, upstream))
     nginx_limits.write(tmp / "limits.conf", nginx_limits.render(
         {"small": max_conns, "large": max_large}, "the bench's --front-conns"))
-    argv = [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
+    argv = [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log"),
+            "-g", "daemon off;"]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
         raise RuntimeError(f"nginx refused its configuration: {check.stderr}")
@@ -123,5 +87,5 @@ def start(tmp: Path, upstream: str, max_conns: int, max_large: int,
              "--out", str(tmp / "limits.conf"), "--nginx-pid", str(tmp / "nginx.pid"),
              "--small", str(max_conns), "--large", str(max_large), "--every", "1"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pin,
-            cwd=Path(__file__).resolve().parent.parent)
+            cwd=ROOT)
     return [child, servers.Child("nginx_limits", "", keeper, tmp / "limits.log")]

@@ -242,7 +242,7 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-RENDERED = ["overlays/cpu", "overlays/gpu", "prometheus-adapter", "kserve"]
+RENDERED = ["overlays/cpu", "overlays/gpu", "overlays/nginx-front", "prometheus-adapter", "kserve"]
 CUSTOM_KINDS = {"InferenceService", "ServingRuntime"}  # KServe CRDs: no published schema
 
 
@@ -322,6 +322,56 @@ def test_deployment_probes_resources_and_termination(overlay, client):
     assert docs["Service"]["spec"]["ports"][0]["targetPort"] == "http"
 
 
+def test_the_nginx_front_overlay_puts_nginx_and_its_limits_keeper_before_the_server():
+    """overlays/nginx-front: the Service reaches nginx, nginx runs the repository's
+    nginx.conf (the one the overload bench runs), includes the file the keeper writes and
+    writes the pid file the keeper signals, the keeper is in the image where the Dockerfile
+    puts it, and the server behind is the cpu overlay's, unchanged."""
+    docs = by_kind(kustomize(K8S / "overlays" / "nginx-front"))
+    cpu = by_kind(kustomize(K8S / "overlays" / "cpu"))["Deployment"]
+    dep, svc = docs["Deployment"], docs["Service"]
+    pod = dep["spec"]["template"]["spec"]
+    byname = {c["name"]: c for c in pod["containers"]}
+    assert set(byname) == {"actserve", "nginx", "front-limits"}
+    assert byname["actserve"] == container(cpu)
+    nginx, keeper = byname["nginx"], byname["front-limits"]
+    (init,) = pod["initContainers"]
+    conf_text = (K8S / "overlays" / "nginx-front" / "nginx.conf").read_text()
+    assert docs["ConfigMap"]["data"]["nginx.conf"] == conf_text
+    assert docs["ConfigMap"]["metadata"]["name"] in {
+        v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    # the Service -> nginx's port -> the server's port
+    front = {p["name"]: p["containerPort"] for p in nginx["ports"]}["front"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "front"
+    assert f"listen {front} " in conf_text
+    http = {p["name"]: p["containerPort"] for p in byname["actserve"]["ports"]}["http"]
+    assert f"server 127.0.0.1:{http};" in conf_text
+    # the keeper's files are nginx's: the limits it writes, the pid it signals
+    def arg(c, flag):
+        return c["command"][c["command"].index(flag) + 1]
+
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+              for c in (nginx, keeper, init)}
+    for c in (keeper, init):
+        assert c["image"] == "actserve:cpu" and c["command"][:2] == [
+            "python", "/opt/actserve/nginx_limits.py"]
+        assert arg(c, "--stats") == f"http://127.0.0.1:{http}/v1/stats"
+        assert arg(c, "--out").startswith(mounts[c["name"]]["nginx-limits"] + "/")
+        assert f"include {arg(c, '--out')};" in conf_text
+    assert "--once" in init["command"]
+    assert f"pid {arg(keeper, '--nginx-pid')};" in conf_text
+    assert arg(keeper, "--nginx-pid").startswith(mounts["front-limits"]["nginx-run"] + "/")
+    assert mounts["nginx"]["nginx-run"] == mounts["front-limits"]["nginx-run"]
+    assert mounts["nginx"]["nginx-limits"] == mounts["front-limits"]["nginx-limits"]
+    assert "/var/cache/nginx/client_body" in conf_text and \
+        mounts["nginx"]["nginx-cache"] == "/var/cache/nginx"
+    assert nginx["args"] == ["-c", f"{mounts['nginx']['nginx-conf']}/nginx.conf", "-g",
+                             "daemon off;"]
+    assert pod["shareProcessNamespace"] is True  # the keeper signals nginx's master
+    # both runtime images carry the keeper where the overlay runs it
+    assert DOCKERFILE.count("COPY scripts/nginx_limits.py /opt/actserve/nginx_limits.py") == 2
+
+
 def test_hpa_scales_on_server_metrics_the_adapter_serves(client):
     hpa = by_kind(kustomize(K8S / "overlays" / "cpu"))["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -367,19 +417,24 @@ NGINX_BIN = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/
 @pytest.mark.skipif(NGINX_BIN is None and os.environ.get("CI") != "true",
                     reason="nginx is not installed (.ci/run installs Debian's)")
 def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_path):
-    """docs/deployment.md's "Overload: let nginx refuse" block, as written, passes
-    ``nginx -t`` (only its listen address and this run's paths filled in) with the limits
-    file ``scripts/nginx_limits.py --once`` writes, which is the one the docs show, and
-    limits what the bench's front end (loadtest/front_nginx.py) limits."""
+    """docs/deployment.md's "Overload: let nginx refuse" block is the deployed file's
+    (deploy/k8s/overlays/nginx-front/nginx.conf), line for line in order; the file, with
+    the bench's paths (loadtest/front_nginx.py) and the limits file ``scripts/nginx_limits.py
+    --once`` writes (the one the docs show), passes ``nginx -t``."""
+    from loadtest import front_nginx
+
     assert NGINX_BIN is not None, "nginx is not installed (see .ci/run)"
     text = (ROOT / "docs" / "deployment.md").read_text()
     section = text.split("### Overload: let nginx refuse", 1)[1]
     block, limits_block = (b.split("```", 1)[0] for b in section.split("```nginx")[1:3])
-    for directive in ("multi_accept on", "include /etc/nginx/actserve-limits.conf;",
-                      "limit_conn_status 503", "add_header Retry-After 1 always",
-                      '"type":"front_limit"'):
-        assert directive in block, directive
-    limits = tmp_path / "actserve-limits.conf"
+    conf = front_nginx.CONF.read_text().splitlines()
+    at = 0
+    for line in filter(None, block.splitlines()):
+        at = conf.index(line, at) + 1  # raises when the docs show a line the file lacks
+    for directive in ("multi_accept on;", "limit_conn_status 503;", "limit_conn_log_level info;",
+                      "add_header Retry-After 1 always;", '"type":"front_limit"'):
+        assert directive in block or directive in "\n".join(conf), directive
+    limits = tmp_path / "limits.conf"
     subprocess.run([sys.executable, "-m", "scripts.nginx_limits", "--stats",
                     "http://127.0.0.1:8000/v1/stats", "--out", str(limits), "--nginx-pid",
                     str(tmp_path / "nginx.pid"), "--once"], cwd=ROOT, check=True, timeout=60)
@@ -387,13 +442,7 @@ def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_pat
     assert written == ["limit_conn actserve_small 128;", "limit_conn actserve_large 16;"]
     assert [line for line in limits_block.splitlines()
             if line and not line.startswith("#")] == written
-    paths = " ".join(f"{name}_temp_path {tmp_path}/{name};"
-                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf = (f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
-            + block.replace("listen 8080", "listen 127.0.0.1:18080")
-                   .replace("/etc/nginx/actserve-limits.conf", str(limits))
-                   .replace("http {", "http {\n    " + paths, 1))
-    (tmp_path / "nginx.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(front_nginx.render(tmp_path, 18080, "127.0.0.1:8000"))
     check = subprocess.run([NGINX_BIN, "-t", "-p", str(tmp_path), "-c",
                             str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
                            capture_output=True, text=True, timeout=30)
