@@ -498,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
                         "this process's cores when it has two or more, else all)")
     p.add_argument("--client-cpus", default=None,
                    help="cores for the generator (default: the other half)")
+    p.add_argument("--front-cpus", default=None,
+                   help="with --front: cores for the front end (default: the server's, as in "
+                        "a pod)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an actserve setting for the server (repeatable)")
     p.add_argument("--front", choices=("none", "nginx"), default="none",
@@ -532,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                        "front_conns": a.front_conns if a.front != "none" else None,
                        "front_large_conns": a.front_large_conns if a.front != "none" else None,
                        "front_follow": a.front != "none" and a.front_follow,
+                       "front_cpus": a.front_cpus if a.front != "none" else None,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},
@@ -542,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import front_nginx
 
             front = front_nginx.start(out / "nginx", child.url.removeprefix("http://"),
-                                      a.front_conns, a.front_large_conns, server_cpus,
+                                      a.front_conns, a.front_large_conns,
+                                      _cpus(a.front_cpus) if a.front_cpus else server_cpus,
                                       child.url + "/v1/stats" if a.front_follow else None)
         try:
             for size in (int(s) for s in a.sizes.split(",")):
