@@ -228,10 +228,10 @@ def test_the_overload_bench_runs_the_limits_keeper_beside_nginx(tmp_path):
 
     assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
                           "--steps", "1", "--pool", "16", "--front", "nginx",
-                          "--front-follow"]) == 0
+                          "--front-follow", "--front-cpus", "0"]) == 0
     result = json.loads((tmp_path / "overload.json").read_text())
     step = result["cases"][0]["steps"][0]
-    assert result["meta"]["front_follow"] is True
+    assert result["meta"]["front_follow"] is True and result["meta"]["front_cpus"] == "0"
     assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
     limits = step["front_limits"]
     assert set(limits) == {"small", "large"} and limits["large"] >= 4 and limits["small"] >= 4
