@@ -368,6 +368,10 @@ def test_the_nginx_front_overlay_puts_nginx_and_its_limits_keeper_before_the_ser
     assert nginx["args"] == ["-c", f"{mounts['nginx']['nginx-conf']}/nginx.conf", "-g",
                              "daemon off;"]
     assert pod["shareProcessNamespace"] is True  # the keeper signals nginx's master
+    # nginx's probes never go through to the API port (slow under overload); the server's
+    # readiness is its own container's, on the probe port
+    assert set(nginx["readinessProbe"]) >= {"tcpSocket"} and "httpGet" not in nginx["readinessProbe"]
+    assert byname["actserve"]["readinessProbe"]["httpGet"]["port"] == "probes"
     # both runtime images carry the keeper where the overlay runs it
     assert DOCKERFILE.count("COPY scripts/nginx_limits.py /opt/actserve/nginx_limits.py") == 2
 
