@@ -54,6 +54,24 @@ class _Refused(Exception):
     pass
 
 
+def close_unless_continued(cycle) -> None:
+    """A client that sent ``Expect: 100-continue`` holds its body back until the server's
+    ``100 Continue``, which uvicorn sends when the application first reads the body. An
+    answer before that (a refusal before the body: overload, 413, 401) leaves the body
+    unsent, and on a kept connection the client's next request would be read as that body
+    (RFC 9110, 10.1.1: the server says whether it closes or reads on). Such an answer closes
+    the connection (uvicorn adds ``Connection: close``); once the 100 went out, nothing
+    changes."""
+    send = cycle.send
+
+    async def send_closing(message) -> None:
+        if cycle.waiting_for_100_continue and not cycle.response_started:
+            cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_closing
+
+
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                             max_count: int = 100, access: AccessLog | None = None,
                             shed: Shed | None = None) -> type:
@@ -172,6 +190,9 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             if shed is not None and self.refused_early():
                 return
             super().on_headers_complete()
+            cycle = self.cycle  # (none made for an upgrade)
+            if cycle is not None and cycle.waiting_for_100_continue:  # Expect: 100-continue
+                close_unless_continued(cycle)
 
         def send_400_response(self, msg: str) -> None:
             self._refuse(400, msg)

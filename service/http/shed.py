@@ -409,7 +409,10 @@ class ShedConnection:
         have = len(data) - end - 4
         if have > length:
             return False  # pipelined: another request follows
-        keep_alive = line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
+        keep_alive = (line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
+                      # a client that sent Expect holds its body back until a 100 it never
+                      # gets: skipping that body would swallow its next request
+                      and (have == length or b"\r\nexpect:" not in head))
         budget = shed.budget(query) if api == "native" else shed.default_timeout_s
         held = len(self.tasks)
         if held < shed.limit(budget):
