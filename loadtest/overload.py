@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts import nginx_limits
+from service.observability.front_limits import LARGE_BYTES
 
 from . import servers
 
@@ -90,6 +91,7 @@ class _Wire(asyncio.Protocol):
         self.buf = bytearray()
         self.due: float | None = None  # the outstanding request's scheduled time
         self.first: float | None = None  # when the outstanding answer's first bytes came
+        self.held_body = False  # its head sent with Expect, its body held for a 100
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -98,12 +100,23 @@ class _Wire(asyncio.Protocol):
     def send(self, due: float) -> None:
         self.due = due
         self.first = None
+        # with Expect: 100-continue, the head now and the body on the server's 100
+        self.held_body = self.gen.body is not None
         self.transport.write(self.gen.raw)
 
     def data_received(self, data: bytes) -> None:
         if self.first is None:
             self.first = time.perf_counter()
         self.buf += data
+        if self.held_body and self.buf.startswith(b"HTTP/1.1 100"):
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            del self.buf[:end + 4]
+            self.held_body, self.first = False, None
+            self.transport.write(self.gen.body)
+            if not self.buf:
+                return
         end = self.buf.find(b"\r\n\r\n")
         if end < 0 or self.due is None:
             return
@@ -116,6 +129,7 @@ class _Wire(asyncio.Protocol):
         body = bytes(self.buf[end + 4:end + 4 + length])
         del self.buf[:end + 4 + length]
         due, self.due = self.due, None
+        self.held_body = False  # answered without asking for the body: it is never sent
         reason = ""
         if status != 200:
             m = _ERROR_TYPE.search(body)
@@ -147,8 +161,12 @@ class Generator:
     behind shows it, and no omission is coordinated with the server)."""
 
     def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500,
-                 pool: int | None = None) -> None:
+                 pool: int | None = None, expect: bool = False) -> None:
         self.host, self.port, self.raw = host, port, raw
+        self.body: bytes | None = None  # with ``expect``: sent on the server's 100 only
+        if expect:
+            head, _, self.body = raw.partition(b"\r\n\r\n")
+            self.raw = head + b"\r\nExpect: 100-continue\r\n\r\n"
         self.pool = pool
         self.idle: list[_Wire] = []
         self.every: set[_Wire] = set()  # every open connection, busy or idle
@@ -342,23 +360,27 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
 
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
                    deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
-                   probe_port: int = 0, front: servers.Child | None = None) -> dict:
+                   probe_port: int = 0, front: servers.Child | None = None,
+                   expect: bool = False) -> dict:
     """One request size through the steps; ``front``: a front end the load goes through
-    (its ``/readyz`` too), else straight to ``child``."""
+    (its ``/readyz`` too), else straight to ``child``; ``expect``: bodies of 100,000 bytes
+    and more are sent with ``Expect: 100-continue`` (as curl sends large ones): the body
+    only on the server's ``100 Continue``."""
     port = int((front or child).url.rsplit(":", 1)[1])
     x = np.random.default_rng(7).standard_normal(elements).astype("<f4").tobytes()
     path = (f"/v1/activations/{activation}?shape={elements}&dtype=float32"
             f"&timeout={deadline_s:g}")
     raw = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/"
            f"octet-stream\r\nContent-Length: {len(x)}\r\n\r\n").encode() + x
-    gen = Generator("127.0.0.1", port, raw)
+    expect = expect and len(x) >= LARGE_BYTES
+    gen = Generator("127.0.0.1", port, raw, expect=expect)
     await gen.closed_loop(8, 1.0, deadline_s)  # warm: the service model measures
     capacity = await gen.closed_loop(32, seconds, deadline_s)
     gen.close()
     await asyncio.sleep(1.0)
     rows = []
     for m in steps:
-        gen = Generator("127.0.0.1", port, raw, pool=pool)
+        gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect)
         stop, worst, probe_worst = asyncio.Event(), [], []
         probes = [asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))]
         if probe_port:
@@ -387,7 +409,8 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         print(f"  {elements} x{m:g}: {row}", flush=True)
         gen.close()
         await asyncio.sleep(2.0)  # drain between steps
-    return {"elements": elements, "activation": activation, "capacity_per_s": round(capacity, 1),
+    return {"elements": elements, "activation": activation, "expect": expect,
+            "capacity_per_s": round(capacity, 1),
             "steps": rows}
 
 
@@ -406,7 +429,8 @@ def _markdown(result: dict) -> str:
     lines = []
     for case in result["cases"]:
         lines += [f"\n**{case['elements']} elements, {case['activation']}, workers "
-                  f"{result['meta']['workers']}{_front(result['meta'])}** (capacity "
+                  f"{result['meta']['workers']}{_front(result['meta'])}"
+                  f"{', Expect: 100-continue' if case.get('expect') else ''}** (capacity "
                   f"{case['capacity_per_s']} req/s)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
@@ -501,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--front-cpus", default=None,
                    help="with --front: cores for the front end (default: the server's, as in "
                         "a pod)")
+    p.add_argument("--expect", action="store_true",
+                   help="send bodies of 100,000 bytes and more with Expect: 100-continue, "
+                        "the body only on the server's 100 (as curl does)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an actserve setting for the server (repeatable)")
     p.add_argument("--front", choices=("none", "nginx"), default="none",
@@ -553,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             for size in (int(s) for s in a.sizes.split(",")):
                 result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
                                                      a.deadline, steps, a.pool, probe_port,
-                                                     front[0] if front else None)))
+                                                     front[0] if front else None,
+                                                     a.expect)))
         finally:
             for c in reversed(front):
                 c.stop()

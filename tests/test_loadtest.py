@@ -127,6 +127,22 @@ def test_locust_counts_answers_that_differ_as_failures(tmp_path):
     assert "unreadable answer" in (tmp_path / "locust_final_failures.csv").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.socket
+def test_the_overload_bench_can_send_large_bodies_only_on_the_servers_100(tmp_path):
+    """``--expect``: 1 MiB bodies go with ``Expect: 100-continue``, the head first and the
+    body on the server's ``100 Continue``; every request is answered, the 200s counted."""
+    from loadtest import overload
+
+    assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "262144",
+                          "--steps", "0.5", "--pool", "4", "--expect"]) == 0
+    case = json.loads((tmp_path / "overload.json").read_text())["cases"][0]
+    step = case["steps"][0]
+    assert case["expect"] is True and case["capacity_per_s"] > 0
+    assert step["ok"] + step["refused"] == step["sent"] and step["ok"] > 0
+    assert "Expect: 100-continue" in (tmp_path / "overload.md").read_text()
+
+
 def test_the_locust_overload_shape_holds_capacity_times_each_step():
     from loadtest.overload_shape import users_at
 
