@@ -557,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
                                    cpus=server_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
+    fronted = a.front != "none"
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
                        "pool": a.pool, "front": a.front,
-                       "front_conns": a.front_conns if a.front != "none" else None,
-                       "front_large_conns": a.front_large_conns if a.front != "none" else None,
-                       "front_follow": a.front != "none" and a.front_follow,
-                       "front_cpus": a.front_cpus if a.front != "none" else None,
+                       "front_conns": a.front_conns if fronted else None,
+                       "front_large_conns": a.front_large_conns if fronted else None,
+                       "front_follow": fronted and a.front_follow,
+                       "front_cpus": a.front_cpus if fronted else None,
                        "server_cpus": sorted(server_cpus or os.sched_getaffinity(0)),
                        "client_cpus": sorted(client_cpus or os.sched_getaffinity(0)),
                        "settings": settings, "seconds": a.seconds, "deadline_s": a.deadline},

@@ -101,7 +101,6 @@ class Keeper:
         self.change, self.min_interval_s = change, min_interval_s
         self.clock, self.get = clock, get
         self.last: float | None = None
-        self.reloads = 0
 
     def start(self) -> None:
         """Take the limits the file holds (a keeper started again), else write the initial
@@ -121,7 +120,6 @@ class Keeper:
         write(self.out, render(new, self.source))
         self.reload()
         self.limits, self.last = new, now
-        self.reloads += 1
         return new
 
 

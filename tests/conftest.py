@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from loadtest.front_nginx import NGINX
 from loadtest.servers import free_port, start_actserve, wait_ready
 from service import dtypes
 from service.engine.activations import Registry
@@ -47,6 +48,10 @@ REGISTRY = Registry()
 # The fast tier (``make test-fast``) sets this: a real server started there means a test
 # that needs a socket was not marked ``socket`` (see ``pytest_collection_modifyitems``).
 NO_SOCKETS = os.environ.get("ACTSERVE_TEST_TIER") == "fast"
+
+# Tests that run Debian's nginx; in CI (.ci/run installs it) a missing nginx fails them instead.
+needs_nginx = pytest.mark.skipif(NGINX is None and os.environ.get("CI") != "true",
+                                 reason="nginx is not installed (.ci/run installs Debian's)")
 
 
 def _no_socket_here(what: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_nginx
 
 BIN = Path(sys.executable).parent
 K8S = ROOT / "deploy" / "k8s"
@@ -413,13 +413,7 @@ def test_kserve_inference_service_uses_the_v2_protocol(client):
         assert client.get(path).status_code == 200
 
 
-NGINX_BIN = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK)
-                                      else None)
-
-
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
-@pytest.mark.skipif(NGINX_BIN is None and os.environ.get("CI") != "true",
-                    reason="nginx is not installed (.ci/run installs Debian's)")
+@needs_nginx
 def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_path):
     """docs/deployment.md's "Overload: let nginx refuse" block is the deployed file's
     (deploy/k8s/overlays/nginx-front/nginx.conf), line for line in order; the file, with
@@ -427,7 +421,7 @@ def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_pat
     --once`` writes (the one the docs show), passes ``nginx -t``."""
     from loadtest import front_nginx
 
-    assert NGINX_BIN is not None, "nginx is not installed (see .ci/run)"
+    assert front_nginx.NGINX is not None, "nginx is not installed (see .ci/run)"
     text = (ROOT / "docs" / "deployment.md").read_text()
     section = text.split("### Overload: let nginx refuse", 1)[1]
     block, limits_block = (b.split("```", 1)[0] for b in section.split("```nginx")[1:3])
@@ -447,7 +441,7 @@ def test_the_overload_front_end_configuration_in_the_docs_is_valid_nginx(tmp_pat
     assert [line for line in limits_block.splitlines()
             if line and not line.startswith("#")] == written
     (tmp_path / "nginx.conf").write_text(front_nginx.render(tmp_path, 18080, "127.0.0.1:8000"))
-    check = subprocess.run([NGINX_BIN, "-t", "-p", str(tmp_path), "-c",
+    check = subprocess.run([front_nginx.NGINX, "-t", "-p", str(tmp_path), "-c",
                             str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr

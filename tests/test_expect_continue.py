@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import numpy as np
 
 from tests.conftest import serve
-from tests.test_shed import Refusing, _read_answer
+from tests.test_shed import _read_answer, hold_shedding
 
 
 def expect_post(n: int, path: str = "/v1/activations/relu") -> bytes:
@@ -48,11 +47,7 @@ def test_a_refusal_before_the_body_closes_the_connection_of_a_client_awaiting_10
 
 def test_an_unparsed_overload_refusal_closes_the_connection_of_a_client_awaiting_100():
     with serve() as srv:
-        shed = srv.services.shed
-        shed.engine = Refusing(shed.engine)
-        shed.interval = 60.0  # congested for the test, the application at its limit
-        shed._window, shed.congested, shed.cap = time.monotonic(), True, 0
-        shed.limit = lambda budget: 0
+        hold_shedding(srv.services.shed)
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             s.sendall(expect_post(1 << 18))
             status, headers, body = _read_answer(s)

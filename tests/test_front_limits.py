@@ -23,6 +23,7 @@ from scripts import nginx_limits
 from service.observability import front_limits
 from service.observability.front_limits import LARGE_BYTES, MIN_LIMIT, FrontLimits
 from service.observability.recorder import Recorder
+from tests.conftest import needs_nginx
 from tests.gates import FakeClock
 
 SMALL = 4096  # a body of 1,024 float32 elements
@@ -277,10 +278,8 @@ def reloaded(master: int, old: set[int]) -> bool:
     return bool(set(now) - old) and all("shutting down" in now[p] for p in old if p in now)
 
 
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
 @pytest.mark.socket
-@pytest.mark.skipif(front_nginx.NGINX is None and os.environ.get("CI") != "true",
-                    reason="nginx is not installed (.ci/run installs Debian's)")
+@needs_nginx
 def test_nginx_reloaded_by_the_keeper_passes_what_the_new_limit_allows(tmp_path):
     """A real nginx with a limit of one small request in flight refuses the second
     (``front_limit``); the keeper puts the server's limit of 2 in force (file, SIGHUP) and

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +16,7 @@ import pytest
 
 from loadtest import payloads, servers
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_nginx
 
 CASES = [
     payloads.Case("relu", 1024),
@@ -72,12 +70,6 @@ def _locust(tmp_path, *args, timeout=150):
     argv = [sys.executable, "-m", "loadtest.run_locust", "--out", str(tmp_path), "--users", "4",
             "--spawn-rate", "4", *args]
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
-needs_nginx = pytest.mark.skipif(
-    shutil.which("nginx") is None and not os.access("/usr/sbin/nginx", os.X_OK)
-    and os.environ.get("CI") != "true", reason="nginx is not installed (.ci/run installs Debian's)")
 
 
 def _rows(path):

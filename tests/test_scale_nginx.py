@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import re
-import shutil
 import signal
 import string
 import subprocess
@@ -29,15 +27,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.front_nginx import NGINX
 from loadtest.servers import free_port, stop_process, wait_ready
 
-from .conftest import ROOT, subprocess_server
+from .conftest import ROOT, needs_nginx, subprocess_server
 
 pytestmark = pytest.mark.slow
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "templates" / "actserve.conf.template"
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
 RUN_TIME_LIMIT_S = 150  # Locust's own bound; the test stops it sooner (SIGTERM) when done
 USERS = 12
 WARM_REQUESTS = 40  # each replica serves this many before one is stopped, and the survivor
@@ -171,9 +168,7 @@ def locust_totals(out: Path) -> tuple[int, int, str]:
     return requests, failures, text
 
 
-# In CI (.ci/run installs Debian's nginx) a missing nginx fails the test instead.
-@pytest.mark.skipif(NGINX is None and os.environ.get("CI") != "true",
-                    reason="nginx is not installed (.ci/run installs Debian's)")
+@needs_nginx
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
 def test_two_replicas_behind_nginx_lose_no_request(tmp_path, stop):
     assert NGINX is not None, "nginx is not installed: `apt-get install nginx` (see .ci/run)"

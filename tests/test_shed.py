@@ -317,18 +317,24 @@ def test_every_request_scope_carries_its_arrival(server):
     assert seen and before <= seen[0] <= time.monotonic()
 
 
+def hold_shedding(shed) -> Refusing:
+    """Congested, for an interval long enough for the test, and the application at its
+    limit (whatever it holds leaves no time): the protocol refuses unparsed. The engine
+    refuses too; its fake is returned."""
+    fake = Refusing(shed.engine)
+    shed.engine = fake
+    shed.interval = 60.0
+    shed._window, shed.congested, shed.cap = time.monotonic(), True, 0
+    shed.limit = lambda budget: 0
+    return fake
+
+
 def test_while_shedding_a_request_is_refused_unparsed_and_counted():
     from tests.conftest import serve
 
     with serve(metrics=True) as srv:
         shed = srv.services.shed
-        fake = Refusing(shed.engine)
-        shed.engine = fake
-        # congested, for an interval long enough for the test, and the application holds
-        # its limit
-        shed.interval = 60.0
-        shed._window, shed.congested, shed.cap = time.monotonic(), True, 0
-        shed.limit = lambda budget: 0  # whatever is held leaves no time
+        fake = hold_shedding(shed)
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             for _ in range(3):  # keep-alive: answered from the raw bytes, connection kept
                 s.sendall(_post(256))
