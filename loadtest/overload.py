@@ -101,8 +101,13 @@ class _Wire(asyncio.Protocol):
         self.due = due
         self.first = None
         # with Expect: 100-continue, the head now and the body on the server's 100
-        self.held_body = self.gen.body is not None
-        self.transport.write(self.gen.raw)
+        gen = self.gen
+        self.held_body = gen.body is not None
+        if gen.stamp_at is None:
+            self.transport.write(gen.raw)
+        else:  # X-Request-Start: the scheduled time, on the wall clock in microseconds
+            self.transport.writelines((gen.raw[:gen.stamp_at], b"X-Request-Start: t=%d\r\n"
+                                       % ((due + gen.wall_offset) * 1e6), gen.raw[gen.stamp_at:]))
 
     def data_received(self, data: bytes) -> None:
         if self.first is None:
@@ -161,12 +166,16 @@ class Generator:
     behind shows it, and no omission is coordinated with the server)."""
 
     def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500,
-                 pool: int | None = None, expect: bool = False) -> None:
+                 pool: int | None = None, expect: bool = False, stamp: bool = False) -> None:
         self.host, self.port, self.raw = host, port, raw
         self.body: bytes | None = None  # with ``expect``: sent on the server's 100 only
         if expect:
             head, _, self.body = raw.partition(b"\r\n\r\n")
             self.raw = head + b"\r\nExpect: 100-continue\r\n\r\n"
+        # with ``stamp``: each request carries its scheduled time as X-Request-Start, after
+        # the request line
+        self.stamp_at = raw.find(b"\r\n") + 2 if stamp else None
+        self.wall_offset = time.time() - time.perf_counter()
         self.pool = pool
         self.idle: list[_Wire] = []
         self.every: set[_Wire] = set()  # every open connection, busy or idle
@@ -361,11 +370,12 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
                    deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
                    probe_port: int = 0, front: servers.Child | None = None,
-                   expect: bool = False) -> dict:
+                   expect: bool = False, stamp: bool = False) -> dict:
     """One request size through the steps; ``front``: a front end the load goes through
     (its ``/readyz`` too), else straight to ``child``; ``expect``: bodies of 100,000 bytes
     and more are sent with ``Expect: 100-continue`` (as curl sends large ones): the body
-    only on the server's ``100 Continue``."""
+    only on the server's ``100 Continue``; ``stamp``: every request carries its scheduled
+    time as ``X-Request-Start``."""
     port = int((front or child).url.rsplit(":", 1)[1])
     x = np.random.default_rng(7).standard_normal(elements).astype("<f4").tobytes()
     path = (f"/v1/activations/{activation}?shape={elements}&dtype=float32"
@@ -373,14 +383,14 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     raw = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/"
            f"octet-stream\r\nContent-Length: {len(x)}\r\n\r\n").encode() + x
     expect = expect and len(x) >= LARGE_BYTES
-    gen = Generator("127.0.0.1", port, raw, expect=expect)
+    gen = Generator("127.0.0.1", port, raw, expect=expect, stamp=stamp)
     await gen.closed_loop(8, 1.0, deadline_s)  # warm: the service model measures
     capacity = await gen.closed_loop(32, seconds, deadline_s)
     gen.close()
     await asyncio.sleep(1.0)
     rows = []
     for m in steps:
-        gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect)
+        gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
         stop, worst, probe_worst = asyncio.Event(), [], []
         probes = [asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))]
         if probe_port:
@@ -409,7 +419,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         print(f"  {elements} x{m:g}: {row}", flush=True)
         gen.close()
         await asyncio.sleep(2.0)  # drain between steps
-    return {"elements": elements, "activation": activation, "expect": expect,
+    return {"elements": elements, "activation": activation, "expect": expect, "stamp": stamp,
             "capacity_per_s": round(capacity, 1),
             "steps": rows}
 
@@ -430,7 +440,8 @@ def _markdown(result: dict) -> str:
     for case in result["cases"]:
         lines += [f"\n**{case['elements']} elements, {case['activation']}, workers "
                   f"{result['meta']['workers']}{_front(result['meta'])}"
-                  f"{', Expect: 100-continue' if case.get('expect') else ''}** (capacity "
+                  f"{', Expect: 100-continue' if case.get('expect') else ''}"
+                  f"{', X-Request-Start trusted' if case.get('stamp') else ''}** (capacity "
                   f"{case['capacity_per_s']} req/s)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
@@ -528,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expect", action="store_true",
                    help="send bodies of 100,000 bytes and more with Expect: 100-continue, "
                         "the body only on the server's 100 (as curl does)")
+    p.add_argument("--stamp", action="store_true",
+                   help="every request carries its scheduled time as X-Request-Start, and the "
+                        "server trusts it (trust_request_start): deadlines count from the "
+                        "client's clock")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an actserve setting for the server (repeatable)")
     p.add_argument("--front", choices=("none", "nginx"), default="none",
@@ -548,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     probe_port = servers.free_port()  # /readyz also asked there, as an orchestrator would
     settings = {"workers": a.workers, "metrics": True, "probe_port": probe_port}
+    if a.stamp:
+        settings["trust_request_start"] = True
     for item in a.set:
         k, _, v = item.partition("=")
         settings[k] = v
@@ -582,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
                                                      a.deadline, steps, a.pool, probe_port,
                                                      front[0] if front else None,
-                                                     a.expect)))
+                                                     a.expect, a.stamp)))
         finally:
             for c in reversed(front):
                 c.stop()

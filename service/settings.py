@@ -175,6 +175,11 @@ class Settings(BaseSettings):
         50.0, gt=0, description="the wait a front end's limits allow: /v1/stats "
         "overload.front_limits is, per size class, this delay x the rate the server "
         "answers that class at while saturated (scripts/nginx_limits.py keeps it in nginx)")
+    trust_request_start: bool = Field(
+        False, description="count a request's deadline from its X-Request-Start stamp (Unix "
+        "time: HTTP header, or gRPC metadata of a unary call) when earlier than its arrival, so "
+        "that time spent before the server read it (accept queue, a proxy) counts; for stamps "
+        "from a clock in step with the server's")
     fair_share: bool = Field(
         False, description="per client (API key, else address) share of a contended queue: "
                            "a client over its share is refused 429 client_share first")

@@ -135,6 +135,50 @@ def test_the_overload_bench_can_send_large_bodies_only_on_the_servers_100(tmp_pa
     assert "Expect: 100-continue" in (tmp_path / "overload.md").read_text()
 
 
+def test_the_overload_generator_stamps_each_request_with_its_scheduled_time():
+    """``--stamp``: ``X-Request-Start`` after the request line, the scheduled time on the
+    wall clock in microseconds, the rest of the request unchanged."""
+    from loadtest import overload
+    from service.exchange import request_start
+
+    raw = b"POST /v1/activations/relu?shape=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nabcd"
+    gen = overload.Generator("127.0.0.1", 1, raw, stamp=True)
+    gen.wall_offset = 1_700_000_000.0  # wall time = scheduled perf_counter time + this
+    wire = overload._Wire(gen)
+    written: list[bytes] = []
+    wire.transport = type("T", (), {"writelines": lambda self, parts: written.extend(parts),
+                                    "write": lambda self, b: written.append(b)})()
+    wire.send(12.5)
+    sent = b"".join(written)
+    line, _, rest = sent.partition(b"\r\n")
+    stamp, _, rest = rest.partition(b"\r\n")
+    assert line + b"\r\n" + rest == raw
+    assert stamp.startswith(b"X-Request-Start: ")
+    assert request_start.parse(stamp.partition(b": ")[2]) == 1_700_000_012.5
+    plain = overload.Generator("127.0.0.1", 1, raw)
+    wire = overload._Wire(plain)
+    written.clear()
+    wire.transport = type("T", (), {"write": lambda self, b: written.append(b)})()
+    wire.send(12.5)
+    assert written == [raw]
+
+
+@pytest.mark.slow
+@pytest.mark.socket
+def test_the_overload_bench_stamps_requests_for_a_server_that_trusts_them(tmp_path):
+    from loadtest import overload
+
+    assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
+                          "--steps", "0.5", "--pool", "4", "--stamp"]) == 0
+    result = json.loads((tmp_path / "overload.json").read_text())
+    assert result["meta"]["settings"]["trust_request_start"] is True
+    case = result["cases"][0]
+    step = case["steps"][0]
+    assert case["stamp"] is True and step["ok"] > 0  # stamps in step with the server's clock
+    assert step["ok"] + step["refused"] == step["sent"]
+    assert "X-Request-Start trusted" in (tmp_path / "overload.md").read_text()
+
+
 def test_the_locust_overload_shape_holds_capacity_times_each_step():
     from loadtest.overload_shape import users_at
 

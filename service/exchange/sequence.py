@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from service.engine.job import Job, JobResult
 from service.engine.jobs import ARRIVED
-from service.errors import ActserveError
+from service.errors import ActserveError, DeadlineExceeded
+from service.exchange import request_start
 from service.exchange.services import Services
 
 CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
@@ -112,6 +113,8 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         t0_mono = time.monotonic()  # waited since its arrival: the event loop's delay
         ARRIVED.set(arrived)  # the job's deadline counts from the request's arrival
         hint = source.hint(arrived)
+        if hint is not None and hint.timed and hint.deadline <= t0_mono:
+            raise DeadlineExceeded(request_start.STALE)  # its caller's stamp is that old
         engine.admit(hint)  # overload refused before the body is read
         # unknown (chunked) size: claim the limit; no waiting for room past the deadline
         granted = await svc.bodies.acquire(

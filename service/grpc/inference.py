@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from service.codecs import v2
 from service.errors import ActserveError, InvalidRequest, RequestTooLarge
-from service.exchange import sequence
+from service.exchange import request_start, sequence
 from service.exchange.services import Services
 from service.grpc import codec, messages
 
@@ -41,9 +41,10 @@ class GrpcSource:
     __slots__ = ("arrived", "cuda", "deadline", "model", "nbytes", "regions", "request", "svc")
 
     def __init__(self, request, nbytes: int, svc: Services, regions,
-                 deadline: float | None = None, cuda=None) -> None:
+                 deadline: float | None = None, cuda=None, started: str | None = None) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
-        self.arrived = time.monotonic()  # the message is whole: it arrived now
+        # the message is whole: it arrived now, or at the caller's trusted stamp if earlier
+        self.arrived = request_start.earlier(time.monotonic(), started)
         self.cuda = svc.cuda_regions if cuda is None else cuda  # the caller's own
         self.deadline = deadline  # the client's gRPC deadline (time.monotonic), or None
         self.regions = regions  # the caller's own system regions
@@ -130,9 +131,9 @@ class Inference:
 
     async def run(self, raw: bytes, peer: str | None = None, rpc: str = "ModelInfer",
                   regions=None, remaining_s: float | None = None,
-                  cuda=None) -> tuple[object, tuple]:
+                  cuda=None, started: str | None = None) -> tuple[object, tuple]:
         """One request from its raw message: (the response, trailing metadata) or (the
-        error, ())."""
+        error, ()). ``started``: its trusted ``x-request-start`` (``request_start.py``)."""
         t0 = time.perf_counter()
         deadline = None if remaining_s is None else time.monotonic() + remaining_s
         ctx = {"request_id": f"{self._id_prefix}{next(self._ids):x}", "log": {}}
@@ -142,7 +143,7 @@ class Inference:
             ctx["request_id"] = request.id if 0 < len(request.id) <= 128 else ctx["request_id"]
             source = GrpcSource(request, len(raw), self.svc,
                                 self.svc.regions if regions is None else regions, deadline,
-                                cuda)
+                                cuda, started)
             answer = await sequence.run(self.svc, source, request.model_name, ctx)
             status = 200
             return answer.response, answer.trailing

@@ -19,6 +19,7 @@ from service import __version__
 from service.codecs import v2
 from service.codecs.shm_regions import owner_of
 from service.errors import ActserveError, Unauthorized, grpc_code
+from service.exchange import request_start
 from service.exchange.auth import authorised
 from service.exchange.services import Services
 from service.grpc import codec, messages
@@ -51,6 +52,15 @@ class InferenceService:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 return value.encode("latin-1") if isinstance(value, str) else value
+        return None
+
+    def _started(self, context) -> str | None:
+        """The call's ``x-request-start`` metadata when the server trusts it
+        (``request_start.py``), else None (no metadata scan)."""
+        if self.settings.trust_request_start:
+            for key, value in context.invocation_metadata() or ():
+                if key == request_start.HEADER:
+                    return value
         return None
 
     def _authorised(self, context) -> bool:
@@ -191,7 +201,8 @@ class InferenceService:
         regions, cuda = self._scopes(context)
         response, trailing = await self.inference.run(raw, context.peer(), regions=regions,
                                                       cuda=cuda,
-                                                      remaining_s=context.time_remaining())
+                                                      remaining_s=context.time_remaining(),
+                                                      started=self._started(context))
         if isinstance(response, ActserveError):
             raise response
         context.set_trailing_metadata(trailing)

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from service.codecs.base import Codec, Encoded, Wire
 from service.engine.engine import Engine
 from service.engine.job import Job, JobResult
-from service.exchange import sequence
+from service.exchange import request_start, sequence
 from service.exchange.sequence import CLIENT_CLOSED, ClientGone, release
 from service.exchange.services import Services
 from service.http.body import declared_size, read_body
@@ -50,8 +50,15 @@ class HttpSource:
         self.settings = svc.settings
         self.api = codec.api
         # stamped by the HTTP protocol as the request's first bytes were parsed
-        # (``header_timeout.py``); now when another server runs the app
-        self.arrived = request.scope.get(ARRIVAL_KEY) or time.monotonic()
+        # (``header_timeout.py``, the caller's stamp applied); now when another server
+        # runs the app
+        arrived = request.scope.get(ARRIVAL_KEY)
+        if arrived is None:
+            arrived = time.monotonic()
+            if self.settings.trust_request_start:
+                arrived = request_start.earlier(
+                    arrived, request.headers.get(request_start.HEADER))
+        self.arrived = arrived
 
     def hint(self, now):
         """What admission may know before the body is read, read straight from the ASGI

@@ -24,7 +24,9 @@ an answer sent from memory lent by the engine is in the kernel before that memor
 
 **Overload refusals** are answered here too, while the server is busy or congested, before
 the application runs, some from the raw bytes before the parser sees them (``shed.py``);
-every request's scope carries its arrival time (``ARRIVAL_KEY``).
+every request's scope carries its arrival time (``ARRIVAL_KEY``), moved back to the
+caller's ``X-Request-Start`` stamp when the server trusts it
+(``service/exchange/request_start.py``).
 
 **Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
 before any application code runs: with an ``X-Request-Id`` and, when the access log is on,
@@ -41,6 +43,7 @@ import uuid
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.exchange import request_start
 from service.http.drain import DrainingConnection
 from service.http.shed import ARRIVAL_KEY, Shed, ShedConnection
 from service.observability.logs import AccessLog
@@ -74,9 +77,11 @@ def close_unless_continued(cycle) -> None:
 
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                             max_count: int = 100, access: AccessLog | None = None,
-                            shed: Shed | None = None) -> type:
+                            shed: Shed | None = None, trust_start: bool = False) -> type:
     """A protocol class for one server (one event loop); ``shed`` answers overload
-    refusals before the application (``shed.py``)."""
+    refusals before the application (``shed.py``); ``trust_start``: a request's arrival is
+    moved back to its ``X-Request-Start`` stamp when that is earlier
+    (``request_start.py``)."""
     id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
     ids = itertools.count(1)
     period = min(1.0, max(0.01, timeout_s / 4))
@@ -187,6 +192,12 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if trust_start:  # the deadline counts from the caller's stamp when earlier
+                for name, value in self.headers:
+                    if name == request_start.HEADER_BYTES:
+                        self.scope[ARRIVAL_KEY] = request_start.earlier(
+                            self.scope[ARRIVAL_KEY], value)
+                        break
             if shed is not None and self.refused_early():
                 return
             super().on_headers_complete()

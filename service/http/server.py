@@ -25,7 +25,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
         http = header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes,
                                        settings.max_header_count,
                                        getattr(app.state, "access_log", None),
-                                       services.shed if services is not None else None)
+                                       services.shed if services is not None else None,
+                                       settings.trust_request_start)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(

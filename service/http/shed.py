@@ -34,7 +34,8 @@ from urllib.parse import unquote, unquote_plus
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.engine.admission import Hint, PredictedLate, hint_from, refusal
-from service.errors import ActserveError, error_body
+from service.errors import ActserveError, DeadlineExceeded, error_body
+from service.exchange import request_start
 from service.exchange.auth import authorised
 from service.exchange.services import Services
 from service.http.guard import host_allowed, host_name
@@ -108,6 +109,7 @@ class Shed:
         self.interval = s.overload_interval_ms / 1000
         self.fraction = s.overload_fresh_fraction
         self.default_timeout_s = s.default_timeout_s
+        self.trust_start = s.trust_request_start  # arrivals may be callers' stamps
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
@@ -218,7 +220,9 @@ class Shed:
             # nothing answered for two intervals and nothing held: idle since, not
             # congested (a stall holds requests, and stays congested)
             congested = self.congested = False
-        if not congested and not engine.busy():
+        # started (its caller's stamp) longer ago than the shortest budget: it may be late
+        stale = self.trust_start and self.clock() - arrived > MIN_BUDGET_S
+        if not congested and not stale and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
         api = "native"
@@ -233,6 +237,9 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         try:
+            if stale and arrived + (self.budget(query) if api == "native"
+                                    else self.default_timeout_s) <= self.clock():
+                raise DeadlineExceeded(request_start.STALE)
             if congested:
                 budget = self.budget(query) if api == "native" else self.default_timeout_s
                 limit = self.limit(budget)

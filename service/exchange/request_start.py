@@ -1,0 +1,62 @@
+"""When a request started on its caller's clock: ``X-Request-Start``.
+
+A server stamps a request's arrival when it reads the request's first bytes, and counts
+its deadline from there. Time spent before that is invisible to it: a connection waiting
+in the kernel's accept queue, a body held back by TCP while the server was busy, a hop
+through a proxy. Under overload that time can be seconds, and a request whose caller has
+already given up is then computed and answered ``200`` "in time" by the server's clock.
+
+``X-Request-Start`` (HTTP header, or gRPC metadata of a unary call) carries the time the
+request started, in Unix time, as routers and APM agents have long used it to measure
+queueing before an application: ``t=1733500000.123`` (seconds, nginx's
+``t=${msec}``), or the same instant in milliseconds, microseconds or nanoseconds, with or
+without ``t=`` (told apart by magnitude). With ``trust_request_start`` on, the server
+counts a request's deadline from that instant when it is earlier than the arrival it
+stamped itself; a stamp later than the arrival changes nothing, so a stamp can shorten its
+own request's deadline, never lengthen it. Meaningful only when the stamping clock and the
+server's agree (a front end on the same host, or hosts kept in step by NTP): a client whose
+clock runs ahead of the server's by more than its timeout has every request refused 504
+``deadline_exceeded``, which is why it is off by default.
+"""
+
+from __future__ import annotations
+
+import time
+
+HEADER = "x-request-start"
+HEADER_BYTES = HEADER.encode()
+STALE = ("the request's deadline, counted from its X-Request-Start, passed before the server "
+         "read it; it was not computed")
+
+
+def parse(value: bytes | str) -> float | None:
+    """The stamp's Unix time in seconds; None when it is not one."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    value = value.strip()
+    if value.startswith("t="):
+        value = value[2:]
+    try:
+        stamp = float(value)
+    except ValueError:
+        return None
+    if not stamp > 0 or stamp == float("inf"):
+        return None
+    # seconds until the year 5138; then milliseconds, microseconds, nanoseconds
+    for scale in (1.0, 1e3, 1e6, 1e9):
+        if stamp < 1e11 * scale:
+            return stamp / scale
+    return None
+
+
+def earlier(arrived: float, value: bytes | str | None, wall=time.time,
+            mono=time.monotonic) -> float:
+    """``arrived`` (``mono``'s clock) moved back to the instant ``value`` stamps, when that
+    is earlier; else ``arrived`` unchanged."""
+    if value is None:
+        return arrived
+    stamp = parse(value)
+    if stamp is None:
+        return arrived
+    started = mono() - (wall() - stamp)
+    return started if started < arrived else arrived
