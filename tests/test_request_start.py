@@ -132,6 +132,68 @@ def test_the_request_sequence_applies_the_stamp_where_no_protocol_stamped_the_ar
                       headers={request_start.HEADER: stamp(0.0)}).status_code == 200
 
 
+class _LateSource:
+    """A ``sequence.Source`` whose wait ends after its job's deadline: as if the server
+    were so busy that the answer was ready only after it (no clock is waited on)."""
+
+    api = "native"
+
+    def __init__(self) -> None:
+        self.arrived = time.monotonic()
+        self.encoded = False
+
+    def hint(self, now):
+        return None
+
+    def declared_size(self, limit):
+        return 4 * X.size
+
+    def lend(self, engine, size):
+        return None
+
+    async def read(self, size, granted, lent):
+        return X.tobytes(), granted, size
+
+    async def decode(self, body, activation, jobs):
+        from service.engine.job import Job, Mode
+
+        job = Job(activation=activation, params=(), array=np.frombuffer(body, "<f4").copy(),
+                  wire_dtype="float32", mode=Mode(None, False, None, False),
+                  deadline=self.arrived + 1.0)
+        return job, None
+
+    async def wait(self, engine, job):
+        from service.engine.job import JobResult
+
+        job.deadline = time.monotonic() - 0.001  # its deadline passed while it waited
+        return JobResult(array=np.maximum(job.array, 0), dtype="float32", compute_s=0.0,
+                         batch_requests=1, batch_elements=X.size, device="cpu")
+
+    async def encode(self, job, answer, result):
+        self.encoded = True
+        return type("Encoded", (), {"nbytes": result.array.nbytes})()
+
+    def respond(self, encoded, result, headers):
+        return "200"
+
+    def gone(self):
+        return None
+
+
+def test_an_answer_ready_after_its_deadline_is_504_never_200():
+    import asyncio
+
+    from service.errors import DeadlineExceeded
+    from service.exchange import sequence
+
+    with in_process() as app:
+        source = _LateSource()
+        run = sequence.run(app.services, source, "relu", {"request_id": "late-1"})
+        with pytest.raises(DeadlineExceeded, match="answer was dropped"):
+            asyncio.run_coroutine_threadsafe(run, app.loop).result(30)
+        assert source.encoded  # it got that far: only the answer is refused
+
+
 # -- over gRPC ----------------------------------------------------------------------------
 def test_grpc_metadata_stamp_counts_the_same_way():
     port = free_port()

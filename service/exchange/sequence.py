@@ -25,6 +25,8 @@ from service.exchange import request_start
 from service.exchange.services import Services
 
 CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention)
+_ANSWER_LATE = ("the request's deadline passed while its answer was made ready (the server "
+                "is overloaded); the answer was dropped")
 
 
 class ClientGone(Exception):
@@ -133,6 +135,8 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
             await asyncio.to_thread(svc.traces.keep, result.reports)
         encoded = await source.encode(job, answer, result)
         t_end = time.perf_counter()
+        if job.deadline <= time.monotonic():  # never a 200 after the deadline
+            raise DeadlineExceeded(_ANSWER_LATE)
         bytes_out = encoded.nbytes
         headers = [  # (lower-case name, value)
             ("server-timing", server_timing(t_decoded - t0, result.queue_s, result.compute_s,
