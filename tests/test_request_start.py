@@ -207,3 +207,67 @@ def test_grpc_metadata_stamp_counts_the_same_way():
         assert "DEADLINE_EXCEEDED" in str(late.value.status())
         fresh = c.infer("relu", [tensor], headers={request_start.HEADER: stamp(1.0)})
         assert fresh.as_numpy("output").tolist() == [0.0, 0.0, 2.0]
+
+
+# -- the Python client ------------------------------------------------------------------
+class _Recording(httpx.HTTPTransport):
+    """A real HTTP transport that keeps each request's X-Request-Start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[str | None] = []
+
+    def handle_request(self, request):
+        self.stamps.append(request.headers.get(request_start.HEADER))
+        return super().handle_request(request)
+
+
+def test_the_client_stamps_each_try_with_its_send_time_when_asked(monkeypatch):
+    import types
+
+    import actserve_client
+    from actserve_client import _sync
+
+    x = np.array([-1.0, 2.0], np.float32)
+    with serve(trust_request_start=True) as srv:
+        plain = _Recording()
+        with actserve_client.Client(srv.url, transport=plain) as c:
+            assert c.activate("relu", x).tolist() == [0.0, 2.0]
+        assert plain.stamps == [None]  # off by default
+        rec = _Recording()
+        with actserve_client.Client(srv.url, transport=rec, stamp_start=True,
+                                    max_retries=0) as c:
+            before = time.time()
+            assert c.activate("relu", x, timeout=1).tolist() == [0.0, 2.0]
+            after = time.time()
+            assert before - 1e-6 <= request_start.parse(rec.stamps[-1]) <= after
+            # the same call, its clock 5 s back: the server counts its 1 s from then
+            back = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
+                                            if not k.startswith("_")})
+            back.time = lambda: time.time() - 5.0
+            monkeypatch.setattr(_sync, "time", back)
+            with pytest.raises(actserve_client.DeadlineExceededError, match="deadline"):
+                c.activate("relu", x, timeout=1)
+
+
+def test_the_async_client_stamps_too():
+    import asyncio
+
+    import actserve_client
+
+    seen: list[str | None] = []
+
+    class Recording(httpx.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            seen.append(request.headers.get(request_start.HEADER))
+            return await super().handle_async_request(request)
+
+    async def go(url: str) -> list:
+        async with actserve_client.AsyncClient(url, transport=Recording(),
+                                               stamp_start=True) as c:
+            return (await c.activate("relu", np.array([-1.0, 2.0], np.float32))).tolist()
+
+    with serve(trust_request_start=True) as srv:
+        before = time.time()
+        assert asyncio.run(go(srv.url)) == [0.0, 2.0]
+        assert before - 1e-6 <= request_start.parse(seen[-1]) <= time.time()

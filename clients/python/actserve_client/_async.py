@@ -34,13 +34,15 @@ class AsyncClient:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
                  transport: httpx.AsyncBaseTransport | None = None, shared_memory: str = "off",
-                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD,
+                 stamp_start: bool = False) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
                                 connect_timeout=connect_timeout, max_connections=max_connections,
                                 retry_policy=retry_policy, headers=headers,
                                 shared_memory=shared_memory,
-                                shared_memory_threshold=shared_memory_threshold)
+                                shared_memory_threshold=shared_memory_threshold,
+                                stamp_start=stamp_start)
         self._http = httpx.AsyncClient(**self._core.http_options(), transport=transport)
         self._regions = _shm.RegionPool()
         self._shm_ok: bool | None = None  # None: not probed yet
@@ -58,7 +60,7 @@ class AsyncClient:
             try:
                 response = await self._http.request(
                     req.method, req.path, content=req.content, params=req.params,
-                    headers=req.headers,
+                    headers=self._core.headers_at(req, time.time()),
                     timeout=self._core.http_timeout(call) or httpx.USE_CLIENT_DEFAULT)
             except httpx.RequestError as exc:
                 outcome = self._core.on_transport_error(call, retries, exc)

@@ -128,7 +128,8 @@ class ClientCore:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None,
                  headers: Mapping[str, str] | None = None, shared_memory: str = "off",
-                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD,
+                 stamp_start: bool = False) -> None:
         parts = urlsplit(base_url)
         if shared_memory not in _shm.MODES:
             raise ValueError(f"shared_memory={shared_memory!r} is not one of "
@@ -151,6 +152,15 @@ class ClientCore:
         self._api_key = api_key
         self._headers = dict(headers or {})
         self._rand = random.Random()
+        self.stamp_start = bool(stamp_start)
+
+    def headers_at(self, request: HttpRequest, now: float) -> Mapping[str, str]:
+        """The headers of one try of ``request`` sent at ``now`` (Unix time): with
+        ``stamp_start``, ``X-Request-Start`` says when, so a server that trusts it counts
+        the request's timeout from then (time in a queue before it is read included)."""
+        if not self.stamp_start:
+            return request.headers
+        return {**request.headers, "X-Request-Start": f"t={int(now * 1e6)}"}
 
     # -- transport configuration ----------------------------------------------------------
     def http_options(self) -> dict[str, Any]:

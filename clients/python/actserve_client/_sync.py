@@ -39,6 +39,9 @@ class Client:
     ``shared_memory``: "auto" sends tensors of ``shared_memory_threshold`` bytes (1 MiB) and
     more through system shared memory when the server is on this host (checked once with
     a probe region the server must read back; otherwise, and for "off", over HTTP).
+    ``stamp_start``: every try carries ``X-Request-Start`` (its send time), so a server run
+    with ``trust_request_start`` counts the request's ``timeout`` from then, time spent in
+    queues before it read the request included.
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, timeout: float = DEFAULT_TIMEOUT_S,
@@ -47,13 +50,15 @@ class Client:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  retry_policy: RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None, shared_memory: str = "off",
-                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD) -> None:
+                 shared_memory_threshold: int = _shm.DEFAULT_THRESHOLD,
+                 stamp_start: bool = False) -> None:
         self._core = ClientCore(base_url, timeout=timeout, max_retries=max_retries,
                                 api_key=api_key, protocol=protocol,
                                 connect_timeout=connect_timeout, max_connections=max_connections,
                                 retry_policy=retry_policy, headers=headers,
                                 shared_memory=shared_memory,
-                                shared_memory_threshold=shared_memory_threshold)
+                                shared_memory_threshold=shared_memory_threshold,
+                                stamp_start=stamp_start)
         self._http = httpx.Client(**self._core.http_options(), transport=transport)
         self._regions = _shm.RegionPool()
         self._shm_ok: bool | None = None  # None: not probed yet
@@ -71,7 +76,7 @@ class Client:
             try:
                 response = self._http.request(
                     req.method, req.path, content=req.content, params=req.params,
-                    headers=req.headers,
+                    headers=self._core.headers_at(req, time.time()),
                     timeout=self._core.http_timeout(call) or httpx.USE_CLIENT_DEFAULT)
             except httpx.RequestError as exc:
                 outcome = self._core.on_transport_error(call, retries, exc)
