@@ -41,17 +41,29 @@ def test_a_stamp_is_read_in_seconds_whatever_its_unit(value, seconds):
 @pytest.mark.parametrize("value", ["", "t=", "soon", "t=-5", "0", "inf", "nan", "1e40"])
 def test_what_is_not_a_stamp_is_ignored(value):
     assert request_start.parse(value) is None
-    assert request_start.earlier(7.0, value) == 7.0
+    assert request_start.moved(7.0, value) == (7.0, None)
 
 
 def test_an_earlier_stamp_moves_the_arrival_back_and_a_later_one_changes_nothing():
     wall, mono = (lambda: 1_000_000.0), (lambda: 500.0)  # fake clocks: the same instant
-    # arrived 0.1 s ago on the monotonic clock, stamped 2 s ago on the wall clock
-    assert request_start.earlier(499.9, "t=999998.0", wall, mono) == pytest.approx(498.0)
+    # arrived 0.1 s ago on the monotonic clock, stamped 2 s ago on the wall clock: it
+    # waited 1.9 s before the server read it
+    arrived, wait = request_start.moved(499.9, "t=999998.0", wall, mono)
+    assert arrived == pytest.approx(498.0) and wait == pytest.approx(1.9)
     # a stamp after the arrival (a clock ahead, or time in the server) is not taken
-    assert request_start.earlier(499.9, "t=999999.95", wall, mono) == 499.9
-    assert request_start.earlier(499.9, "t=1000003", wall, mono) == 499.9
-    assert request_start.earlier(499.9, None, wall, mono) == 499.9
+    assert request_start.moved(499.9, "t=999999.95", wall, mono) == (499.9, 0.0)
+    assert request_start.moved(499.9, "t=1000003", wall, mono) == (499.9, 0.0)
+    assert request_start.moved(499.9, None, wall, mono) == (499.9, None)
+
+
+def test_the_servers_trust_counts_each_stamped_requests_wait():
+    waits: list[float] = []
+    starts = request_start.Starts(waits.append, wall=lambda: 1_000_000.0, mono=lambda: 500.0)
+    assert starts.apply(499.9, b"t=999998.0") == pytest.approx(498.0)
+    assert starts.apply(499.9, b"t=1000003") == 499.9  # later: a wait of 0
+    assert starts.apply(499.9, b"garbage") == 499.9  # not a stamp: not counted
+    assert starts.apply(499.9, None) == 499.9
+    assert waits == [pytest.approx(1.9), 0.0]
 
 
 # -- over HTTP ----------------------------------------------------------------------------
@@ -91,6 +103,13 @@ def test_a_request_stamped_before_its_deadline_is_refused_504_and_never_computed
         ahead = post(srv.url, seconds_ago=-60.0)  # a stamp in the future changes nothing
         assert ahead.status_code == 200
         assert batches(srv.url) > before
+        # the waits the stamps showed, in the server's metrics: three stamped requests,
+        # two of them 2 s before the server read them
+        text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        count = re.search(r"^actserve_request_start_wait_seconds_count (\S+)$", text, re.M)
+        over = re.search(r'^actserve_request_start_wait_seconds_bucket\{le="1.0"\} (\S+)$',
+                         text, re.M)
+        assert float(count.group(1)) == 3 and float(over.group(1)) == 1
 
 
 def test_without_trust_the_stamp_is_ignored():

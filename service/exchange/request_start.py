@@ -17,6 +17,11 @@ own request's deadline, never lengthen it. Meaningful only when the stamping clo
 server's agree (a front end on the same host, or hosts kept in step by NTP): a client whose
 clock runs ahead of the server's by more than its timeout has every request refused 504
 ``deadline_exceeded``, which is why it is off by default.
+
+``Starts`` is the server's trust (``Services.starts``, None when off): it moves arrivals
+and counts how long each stamped request waited before the server read it
+(``actserve_request_start_wait_seconds``), the queueing before the application that APM
+tools show from this header, otherwise invisible to the server.
 """
 
 from __future__ import annotations
@@ -49,14 +54,34 @@ def parse(value: bytes | str) -> float | None:
     return None
 
 
-def earlier(arrived: float, value: bytes | str | None, wall=time.time,
-            mono=time.monotonic) -> float:
-    """``arrived`` (``mono``'s clock) moved back to the instant ``value`` stamps, when that
-    is earlier; else ``arrived`` unchanged."""
+def moved(arrived: float, value: bytes | str | None, wall=time.time,
+          mono=time.monotonic) -> tuple[float, float | None]:
+    """(``arrived`` (``mono``'s clock) moved back to the instant ``value`` stamps when that
+    is earlier, the seconds the stamp says the request waited before ``arrived``: 0 for a
+    later stamp, None without one)."""
     if value is None:
-        return arrived
+        return arrived, None
     stamp = parse(value)
     if stamp is None:
-        return arrived
+        return arrived, None
     started = mono() - (wall() - stamp)
-    return started if started < arrived else arrived
+    return (started, arrived - started) if started < arrived else (arrived, 0.0)
+
+
+class Starts:
+    """Arrivals moved back to trusted stamps, and the waits they show. ``observe``: the
+    seconds each stamped request waited before the server read it (0 for a stamp later
+    than its arrival), or None. Event loop only."""
+
+    __slots__ = ("mono", "observe", "wall")
+
+    def __init__(self, observe=None, wall=time.time, mono=time.monotonic) -> None:
+        self.observe = observe
+        self.wall, self.mono = wall, mono
+
+    def apply(self, arrived: float, value: bytes | str | None) -> float:
+        """``arrived`` moved back to the stamp ``value`` when earlier (``moved``)."""
+        arrived, wait = moved(arrived, value, self.wall, self.mono)
+        if wait is not None and self.observe is not None:
+            self.observe(wait)
+        return arrived

@@ -12,6 +12,7 @@ from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.engine import Engine
 from service.exchange.budget import BodyBudget
+from service.exchange.request_start import Starts
 from service.observability.logs import AccessLog
 from service.observability.recorder import Recorder
 from service.settings import Settings
@@ -36,6 +37,8 @@ class Services:
     registrations: Registrations | None = None  # custom activations (registrations.py)
     access_log: AccessLog | None = None  # one line per request, every transport
     shed: Shed | None = None  # HTTP refusals before the application (shed.py)
+    # trusted X-Request-Start stamps (request_start.py); None: trust_request_start off
+    starts: Starts | None = None
     # (path) -> (status, JSON body, Retry-After): /healthz and /readyz, wherever answered
     # (service/observability/probe_port.py ``answers``; a worker's asks the cluster)
     readiness: Callable[[str], tuple] | None = None

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from service.codecs import v2
 from service.errors import ActserveError, InvalidRequest, RequestTooLarge
-from service.exchange import request_start, sequence
+from service.exchange import sequence
 from service.exchange.services import Services
 from service.grpc import codec, messages
 
@@ -43,8 +43,9 @@ class GrpcSource:
     def __init__(self, request, nbytes: int, svc: Services, regions,
                  deadline: float | None = None, cuda=None, started: str | None = None) -> None:
         self.request, self.nbytes, self.svc = request, nbytes, svc
-        # the message is whole: it arrived now, or at the caller's trusted stamp if earlier
-        self.arrived = request_start.earlier(time.monotonic(), started)
+        self.arrived = time.monotonic()  # the message is whole: it arrived now
+        if started is not None:  # or at the caller's trusted stamp, if earlier
+            self.arrived = svc.starts.apply(self.arrived, started)
         self.cuda = svc.cuda_regions if cuda is None else cuda  # the caller's own
         self.deadline = deadline  # the client's gRPC deadline (time.monotonic), or None
         self.regions = regions  # the caller's own system regions

@@ -57,7 +57,7 @@ class InferenceService:
     def _started(self, context) -> str | None:
         """The call's ``x-request-start`` metadata when the server trusts it
         (``request_start.py``), else None (no metadata scan)."""
-        if self.settings.trust_request_start:
+        if self.svc.starts is not None:
             for key, value in context.invocation_metadata() or ():
                 if key == request_start.HEADER:
                     return value

@@ -16,6 +16,7 @@ from service.codecs.cuda_regions import CudaRegions
 from service.codecs.shm_regions import SystemRegions
 from service.engine.factory import build_engine
 from service.exchange.budget import BodyBudget
+from service.exchange.request_start import Starts
 from service.exchange.services import Services
 from service.http import docs_pages, error_responses, lab_page
 from service.http.fastpath import FastPath
@@ -91,6 +92,10 @@ def create_app(settings: Settings | None = None, *, traces_dir: Path | None = No
                         access_log=access_log)
     services.readiness = probe_port.answers(engine)  # a worker's asks the cluster too
     services.shed = Shed(services)  # overload refusals before the app (shed.py)
+    if settings.trust_request_start:  # deadlines from callers' stamps (request_start.py)
+        m = recorder.metrics
+        services.starts = Starts(
+            m.child(m.request_start_wait).observe if m is not None else None)
     if share_registrations is not None and engine.mode == "inline":
         # the engine process holds one set for every worker; inline engines share files
         services.registrations = share_registrations(services.registrations)

@@ -55,9 +55,8 @@ class HttpSource:
         arrived = request.scope.get(ARRIVAL_KEY)
         if arrived is None:
             arrived = time.monotonic()
-            if self.settings.trust_request_start:
-                arrived = request_start.earlier(
-                    arrived, request.headers.get(request_start.HEADER))
+            if svc.starts is not None:
+                arrived = svc.starts.apply(arrived, request.headers.get(request_start.HEADER))
         self.arrived = arrived
 
     def hint(self, now):

@@ -77,9 +77,10 @@ def close_unless_continued(cycle) -> None:
 
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                             max_count: int = 100, access: AccessLog | None = None,
-                            shed: Shed | None = None, trust_start: bool = False) -> type:
+                            shed: Shed | None = None,
+                            starts: request_start.Starts | None = None) -> type:
     """A protocol class for one server (one event loop); ``shed`` answers overload
-    refusals before the application (``shed.py``); ``trust_start``: a request's arrival is
+    refusals before the application (``shed.py``); ``starts``: a request's arrival is
     moved back to its ``X-Request-Start`` stamp when that is earlier
     (``request_start.py``)."""
     id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
@@ -192,11 +193,10 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
 
         def on_headers_complete(self) -> None:
             self._disarm()
-            if trust_start:  # the deadline counts from the caller's stamp when earlier
+            if starts is not None:  # the deadline counts from the caller's stamp if earlier
                 for name, value in self.headers:
                     if name == request_start.HEADER_BYTES:
-                        self.scope[ARRIVAL_KEY] = request_start.earlier(
-                            self.scope[ARRIVAL_KEY], value)
+                        self.scope[ARRIVAL_KEY] = starts.apply(self.scope[ARRIVAL_KEY], value)
                         break
             if shed is not None and self.refused_early():
                 return

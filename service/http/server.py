@@ -26,7 +26,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
                                        settings.max_header_count,
                                        getattr(app.state, "access_log", None),
                                        services.shed if services is not None else None,
-                                       settings.trust_request_start)
+                                       services.starts if services is not None else None)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(

@@ -242,6 +242,10 @@ class Metrics:
         self.bytes_out = LoopCounter(
             "actserve_response_bytes_total", "Response body bytes of answered requests",
             ["api"], registry=r)
+        self.request_start_wait = LoopHistogram(
+            "actserve_request_start_wait_seconds", "Time from a request's trusted "
+            "X-Request-Start to the server reading it (trust_request_start)",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = LoopCounter(
             "actserve_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
         self.inplace_saved = LoopCounter(
