@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from service.exchange import request_start
@@ -42,6 +44,16 @@ def test_a_stamp_is_read_in_seconds_whatever_its_unit(value, seconds):
 def test_what_is_not_a_stamp_is_ignored(value):
     assert request_start.parse(value) is None
     assert request_start.moved(7.0, value) == (7.0, None)
+
+
+@given(st.one_of(st.binary(max_size=64), st.text(max_size=64),
+                 st.floats(allow_nan=True).map(lambda f: f"t={f!r}")))
+@settings(max_examples=300, deadline=None)
+def test_any_header_value_is_a_stamp_in_seconds_or_nothing(value):
+    stamp = request_start.parse(value)  # never raises, whatever a client sends
+    assert stamp is None or 0 < stamp < 1e11
+    arrived, wait = request_start.moved(100.0, value)
+    assert arrived <= 100.0 and (wait is None) == (stamp is None)
 
 
 def test_an_earlier_stamp_moves_the_arrival_back_and_a_later_one_changes_nothing():
