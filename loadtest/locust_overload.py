@@ -14,7 +14,8 @@ would slow down with the server and hide the overload). ``OverloadShape`` holds
 success; anything else is a failure named for what it was (a refusal by its error type,
 ``front_limit``, ``predicted_late``, ...; ``late`` for an answer or a give-up past the
 deadline), so Locust's failures table is the refusals by reason and its request
-statistics the goodput. Give the capacity as measured (``python -m loadtest.overload``
+statistics the goodput. Every request carries its start as ``X-Request-Start``, which a
+server run with ``trust_request_start`` counts the deadline from. Give the capacity as measured (``python -m loadtest.overload``
 prints it, or a closed-loop run). It fits where 10x the capacity is within what the Locust
 workers can send (one core sends about 1,000-2,000 requests a second: large requests on a
 CPU, or add ``--processes``/workers); beyond that, the overload bench's own generator.
@@ -81,8 +82,12 @@ class OverloadUser(FastHttpUser):
     @task
     def activate(self) -> None:
         t0 = time.perf_counter()
+        headers = {"Content-Type": "application/octet-stream",
+                   # its start, for a server run with trust_request_start (the same host
+                   # or NTP): the deadline then counts from here, as the user's does
+                   "X-Request-Start": f"t={int(time.time() * 1e6)}"}
         with self.client.post(self.path, data=self.body, name=self.label, catch_response=True,
-                              headers={"Content-Type": "application/octet-stream"}) as resp:
+                              headers=headers) as resp:
             late = time.perf_counter() - t0 > self.deadline
             if resp.status_code == 200 and not late:
                 resp.success()

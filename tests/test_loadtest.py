@@ -192,8 +192,10 @@ def test_the_locust_overload_shape_holds_capacity_times_each_step():
 def test_the_locust_overload_shape_runs_its_steps_and_stops(tmp_path):
     """Headless against a real server: users at 0.5x and 1x of a small capacity, each
     sending a request a second with a 1 s deadline; the run stops by itself after the
-    last step, every answer a 200 in time."""
-    child = servers.start_actserve("actserve-locust-overload", tmp_path / "logs", {})
+    last step, every answer a 200 in time (the server trusts the users' X-Request-Start:
+    a stamp off the server's clock would have been refused 504)."""
+    child = servers.start_actserve("actserve-locust-overload", tmp_path / "logs",
+                                   {"trust_request_start": True})
     with servers.running([child]):
         proc = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "loadtest/locust_overload.py", "--headless",
