@@ -236,12 +236,11 @@ class Shed:
         activation = self.engine.registry.find(name)
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
+        budget = self.budget(query) if api == "native" else self.default_timeout_s
         try:
-            if stale and arrived + (self.budget(query) if api == "native"
-                                    else self.default_timeout_s) <= self.clock():
+            if stale and arrived + budget <= self.clock():
                 raise DeadlineExceeded(request_start.STALE)
             if congested:
-                budget = self.budget(query) if api == "native" else self.default_timeout_s
                 limit = self.limit(budget)
                 if held >= limit:
                     raise self.late(held, budget)
