@@ -100,7 +100,7 @@ def batches(url: str) -> float:
                re.finditer(r'^actserve_batches_total\{activation="relu"[^}]*\} (\S+)$', text, re.M))
 
 
-def test_a_request_stamped_before_its_deadline_is_refused_504_and_never_computed():
+def test_a_request_its_stamp_puts_past_its_deadline_is_504_and_never_computed():
     with serve(trust_request_start=True, metrics=True) as srv:
         before = batches(srv.url)
         r = post(srv.url, seconds_ago=2.0)  # 1 s timeout, started 2 s ago: late already
