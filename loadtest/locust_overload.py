@@ -13,12 +13,13 @@ would slow down with the server and hide the overload). ``OverloadShape`` holds
 ``--overload-steps`` (0.5, 1, 2, 5, 10) and then stops. A 200 within the deadline is a
 success; anything else is a failure named for what it was (a refusal by its error type,
 ``front_limit``, ``predicted_late``, ...; ``late`` for an answer or a give-up past the
-deadline), so Locust's failures table is the refusals by reason and its request
-statistics the goodput. Every request carries its start as ``X-Request-Start``, which a
-server run with ``trust_request_start`` counts the deadline from. Give the capacity as measured (``python -m loadtest.overload``
-prints it, or a closed-loop run). It fits where 10x the capacity is within what the Locust
-workers can send (one core sends about 1,000-2,000 requests a second: large requests on a
-CPU, or add ``--processes``/workers); beyond that, the overload bench's own generator.
+deadline), so Locust's failures table is the refusals by reason and its request statistics
+the goodput. Every request carries its start as ``X-Request-Start``, which a server run
+with ``trust_request_start`` counts the deadline from. Give the capacity as measured
+(``python -m loadtest.overload`` prints it, or a closed-loop run). It fits where 10x the
+capacity is within what the Locust workers can send (one core sends about 1,000-2,000
+requests a second: large requests on a CPU, or add ``--processes``/workers); beyond that,
+the overload bench's own generator.
 """
 
 from __future__ import annotations
