@@ -50,7 +50,8 @@ def test_cuda_device_without_cuda_stops_startup():
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
-    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--device", "cuda"],
+    proc = subprocess.run([sys.executable, "-m", "service", "serve", "--device", "cuda",
+                           "--grpc-port", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
 

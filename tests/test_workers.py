@@ -227,9 +227,11 @@ def test_a_worker_that_cannot_start_stops_the_server_cleanly():
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA (the failure is a missing device)")
+    # gRPC off: another test's server checking the default gRPC port at the same moment
+    # would make this one fail on that port instead of on the device
     r = subprocess.run([sys.executable, "-m", "service", "serve", "--workers", "2", "--port", "0",
-                        "--device", "cuda:0"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=180)
+                        "--grpc-port", "0", "--device", "cuda:0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 1
     assert "CUDA is not available" in r.stderr and "before the server was ready" in r.stderr
     pid = int(re.search(r"supervisor \(pid (\d+)\)", r.stderr).group(1))
@@ -278,7 +280,8 @@ def test_port_of_a_running_server_is_refused_to_another(two_workers):
     _, _, port, _ = two_workers
     for workers in ("2", "1"):
         r = subprocess.run([sys.executable, "-m", "service", "serve", "--workers", workers,
-                            "--port", str(port)], cwd=ROOT, capture_output=True, text=True,
+                            "--port", str(port), "--grpc-port", "0"], cwd=ROOT,
+                           capture_output=True, text=True,
                            timeout=120, env={**os.environ, "ACTSERVE_LOG_LEVEL": "warning"})
         assert r.returncode != 0
         assert "in use" in r.stderr
