@@ -6,7 +6,8 @@ actserve child on 127.0.0.1, at 0.5x, 1x, 2x, 5x and 10x of the capacity measure
 same budget on the client's clock). Per step: goodput (200s within the deadline per
 second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, the
 slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
-each time, as an orchestrator asks) and the server's RSS. ``--front nginx`` sends the load
+each time, as an orchestrator asks; both timed from a process of their own,
+``probe_timer.py``) and the server's RSS. ``--front nginx`` sends the load
 through nginx as the overload front end (``front_nginx.py``); ``--front-follow`` has
 ``scripts/nginx_limits.py`` keep its limits at what the server measures (each step records
 the limits in force at its end). Writes ``overload.json``,
@@ -21,6 +22,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,29 +55,6 @@ def _rss(child: servers.Child) -> int:
         except OSError:
             pass
     return total
-
-
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-
-async def _exchange(conn: Conn, raw: bytes) -> tuple[int, bytes, bool]:
-    """One request on a stream connection (the /readyz probe)."""
-    conn.writer.write(raw)
-    head = await conn.reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length, close = 0, False
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        k = k.strip().lower()
-        if k == "content-length":
-            length = int(v)
-        elif k == "connection" and "close" in v.lower():
-            close = True
-    body = await conn.reader.readexactly(length) if length else b""
-    return status, body, close
 
 
 _TOTAL = re.compile(rb"total;dur=([0-9.]+)")
@@ -311,42 +291,26 @@ class Generator:
         self.idle.clear()
 
 
-async def _readyz_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
-    """``GET /readyz`` every 100 ms on a keep-alive connection, opened again (in the time
-    counted) when the other end closed it: a front end reloading closes its idle ones."""
-    raw = f"GET /readyz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    conn = Conn(*await asyncio.open_connection(host, port))
-    try:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                await _exchange(conn, raw)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                conn.writer.close()
-                conn = Conn(*await asyncio.open_connection(host, port))
-                await _exchange(conn, raw)
-            worst.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.1)
-    finally:
-        conn.writer.close()
+class ProbeTimer:
+    """``loadtest/probe_timer.py`` in a process of its own for one step: ``GET /readyz``
+    every 100 ms on the API port (kept alive) and the probe port (a new connection each
+    time), timed there, so the generator's own lag is not counted in the server's answer
+    time."""
 
+    def __init__(self, port: int, probe_port: int) -> None:
+        argv = [sys.executable, "-m", "loadtest.probe_timer", "--api-port", str(port)]
+        if probe_port:
+            argv += ["--probe-port", str(probe_port)]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
 
-async def _probe_port_probe(host: str, port: int, stop: asyncio.Event, worst: list) -> None:
-    """``GET /readyz`` on the probe port as an orchestrator asks it: a new connection each
-    time, timed from connect to the answer's end (one request per connection there)."""
-    raw = b"GET /readyz HTTP/1.0\r\n\r\n"
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        r, w = await asyncio.open_connection(host, port)
-        try:
-            w.write(raw)
-            answer = await r.read()
-        finally:
-            w.close()
-        if not answer.startswith(b"HTTP/1.0 200"):
-            raise RuntimeError(f"the probe port answered {answer[:60]!r}")
-        worst.append(time.perf_counter() - t0)
-        await asyncio.sleep(0.1)
+    def stop(self) -> tuple[list[float], list[float]]:
+        """(the API port's times, the probe port's), seconds; raises on a failed probe."""
+        out, _ = self.proc.communicate(b"", timeout=120)
+        found = json.loads(out.splitlines()[-1])
+        if found["error"]:
+            raise RuntimeError(f"/readyz: {found['error']}")
+        return found["api"], found["probe"]
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -391,17 +355,9 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     rows = []
     for m in steps:
         gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
-        stop, worst, probe_worst = asyncio.Event(), [], []
-        probes = [asyncio.ensure_future(_readyz_probe("127.0.0.1", port, stop, worst))]
-        if probe_port:
-            probes.append(asyncio.ensure_future(
-                _probe_port_probe("127.0.0.1", probe_port, stop, probe_worst)))
+        timer = ProbeTimer(port, probe_port)
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
-        stop.set()
-        await asyncio.wait(probes, timeout=5)
-        for probe in probes:
-            if probe.done() and probe.exception() is not None:
-                raise probe.exception()
+        worst, probe_worst = await asyncio.to_thread(timer.stop)
         row = summarize(results, seconds, deadline_s, capacity * m)
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
                    server_total_p99_ms=_pct(gen.server_s, 99),

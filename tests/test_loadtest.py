@@ -319,3 +319,43 @@ def test_ab_latency_compares_two_servers_at_a_fixed_open_loop_rate(capsys):
     for row in rows:
         before, after = (float(c) for c in row.split("|")[2:4])
         assert before > 0 and after > 0
+
+
+def _timer(*args: str) -> dict:
+    """``loadtest.probe_timer`` run to its end (standard input closed at once: one probe
+    a port)."""
+    proc = subprocess.run([sys.executable, "-m", "loadtest.probe_timer", *args], cwd=ROOT,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.socket
+def test_the_probe_timer_times_readyz_on_both_ports_from_its_own_process():
+    from tests.conftest import free_port, serve
+
+    probes = free_port()
+    with serve(probe_port=probes) as srv:
+        found = _timer("--api-port", str(srv.port), "--probe-port", str(probes))
+    assert found["error"] is None
+    assert len(found["api"]) >= 1 and len(found["probe"]) >= 1
+    assert all(0 < t < 60 for t in found["api"] + found["probe"])
+
+
+@pytest.mark.socket
+def test_the_probe_timer_reports_a_probe_answered_other_than_200():
+    import socketserver
+    import threading
+
+    class Unready(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.rfile.readline()
+            self.wfile.write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Unready) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            found = _timer("--probe-port", str(server.server_address[1]))
+        finally:
+            server.shutdown()
+    assert found["error"] == "HTTP/1.0 503 Service Unavailable" and found["probe"] == []
