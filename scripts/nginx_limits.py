@@ -6,8 +6,8 @@
 
 nginx's ``location`` includes ``--out``: two ``limit_conn`` lines, one per size class.
 Every ``--every`` seconds this reads ``overload.front_limits`` from the server's
-``/v1/stats`` (per size class, the rate its queue drains that class at under load times
-``front_delay_ms``; with ``--workers N``, summed over the workers) and, when a class's limit
+``/v1/stats`` (per size class, the rate the server answers that class at while saturated
+times ``front_delay_ms``; with ``--workers N``, summed over the workers) and, when a class's limit
 moved by more than ``--change`` (25 %) of the one in force and ``--min-interval`` (10 s) has
 passed since the last reload, writes the file (whole, by rename) and reloads nginx (SIGHUP to its master:
 new workers take the new limits, the shared zones keep their counts). A class the server has

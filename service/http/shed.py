@@ -221,7 +221,8 @@ class Shed:
             # congested (a stall holds requests, and stays congested)
             congested = self.congested = False
         # started (its caller's stamp) longer ago than the shortest budget: it may be late
-        stale = self.trust_start and self.clock() - arrived > MIN_BUDGET_S
+        now = self.clock() if self.trust_start else arrived
+        stale = now - arrived > MIN_BUDGET_S
         if not congested and not stale and not engine.busy():
             return None
         path, _, query = url.partition(b"?")
@@ -238,7 +239,7 @@ class Shed:
             return None  # the application answers 404, 401 or 400 as it always does
         budget = self.budget(query) if api == "native" else self.default_timeout_s
         try:
-            if stale and arrived + budget <= self.clock():
+            if stale and arrived + budget <= now:
                 raise DeadlineExceeded(request_start.STALE)
             if congested:
                 limit = self.limit(budget)
