@@ -7,7 +7,8 @@ same budget on the client's clock). Per step: goodput (200s within the deadline 
 second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, the
 slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
 each time, as an orchestrator asks; both timed from a process of their own,
-``probe_timer.py``) and the server's RSS. ``--front nginx`` sends the load
+``probe_timer.py``), the server's RSS and the generator's own CPU (near 100 % of its
+cores, a step measures the generator as much as the server). ``--front nginx`` sends the load
 through nginx as the overload front end (``front_nginx.py``); ``--front-follow`` has
 ``scripts/nginx_limits.py`` keep its limits at what the server measures (each step records
 the limits in force at its end). Writes ``overload.json``,
@@ -261,8 +262,10 @@ class Generator:
             while i < n and start + i / rate <= now:
                 self._send(start + i / rate)
                 i += 1
-            if i < n:
-                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            if i < n:  # at least a millisecond: the loop's timers are no finer, and a
+                # shorter sleep would spin the generator's core (what is due meanwhile goes
+                # out together, each latency still counted from its own scheduled time)
+                await asyncio.sleep(max(0.001, start + i / rate - time.perf_counter()))
         await self._drain(deadline_s + 10)
         out = self.out
         now = time.perf_counter()
@@ -356,7 +359,11 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     for m in steps:
         gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
         timer = ProbeTimer(port, probe_port)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
+        # the generator's own CPU over the step (its drain included): near 100 % of its
+        # core, the row measures the generator as much as the server
+        client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         worst, probe_worst = await asyncio.to_thread(timer.stop)
         row = summarize(results, seconds, deadline_s, capacity * m)
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
@@ -369,6 +376,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
             row["server_front_limits"] = nginx_limits.wanted(
                 nginx_limits.fetch(child.url + "/v1/stats"))
         row.update(multiple=m, client_lag_ms=round(gen.lag * 1000, 1),
+                   client_cpu_pct=round(client_cpu * 100),
                    readyz_max_ms=_pct(worst, 100), probe_port_readyz_max_ms=_pct(probe_worst, 100),
                    rss_mib=round(_rss(child) / 2**20, 1))
         rows.append(row)
@@ -401,8 +409,8 @@ def _markdown(result: dict) -> str:
                   f"{case['capacity_per_s']} req/s)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
-                  "/readyz max ms | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "/readyz max ms | RSS MiB | generator CPU % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         header = len(lines) - 2
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
@@ -410,7 +418,8 @@ def _markdown(result: dict) -> str:
                 f"| {r['multiple']:g}x | {r['offered_per_s']} | {r['goodput_per_s']} | "
                 f"{r['goodput_per_s'] / max(case['capacity_per_s'], 1e-9):.2f} | {r['ok_p50_ms']} | "
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
-                f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} |"
+                f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} | "
+                f"{r.get('client_cpu_pct')} |"
                 + (f" {r['front_limits']['small']} / {r['front_limits']['large']} |"
                    if r.get("front_limits") else ""))
         if any(r.get("front_limits") for r in case["steps"]):

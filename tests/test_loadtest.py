@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -163,6 +164,31 @@ def test_the_overload_generator_stamps_each_request_with_its_scheduled_time():
     assert written == [raw]
 
 
+@pytest.mark.socket
+def test_the_open_loop_waits_at_least_a_millisecond_between_sends(monkeypatch):
+    """At thousands of requests a second the gaps between scheduled sends are shorter than
+    the loop's timers: the generator sleeps a millisecond and sends what fell due together
+    (each still timed from its own schedule) instead of spinning its core. Against a port
+    nothing listens on, every request is accounted for (a connection error)."""
+    import asyncio
+
+    from loadtest import overload
+
+    real_sleep = asyncio.sleep
+    slept: list[float] = []
+
+    async def recording_sleep(delay, *args):
+        slept.append(delay)
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(overload.asyncio, "sleep", recording_sleep)
+    gen = overload.Generator("127.0.0.1", servers.free_port(), b"GET / HTTP/1.1\r\n\r\n",
+                             max_conns=4, pool=0)
+    out = asyncio.run(gen.open_loop(20_000, 0.05, deadline_s=0.1))
+    assert len(out) == 1000 and {r[2] for r in out} == {-1}
+    assert slept and min(slept) >= 0.001
+
+
 @pytest.mark.slow
 @pytest.mark.socket
 def test_the_overload_bench_stamps_requests_for_a_server_that_trusts_them(tmp_path):
@@ -246,6 +272,7 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     assert step["goodput_per_s"] > 0 and step["ok_p99_ms"] is not None
     # /readyz asked on the API port and on the probe port (each answered 200, or it raises)
     assert step["readyz_max_ms"] is not None and step["probe_port_readyz_max_ms"] is not None
+    assert 0 <= step["client_cpu_pct"] <= 100 * len(os.sched_getaffinity(0))  # the generator's
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
 
 
