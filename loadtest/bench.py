@@ -227,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = a.duration or (1.0 if a.quick else 3.0)
     groups = () if a.quick else tuple(a.groups.split(","))
     if "overload" in groups:  # what a refusal costs, then the open-loop overload bench,
-        from . import front_nginx, overload, refusal_cost  # the same with deadlines on the
-        # client's clock (X-Request-Start), then through nginx in front, its limits
-        # following the server (scripts/nginx_limits.py)
+        from . import front_nginx, overload, refusal_cost, refusal_sockets  # the same with
+        # deadlines on the client's clock (X-Request-Start), then through nginx in front,
+        # its limits following the server (scripts/nginx_limits.py)
 
         refusal_cost.main([])
+        if wrk.available() is not None:  # the same with real sockets, system calls included
+            refusal_sockets.main([])
         rc = overload.main(["--out", str(a.out)] if a.out else [])
         if rc == 0:
             rc = overload.main(["--stamp"] + (["--out", str(a.out / "stamped")] if a.out else []))

@@ -8,6 +8,7 @@ on a 2-core machine the server under test gets the other.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -101,8 +102,10 @@ def parse(stdout: str) -> WrkResult:
 
 
 def run(url: str, body: bytes, headers: dict, *, connections: int, seconds: float,
-        expect: bytes | None = None, timeout_s: float = 30.0, threads: int = 1) -> WrkResult:
-    """POST ``body`` to ``url`` from ``connections`` keep-alive connections for ``seconds``."""
+        expect: bytes | None = None, timeout_s: float = 30.0, threads: int = 1,
+        cpus: set[int] | None = None) -> WrkResult:
+    """POST ``body`` to ``url`` from ``connections`` keep-alive connections for ``seconds``
+    (``cpus``: the cores wrk runs on, else this process's)."""
     exe = available()
     if exe is None:
         raise RuntimeError(INSTALL_HINT)
@@ -122,7 +125,8 @@ def run(url: str, body: bytes, headers: dict, *, connections: int, seconds: floa
                 f"-d{max(1, round(seconds))}s", f"--timeout={int(timeout_s)}s", "-s", str(script),
                 url]
         proc = subprocess.run(argv, capture_output=True, text=True,
-                              timeout=seconds + timeout_s + 30)
+                              timeout=seconds + timeout_s + 30,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr[-1000:]}")
     return parse(proc.stdout)

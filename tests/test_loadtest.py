@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -328,6 +329,24 @@ def test_refusal_cost_answers_every_case_as_it_should():
     from loadtest import refusal_cost
 
     assert refusal_cost.main(["--elements", "1024", "--rounds", "1", "--per-conn", "1"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.socket
+@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"),
+                    reason="wrk is not installed (.ci/run installs it)")
+def test_refusal_cost_with_real_sockets_checks_every_answer_and_leaves_affinity_alone():
+    """``loadtest.refusal_sockets``: wrk against the production server class in this
+    process; each case's answers are checked (it raises otherwise), an unparsed refusal
+    costs less CPU than a served request, and this process's cores are given back."""
+    from loadtest import refusal_sockets
+
+    before = os.sched_getaffinity(0)
+    got = refusal_sockets.measure(rounds=1, seconds=1)
+    assert os.sched_getaffinity(0) == before
+    assert set(got) == set(refusal_sockets.CASES) and all(g["per_s"] > 0 for g in got.values())
+    cost = {case: g["user_us"] + g["sys_us"] for case, g in got.items()}
+    assert 0 < cost["refused unparsed"] < cost["served"]
 
 
 @pytest.mark.slow

@@ -369,6 +369,103 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
             assert _read_answer(s)[0] == 200
 
 
+def test_the_unparsed_path_remembers_request_lines_and_hosts_within_a_bound():
+    from service.http.shed import MEMO_MAX
+
+    shed = _shed(FakeEngine(), allowed_hosts="api.example", default_timeout_s=30)
+    assert shed.route(b"/v1/activations/gelu?shape=4&timeout=0.25 HTTP/1.1") == (
+        "native", "gelu", 0.25, True)
+    assert shed.route(b"/v1/activations/my%5Fgate?shape=4 HTTP/1.0") == (
+        "native", "my_gate", 30.0, False)  # unquoted; the default timeout; HTTP/1.0
+    assert shed.route(b"/v2/models/relu/versions/1/infer?timeout=0.25 HTTP/1.1") == (
+        "v2", "relu", 30.0, True)  # v2's timeout is in its body
+    for other in (b"/v1/activations HTTP/1.1", b"/v1/activations/a/b HTTP/1.1",
+                  b"/v1/custom HTTP/1.1", b"/v1/activations/ HTTP/1.1"):
+        assert shed.route(other) is None
+    for i in range(3 * MEMO_MAX):  # client-chosen lines: the memo never grows past its bound
+        shed.route(b"/v1/activations/gelu?timeout=%d HTTP/1.1" % (i + 1))
+        assert len(shed._routes) <= MEMO_MAX
+    assert shed.route(b"/v1/activations/gelu?timeout=7 HTTP/1.1")[2] == 7.0
+    assert shed.host_ok(b"\r\nhost: api.example:8000\r\ncontent-length: 4")
+    assert not shed.host_ok(b"\r\nhost: evil.example\r\ncontent-length: 4")
+    assert not shed.host_ok(b"\r\ncontent-length: 4")  # no Host at all
+    for i in range(3 * MEMO_MAX):
+        assert not shed.host_ok(b"\r\nhost: h%d.example" % i)
+        assert len(shed._hosts) <= MEMO_MAX
+    assert shed.host_ok(b"\r\nhost: api.example")  # still decided right after the clears
+
+
+def test_a_protocol_answer_carries_the_servers_current_default_headers():
+    """The default headers (the date changes each second) are joined once per list the
+    server makes, not per answer, and a new list is seen at once."""
+    from types import SimpleNamespace
+
+    from service.http.shed import ShedConnection
+
+    conn = ShedConnection()
+    conn.shed = _shed(FakeEngine())
+    conn.server_state = SimpleNamespace(default_headers=[(b"date", b"d1"), (b"server", b"s")])
+    first = conn._answer(503, b"{}", b"id-1", 2, keep_alive=True)
+    assert first.startswith(b"HTTP/1.1 503 ") and b"\r\ndate: d1\r\nserver: s\r\n" in first
+    assert b"retry-after: 2\r\n" in first and first.endswith(b"\r\n\r\n{}")
+    conn.server_state.default_headers = [(b"date", b"d2"), (b"server", b"s")]
+    second = conn._answer(503, b"{}", b"id-2", None, keep_alive=False)
+    assert b"date: d2\r\n" in second and b"date: d1" not in second
+    assert b"connection: close\r\n" in second and b"retry-after" not in second
+
+
+def test_unparsed_a_remembered_route_sees_an_activation_registered_since():
+    """The route of a request line is remembered, its activation looked up at each use: a
+    custom activation registered after its name was first asked for is refused unparsed
+    at once (before, the application answered 404)."""
+    import httpx
+
+    from tests.conftest import serve
+
+    def post(name: str) -> bytes:
+        return _post(4).replace(b"/v1/activations/relu?", f"/v1/activations/{name}?".encode())
+
+    with serve(metrics=True) as srv:
+        shed = srv.services.shed
+        hold_shedding(shed)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(post("late_sq"))
+            status, _, body = _read_answer(s)
+            assert status == 404, body
+            assert any(b"/v1/activations/late_sq?" in line for line in shed._routes)
+            r = httpx.post(srv.url + "/v1/activations", json={"name": "late_sq", "expr": "x*x"})
+            assert r.status_code == 201, r.text
+            unparsed = shed._unflushed  # refusals made from the raw bytes, not yet scraped
+            s.sendall(post("late_sq"))
+            status, headers, body = _read_answer(s)
+            assert status == 503 and json.loads(body)["error"]["type"] == "predicted_late"
+            assert "close" not in headers.get("connection", "")
+            assert shed._unflushed == unparsed + 1  # unparsed, not by the parser's path
+
+
+def test_answers_made_from_the_raw_bytes_have_access_log_lines_with_their_ids(caplog):
+    import logging
+
+    from tests.conftest import serve
+    from tests.test_hardening import _access_lines
+
+    caplog.set_level(logging.INFO, logger="actserve.access")
+    with serve(access_log=True) as srv:
+        hold_shedding(srv.services.shed)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(_post(4).replace(b"/relu?", b"/re%6Cu?"))  # relu, percent-encoded
+            status, refused, _ = _read_answer(s)
+            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            probe_status, probed, _ = _read_answer(s)
+    assert status == 503 and probe_status in (200, 503)
+    lines = {line.get("id"): line for line in _access_lines(caplog)}
+    line = lines[refused["x-request-id"]]
+    assert (line["status"], line["path"], line["activation"], line["error"]) == (
+        503, "/v1/activations/relu", "relu", "predicted_late")  # decoded, as the app logs
+    assert line["client"] == "127.0.0.1" and line["method"] == "POST"
+    assert lines[probed["x-request-id"]]["path"] == "/readyz"
+
+
 def test_while_congested_the_probes_are_answered_unparsed_as_their_routes_answer():
     from tests.conftest import serve
 

@@ -48,6 +48,8 @@ _NATIVE = re.compile(rb"/v1/activations/([^/?]+)")
 _V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer")
 _ID_RE = re.compile(REQUEST_ID.encode())
 MIN_BUDGET_S = 0.05  # the shortest timeout the protocol's quick pre-check allows for
+MEMO_MAX = 256  # request lines and Host values the unparsed path remembers (client-chosen
+# bytes: the memo is emptied when full, so it can never grow past this)
 RATE_DECAY = 0.98  # per interval: the remembered best rate halves in about 35 intervals
 
 
@@ -116,6 +118,10 @@ class Shed:
         self.services = services  # its ``readiness``: the probes' answers while congested
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
+        self._routes: dict[bytes, tuple[str, str, float, bool] | None] = {}  # ``route``
+        self._hosts: dict[bytes, bool] = {}  # ``host_ok``
+        # the server's default headers (its list, and them as bytes): ``ShedConnection._answer``
+        self.defaults: tuple[list | None, bytes] = (None, b"")
         if self.recorder.metrics is not None:
             self.recorder.metrics.before_scrape(self.flush)
         # the standing delay: the least delay of the last interval (CoDel's measure)
@@ -185,16 +191,20 @@ class Shed:
         """503 ``predicted_late``: ``held`` requests ahead, answered at ``rate``, leave no
         room within ``budget`` seconds."""
         wait = held / self.rate if self.rate else budget  # unmeasured: retry soon
-        return refusal(PredictedLate, (
-            f"the server is overloaded: {held} requests ahead of this one, answered at "
-            f"about {self.rate:.0f} a second, would keep it waiting for more than "
-            f"{self.fraction:.0%} of its {budget * 1000:.0f} ms timeout; retry later"),
-            wait - budget * self.fraction)
+        return refusal(PredictedLate, self._late_text(held, budget),
+                       wait - budget * self.fraction)
+
+    def _late_text(self, held: int, budget: float) -> str:
+        return (f"the server is overloaded: {held} requests ahead of this one, answered at "
+                f"about {self.rate:.0f} a second, would keep it waiting for more than "
+                f"{self.fraction:.0%} of its {budget * 1000:.0f} ms timeout; retry later")
 
     def fast_answer(self, api: str, held: int, budget: float) -> tuple[bytes, int]:
-        """The unparsed refusal's JSON body for ``api`` and its ``Retry-After``."""
-        exc = self.late(held, budget)
-        return error_body(api == "v2", exc.type, exc.message), exc.retry_after
+        """The unparsed refusal's JSON body for ``api`` and its ``Retry-After``: what
+        ``late`` says, without building the exception."""
+        wait = held / self.rate if self.rate else budget
+        return (error_body(api == "v2", PredictedLate.type, self._late_text(held, budget)),
+                max(1, math.ceil(wait - budget * self.fraction)))
 
     def count_fast(self) -> None:
         self.refused += 1
@@ -276,15 +286,49 @@ class Shed:
             host is not None and host_allowed(host_name(host.decode("latin-1")), self.hosts))
 
     def host_ok(self, head: bytes) -> bool:
-        """The ``Host`` check of ``_let_through`` on a raw, lower-cased header block."""
+        """The ``Host`` check of ``_let_through`` on a raw, lower-cased header block
+        (memoised by the header's value)."""
         if self.hosts is None:
             return True
         i = head.find(b"\r\nhost:")
         if i < 0:
             return False
         j = head.find(b"\r\n", i + 2)
-        return host_allowed(host_name(head[i + 7:j if j > 0 else len(head)].strip()
-                                      .decode("latin-1")), self.hosts)
+        value = head[i + 7:j if j > 0 else len(head)]
+        ok = self._hosts.get(value)
+        if ok is None:
+            ok = host_allowed(host_name(value.strip().decode("latin-1")), self.hosts)
+            if len(self._hosts) >= MEMO_MAX:
+                self._hosts.clear()
+            self._hosts[value] = ok
+        return ok
+
+    def route(self, line: bytes) -> tuple[str, str, float, bool] | None:
+        """(api, activation name, the request's budget in seconds, HTTP/1.1) of a raw
+        request line after ``POST `` when it is an activation route the protocol may
+        refuse unparsed, else None (memoised: a function of the line's bytes alone; the
+        name is looked up in the registry at each use, so a registration counts at
+        once)."""
+        got = self._routes.get(line, self)
+        if got is self:
+            got = self._route(line)
+            if len(self._routes) >= MEMO_MAX:
+                self._routes.clear()
+            self._routes[line] = got
+        return got
+
+    def _route(self, line: bytes) -> tuple[str, str, float, bool] | None:
+        path, _, query = line[:line.rfind(b" ")].partition(b"?")
+        if path.startswith(b"/v1/activations/"):
+            api, name = "native", path[16:]
+        elif (match := _V2.fullmatch(path)) is not None:
+            api, name = "v2", match.group(1)
+        else:
+            return None
+        if not name or b"/" in name:
+            return None
+        budget = self.budget(query) if api == "native" else self.default_timeout_s
+        return api, unquote(name.decode("latin-1")), budget, line.endswith(b"HTTP/1.1")
 
 
 class _Answered:
@@ -343,11 +387,13 @@ class ShedConnection:
         keep_alive = (head[:head.find(b"\r\n")].endswith(b"http/1.1")
                       and b"\r\nconnection: close" not in head)
         status, body, retry = shed.services.readiness(path)
-        self.transport.write(self._answer(status, body, self.request_ids(), retry, keep_alive))
+        rid = self.request_ids()
+        self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
             self.access.write({
-                "client": self.client[0] if self.client else None, "transport": "http",
+                "id": rid.decode(), "client": self.client[0] if self.client else None,
+                "transport": "http",
                 "method": "GET", "path": path,
                 "status": status})
         if keep_alive:
@@ -361,11 +407,14 @@ class ShedConnection:
                 keep_alive: bool) -> bytes:
         """A whole JSON answer: status line, the server's default headers, the id,
         ``Retry-After`` when given, ``Connection: close`` unless kept."""
-        out = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            out.extend([name, b": ", value, b"\r\n"])
-        out.extend([b"content-type: application/json\r\ncontent-length: ",
-                    str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n"])
+        defaults = self.server_state.default_headers  # a new list each second (the date)
+        shed = self.shed
+        if shed.defaults[0] is not defaults:
+            shed.defaults = (defaults, b"".join(b"%s: %s\r\n" % (name, value)
+                                                for name, value in defaults))
+        out = [STATUS_LINE[status], shed.defaults[1],
+               b"content-type: application/json\r\ncontent-length: ",
+               str(len(body)).encode(), b"\r\nx-request-id: ", rid, b"\r\n"]
         if retry is not None:
             out.extend([b"retry-after: ", str(retry).encode(), b"\r\n"])
         out.extend([b"\r\n" if keep_alive else b"connection: close\r\n\r\n", body])
@@ -384,23 +433,17 @@ class ShedConnection:
         Anything unusual (a partial header block, another route, chunked, pipelined, API
         keys to check) is left to the parser and ``Shed.refusal``."""
         shed = self.shed
-        if shed.api_keys:
+        if shed.api_keys or not data.startswith(b"POST /"):
             return False
         end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
         first = data.find(b"\r\n")
-        if end < 0 or not data.startswith(b"POST /"):
+        route = shed.route(data[5:first])
+        if route is None:
             return False
-        line = data[5:first]
-        path, _, query = line[:line.rfind(b" ")].partition(b"?")
-        if path.startswith(b"/v1/activations/"):
-            api = "native"
-            name = path[16:]
-        elif (match := _V2.fullmatch(path)) is not None:
-            api = "v2"
-            name = match.group(1)
-        else:
-            return False
-        if b"/" in name or shed.engine.registry.find(unquote(name.decode("latin-1"))) is None:
+        api, name, budget, http11 = route
+        if shed.engine.registry.find(name) is None:
             return False
         head = data[first:end].lower()
         if not shed.host_ok(head):
@@ -416,23 +459,26 @@ class ShedConnection:
         have = len(data) - end - 4
         if have > length:
             return False  # pipelined: another request follows
-        keep_alive = (line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
+        keep_alive = (http11 and b"\r\nconnection: close" not in head
                       # a client that sent Expect holds its body back until a 100 it never
                       # gets: skipping that body would swallow its next request
                       and (have == length or b"\r\nexpect:" not in head))
-        budget = shed.budget(query) if api == "native" else shed.default_timeout_s
         held = len(self.tasks)
         if held < shed.limit(budget):
             return False  # it can finish in time: the parser and the application
         body, retry = shed.fast_answer(api, held, budget)
-        self.transport.write(self._answer(503, body, self.request_ids(), retry, keep_alive))
+        rid = self.request_ids()
+        self.transport.write(self._answer(503, body, rid, retry, keep_alive))
         shed.count_fast()
         self._disarm()
         if self.access is not None and self.access.enabled():
+            target = data[5:first]
+            path = unquote(target[:target.rfind(b" ")].partition(b"?")[0].decode("latin-1"))
             self.access.write({
-                "client": self.client[0] if self.client else None, "transport": "http",
-                "method": "POST", "path": path.decode("latin-1"), "status": 503,
-                "api": api, "activation": name.decode("latin-1"), "error": "predicted_late"})
+                "id": rid.decode(), "client": self.client[0] if self.client else None,
+                "transport": "http",
+                "method": "POST", "path": path, "status": 503,
+                "api": api, "activation": name, "error": "predicted_late"})
         if keep_alive:
             # the rest of the body, still arriving, is dropped unparsed (``skip_body``):
             # cheaper than closing, which would have the client connect again while the
@@ -484,7 +530,8 @@ class ShedConnection:
             self.access.write({
                 "id": rid.decode("latin-1"), "client": self.client[0] if self.client else None,
                 "transport": "http", "method": self.scope["method"],
-                "path": self.url.partition(b"?")[0].decode("latin-1"), "status": exc.status,
+                "path": unquote(self.url.partition(b"?")[0].decode("latin-1")),
+                "status": exc.status,
                 "ms": round((time.monotonic() - self.scope[ARRIVAL_KEY]) * 1000, 3),
                 "api": api, "activation": activation, "error": exc.type})
         if keep_alive:
