@@ -13,9 +13,12 @@ request bytes:
 * ``refused at admit``: the engine's ``admit`` refuses it, before the body is read, in the
   application (the ASGI task, the stack, the framework's error response);
 * ``refused in the protocol``: ``service/http/shed.py`` refuses it as soon as its headers
-  are parsed, while the engine says it is busy;
-* ``refused unparsed``: the protocol refuses it from the raw bytes, never parsed, while
-  the application holds its limit (``ShedConnection.fast_refusal``).
+  are parsed, while the engine says it is busy (the request's headers arrive in two
+  reads, so the raw-bytes path cannot see them whole);
+* ``refused unparsed by the engine``: the protocol refuses it from the raw bytes, never
+  parsed, with what the busy engine's admission says (``Shed.decide``);
+* ``refused unparsed``: the protocol refuses it from the raw bytes while congested with
+  the application holding its limit, the cheapest answer (``ShedConnection.fast_refusal``).
 
 The transport makes no system calls: a real socket adds a receive and a send per request
 (several microseconds each on a VM), to every case alike.
@@ -114,14 +117,21 @@ def _raise(*args, **kwargs):
     raise PredictedLate("the server would finish this request late")
 
 
-async def _round(conns, counter: _Counter, raw: bytes, per_conn: int) -> float:
-    """CPU seconds per request for ``per_conn`` requests on every connection."""
+async def _round(conns, counter: _Counter, raw: bytes, per_conn: int,
+                 split: bool = False) -> float:
+    """CPU seconds per request for ``per_conn`` requests on every connection (``split``:
+    each request in two reads, its request line first)."""
     counter.n, counter.want = 0, len(conns) * per_conn
     counter.done = asyncio.Event()
+    line = raw.find(b"\r\n") + 2
     t0 = time.process_time()
     for _ in range(per_conn):
         for c in conns:
-            c.data_received(raw)
+            if split:
+                c.data_received(raw[:line])
+                c.data_received(raw[line:])
+            else:
+                c.data_received(raw)
         await asyncio.sleep(0)
         while counter.n < counter.want * (_ + 1) // per_conn:
             await asyncio.sleep(0)
@@ -156,7 +166,7 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
     real_limit = shed.limit
     results: dict[str, list[float]] = {k: [] for k in (
         "served", "refused after decode", "refused at admit", "refused in the protocol",
-        "refused unparsed")}
+        "refused unparsed by the engine", "refused unparsed")}
     async with app.router.lifespan_context(app):
         await _round(conns, counter, raw, 2)  # warm
         for _ in range(rounds):
@@ -167,7 +177,7 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
                     engine.submit = _raise
                 elif case == "refused at admit":
                     engine.admit = _raise
-                elif case in ("refused in the protocol", "refused unparsed"):
+                elif case.startswith("refused in") or case.startswith("refused unparsed"):
                     shed.engine = _Refusing(engine)
                 # the shed's state set, not measured: congested with its limit held for
                 # the unparsed case only (no interval ends during the run)
@@ -177,10 +187,11 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
                 # ... and whatever it holds leaves no time (the limit is measured, not here)
                 shed.limit = (lambda budget: 0) if case == "refused unparsed" else real_limit
                 # only the refusal under test: no overload policy refusing on its own
-                shed.enabled = case.startswith("refused in") or case == "refused unparsed"
+                shed.enabled = case.startswith(("refused in", "refused unparsed"))
                 engine.batcher.admission.enabled = False
                 counter.statuses = {}
-                results[case].append(await _round(conns, counter, raw, per_conn))
+                results[case].append(await _round(conns, counter, raw, per_conn,
+                                                  split=case == "refused in the protocol"))
                 want = 200 if case == "served" else 503
                 if set(counter.statuses) != {want}:
                     raise RuntimeError(f"{case}: answers {counter.statuses}, not all {want}")

@@ -11,9 +11,15 @@ seconds a round. Cases, alternating:
 
 * ``served``: computed and answered 200;
 * ``refused in the protocol``: refused as soon as its headers are parsed, the engine
-  saying every request would be late (``shed.py``, ``Shed.refusal``);
+  saying every request would be late (``shed.py``, ``Shed.refusal``; the protocol is
+  told the server checks API keys, which keeps the raw-bytes path off);
+* ``refused unparsed by the engine``: the same refusal made from the raw bytes
+  (``Shed.decide``);
 * ``refused unparsed``: refused from the raw bytes (``ShedConnection.fast_refusal``), the
-  shed held congested with its limit reached.
+  shed held congested with its limit reached, the cheapest answer.
+
+Every request carries a valid API key (the server checks them), so all cases read the
+same bytes.
 
 Prints, medians of the rounds: answers a second, this process's CPU microseconds per
 answer (user and system), and each case's ratio to a served request. A core that only
@@ -40,13 +46,17 @@ from service.settings import Settings
 from . import servers, wrk
 from .refusal_cost import _Refusing
 
-CASES = ("served", "refused in the protocol", "refused unparsed")
+CASES = ("served", "refused in the protocol", "refused unparsed by the engine",
+         "refused unparsed")
+KEY = "k-refusal-sockets-0123456789"
 
 
 def _hold(shed, case: str, real: tuple) -> None:
     """The shed's state for ``case`` (none of it measured): the engine refusing every
-    hint for both refusal cases, congested with its limit reached for the unparsed one."""
+    hint for the refusal cases, congested with its limit reached for the cheapest one, API
+    keys to check (so the raw-bytes path is off) for the parsed one."""
     engine, limit = real
+    shed.api_keys = [KEY.encode()] if case == "refused in the protocol" else []
     shed.engine = engine if case == "served" else _Refusing(engine)
     shed.enabled = case != "served"
     shed.interval = 1e9  # no interval ends during the round
@@ -71,7 +81,7 @@ def _measure(rounds: int, seconds: float, connections: int,
              client_cpus: set[int]) -> dict[str, dict]:
     port = servers.free_port()
     settings = Settings(port=port, host="127.0.0.1", access_log=False, metrics=True,
-                        grpc_port=0, max_queue_requests=4096)
+                        grpc_port=0, max_queue_requests=4096, api_keys=KEY)
     app = create_app(settings)
     shed = app.state.services.shed
     real = (shed.engine, shed.limit)
@@ -86,7 +96,7 @@ def _measure(rounds: int, seconds: float, connections: int,
         time.sleep(0.01)
     x = np.random.default_rng(3).standard_normal(1024).astype("<f4").tobytes()
     url = f"http://127.0.0.1:{port}/v1/activations/relu?shape=1024&dtype=float32&timeout=1"
-    headers = {"Content-Type": "application/octet-stream"}
+    headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {KEY}"}
     got: dict[str, list[tuple[float, float, float]]] = {c: [] for c in CASES}
     try:
         wrk.run(url, x, headers, connections=connections, seconds=1, cpus=client_cpus)  # warm

@@ -265,35 +265,138 @@ def _post(n: int, body: bool = True) -> bytes:
     return head + x if body else head
 
 
+KEY = "k-0123456789abcdef"
+
+
+def _keyed(raw: bytes) -> bytes:
+    return raw.replace(b"Host: ", f"Authorization: Bearer {KEY}\r\nHost: ".encode(), 1)
+
+
 def test_before_the_application_a_refusal_is_answered_by_the_protocol():
+    """After its headers are parsed (with API keys configured the raw-bytes path is off,
+    so every refusal here is the parsed one)."""
     from tests.conftest import serve
 
-    with serve(metrics=True) as srv:
+    with serve(metrics=True, api_keys=KEY) as srv:
         shed = srv.services.shed
         fake = Refusing(shed.engine)
         shed.engine = fake
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             # a whole small request: refused, the connection kept
-            s.sendall(_post(256))
+            s.sendall(_keyed(_post(256)))
             status, headers, body = _read_answer(s)
             assert status == 503 and headers["retry-after"] == "1"
             assert headers["x-request-id"] == "shed-1"
             assert "close" not in headers.get("connection", "")
             assert json.loads(body)["error"]["type"] == "predicted_late"
             fake.on = False  # the same connection, served again once the engine is not busy
-            s.sendall(_post(256))
+            s.sendall(_keyed(_post(256)))
             status, headers, body = _read_answer(s)
             assert status == 200 and len(body) == 4 * 256
         fake.on = True
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
             # headers only, a MiB declared and never sent: answered at once (no body read),
             # and the connection closed after the answer
-            s.sendall(_post(1 << 18, body=False))
+            s.sendall(_keyed(_post(1 << 18, body=False)))
             status, headers, _ = _read_answer(s)
             assert status == 503 and headers["connection"] == "close"
         import httpx
 
         assert _rejections(httpx.get(srv.url + "/metrics").text, "predicted_late") == 2
+
+
+class _Admits(Refusing):
+    """Busy always, and ``admit`` raises ``exc`` (the engine's own refusal) while ``on``."""
+
+    def __init__(self, engine, exc) -> None:
+        super().__init__(engine)
+        self.exc = exc
+
+    def busy(self) -> bool:
+        return True
+
+    def admit(self, hint=None) -> None:
+        if self.on:
+            raise self.exc
+
+
+def test_while_the_engine_is_busy_its_refusals_are_made_from_the_raw_bytes():
+    """Not congested, the engine busy: a request is refused from its raw bytes with what
+    the engine's admission says (any of its refusals), never parsed; its id kept, its
+    connection kept, the refusal counted at once; served again once the engine admits.
+    The server's own congestion never comes into it (it is measured from answers the
+    application makes, which a flood refused in the protocol would starve)."""
+    import httpx
+
+    from service.errors import QueueFull
+    from tests.conftest import serve
+
+    with serve(metrics=True) as srv:
+        shed = srv.services.shed
+        fake = shed.engine = _Admits(shed.engine, QueueFull("the queue is full (9 waiting)"))
+        parsed = []
+        real_refusal = shed.refusal
+
+        def spied(*args):
+            if args[0] == b"POST":
+                parsed.append(args)
+            return real_refusal(*args)
+
+        shed.refusal = spied
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(_post(256))
+            status, headers, body = _read_answer(s)
+            assert (status, json.loads(body)["error"]["type"]) == (503, "queue_full")
+            assert headers["x-request-id"] == "shed-1" and "retry-after" in headers
+            assert "close" not in headers.get("connection", "")
+            # headers only, a MiB declared: answered before its body, the connection kept;
+            # the body is then dropped as it arrives and the next request read
+            s.sendall(_post(1 << 18, body=False))
+            status, headers, _ = _read_answer(s)
+            assert status == 503 and "close" not in headers.get("connection", "")
+            fake.exc = PredictedLate("the server would finish this request late")
+            s.sendall(_post(1 << 18)[len(_post(1 << 18, body=False)):] + _post(64))
+            status, _, body = _read_answer(s)
+            assert (status, json.loads(body)["error"]["type"]) == (503, "predicted_late")
+            assert parsed == [] and not shed.congested
+            metrics = httpx.get(srv.url + "/metrics").text
+            assert _rejections(metrics, "queue_full") == 2
+            assert _rejections(metrics, "predicted_late") == 1
+            fake.on = False  # admitted: parsed and served on the same connection
+            s.sendall(_post(256))
+            status, _, body = _read_answer(s)
+            assert status == 200 and len(body) == 4 * 256 and len(parsed) == 1
+
+
+def test_a_stale_stamp_is_refused_from_the_raw_bytes_while_the_engine_is_busy():
+    """``trust_request_start``: a request whose stamp puts it past its deadline is 504
+    ``deadline_exceeded`` from its raw bytes, its wait counted once; a fresh one goes on
+    to the engine's admission."""
+    import re
+
+    import httpx
+
+    from tests.conftest import serve
+
+    with serve(metrics=True, trust_request_start=True) as srv:
+        shed = srv.services.shed
+        fake = shed.engine = _Admits(shed.engine, PredictedLate("late"))
+        fake.on = False  # busy, but admitting: only the stamp can refuse
+        parsed = []
+        real_refusal = shed.refusal
+        shed.refusal = lambda *args: parsed.append(args[1]) or real_refusal(*args)
+        stale = _post(4).replace(b"Host: ", b"X-Request-Start: t=%.6f\r\nHost: "
+                                 % (time.time() - 30), 1)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(stale)
+            status, _, body = _read_answer(s)
+            assert (status, json.loads(body)["error"]["type"]) == (504, "deadline_exceeded")
+            assert parsed == []  # from the raw bytes
+            s.sendall(_post(4))
+            assert _read_answer(s)[0] == 200
+        text = httpx.get(srv.url + "/metrics").text
+        count = re.search(r"^actserve_request_start_wait_seconds_count (\S+)$", text, re.M)
+        assert count and float(count.group(1)) == 1
 
 
 def test_every_request_scope_carries_its_arrival(server):
@@ -374,18 +477,18 @@ def test_the_unparsed_path_remembers_request_lines_and_hosts_within_a_bound():
 
     shed = _shed(FakeEngine(), allowed_hosts="api.example", default_timeout_s=30)
     assert shed.route(b"/v1/activations/gelu?shape=4&timeout=0.25 HTTP/1.1") == (
-        "native", "gelu", 0.25, True)
+        "native", "gelu", {"timeout": "0.25"}, 0.25, True)  # the keys admission reads
     assert shed.route(b"/v1/activations/my%5Fgate?shape=4 HTTP/1.0") == (
-        "native", "my_gate", 30.0, False)  # unquoted; the default timeout; HTTP/1.0
+        "native", "my_gate", {}, 30.0, False)  # unquoted; the default timeout; HTTP/1.0
     assert shed.route(b"/v2/models/relu/versions/1/infer?timeout=0.25 HTTP/1.1") == (
-        "v2", "relu", 30.0, True)  # v2's timeout is in its body
+        "v2", "relu", {}, 30.0, True)  # v2's timeout is in its body
     for other in (b"/v1/activations HTTP/1.1", b"/v1/activations/a/b HTTP/1.1",
                   b"/v1/custom HTTP/1.1", b"/v1/activations/ HTTP/1.1"):
         assert shed.route(other) is None
     for i in range(3 * MEMO_MAX):  # client-chosen lines: the memo never grows past its bound
         shed.route(b"/v1/activations/gelu?timeout=%d HTTP/1.1" % (i + 1))
         assert len(shed._routes) <= MEMO_MAX
-    assert shed.route(b"/v1/activations/gelu?timeout=7 HTTP/1.1")[2] == 7.0
+    assert shed.route(b"/v1/activations/gelu?timeout=7 HTTP/1.1")[3] == 7.0
     assert shed.host_ok(b"\r\nhost: api.example:8000\r\ncontent-length: 4")
     assert not shed.host_ok(b"\r\nhost: evil.example\r\ncontent-length: 4")
     assert not shed.host_ok(b"\r\ncontent-length: 4")  # no Host at all

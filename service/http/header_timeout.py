@@ -134,10 +134,10 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                 if not data:
                     return
             if self.cycle is None or (self.cycle.response_complete and self._message_done):
-                if shed is not None and shed.congested and (
-                        (shed.shedding(len(self.tasks)) and self.fast_refusal(data))
-                        if data.startswith(b"POST ")
-                        else self.fast_probe(data)):  # /healthz, /readyz: not behind the queue
+                if shed is not None and (
+                        (shed.unparsed(len(self.tasks)) and self.fast_refusal(data))
+                        if data.startswith(b"POST ")  # /healthz, /readyz: not behind the queue
+                        else (shed.congested and self.fast_probe(data))):
                     return  # answered unparsed (shed.py)
                 # a new request starts on this connection (an answer sent before its
                 # request's body was read, a 413 say, leaves that body still arriving:

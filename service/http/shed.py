@@ -67,13 +67,17 @@ def query_hints(raw: bytes) -> dict[str, str]:
     return out
 
 
+def hint_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers admission reads, from a request's raw (lower-case) headers."""
+    return {key.decode(): value.decode("latin-1") for key, value in headers
+            if key in HINT_HEADERS}
+
+
 def raw_hint(name: str, api: str, query_string: bytes, headers: list[tuple[bytes, bytes]],
              client: str | None, now: float, default_timeout_s: float) -> Hint:
     """``admission.hint_from`` of a request's raw (lower-case) headers and query string."""
-    found = {key.decode(): value.decode("latin-1") for key, value in headers
-             if key in HINT_HEADERS}
     query = query_hints(query_string) if api == "native" else {}
-    return hint_from(name, query, found, client, now, default_timeout_s, api)
+    return hint_from(name, query, hint_headers(headers), client, now, default_timeout_s, api)
 
 
 class Shed:
@@ -118,7 +122,7 @@ class Shed:
         self.services = services  # its ``readiness``: the probes' answers while congested
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
-        self._routes: dict[bytes, tuple[str, str, float, bool] | None] = {}  # ``route``
+        self._routes: dict[bytes, tuple[str, str, dict, float, bool] | None] = {}  # ``route``
         self._hosts: dict[bytes, bool] = {}  # ``host_ok``
         # the server's default headers (its list, and them as bytes): ``ShedConnection._answer``
         self.defaults: tuple[list | None, bytes] = (None, b"")
@@ -224,16 +228,10 @@ class Shed:
         to let the application handle it. ``held``: the requests the application holds."""
         if not self.enabled or method != b"POST":
             return None
-        engine = self.engine
-        congested = self.congested
-        if congested and not held and arrived - self._window >= 2 * self.interval:
-            # nothing answered for two intervals and nothing held: idle since, not
-            # congested (a stall holds requests, and stays congested)
-            congested = self.congested = False
+        congested = self.congested_now(held, arrived)
         # started (its caller's stamp) longer ago than the shortest budget: it may be late
         now = self.clock() if self.trust_start else arrived
-        stale = now - arrived > MIN_BUDGET_S
-        if not congested and not stale and not engine.busy():
+        if not congested and now - arrived <= MIN_BUDGET_S and not self.engine.busy():
             return None
         path, _, query = url.partition(b"?")
         api = "native"
@@ -248,15 +246,39 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         budget = self.budget(query) if api == "native" else self.default_timeout_s
+        exc = self.decide(api, activation.name, query_hints(query) if api == "native" else {},
+                          budget, hint_headers(headers), client, arrived, now, held, congested)
+        return None if exc is None else (api, activation.name, exc)
+
+    def congested_now(self, held: int, arrived: float) -> bool:
+        """``congested``, ended when nothing was answered for two intervals and nothing is
+        held: idle since (a stall holds requests, and stays congested)."""
+        if self.congested and not held and arrived - self._window >= 2 * self.interval:
+            self.congested = False
+        return self.congested
+
+    def unparsed(self, held: int) -> bool:
+        """Try refusing a new request from its raw bytes now
+        (``ShedConnection.fast_refusal``): congested with the application holding the
+        shortest budget's limit, or the engine busy (its queue full, or a new request's
+        predicted wait over the target)."""
+        return self.shedding(held) or (self.enabled and self.engine.busy())
+
+    def decide(self, api: str, name: str, query: dict[str, str], budget: float,
+               headers: dict[str, str], client: str | None, arrived: float, now: float,
+               held: int, congested: bool) -> ActserveError | None:
+        """The refusal of a request for the known activation ``name`` from what its
+        request line and headers say (``query``: the keys admission reads, ``budget``: its
+        timeout in seconds, ``headers``: ``hint_headers``), or None: its deadline already
+        passed (counted from a trusted stamp), more held than it can wait for while
+        congested, or what the engine's ``admit`` refuses. Counted as the application
+        counts its refusals."""
         try:
-            if stale and arrived + budget <= now:
+            if now - arrived > MIN_BUDGET_S and arrived + budget <= now:
                 raise DeadlineExceeded(request_start.STALE)
-            if congested:
-                limit = self.limit(budget)
-                if held >= limit:
-                    raise self.late(held, budget)
-            hint = raw_hint(name, api, query, headers, client, arrived,
-                            self.default_timeout_s)
+            if congested and held >= self.limit(budget):
+                raise self.late(held, budget)
+            hint = hint_from(name, query, headers, client, arrived, self.default_timeout_s, api)
             # a copy: admit keeps the hint in a context variable for the request's own
             # task, and this runs in the protocol's callback, not in that task
             contextvars.copy_context().run(self.engine.admit, hint)
@@ -265,8 +287,8 @@ class Shed:
             recorder = self.recorder
             recorder.reject(exc)  # counted as the application counts its refusals
             recorder.request_started()
-            recorder.record(api, activation.name, exc.status, total=self.clock() - arrived)
-            return api, activation.name, exc
+            recorder.record(api, name, exc.status, total=self.clock() - arrived)
+            return exc
         return None
 
     def _let_through(self, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -303,12 +325,12 @@ class Shed:
             self._hosts[value] = ok
         return ok
 
-    def route(self, line: bytes) -> tuple[str, str, float, bool] | None:
-        """(api, activation name, the request's budget in seconds, HTTP/1.1) of a raw
-        request line after ``POST `` when it is an activation route the protocol may
-        refuse unparsed, else None (memoised: a function of the line's bytes alone; the
-        name is looked up in the registry at each use, so a registration counts at
-        once)."""
+    def route(self, line: bytes) -> tuple[str, str, dict[str, str], float, bool] | None:
+        """(api, activation name, the query's keys admission reads, the request's budget in
+        seconds, HTTP/1.1) of a raw request line after ``POST `` when it is an activation
+        route the protocol may refuse unparsed, else None (memoised: a function of the
+        line's bytes alone; the name is looked up in the registry at each use, so a
+        registration counts at once; the caller must not change the mapping)."""
         got = self._routes.get(line, self)
         if got is self:
             got = self._route(line)
@@ -317,7 +339,7 @@ class Shed:
             self._routes[line] = got
         return got
 
-    def _route(self, line: bytes) -> tuple[str, str, float, bool] | None:
+    def _route(self, line: bytes) -> tuple[str, str, dict[str, str], float, bool] | None:
         path, _, query = line[:line.rfind(b" ")].partition(b"?")
         if path.startswith(b"/v1/activations/"):
             api, name = "native", path[16:]
@@ -327,8 +349,41 @@ class Shed:
             return None
         if not name or b"/" in name:
             return None
-        budget = self.budget(query) if api == "native" else self.default_timeout_s
-        return api, unquote(name.decode("latin-1")), budget, line.endswith(b"HTTP/1.1")
+        native = api == "native"
+        return (api, unquote(name.decode("latin-1")), query_hints(query) if native else {},
+                self.budget(query) if native else self.default_timeout_s,
+                line.endswith(b"HTTP/1.1"))
+
+
+def _line_end(head: bytes, at: int) -> int:
+    """Where the header line that starts at ``at`` (its CRLF) ends in ``head``."""
+    j = head.find(b"\r\n", at + 2)
+    return j if j > 0 else len(head)
+
+
+def _hint_headers(data: bytes, head: bytes, first: int, length: int) -> dict[str, str]:
+    """``hint_headers`` of a raw header block: ``head`` is ``data[first:end]`` lower-cased
+    (the names are found there; an ``Authorization`` value is taken from ``data``, its
+    case kept); ``length``: its Content-Length, already read."""
+    out = {"content-length": str(length)}
+    i = head.find(b"\r\ncontent-type:")
+    if i >= 0:
+        out["content-type"] = head[i + 15:_line_end(head, i)].strip().decode("latin-1")
+    i = head.find(b"\r\nauthorization:")
+    if i >= 0:
+        out["authorization"] = data[first + i + 16:first + _line_end(head, i)].strip().decode(
+            "latin-1")
+    return out
+
+
+def _client_id(data: bytes, head: bytes, first: int) -> bytes | None:
+    """The client's ``X-Request-Id`` from a raw header block when it is one the server
+    keeps (as the application and ``shed_send`` keep it), else None."""
+    i = head.find(b"\r\nx-request-id:")
+    if i < 0:
+        return None
+    value = data[first + i + 15:first + _line_end(head, i)].strip()
+    return value if _ID_RE.match(value) else None
 
 
 class _Answered:
@@ -427,11 +482,13 @@ class ShedConnection:
         return data[n:] if n < len(data) else b""
 
     def fast_refusal(self, data: bytes) -> bool:
-        """Called while ``Shed.shedding``: refuse a new activation request in ``data`` without
-        parsing it (a few byte searches and one short answer: no parser callbacks, no
-        scope) when what the application holds leaves it no time. True when answered.
-        Anything unusual (a partial header block, another route, chunked, pipelined, API
-        keys to check) is left to the parser and ``Shed.refusal``."""
+        """Called while ``Shed.unparsed``: refuse a new activation request in ``data``
+        without parsing it (a few byte searches and one short answer: no parser callbacks,
+        no scope) when what the application holds leaves it no time, or when what its
+        request line and headers say is refused (``Shed.decide``: the engine's admission,
+        a trusted stamp already past its deadline). True when answered. Anything unusual (a
+        partial header block, another route, chunked, pipelined, API keys to check) is left
+        to the parser and ``Shed.refusal``."""
         shed = self.shed
         if shed.api_keys or not data.startswith(b"POST /"):
             return False
@@ -442,8 +499,9 @@ class ShedConnection:
         route = shed.route(data[5:first])
         if route is None:
             return False
-        api, name, budget, http11 = route
-        if shed.engine.registry.find(name) is None:
+        api, name, query, budget, http11 = route
+        activation = shed.engine.registry.find(name)
+        if activation is None:
             return False
         head = data[first:end].lower()
         if not shed.host_ok(head):
@@ -464,12 +522,29 @@ class ShedConnection:
                       # gets: skipping that body would swallow its next request
                       and (have == length or b"\r\nexpect:" not in head))
         held = len(self.tasks)
-        if held < shed.limit(budget):
-            return False  # it can finish in time: the parser and the application
-        body, retry = shed.fast_answer(api, held, budget)
-        rid = self.request_ids()
-        self.transport.write(self._answer(503, body, rid, retry, keep_alive))
-        shed.count_fast()
+        now = shed.clock()
+        congested = shed.congested_now(held, now)
+        if congested and held >= shed.limit(budget):
+            # the cheapest answer: counted in the metrics at the next scrape
+            status, error = 503, PredictedLate.type
+            body, retry = shed.fast_answer(api, held, budget)
+            shed.count_fast()
+        else:
+            arrived, waited = now, None
+            if shed.trust_start and (k := head.find(b"\r\nx-request-start:")) >= 0:
+                arrived, waited = request_start.moved(now, head[k + 18:_line_end(head, k)])
+            exc = shed.decide(api, activation.name, query, budget,
+                              _hint_headers(data, head, first, length),
+                              self.client[0] if self.client else None, arrived, now, held,
+                              congested)
+            if exc is None:
+                return False  # it may finish in time: the parser and the application
+            if waited is not None and shed.services.starts is not None:
+                shed.services.starts.observe(waited)  # read here, never by the parser
+            status, error, retry = exc.status, exc.type, exc.retry_after
+            body = error_body(api == "v2", exc.type, exc.message)
+        rid = _client_id(data, head, first) or self.request_ids()
+        self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
             target = data[5:first]
@@ -477,8 +552,8 @@ class ShedConnection:
             self.access.write({
                 "id": rid.decode(), "client": self.client[0] if self.client else None,
                 "transport": "http",
-                "method": "POST", "path": path, "status": 503,
-                "api": api, "activation": name, "error": "predicted_late"})
+                "method": "POST", "path": path, "status": status,
+                "api": api, "activation": activation.name, "error": error})
         if keep_alive:
             # the rest of the body, still arriving, is dropped unparsed (``skip_body``):
             # cheaper than closing, which would have the client connect again while the
