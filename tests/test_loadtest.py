@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -183,9 +184,11 @@ def test_the_open_loop_waits_at_least_a_millisecond_between_sends(monkeypatch):
         return await real_sleep(delay, *args)
 
     monkeypatch.setattr(overload.asyncio, "sleep", recording_sleep)
-    gen = overload.Generator("127.0.0.1", servers.free_port(), b"GET / HTTP/1.1\r\n\r\n",
-                             max_conns=4, pool=0)
-    out = asyncio.run(gen.open_loop(20_000, 0.05, deadline_s=0.1))
+    with socket.socket() as held:  # bound, never listening: every connect is refused, and
+        held.bind(("127.0.0.1", 0))  # no other test can take the port meanwhile
+        gen = overload.Generator("127.0.0.1", held.getsockname()[1],
+                                 b"GET / HTTP/1.1\r\n\r\n", max_conns=4, pool=0)
+        out = asyncio.run(gen.open_loop(20_000, 0.05, deadline_s=0.1))
     assert len(out) == 1000 and {r[2] for r in out} == {-1}
     assert slept and min(slept) >= 0.001
 
