@@ -7,17 +7,18 @@ refusal of a small request cost almost what serving it did, and at 5x offered lo
 event loop spent its time refusing (``loadtest/refusal_cost.py``; docs/reliability.md,
 "Cheap refusals").
 
-So the HTTP protocol (``header_timeout.py``) refuses by itself, in two places. As soon as
-a request's headers are parsed it asks ``Shed.refusal``: while the server is busy (the
-engine's signal, or its own congestion state, see ``Shed``) that makes the admission check
-the application would make, for an activation route (native or v2 ``infer``) of a known
-activation. And while congested with the application holding its limit, a new request is
-refused from its raw bytes before the parser sees them (``ShedConnection.fast_refusal``).
+So the HTTP protocol (``header_timeout.py``) refuses by itself, with one decision
+(``Shed.decide``: the admission check the application would make, for an activation route,
+native or v2 ``infer``, of a known activation) made in two places while the server is busy
+(the engine's signal, or its own congestion state, see ``Shed``). From a request's raw
+bytes, before the parser sees them, when its whole header block came in one read
+(``ShedConnection.fast_refusal``; while congested with the application holding its limit,
+the cheapest answer of all); else as soon as its headers are parsed (``Shed.refusal``).
 A refused request is answered from the protocol: no ASGI scope, task or framework, its
 body never decoded (dropped as it arrives), the connection kept. What the protocol cannot
 decide (another route, an unknown activation, a request without a valid API key or an
 allowed Host, a pipelined one) goes to the application, which applies the same policy
-after decoding. With nothing waiting the check costs two calls a request.
+after decoding. With nothing waiting the check costs a few calls a request.
 
 ``ARRIVAL_KEY``: the protocol stamps every request's scope with the time its first bytes
 were parsed (``time.monotonic``); deadlines count from it (``jobs.ARRIVED``).
