@@ -397,6 +397,14 @@ def test_a_stale_stamp_is_refused_from_the_raw_bytes_while_the_engine_is_busy():
         text = httpx.get(srv.url + "/metrics").text
         count = re.search(r"^actserve_request_start_wait_seconds_count (\S+)$", text, re.M)
         assert count and float(count.group(1)) == 1
+    with serve(metrics=False, trust_request_start=True) as srv:  # no histogram to count in
+        shed = srv.services.shed
+        shed.engine = _Admits(shed.engine, PredictedLate("late"))
+        shed.engine.on = False
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(stale)
+            status, _, body = _read_answer(s)
+            assert (status, json.loads(body)["error"]["type"]) == (504, "deadline_exceeded")
 
 
 def test_every_request_scope_carries_its_arrival(server):

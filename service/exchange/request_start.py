@@ -80,8 +80,17 @@ class Starts:
         self.wall, self.mono = wall, mono
 
     def apply(self, arrived: float, value: bytes | str | None) -> float:
-        """``arrived`` moved back to the stamp ``value`` when earlier (``moved``)."""
-        arrived, wait = moved(arrived, value, self.wall, self.mono)
+        """``arrived`` moved back to the stamp ``value`` when earlier (``moved``), its wait
+        counted."""
+        arrived, wait = self.moved(arrived, value)
+        self.count(wait)
+        return arrived
+
+    def moved(self, arrived: float, value: bytes | str | None) -> tuple[float, float | None]:
+        """``moved`` on this object's clocks; the wait is not counted (``count``)."""
+        return moved(arrived, value, self.wall, self.mono)
+
+    def count(self, wait: float | None) -> None:
+        """One stamped request's wait before the server read it (None: not stamped)."""
         if wait is not None and self.observe is not None:
             self.observe(wait)
-        return arrived

@@ -532,16 +532,17 @@ class ShedConnection:
             shed.count_fast()
         else:
             arrived, waited = now, None
-            if shed.trust_start and (k := head.find(b"\r\nx-request-start:")) >= 0:
-                arrived, waited = request_start.moved(now, head[k + 18:_line_end(head, k)])
+            starts = shed.services.starts  # None unless the server trusts the stamps
+            if starts is not None and (k := head.find(b"\r\nx-request-start:")) >= 0:
+                arrived, waited = starts.moved(now, head[k + 18:_line_end(head, k)])
             exc = shed.decide(api, activation.name, query, budget,
                               _hint_headers(data, head, first, length),
                               self.client[0] if self.client else None, arrived, now, held,
                               congested)
             if exc is None:
                 return False  # it may finish in time: the parser and the application
-            if waited is not None and shed.services.starts is not None:
-                shed.services.starts.observe(waited)  # read here, never by the parser
+            if starts is not None:
+                starts.count(waited)  # read here, never by the parser
             status, error, retry = exc.status, exc.type, exc.retry_after
             body = error_body(api == "v2", exc.type, exc.message)
         rid = _client_id(data, head, first) or self.request_ids()
