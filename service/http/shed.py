@@ -123,7 +123,7 @@ class Shed:
         self.services = services  # its ``readiness``: the probes' answers while congested
         self.cap = 1 << 30  # the limit on held requests, refreshed every interval
         self._unflushed = 0  # fast refusals not yet in the metrics (``flush``)
-        self._routes: dict[bytes, tuple[str, str, dict, float, bool] | None] = {}  # ``route``
+        self._routes: dict[bytes, tuple[str, str, dict, float] | None] = {}  # ``route``
         self._hosts: dict[bytes, bool] = {}  # ``host_ok``
         # the server's default headers (its list, and them as bytes): ``ShedConnection._answer``
         self.defaults: tuple[list | None, bytes] = (None, b"")
@@ -234,21 +234,15 @@ class Shed:
         now = self.clock() if self.trust_start else arrived
         if not congested and now - arrived <= MIN_BUDGET_S and not self.engine.busy():
             return None
-        path, _, query = url.partition(b"?")
-        api = "native"
-        match = _NATIVE.fullmatch(path)
-        if match is None:
-            api = "v2"
-            match = _V2.fullmatch(path)
-            if match is None:
-                return None
-        name = unquote(match.group(1).decode("latin-1"))
+        route = self.route(url)
+        if route is None:
+            return None
+        api, name, query, budget = route
         activation = self.engine.registry.find(name)
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
-        budget = self.budget(query) if api == "native" else self.default_timeout_s
-        exc = self.decide(api, activation.name, query_hints(query) if api == "native" else {},
-                          budget, hint_headers(headers), client, arrived, now, held, congested)
+        exc = self.decide(api, activation.name, query, budget, hint_headers(headers), client,
+                          arrived, now, held, congested)
         return None if exc is None else (api, activation.name, exc)
 
     def congested_now(self, held: int, arrived: float) -> bool:
@@ -326,34 +320,32 @@ class Shed:
             self._hosts[value] = ok
         return ok
 
-    def route(self, line: bytes) -> tuple[str, str, dict[str, str], float, bool] | None:
+    def route(self, target: bytes) -> tuple[str, str, dict[str, str], float] | None:
         """(api, activation name, the query's keys admission reads, the request's budget in
-        seconds, HTTP/1.1) of a raw request line after ``POST `` when it is an activation
-        route the protocol may refuse unparsed, else None (memoised: a function of the
-        line's bytes alone; the name is looked up in the registry at each use, so a
-        registration counts at once; the caller must not change the mapping)."""
-        got = self._routes.get(line, self)
+        seconds) of a raw request target (path and query) when it is an activation route
+        the protocol may refuse, else None (memoised: a function of the target's bytes
+        alone; the name is looked up in the registry at each use, so a registration counts
+        at once; the caller must not change the mapping)."""
+        got = self._routes.get(target, self)
         if got is self:
-            got = self._route(line)
+            got = self._route(target)
             if len(self._routes) >= MEMO_MAX:
                 self._routes.clear()
-            self._routes[line] = got
+            self._routes[target] = got
         return got
 
-    def _route(self, line: bytes) -> tuple[str, str, dict[str, str], float, bool] | None:
-        path, _, query = line[:line.rfind(b" ")].partition(b"?")
-        if path.startswith(b"/v1/activations/"):
-            api, name = "native", path[16:]
+    def _route(self, target: bytes) -> tuple[str, str, dict[str, str], float] | None:
+        path, _, query = target.partition(b"?")
+        if (match := _NATIVE.fullmatch(path)) is not None:
+            api = "native"
         elif (match := _V2.fullmatch(path)) is not None:
-            api, name = "v2", match.group(1)
+            api = "v2"
         else:
             return None
-        if not name or b"/" in name:
-            return None
         native = api == "native"
-        return (api, unquote(name.decode("latin-1")), query_hints(query) if native else {},
-                self.budget(query) if native else self.default_timeout_s,
-                line.endswith(b"HTTP/1.1"))
+        return (api, unquote(match.group(1).decode("latin-1")),
+                query_hints(query) if native else {},
+                self.budget(query) if native else self.default_timeout_s)
 
 
 def _line_end(head: bytes, at: int) -> int:
@@ -497,10 +489,12 @@ class ShedConnection:
         if end < 0:
             return False
         first = data.find(b"\r\n")
-        route = shed.route(data[5:first])
+        line = data[5:first]  # the target and the version
+        target = line[:line.rfind(b" ")]
+        route = shed.route(target)
         if route is None:
             return False
-        api, name, query, budget, http11 = route
+        api, name, query, budget = route
         activation = shed.engine.registry.find(name)
         if activation is None:
             return False
@@ -518,7 +512,7 @@ class ShedConnection:
         have = len(data) - end - 4
         if have > length:
             return False  # pipelined: another request follows
-        keep_alive = (http11 and b"\r\nconnection: close" not in head
+        keep_alive = (line.endswith(b"HTTP/1.1") and b"\r\nconnection: close" not in head
                       # a client that sent Expect holds its body back until a 100 it never
                       # gets: skipping that body would swallow its next request
                       and (have == length or b"\r\nexpect:" not in head))
@@ -549,8 +543,7 @@ class ShedConnection:
         self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
-            target = data[5:first]
-            path = unquote(target[:target.rfind(b" ")].partition(b"?")[0].decode("latin-1"))
+            path = unquote(target.partition(b"?")[0].decode("latin-1"))
             self.access.write({
                 "id": rid.decode(), "client": self.client[0] if self.client else None,
                 "transport": "http",
