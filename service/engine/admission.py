@@ -78,9 +78,15 @@ OVERLOAD_ERRORS: dict[str, type[ActserveError]] = {
     c.type: c for c in (PredictedLate, QueueDelay, ClientShare)}
 
 
+def retry_after(retry_s: float) -> int:
+    """``Retry-After`` for a refusal that could be retried in ``retry_s``: whole seconds,
+    at least one."""
+    return max(1, math.ceil(retry_s))
+
+
 def refusal(cls: type[ActserveError], message: str, retry_s: float) -> ActserveError:
     exc = cls(message)
-    exc.retry_after = max(1, math.ceil(retry_s))  # whole seconds (HTTP Retry-After)
+    exc.retry_after = retry_after(retry_s)
     return exc
 
 

@@ -34,7 +34,7 @@ from urllib.parse import unquote, unquote_plus
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-from service.engine.admission import Hint, PredictedLate, hint_from, refusal
+from service.engine.admission import Hint, PredictedLate, hint_from, refusal, retry_after
 from service.errors import ActserveError, DeadlineExceeded, error_body
 from service.exchange import request_start
 from service.exchange.auth import authorised
@@ -195,9 +195,13 @@ class Shed:
     def late(self, held: int, budget: float) -> ActserveError:
         """503 ``predicted_late``: ``held`` requests ahead, answered at ``rate``, leave no
         room within ``budget`` seconds."""
-        wait = held / self.rate if self.rate else budget  # unmeasured: retry soon
         return refusal(PredictedLate, self._late_text(held, budget),
-                       wait - budget * self.fraction)
+                       self._late_retry_s(held, budget))
+
+    def _late_retry_s(self, held: int, budget: float) -> float:
+        """How long until ``held`` requests, answered at ``rate``, fit in ``budget``."""
+        wait = held / self.rate if self.rate else budget  # unmeasured: retry soon
+        return wait - budget * self.fraction
 
     def _late_text(self, held: int, budget: float) -> str:
         return (f"the server is overloaded: {held} requests ahead of this one, answered at "
@@ -207,9 +211,8 @@ class Shed:
     def fast_answer(self, api: str, held: int, budget: float) -> tuple[bytes, int]:
         """The unparsed refusal's JSON body for ``api`` and its ``Retry-After``: what
         ``late`` says, without building the exception."""
-        wait = held / self.rate if self.rate else budget
         return (error_body(api == "v2", PredictedLate.type, self._late_text(held, budget)),
-                max(1, math.ceil(wait - budget * self.fraction)))
+                retry_after(self._late_retry_s(held, budget)))
 
     def count_fast(self) -> None:
         self.refused += 1
@@ -413,6 +416,7 @@ class ShedConnection:
     linger_s = 1.0
     _shed_answer: tuple[str, str, ActserveError] | None = None
     _skip = 0  # body bytes of a request refused unparsed still to drop
+    _admitted = False  # the raw bytes' decision let this request through: not asked again
 
     def fast_probe(self, data: bytes) -> bool:
         """While congested: ``GET /healthz`` and ``GET /readyz`` answered from the raw bytes,
@@ -533,8 +537,9 @@ class ShedConnection:
                               _hint_headers(data, head, first, length),
                               self.client[0] if self.client else None, arrived, now, held,
                               congested)
-            if exc is None:
-                return False  # it may finish in time: the parser and the application
+            if exc is None:  # it may finish in time: the parser and the application, the
+                self._admitted = True  # same decision not made again (``refused_early``)
+                return False
             if starts is not None:
                 starts.count(waited)  # read here, never by the parser
             status, error, retry = exc.status, exc.type, exc.retry_after
@@ -569,6 +574,9 @@ class ShedConnection:
         """At the end of a request's headers: True when ``Shed.refusal`` refused it (its
         answer goes out with ``shed_send`` when its body has arrived, or at the end of the
         read)."""
+        if self._admitted:  # decided from its raw bytes in this same read (fast_refusal)
+            self._admitted = False
+            return False
         if (self._drain_requested or not (self.cycle is None or self.cycle.response_complete)
                 or self.parser.should_upgrade()):
             return False
