@@ -113,6 +113,24 @@ class _Refusing:
         raise PredictedLate("the server would finish this request late")
 
 
+def hold_shed(shed, case: str, engine, limit) -> None:
+    """The shed's state for ``case`` (set, not measured): for the protocol's refusals
+    (``refused in the protocol``, ``refused unparsed...``) the engine (``engine``, the real
+    one) refusing every hint, and for ``refused unparsed`` congested with its limit held
+    and whatever it holds leaving no time (``limit``: the real one otherwise); the shed
+    off for the other cases, so only the refusal under test is made. No interval ends
+    during a run."""
+    protocol = case.startswith(("refused in", "refused unparsed"))
+    cheapest = case == "refused unparsed"
+    shed.engine = _Refusing(engine) if protocol else engine
+    shed.enabled = protocol
+    shed.interval = 1e9
+    shed._window = time.monotonic()
+    shed.congested = cheapest
+    shed.cap = 0 if cheapest else 1 << 30
+    shed.limit = (lambda budget: 0) if cheapest else limit
+
+
 def _raise(*args, **kwargs):
     raise PredictedLate("the server would finish this request late")
 
@@ -171,23 +189,12 @@ async def main_async(elements: int, rounds: int, per_conn: int) -> dict:
         await _round(conns, counter, raw, 2)  # warm
         for _ in range(rounds):
             for case in results:
-                engine.admit, engine.submit, shed.engine = real_admit, real_submit, \
-                    real_shed_engine
+                engine.admit, engine.submit = real_admit, real_submit
                 if case == "refused after decode":
                     engine.submit = _raise
                 elif case == "refused at admit":
                     engine.admit = _raise
-                elif case.startswith("refused in") or case.startswith("refused unparsed"):
-                    shed.engine = _Refusing(engine)
-                # the shed's state set, not measured: congested with its limit held for
-                # the unparsed case only (no interval ends during the run)
-                shed.interval = 1e9
-                shed.congested = case == "refused unparsed"
-                shed.cap = 0 if case == "refused unparsed" else 1 << 30
-                # ... and whatever it holds leaves no time (the limit is measured, not here)
-                shed.limit = (lambda budget: 0) if case == "refused unparsed" else real_limit
-                # only the refusal under test: no overload policy refusing on its own
-                shed.enabled = case.startswith(("refused in", "refused unparsed"))
+                hold_shed(shed, case, real_shed_engine, real_limit)
                 engine.batcher.admission.enabled = False
                 counter.statuses = {}
                 results[case].append(await _round(conns, counter, raw, per_conn,

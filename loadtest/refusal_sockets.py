@@ -44,7 +44,7 @@ from service.http.server import DrainingServer, uvicorn_config
 from service.settings import Settings
 
 from . import servers, wrk
-from .refusal_cost import _Refusing
+from .refusal_cost import hold_shed
 
 CASES = ("served", "refused in the protocol", "refused unparsed by the engine",
          "refused unparsed")
@@ -52,18 +52,10 @@ KEY = "k-refusal-sockets-0123456789"
 
 
 def _hold(shed, case: str, real: tuple) -> None:
-    """The shed's state for ``case`` (none of it measured): the engine refusing every
-    hint for the refusal cases, congested with its limit reached for the cheapest one, API
-    keys to check (so the raw-bytes path is off) for the parsed one."""
-    engine, limit = real
+    """The shed's state for ``case`` (``refusal_cost.hold_shed``), and API keys to check
+    (so the raw-bytes path is off) for the parsed refusal."""
+    hold_shed(shed, case, *real)
     shed.api_keys = [KEY.encode()] if case == "refused in the protocol" else []
-    shed.engine = engine if case == "served" else _Refusing(engine)
-    shed.enabled = case != "served"
-    shed.interval = 1e9  # no interval ends during the round
-    shed._window = time.monotonic()
-    shed.congested = case == "refused unparsed"
-    shed.cap = 0 if case == "refused unparsed" else 1 << 30
-    shed.limit = (lambda budget: 0) if case == "refused unparsed" else limit
 
 
 def measure(rounds: int, seconds: float, connections: int = 256) -> dict[str, dict]:
