@@ -34,6 +34,7 @@ from scripts import nginx_limits
 from service.observability.front_limits import LARGE_BYTES
 
 from . import servers
+from .cpu import tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -334,6 +335,30 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
             "refused": len(refused), "refused_p99_ms": _pct(refused, 99), "reasons": reasons}
 
 
+# answers the generator made itself: never reached the server, cost it nothing
+_CLIENT_SIDE = ("client_no_connection", "client_timeout", "client_error")
+
+
+def cpu_split(cpu_s: float, wall_s: float, served: int, reasons: dict[str, int],
+              served_cpu_s: float | None) -> dict:
+    """Where the server's CPU went over a step: its cores in use (``server_cpu_pct``), and,
+    with ``served_cpu_s`` (what a served request cost at the capacity measured first), the
+    CPU left over per refusal the server made (``refusal_cpu_us``) and that rest's share
+    of the step's CPU (``refusing_cpu_share``). The split assumes a served request costs
+    what it cost at capacity; a share near ``1 - goodput/capacity`` says the server's cores
+    went to refusing, one well under it that they went unused."""
+    out: dict = {"server_cpu_pct": round(100 * cpu_s / wall_s) if wall_s > 0 else None,
+                 "refusal_cpu_us": None, "refusing_cpu_share": None}
+    refused = sum(n for r, n in reasons.items() if r not in _CLIENT_SIDE)
+    if served_cpu_s is None or cpu_s <= 0:
+        return out
+    rest = max(0.0, cpu_s - served * served_cpu_s)
+    out["refusing_cpu_share"] = round(rest / cpu_s, 2) if refused else 0.0
+    if refused:
+        out["refusal_cpu_us"] = round(rest / refused * 1e6, 1)
+    return out
+
+
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
                    deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
                    probe_port: int = 0, front: servers.Child | None = None,
@@ -352,7 +377,11 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     expect = expect and len(x) >= LARGE_BYTES
     gen = Generator("127.0.0.1", port, raw, expect=expect, stamp=stamp)
     await gen.closed_loop(8, 1.0, deadline_s)  # warm: the service model measures
+    cpu0 = tree_cpu_seconds(child.proc.pid)
     capacity = await gen.closed_loop(32, seconds, deadline_s)
+    served = sum(1 for r in gen.out if r[2] == 200)
+    # the server's CPU per request it served at capacity (nothing refused there)
+    served_cpu_s = (tree_cpu_seconds(child.proc.pid) - cpu0) / served if served else None
     gen.close()
     await asyncio.sleep(1.0)
     rows = []
@@ -360,12 +389,16 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
         timer = ProbeTimer(port, probe_port)
         cpu0, wall0 = time.process_time(), time.perf_counter()
+        server0 = tree_cpu_seconds(child.proc.pid)
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
         # the generator's own CPU over the step (its drain included): near 100 % of its
         # core, the row measures the generator as much as the server
-        client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        wall = time.perf_counter() - wall0
+        client_cpu = (time.process_time() - cpu0) / wall
+        server_cpu = tree_cpu_seconds(child.proc.pid) - server0
         worst, probe_worst = await asyncio.to_thread(timer.stop)
         row = summarize(results, seconds, deadline_s, capacity * m)
+        row.update(cpu_split(server_cpu, wall, row["ok"], row["reasons"], served_cpu_s))
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
                    server_total_p99_ms=_pct(gen.server_s, 99),
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
@@ -385,6 +418,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         await asyncio.sleep(2.0)  # drain between steps
     return {"elements": elements, "activation": activation, "expect": expect, "stamp": stamp,
             "capacity_per_s": round(capacity, 1),
+            "served_cpu_us": round(served_cpu_s * 1e6, 1) if served_cpu_s else None,
             "steps": rows}
 
 
@@ -406,11 +440,13 @@ def _markdown(result: dict) -> str:
                   f"{result['meta']['workers']}{_front(result['meta'])}"
                   f"{', Expect: 100-continue' if case.get('expect') else ''}"
                   f"{', X-Request-Start trusted' if case.get('stamp') else ''}** (capacity "
-                  f"{case['capacity_per_s']} req/s)\n",
+                  f"{case['capacity_per_s']} req/s, the server's CPU per served request "
+                  f"{case.get('served_cpu_us')} µs)\n",
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
-                  "/readyz max ms | RSS MiB | generator CPU % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "/readyz max ms | RSS MiB | generator CPU % | server CPU % | CPU µs per "
+                  "refusal | CPU share refusing |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         header = len(lines) - 2
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
@@ -419,7 +455,8 @@ def _markdown(result: dict) -> str:
                 f"{r['goodput_per_s'] / max(case['capacity_per_s'], 1e-9):.2f} | {r['ok_p50_ms']} | "
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
                 f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} | "
-                f"{r.get('client_cpu_pct')} |"
+                f"{r.get('client_cpu_pct')} | {r.get('server_cpu_pct')} | "
+                f"{r.get('refusal_cpu_us')} | {r.get('refusing_cpu_share')} |"
                 + (f" {r['front_limits']['small']} / {r['front_limits']['large']} |"
                    if r.get("front_limits") else ""))
         if any(r.get("front_limits") for r in case["steps"]):

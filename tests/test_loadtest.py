@@ -277,7 +277,30 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     # /readyz asked on the API port and on the probe port (each answered 200, or it raises)
     assert step["readyz_max_ms"] is not None and step["probe_port_readyz_max_ms"] is not None
     assert 0 <= step["client_cpu_pct"] <= 100 * len(os.sched_getaffinity(0))  # the generator's
+    # the server's CPU, measured from /proc: it served, so it used some
+    assert case["served_cpu_us"] > 0 and step["server_cpu_pct"] > 0
+    assert step["refusing_cpu_share"] is not None
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
+
+
+def test_the_overload_bench_splits_the_servers_cpu_between_serving_and_refusing():
+    """``cpu_split``: what is left of a step's CPU after its served requests (at the cost
+    measured at capacity) is the refusals', per refusal the server made; the generator's own
+    failures (no connection, timeouts) cost the server nothing and are not counted."""
+    from loadtest.overload import cpu_split
+
+    # 2 s of CPU over 2 s: 4,000 served at 200 µs = 0.8 s; 1.2 s over 40,000 refusals
+    out = cpu_split(2.0, 2.0, 4000, {"predicted_late": 30000, "queue_full": 10000,
+                                     "client_no_connection": 9999, "client_timeout": 5}, 200e-6)
+    assert out == {"server_cpu_pct": 100, "refusal_cpu_us": 30.0, "refusing_cpu_share": 0.6}
+    # nothing refused: no per-refusal figure, no share
+    assert cpu_split(1.0, 2.0, 1000, {"client_timeout": 3}, 200e-6) == {
+        "server_cpu_pct": 50, "refusal_cpu_us": None, "refusing_cpu_share": 0.0}
+    # served requests costing more than measured leave nothing for refusals, never below 0
+    assert cpu_split(1.0, 1.0, 10000, {"queue_full": 10}, 200e-6)["refusal_cpu_us"] == 0.0
+    # no capacity figure: only the cores in use
+    assert cpu_split(1.5, 1.0, 10, {"queue_full": 10}, None) == {
+        "server_cpu_pct": 150, "refusal_cpu_us": None, "refusing_cpu_share": None}
 
 
 @pytest.mark.slow
