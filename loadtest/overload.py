@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,24 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
             "refused": len(refused), "refused_p99_ms": _pct(refused, 99), "reasons": reasons}
 
 
+_STAGE = re.compile(r'^actserve_overload_refusals_total\{stage="(\w+)"\} (\S+)$', re.M)
+
+
+def stage_counts(exposition: str) -> dict[str, int]:
+    """``actserve_overload_refusals_total`` by stage from a Prometheus exposition."""
+    return {m.group(1): int(float(m.group(2))) for m in _STAGE.finditer(exposition)}
+
+
+def _scrape_stages(url: str) -> dict[str, int]:
+    """The server's overload refusals by stage so far (its ``/metrics``: with several
+    workers, all of them); empty when it cannot be read."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            return stage_counts(r.read().decode())
+    except OSError:
+        return {}
+
+
 # answers the generator made itself: never reached the server, cost it nothing
 _CLIENT_SIDE = ("client_no_connection", "client_timeout", "client_error")
 
@@ -389,6 +408,7 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
         timer = ProbeTimer(port, probe_port)
         cpu0, wall0 = time.process_time(), time.perf_counter()
+        stages0 = await asyncio.to_thread(_scrape_stages, child.url)
         server0 = tree_cpu_seconds(child.proc.pid)
         results = await gen.open_loop(capacity * m, seconds, deadline_s)
         # the generator's own CPU over the step (its drain included): near 100 % of its
@@ -399,6 +419,10 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         worst, probe_worst = await asyncio.to_thread(timer.stop)
         row = summarize(results, seconds, deadline_s, capacity * m)
         row.update(cpu_split(server_cpu, wall, row["ok"], row["reasons"], served_cpu_s))
+        stages = await asyncio.to_thread(_scrape_stages, child.url)
+        # where the server made the step's overload refusals (the later, the dearer)
+        row["refused_by_stage"] = {k: n - stages0.get(k, 0) for k, n in stages.items()
+                                   if n > stages0.get(k, 0)}
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
                    server_total_p99_ms=_pct(gen.server_s, 99),
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
@@ -445,8 +469,8 @@ def _markdown(result: dict) -> str:
                   "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
                   "/readyz max ms | RSS MiB | generator CPU % | server CPU % | CPU µs per "
-                  "refusal | CPU share refusing |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "refusal | CPU share refusing | the server's refusals by stage |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         header = len(lines) - 2
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
@@ -456,7 +480,8 @@ def _markdown(result: dict) -> str:
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
                 f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} | "
                 f"{r.get('client_cpu_pct')} | {r.get('server_cpu_pct')} | "
-                f"{r.get('refusal_cpu_us')} | {r.get('refusing_cpu_share')} |"
+                f"{r.get('refusal_cpu_us')} | {r.get('refusing_cpu_share')} | "
+                f"{', '.join(f'{k} {v}' for k, v in r.get('refused_by_stage', {}).items()) or '-'} |"
                 + (f" {r['front_limits']['small']} / {r['front_limits']['large']} |"
                    if r.get("front_limits") else ""))
         if any(r.get("front_limits") for r in case["steps"]):

@@ -280,7 +280,19 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     # the server's CPU, measured from /proc: it served, so it used some
     assert case["served_cpu_us"] > 0 and step["server_cpu_pct"] > 0
     assert step["refusing_cpu_share"] is not None
+    # the server's own count of its overload refusals, by stage, never more than answered
+    assert sum(step["refused_by_stage"].values()) <= step["refused"]
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
+
+
+def test_the_overload_bench_reads_the_servers_refusals_by_stage():
+    from loadtest.overload import stage_counts
+
+    text = ('# TYPE actserve_overload_refusals_total counter\n'
+            'actserve_overload_refusals_total{stage="unparsed"} 120.0\n'
+            'actserve_overload_refusals_total{stage="queued"} 3.0\n'
+            'actserve_rejections_total{reason="queue_full"} 7.0\n')
+    assert stage_counts(text) == {"unparsed": 120, "queued": 3}
 
 
 def test_the_overload_bench_splits_the_servers_cpu_between_serving_and_refusing():

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.observability.metrics import LATENCY_BUCKETS, REJECT_REASONS
+from service.observability.metrics import LATENCY_BUCKETS, REJECT_REASONS, STAGES
 
 from .conftest import serve
 
@@ -155,6 +155,14 @@ def test_counters_and_histograms_equal_a_known_mix():
         "invalid": 2, "not_found": 1, "too_large": 1, "unsupported_media": 1,
         "deadline": 1, "queue_full": 1,
     }
+    # the two overload refusals by where they were made: D's deadline passed in the queue;
+    # E was refused by the protocol, the engine busy (its queue full), before the body:
+    # from the raw bytes, or after parsing where its headers came in two reads
+    stages = {dict(lbl)["stage"]: v for (n, lbl), v in m.items()
+              if n == "actserve_overload_refusals_total"}
+    assert set(stages) == set(STAGES)
+    e_stage = "unparsed_admission" if stages["unparsed_admission"] else "headers"
+    assert {k: v for k, v in stages.items() if v} == {"queued": 1, e_stage: 1}
 
     assert value(m, "actserve_request_bytes_total", api="native") == sent_in
     assert value(m, "actserve_response_bytes_total", api="native") == sent_out
@@ -223,7 +231,7 @@ def test_every_metric_of_the_issue_is_exported_with_units_and_bounded_labels(app
         assert name in families, name
         assert families[name].type == kind, name
     # bounded label sets only (outcome: fusion.OUTCOMES)
-    allowed = {"activation", "api", "status_class", "device", "reason", "le", "outcome"}
+    allowed = {"activation", "api", "status_class", "device", "reason", "le", "outcome", "stage"}
     for name, fam in families.items():
         if name.startswith("actserve_"):
             for s in fam.samples:

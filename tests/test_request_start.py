@@ -162,6 +162,12 @@ def test_the_request_sequence_applies_the_stamp_where_no_protocol_stamped_the_ar
         body["parameters"]["timeout"] = 30_000_000  # the same stamp within a longer timeout
         assert c.post("/v2/models/relu/infer", json=body,
                       headers={request_start.HEADER: stamp(2.0)}).status_code == 200
+        # where they were refused: the large one before its body was read, the small one
+        # and the v2 one (its timeout in its body) at submit, once read
+        text = c.get("/metrics").text
+        stages = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^actserve_overload_refusals_total\{stage="(\w+)"\} (\S+)$', text, re.M)}
+        assert {k: v for k, v in stages.items() if v} == {"before_body": 1, "queued": 2}
 
 
 class _LateSource:
@@ -224,6 +230,8 @@ def test_an_answer_ready_after_its_deadline_is_504_never_200():
         with pytest.raises(DeadlineExceeded, match="answer was dropped"):
             asyncio.run_coroutine_threadsafe(run, app.loop).result(30)
         assert source.encoded  # it got that far: only the answer is refused
+        metrics = app.services.recorder.metrics
+        assert metrics.child(metrics.overload_stages, "answer").value == 1  # counted there
 
 
 # -- over gRPC ----------------------------------------------------------------------------

@@ -64,6 +64,12 @@ def _rejections(text: str, reason: str) -> float:
     return float(next(ln for ln in text.splitlines() if ln.startswith(prefix)).split()[-1])
 
 
+def _stage(text: str, stage: str) -> float:
+    """``actserve_overload_refusals_total`` for ``stage`` in a Prometheus exposition."""
+    prefix = f'actserve_overload_refusals_total{{stage="{stage}"}}'
+    return float(next(ln for ln in text.splitlines() if ln.startswith(prefix)).split()[-1])
+
+
 def test_not_busy_nothing_is_refused_and_admit_is_not_asked():
     engine = FakeEngine(busy=False, refuse=True)
     shed = _shed(engine)
@@ -83,7 +89,9 @@ def test_busy_a_request_admit_refuses_is_refused_here_with_its_hint_and_counted(
     assert hint.elements == 1024 and hint.timed  # float32 from the declared length
     assert hint.deadline == pytest.approx(1000.5)  # counted from the arrival
     assert shed.refused == 1
-    assert _rejections(shed.recorder.metrics.exposition().decode(), "predicted_late") == 1
+    exposition = shed.recorder.metrics.exposition().decode()
+    assert _rejections(exposition, "predicted_late") == 1
+    assert _stage(exposition, "headers") == 1  # made after parsing the headers
     v2 = shed.refusal(b"POST", b"/v2/models/relu/versions/1/infer", SMALL, None, 1000.0, 0)
     assert v2 is not None and v2[:2] == ("v2", "relu")
 
@@ -302,7 +310,9 @@ def test_before_the_application_a_refusal_is_answered_by_the_protocol():
             assert status == 503 and headers["connection"] == "close"
         import httpx
 
-        assert _rejections(httpx.get(srv.url + "/metrics").text, "predicted_late") == 2
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert _rejections(metrics, "predicted_late") == 2
+        assert _stage(metrics, "headers") == 2 and _stage(metrics, "unparsed_admission") == 0
 
 
 class _Admits(Refusing):
@@ -362,6 +372,8 @@ def test_while_the_engine_is_busy_its_refusals_are_made_from_the_raw_bytes():
             metrics = httpx.get(srv.url + "/metrics").text
             assert _rejections(metrics, "queue_full") == 2
             assert _rejections(metrics, "predicted_late") == 1
+            assert _stage(metrics, "unparsed_admission") == 3  # where they were made
+            assert _stage(metrics, "headers") == 0 and _stage(metrics, "unparsed") == 0
             fake.on = False  # admitted from the raw bytes: parsed and served on the same
             s.sendall(_post(256))  # connection, the parsed path not asked the same again
             status, _, body = _read_answer(s)
@@ -472,6 +484,7 @@ def test_while_shedding_a_request_is_refused_unparsed_and_counted():
 
         metrics = httpx.get(srv.url + "/metrics").text  # counted when scraped
         assert _rejections(metrics, "predicted_late") == 6
+        assert _stage(metrics, "unparsed") == 6 and _stage(metrics, "unparsed_admission") == 0
         shed.cap = 1 << 30
         del shed.limit
         fake.on = False

@@ -108,6 +108,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
     t_decoded = t_computed = t0
     granted = 0
     lent = None
+    stage = "before_body"  # where an overload refusal is made (metrics.STAGES)
     try:
         limit = settings.max_request_bytes
         size = source.declared_size(limit)  # refused here if it cannot be read at all (413)
@@ -124,12 +125,14 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
             None if hint is None or hint.deadline is None else hint.deadline - t0_mono)
         lent = source.lend(engine, size)
         body, granted, bytes_in = await source.read(size, granted, lent)
+        stage = "queued"
         if activation is None:
             activation = engine.registry.get(name)  # raises UnknownActivation
         job, answer = await source.decode(body, activation, engine.jobs)
         job.request_id = ctx.get("request_id", "")
         t_decoded = time.perf_counter()
         result = await source.wait(engine, job)
+        stage = "answer"
         t_computed = time.perf_counter()
         if "profile" in result.reports and svc.traces is not None:
             await asyncio.to_thread(svc.traces.keep, result.reports)
@@ -163,7 +166,7 @@ async def run(svc: Services, source: Source, name: str, ctx: dict) -> Any:
         return response
     except ActserveError as exc:
         status = exc.status
-        recorder.reject(exc)
+        recorder.reject(exc, stage)
         if svc.shed is not None and status in (503, 504):  # overload: all it spent, waiting
             svc.shed.observe(time.monotonic() - source.arrived, served=False)
         ctx["log"] = {"api": api, "activation": label, "error": exc.type}

@@ -224,6 +224,7 @@ class Shed:
         m = self.recorder.metrics
         if n and m is not None:
             m.child(m.rejections, "predicted_late").inc(n)
+            m.child(m.overload_stages, "unparsed").inc(n)
 
     def refusal(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
                 client: str | None, arrived: float,
@@ -245,7 +246,7 @@ class Shed:
         if activation is None or not self._let_through(headers):
             return None  # the application answers 404, 401 or 400 as it always does
         exc = self.decide(api, activation.name, query, budget, hint_headers(headers), client,
-                          arrived, now, held, congested)
+                          arrived, now, held, congested, "headers")
         return None if exc is None else (api, activation.name, exc)
 
     def congested_now(self, held: int, arrived: float) -> bool:
@@ -264,13 +265,14 @@ class Shed:
 
     def decide(self, api: str, name: str, query: dict[str, str], budget: float,
                headers: dict[str, str], client: str | None, arrived: float, now: float,
-               held: int, congested: bool) -> ActserveError | None:
+               held: int, congested: bool, stage: str) -> ActserveError | None:
         """The refusal of a request for the known activation ``name`` from what its
         request line and headers say (``query``: the keys admission reads, ``budget``: its
         timeout in seconds, ``headers``: ``hint_headers``), or None: its deadline already
         passed (counted from a trusted stamp), more held than it can wait for while
         congested, or what the engine's ``admit`` refuses. Counted as the application
-        counts its refusals."""
+        counts its refusals, at ``stage`` (``unparsed_admission``: from the raw bytes;
+        ``headers``: after parsing them)."""
         try:
             if now - arrived > MIN_BUDGET_S and arrived + budget <= now:
                 raise DeadlineExceeded(request_start.STALE)
@@ -283,7 +285,7 @@ class Shed:
         except ActserveError as exc:
             self.refused += 1
             recorder = self.recorder
-            recorder.reject(exc)  # counted as the application counts its refusals
+            recorder.reject(exc, stage)  # counted as the application counts its refusals
             recorder.request_started()
             recorder.record(api, name, exc.status, total=self.clock() - arrived)
             return exc
@@ -536,7 +538,7 @@ class ShedConnection:
             exc = shed.decide(api, activation.name, query, budget,
                               _hint_headers(data, head, first, length),
                               self.client[0] if self.client else None, arrived, now, held,
-                              congested)
+                              congested, "unparsed_admission")
             if exc is None:  # it may finish in time: the parser and the application, the
                 self._admitted = True  # same decision not made again (``refused_early``)
                 return False

@@ -55,6 +55,11 @@ REASON_BY_TYPE = {
     "queue_delay": "queue_delay",
     "client_share": "client_share",
 }
+# The reasons of an overload refusal, and where on a request's way one is made (the later,
+# the more it cost): ``actserve_overload_refusals_total{stage}`` (docs/observability.md).
+OVERLOAD_REASONS = frozenset(("queue_full", "deadline", "predicted_late", "queue_delay",
+                              "client_share"))
+STAGES = ("unparsed", "unparsed_admission", "headers", "before_body", "queued", "answer")
 REASON_BY_STATUS = {400: "invalid", 401: "unauthorized", 404: "not_found", 413: "too_large",
                     415: "unsupported_media", 503: "unavailable", 504: "deadline",
                     500: "compute", 429: "client_share"}
@@ -248,6 +253,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = LoopCounter(
             "actserve_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
+        self.overload_stages = LoopCounter(
+            "actserve_overload_refusals_total", "Overload refusals (queue_full, deadline, "
+            "predicted_late, queue_delay, client_share) by where on the request's way they "
+            "were made: unparsed (the protocol, from the raw bytes, the held limit), "
+            "unparsed_admission (the same, the admission check), headers (the protocol, "
+            "after parsing the headers), before_body (the application, before reading the "
+            "body), queued (after the body was read: at submit, in the queue, or its batch "
+            "done past the deadline), answer (its answer encoded past the deadline)", ["stage"], registry=r)
         self.inplace_saved = LoopCounter(
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
@@ -256,6 +269,8 @@ class Metrics:
         ProcessCollector(registry=r)  # process_cpu_seconds_total, RSS, open fds
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
+        for stage in STAGES:
+            self.overload_stages.labels(stage)
 
     def child(self, metric, *values: str):
         """``metric.labels(*values)``, memoised: label sets are bounded, and ``labels()``
@@ -299,8 +314,13 @@ class Metrics:
     def track_front_limits(self, state: Callable[[], dict]) -> None:
         self.registry.register(FrontLimitCollector(state))
 
-    def reject(self, error_type: str, status: int) -> None:
-        self.child(self.rejections, reject_reason(error_type, status)).inc()
+    def reject(self, error_type: str, status: int, stage: str | None = None) -> None:
+        """One refusal, by reason; an overload one also by ``stage`` (``STAGES``) when
+        given."""
+        reason = reject_reason(error_type, status)
+        self.child(self.rejections, reason).inc()
+        if stage is not None and reason in OVERLOAD_REASONS:
+            self.child(self.overload_stages, stage).inc()
 
     def before_scrape(self, fn: Callable[[], None]) -> None:
         """``fn()`` runs before every exposition (counts kept as plain ints elsewhere)."""

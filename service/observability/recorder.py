@@ -82,10 +82,11 @@ class Recorder:
                                job.numel if job else 0, result.batch_requests, saved,
                                result.batch_elements))
 
-    def reject(self, error: ActserveError) -> None:
-        """Count a refused request, once, by reason."""
+    def reject(self, error: ActserveError, stage: str | None = None) -> None:
+        """Count a refused request, once, by reason; an overload refusal also by the
+        ``stage`` it was made at (``metrics.STAGES``) when given."""
         if self.metrics is not None:
-            self.metrics.reject(error.type, error.status)
+            self.metrics.reject(error.type, error.status, stage)
 
     def observe_batch(self, report: BatchReport, jobs: object = None) -> None:
         self.model_stats.batch(report)
