@@ -95,3 +95,23 @@ def test_snapshots_travel_as_json_and_raw_float64_arrays():
     data = wire.dumps(obj)
     with pytest.raises(ValueError):
         wire.loads(data[:-8])  # an array cut short is refused, not read past the end
+
+
+def test_a_workers_snapshot_counts_the_refusals_the_protocol_keeps_as_plain_ints():
+    """The HTTP protocol counts its cheapest refusals as a plain int until a scrape
+    (``Shed.count_fast``); a worker's metrics for the others (``Cluster._families``, what
+    ``/metrics`` on any worker merges) settle them first, or a server with workers would
+    never count them."""
+    from types import SimpleNamespace
+
+    from service.process.cluster import Cluster
+    from tests.inprocess import in_process
+
+    with in_process(metrics=True) as app:
+        shed = app.services.shed
+        for _ in range(3):
+            shed.count_fast()
+        got = samples(merge.registry_of(merge.merge_families(
+            [(0, Cluster._families(SimpleNamespace(recorder=app.services.recorder)))])))
+        assert got[("actserve_rejections_total", (("reason", "predicted_late"),))] == 3
+        assert got[("actserve_overload_refusals_total", (("stage", "unparsed"),))] == 3

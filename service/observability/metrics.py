@@ -326,7 +326,12 @@ class Metrics:
         """``fn()`` runs before every exposition (counts kept as plain ints elsewhere)."""
         self._before.append(fn)
 
-    def exposition(self) -> bytes:
+    def settle(self) -> None:
+        """Counts kept elsewhere as plain ints into the registry (``before_scrape``): before
+        any read of it, the exposition's or a worker's snapshot for the others."""
         for fn in self._before:
             fn()
+
+    def exposition(self) -> bytes:
+        self.settle()
         return generate_latest(self.registry)

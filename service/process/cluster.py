@@ -91,7 +91,10 @@ class Cluster:
     # -- snapshots this worker gives ------------------------------------------------------
     def _families(self) -> list[merge.Family] | None:
         m = self.recorder.metrics
-        return merge.families_of(m.registry) if m is not None else None
+        if m is None:
+            return None
+        m.settle()  # the refusals the protocol counts as plain ints (shed.py) included
+        return merge.families_of(m.registry)
 
     def _summable_metrics(self) -> list[merge.Family] | None:
         fams = self._families()
