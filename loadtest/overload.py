@@ -39,6 +39,7 @@ from .cpu import tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (0.5, 1.0, 2.0, 5.0, 10.0)
+MAX_CONNS = 1500  # the generator's connections at most (--max-conns)
 
 
 def _rss(child: servers.Child) -> int:
@@ -148,7 +149,7 @@ class Generator:
     Every latency is counted from the request's scheduled time (so a generator that falls
     behind shows it, and no omission is coordinated with the server)."""
 
-    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = 1500,
+    def __init__(self, host: str, port: int, raw: bytes, max_conns: int = MAX_CONNS,
                  pool: int | None = None, expect: bool = False, stamp: bool = False) -> None:
         self.host, self.port, self.raw = host, port, raw
         self.body: bytes | None = None  # with ``expect``: sent on the server's 100 only
@@ -330,7 +331,11 @@ def summarize(results: list, seconds: float, deadline_s: float, offered: float) 
     for _, _, s, r in results:
         if s != 200:
             reasons[r] = reasons.get(r, 0) + 1
+    # what reached the server: not the requests the generator had no connection for (its
+    # cap on connections makes the steepest steps partly a closed loop)
+    reached = len(results) - reasons.get("client_no_connection", 0)
     return {"offered_per_s": round(offered, 1), "sent": len(results),
+            "reached_per_s": round(reached / seconds, 1),
             "goodput_per_s": round(len(good) / seconds, 1), "ok": len(ok),
             "late_200": len(ok) - len(good), "ok_p50_ms": _pct(ok, 50), "ok_p99_ms": _pct(ok, 99),
             "refused": len(refused), "refused_p99_ms": _pct(refused, 99), "reasons": reasons}
@@ -381,8 +386,10 @@ def cpu_split(cpu_s: float, wall_s: float, served: int, reasons: dict[str, int],
 async def run_case(child: servers.Child, elements: int, activation: str, seconds: float,
                    deadline_s: float, steps: tuple[float, ...], pool: int | None = None,
                    probe_port: int = 0, front: servers.Child | None = None,
-                   expect: bool = False, stamp: bool = False) -> dict:
-    """One request size through the steps; ``front``: a front end the load goes through
+                   expect: bool = False, stamp: bool = False,
+                   max_conns: int = MAX_CONNS) -> dict:
+    """One request size through the steps (``max_conns``: the generator's connections at
+    most); ``front``: a front end the load goes through
     (its ``/readyz`` too), else straight to ``child``; ``expect``: bodies of 100,000 bytes
     and more are sent with ``Expect: 100-continue`` (as curl sends large ones): the body
     only on the server's ``100 Continue``; ``stamp``: every request carries its scheduled
@@ -405,7 +412,8 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
     await asyncio.sleep(1.0)
     rows = []
     for m in steps:
-        gen = Generator("127.0.0.1", port, raw, pool=pool, expect=expect, stamp=stamp)
+        gen = Generator("127.0.0.1", port, raw, max_conns=max_conns, pool=pool, expect=expect,
+                        stamp=stamp)
         timer = ProbeTimer(port, probe_port)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         stages0 = await asyncio.to_thread(_scrape_stages, child.url)
@@ -466,16 +474,19 @@ def _markdown(result: dict) -> str:
                   f"{', X-Request-Start trusted' if case.get('stamp') else ''}** (capacity "
                   f"{case['capacity_per_s']} req/s, the server's CPU per served request "
                   f"{case.get('served_cpu_us')} µs)\n",
-                  "| offered | req/s | goodput/s | vs capacity | 200 p50 ms | 200 p99 ms | late 200 "
+                  "| offered | req/s | reached the server, x capacity | goodput/s | vs capacity "
+                  "| 200 p50 ms | 200 p99 ms | late 200 "
                   "| refusals p99 ms | refusals by reason | /readyz max ms | probe port "
                   "/readyz max ms | RSS MiB | generator CPU % | server CPU % | CPU µs per "
                   "refusal | CPU share refusing | the server's refusals by stage |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         header = len(lines) - 2
         for r in case["steps"]:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())) or "-"
             lines.append(
-                f"| {r['multiple']:g}x | {r['offered_per_s']} | {r['goodput_per_s']} | "
+                f"| {r['multiple']:g}x | {r['offered_per_s']} | "
+                f"{r['reached_per_s'] / max(case['capacity_per_s'], 1e-9):.1f} | "
+                f"{r['goodput_per_s']} | "
                 f"{r['goodput_per_s'] / max(case['capacity_per_s'], 1e-9):.2f} | {r['ok_p50_ms']} | "
                 f"{r['ok_p99_ms']} | {r['late_200']} | {r['refused_p99_ms']} | {reasons} | "
                 f"{r['readyz_max_ms']} | {r.get('probe_port_readyz_max_ms')} | {r['rss_mib']} | "
@@ -554,7 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=None,
                    help="connections opened and primed before each step (default: about "
                         "what 100 ms of the schedule needs; more are opened as needed, up "
-                        "to 1,500)")
+                        "to --max-conns)")
+    p.add_argument("--max-conns", type=int, default=MAX_CONNS,
+                   help="the generator's connections at most; a request due when all are "
+                        "busy is counted client_no_connection and never reaches the server "
+                        "(each step reports what reached it)")
     p.add_argument("--server-cpus", default=None,
                    help="cores for the server, e.g. 0 or 0-1 (default: the first half of "
                         "this process's cores when it has two or more, else all)")
@@ -603,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, client_cpus)
     fronted = a.front != "none"
     result = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": a.workers,
-                       "pool": a.pool, "front": a.front,
+                       "pool": a.pool, "max_conns": a.max_conns, "front": a.front,
                        "front_conns": a.front_conns if fronted else None,
                        "front_large_conns": a.front_large_conns if fronted else None,
                        "front_follow": fronted and a.front_follow,
@@ -626,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["cases"].append(_run(run_case(child, size, a.activation, a.seconds,
                                                      a.deadline, steps, a.pool, probe_port,
                                                      front[0] if front else None,
-                                                     a.expect, a.stamp)))
+                                                     a.expect, a.stamp, a.max_conns)))
         finally:
             for c in reversed(front):
                 c.stop()

@@ -266,11 +266,12 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     from loadtest import overload
 
     assert overload.main(["--out", str(tmp_path), "--seconds", "0.5", "--sizes", "1024",
-                          "--steps", "0.5", "--pool", "8"]) == 0
+                          "--steps", "0.5", "--pool", "8", "--max-conns", "64"]) == 0
     result = json.loads((tmp_path / "overload.json").read_text())
     case = result["cases"][0]
     step = case["steps"][0]
     assert case["capacity_per_s"] > 0 and result["meta"]["pool"] == 8
+    assert result["meta"]["max_conns"] == 64
     assert step["sent"] == int(step["offered_per_s"] * 0.5)  # sent on schedule, all answered
     assert step["ok"] + step["refused"] == step["sent"]
     assert step["goodput_per_s"] > 0 and step["ok_p99_ms"] is not None
@@ -282,6 +283,7 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     assert step["refusing_cpu_share"] is not None
     # the server's own count of its overload refusals, by stage, never more than answered
     assert sum(step["refused_by_stage"].values()) <= step["refused"]
+    assert 0 < step["reached_per_s"] <= step["sent"] / 0.5
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
 
 
@@ -293,6 +295,18 @@ def test_the_overload_bench_reads_the_servers_refusals_by_stage():
             'actserve_overload_refusals_total{stage="queued"} 3.0\n'
             'actserve_rejections_total{reason="queue_full"} 7.0\n')
     assert stage_counts(text) == {"unparsed": 120, "queued": 3}
+
+
+def test_the_overload_bench_counts_what_reached_the_server_apart_from_what_was_offered():
+    """Requests the generator had no connection for never reached the server: the step
+    says how much load the server really saw."""
+    from loadtest.overload import summarize
+
+    results = ([(0.0, 0.01, 200, "")] * 6 + [(0.0, 0.002, 503, "predicted_late")] * 2
+               + [(0.0, 0.0, -1, "client_no_connection")] * 4)
+    row = summarize(results, 2.0, 1.0, 6.0)
+    assert row["sent"] == 12 and row["reached_per_s"] == 4.0  # (12 - 4) / 2 s
+    assert row["goodput_per_s"] == 3.0 and row["refused"] == 6
 
 
 def test_the_overload_bench_splits_the_servers_cpu_between_serving_and_refusing():
