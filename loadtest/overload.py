@@ -8,11 +8,14 @@ second), p50/p99 of the 200s, p99 of refusals, refusals by reason, late 200s, th
 slowest /readyz on the API port and on the probe port (``probe_port``, a new connection
 each time, as an orchestrator asks; both timed from a process of their own,
 ``probe_timer.py``), the server's RSS and the generator's own CPU (near 100 % of its
-cores, a step measures the generator as much as the server). ``--front nginx`` sends the load
-through nginx as the overload front end (``front_nginx.py``); ``--front-follow`` has
-``scripts/nginx_limits.py`` keep its limits at what the server measures (each step records
-the limits in force at its end). Writes ``overload.json``,
-``overload.md`` and ``overload.png`` (goodput vs offered load). Every run is bounded in
+cores, a step measures the generator as much as the server), what reached the server (the
+generator keeps at most ``--max-conns`` connections: a request due while all are busy is
+never sent), the server's CPU and how it split between serving and refusing (``cpu_split``)
+and the server's overload refusals by stage (its ``actserve_overload_refusals_total``).
+``--front nginx`` sends the load through nginx as the overload front end
+(``front_nginx.py``); ``--front-follow`` has ``scripts/nginx_limits.py`` keep its limits at
+what the server measures (each step records the limits in force at its end). Writes
+``overload.json``, ``overload.md`` and ``overload.png`` (goodput vs offered load). Every run is bounded in
 time.
 """
 
