@@ -180,6 +180,10 @@ class Settings(BaseSettings):
         "time: HTTP header, or gRPC metadata of a unary call) when earlier than its arrival, so "
         "that time spent before the server read it (accept queue, a proxy) counts; for stamps "
         "from a clock in step with the server's")
+    kernel_arrival: bool = Field(
+        True, description="count a new connection's first request from when its bytes "
+        "reached the kernel (Linux TCP_INFO), so its wait in the listener's accept queue "
+        "counts against its deadline")
     fair_share: bool = Field(
         False, description="per client (API key, else address) share of a contended queue: "
                            "a client over its share is refused 429 client_share first")

@@ -30,8 +30,9 @@ import time
 
 HEADER = "x-request-start"
 HEADER_BYTES = HEADER.encode()
-STALE = ("the request's deadline (counted from its X-Request-Start where the server trusts "
-         "that) passed before the server read its body; it was not computed")
+STALE = ("the request's deadline (counted from when its bytes reached the server, or from "
+         "its X-Request-Start where the server trusts that) passed before the server read "
+         "its body; it was not computed")
 
 
 def parse(value: bytes | str) -> float | None:

@@ -24,8 +24,9 @@ an answer sent from memory lent by the engine is in the kernel before that memor
 
 **Overload refusals** are answered here too, while the server is busy or congested, before
 the application runs, some from the raw bytes before the parser sees them (``shed.py``);
-every request's scope carries its arrival time (``ARRIVAL_KEY``), moved back to the
-caller's ``X-Request-Start`` stamp when the server trusts it
+every request's scope carries its arrival time (``ARRIVAL_KEY``): a new connection's first
+request's moved back to when its bytes reached the kernel (``kernel_arrival.py``), and any
+request's to the caller's ``X-Request-Start`` stamp when the server trusts it
 (``service/exchange/request_start.py``).
 
 **Refusals the HTTP parser makes** (a malformed request line, a bad header) are answered here,
@@ -44,6 +45,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.exchange import request_start
+from service.http import kernel_arrival
 from service.http.drain import DrainingConnection
 from service.http.shed import ARRIVAL_KEY, Shed, ShedConnection
 from service.observability.logs import AccessLog
@@ -78,11 +80,13 @@ def close_unless_continued(cycle) -> None:
 def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
                             max_count: int = 100, access: AccessLog | None = None,
                             shed: Shed | None = None,
-                            starts: request_start.Starts | None = None) -> type:
+                            starts: request_start.Starts | None = None,
+                            kernel: bool = False) -> type:
     """A protocol class for one server (one event loop); ``shed`` answers overload
     refusals before the application (``shed.py``); ``starts``: a request's arrival is
     moved back to its ``X-Request-Start`` stamp when that is earlier
-    (``request_start.py``)."""
+    (``request_start.py``); ``kernel``: a new connection's first request's, to when its
+    bytes reached the kernel (``kernel_arrival.py``)."""
     id_prefix = "h" + uuid.uuid4().hex[:11] + "-"
     ids = itertools.count(1)
     period = min(1.0, max(0.01, timeout_s / 4))
@@ -107,6 +111,7 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         _refusal: tuple[int, str] | None = None
         _discarding = False
         _message_done = True  # the parser has seen the whole of the last request
+        _fresh = kernel  # no byte read yet: the first read dates the first request
 
         def _arm(self) -> None:
             if self not in waiting:
@@ -127,6 +132,10 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._fresh:  # how long this connection's first bytes waited in the kernel
+                self._fresh = False
+                self.kernel_wait = kernel_arrival.waited(
+                    self.transport.get_extra_info("socket"))
             if self._discarding:
                 return
             if self._skip:  # the body of a request refused unparsed (shed.py)
@@ -176,7 +185,10 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
         def on_message_begin(self) -> None:
             self._message_done = False
             super().on_message_begin()
-            self.scope[ARRIVAL_KEY] = time.monotonic()  # deadlines count from here
+            # deadlines count from here (a new connection's first request: from when its
+            # bytes reached the kernel)
+            self.scope[ARRIVAL_KEY] = time.monotonic() - self.kernel_wait
+            self.kernel_wait = 0.0
 
         def on_message_complete(self) -> None:
             self._message_done = True

@@ -26,7 +26,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
                                        settings.max_header_count,
                                        getattr(app.state, "access_log", None),
                                        services.shed if services is not None else None,
-                                       services.starts if services is not None else None)
+                                       services.starts if services is not None else None,
+                                       settings.kernel_arrival)
     except ImportError:  # httptools absent (uvicorn without [standard]): no header timeout
         pass
     options = dict(

@@ -116,7 +116,6 @@ class Shed:
         self.interval = s.overload_interval_ms / 1000
         self.fraction = s.overload_fresh_fraction
         self.default_timeout_s = s.default_timeout_s
-        self.trust_start = s.trust_request_start  # arrivals may be callers' stamps
         self.api_keys = [k.encode() for k in s.api_key_list]
         self.hosts = None if "*" in s.allowed_host_list else s.allowed_host_list
         self.refused = 0  # answered here (not by the application)
@@ -234,8 +233,9 @@ class Shed:
         if not self.enabled or method != b"POST":
             return None
         congested = self.congested_now(held, arrived)
-        # started (its caller's stamp) longer ago than the shortest budget: it may be late
-        now = self.clock() if self.trust_start else arrived
+        # arrived (its bytes in the kernel, or its caller's stamp) longer ago than the
+        # shortest budget: it may be late
+        now = self.clock()
         if not congested and now - arrived <= MIN_BUDGET_S and not self.engine.busy():
             return None
         route = self.route(url)
@@ -419,6 +419,7 @@ class ShedConnection:
     _shed_answer: tuple[str, str, ActserveError] | None = None
     _skip = 0  # body bytes of a request refused unparsed still to drop
     _admitted = False  # the raw bytes' decision let this request through: not asked again
+    kernel_wait = 0.0  # seconds a new connection's first bytes waited in the kernel
 
     def fast_probe(self, data: bytes) -> bool:
         """While congested: ``GET /healthz`` and ``GET /readyz`` answered from the raw bytes,
@@ -442,6 +443,7 @@ class ShedConnection:
                       and b"\r\nconnection: close" not in head)
         status, body, retry = shed.services.readiness(path)
         rid = self.request_ids()
+        self.kernel_wait = 0.0
         self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
@@ -524,6 +526,7 @@ class ShedConnection:
                       and (have == length or b"\r\nexpect:" not in head))
         held = len(self.tasks)
         now = shed.clock()
+        arrived = now - self.kernel_wait  # a new connection's first request: its wait too
         congested = shed.congested_now(held, now)
         if congested and held >= shed.limit(budget):
             # the cheapest answer: counted in the metrics at the next scrape
@@ -531,10 +534,10 @@ class ShedConnection:
             body, retry = shed.fast_answer(api, held, budget)
             shed.count_fast()
         else:
-            arrived, waited = now, None
+            waited = None
             starts = shed.services.starts  # None unless the server trusts the stamps
             if starts is not None and (k := head.find(b"\r\nx-request-start:")) >= 0:
-                arrived, waited = starts.moved(now, head[k + 18:_line_end(head, k)])
+                arrived, waited = starts.moved(arrived, head[k + 18:_line_end(head, k)])
             exc = shed.decide(api, activation.name, query, budget,
                               _hint_headers(data, head, first, length),
                               self.client[0] if self.client else None, arrived, now, held,
@@ -549,6 +552,7 @@ class ShedConnection:
         rid = _client_id(data, head, first) or self.request_ids()
         self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
+        self.kernel_wait = 0.0  # answered: the next request is dated by its own read
         if self.access is not None and self.access.enabled():
             path = unquote(target.partition(b"?")[0].decode("latin-1"))
             self.access.write({
