@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     profile_trace_ttl_s: float = Field(
         300.0, gt=0, le=86400, description="how long a profile's Chrome trace can be downloaded")
     timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close")
+    backlog: int = Field(
+        4096, ge=1, description="connections the kernel completes and queues for the server "
+        "to accept (listen's backlog; the kernel caps it at net.core.somaxconn)")
     header_timeout_s: float = Field(10.0, gt=0, description="time to send request headers")
     body_timeout_s: float = Field(30.0, gt=0, description="time to send the request body")
     graceful_shutdown_s: int = Field(30, ge=1, description="longest drain on SIGTERM")

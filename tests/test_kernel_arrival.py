@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import struct
+import subprocess
 import time
 
 import httpx
@@ -141,3 +143,26 @@ def test_off_the_kernel_is_not_asked(monkeypatch):
           socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s):
         s.sendall(_timed(_post(256), 1))
         assert _read_answer(s)[0] == 200
+
+
+def test_the_listeners_backlog_is_the_setting():
+    """``backlog``: how many completed connections the kernel queues for the server to
+    accept; past it the kernel drops handshakes, and those waits no one can date (the
+    client sends its SYN again a second later)."""
+    from types import SimpleNamespace
+
+    from service.http.server import uvicorn_config
+    from service.settings import Settings
+
+    assert Settings().backlog == 4096
+    assert uvicorn_config(SimpleNamespace(state=SimpleNamespace()),
+                          Settings(backlog=77)).backlog == 77
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) is not installed")
+def test_the_kernel_holds_the_listener_to_that_backlog():
+    """Read back from the kernel: a listening socket's Send-Q in ``ss`` is its backlog."""
+    with serve(backlog=77) as srv:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{srv.port}"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        assert out[0] == "LISTEN" and out[2] == "77", out  # State Recv-Q Send-Q ...

@@ -33,6 +33,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
     options = dict(
         host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, timeout_keep_alive=settings.timeout_keep_alive_s,
+        backlog=settings.backlog,
         timeout_graceful_shutdown=settings.graceful_shutdown_s, loop="auto", http=http,
         lifespan="on", server_header=False, h11_max_incomplete_event_size=settings.max_header_bytes,
         **proxy_options(settings),
