@@ -79,6 +79,7 @@ class _Wire(asyncio.Protocol):
         self.due: float | None = None  # the outstanding request's scheduled time
         self.first: float | None = None  # when the outstanding answer's first bytes came
         self.held_body = False  # its head sent with Expect, its body held for a 100
+        self.sent = 0  # requests sent on this connection
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -87,6 +88,7 @@ class _Wire(asyncio.Protocol):
     def send(self, due: float) -> None:
         self.due = due
         self.first = None
+        self.sent += 1
         # with Expect: 100-continue, the head now and the body on the server's 100
         gen = self.gen
         self.held_body = gen.body is not None
@@ -131,6 +133,8 @@ class _Wire(asyncio.Protocol):
             if m:
                 self.gen.server_s.append(float(m.group(1)) / 1000)
             self.gen.first_s.append(self.first - due)
+            if self.sent == 1:  # a connection opened for it: its wait to be accepted is in it
+                self.gen.opened_ok.append(time.perf_counter() - due)
         if b"connection: close" in head:
             self.transport.close()
         else:
@@ -171,6 +175,7 @@ class Generator:
         self.out: list = []
         self.server_s: list[float] = []  # Server-Timing totals of the 200s
         self.first_s: list[float] = []  # the 200s' first answer bytes, from scheduled time
+        self.opened_ok: list[float] = []  # 200s on connections opened for them: latencies
         self.outstanding = 0
         self._connecting: set[asyncio.Task] = set()
         self.lag = 0.0  # the open loop's worst slip behind its schedule, seconds
@@ -256,7 +261,8 @@ class Generator:
         # the pool opened and primed first: ``pool`` connections, or (None) about what
         # 100 ms of the schedule needs, more opened as needed
         await self.warm(self.pool if self.pool is not None else int(rate * 0.1) + 32)
-        self.server_s, self.first_s = [], []  # the step's own answers, not the priming ones
+        # the step's own answers, not the priming ones
+        self.server_s, self.first_s, self.opened_ok = [], [], []
         n = int(rate * seconds)
         start = time.perf_counter() + 0.01
         i = 0
@@ -437,7 +443,10 @@ async def run_case(child: servers.Child, elements: int, activation: str, seconds
         row.update(server_total_p50_ms=_pct(gen.server_s, 50),
                    server_total_p99_ms=_pct(gen.server_s, 99),
                    ok_first_byte_p50_ms=_pct(gen.first_s, 50),
-                   ok_first_byte_p99_ms=_pct(gen.first_s, 99))
+                   ok_first_byte_p99_ms=_pct(gen.first_s, 99),
+                   # late 200s that were the first request on a connection opened for them
+                   # (their wait to be accepted in them), against all late 200s
+                   late_200_new_connection=sum(1 for t in gen.opened_ok if t > deadline_s))
         if front is not None:  # the limits nginx has in force at the step's end, and the
             # server's measured ones (the keeper reloads nginx when they differ by 25 %)
             row["front_limits"] = nginx_limits.read(front.log.parent / "limits.conf")

@@ -284,6 +284,7 @@ def test_the_overload_bench_sends_on_schedule_and_reports_every_request(tmp_path
     # the server's own count of its overload refusals, by stage, never more than answered
     assert sum(step["refused_by_stage"].values()) <= step["refused"]
     assert 0 < step["reached_per_s"] <= step["sent"] / 0.5
+    assert 0 <= step["late_200_new_connection"] <= step["late_200"]
     assert (tmp_path / "overload.md").read_text().count("| 0.5x |") == 1
 
 
