@@ -269,7 +269,8 @@ class Shed:
         """The refusal of a request for the known activation ``name`` from what its
         request line and headers say (``query``: the keys admission reads, ``budget``: its
         timeout in seconds, ``headers``: ``hint_headers``), or None: its deadline already
-        passed (counted from a trusted stamp), more held than it can wait for while
+        passed (counted from ``arrived``: when its bytes reached the kernel for a new
+        connection's first request, or a trusted stamp), more held than it can wait for while
         congested, or what the engine's ``admit`` refuses. Counted as the application
         counts its refusals, at ``stage`` (``unparsed_admission``: from the raw bytes;
         ``headers``: after parsing them)."""

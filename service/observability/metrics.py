@@ -260,7 +260,8 @@ class Metrics:
             "unparsed_admission (the same, the admission check), headers (the protocol, "
             "after parsing the headers), before_body (the application, before reading the "
             "body), queued (after the body was read: at submit, in the queue, or its batch "
-            "done past the deadline), answer (its answer encoded past the deadline)", ["stage"], registry=r)
+            "done past the deadline), answer (its answer encoded past the deadline)",
+            ["stage"], registry=r)
         self.inplace_saved = LoopCounter(
             "actserve_inplace_saved_bytes_total",
             "Output allocations avoided by in-place computation", registry=r)
