@@ -6,7 +6,9 @@ This measures what the bound on goodput under overload rests on: the whole cost,
 kernel's receive and send included. The production server class (``DrainingServer`` with
 ``uvicorn_config``) runs in a thread of this process on the first half of its cores; wrk
 (a C client, closed loop, 256 keep-alive connections) runs on the other half and sends
-the same native binary request (1,024 float32 elements, ``relu``, ``timeout=1``) for a few
+the same native binary request (1,024 float32 elements, ``relu``, ``timeout=10``: a
+connection wrk opens can wait in the accept queue, and its first request is dated from
+when its bytes came, ``kernel_arrival``; a served request must be served) for a few
 seconds a round. Cases, alternating:
 
 * ``served``: computed and answered 200;
@@ -87,7 +89,7 @@ def _measure(rounds: int, seconds: float, connections: int,
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
     x = np.random.default_rng(3).standard_normal(1024).astype("<f4").tobytes()
-    url = f"http://127.0.0.1:{port}/v1/activations/relu?shape=1024&dtype=float32&timeout=1"
+    url = f"http://127.0.0.1:{port}/v1/activations/relu?shape=1024&dtype=float32&timeout=10"
     headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {KEY}"}
     got: dict[str, list[tuple[float, float, float]]] = {c: [] for c in CASES}
     try:
