@@ -132,10 +132,15 @@ def header_timeout_protocol(timeout_s: float, max_bytes: int = 16 * 1024,
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self._fresh:  # how long this connection's first bytes waited in the kernel
-                self._fresh = False
+            if self._fresh:  # how long this connection's first bytes waited in the kernel:
+                self._fresh = False  # what this read starts is dated from then
                 self.kernel_wait = kernel_arrival.waited(
                     self.transport.get_extra_info("socket"))
+                try:
+                    self.data_received(data)
+                finally:
+                    self.kernel_wait = 0.0  # later reads are dated by their own
+                return
             if self._discarding:
                 return
             if self._skip:  # the body of a request refused unparsed (shed.py)

@@ -420,7 +420,7 @@ class ShedConnection:
     _shed_answer: tuple[str, str, ActserveError] | None = None
     _skip = 0  # body bytes of a request refused unparsed still to drop
     _admitted = False  # the raw bytes' decision let this request through: not asked again
-    kernel_wait = 0.0  # seconds a new connection's first bytes waited in the kernel
+    kernel_wait = 0.0  # seconds a new connection's first read waited in the kernel (during it)
 
     def fast_probe(self, data: bytes) -> bool:
         """While congested: ``GET /healthz`` and ``GET /readyz`` answered from the raw bytes,
@@ -444,7 +444,6 @@ class ShedConnection:
                       and b"\r\nconnection: close" not in head)
         status, body, retry = shed.services.readiness(path)
         rid = self.request_ids()
-        self.kernel_wait = 0.0
         self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
         if self.access is not None and self.access.enabled():
@@ -553,7 +552,6 @@ class ShedConnection:
         rid = _client_id(data, head, first) or self.request_ids()
         self.transport.write(self._answer(status, body, rid, retry, keep_alive))
         self._disarm()
-        self.kernel_wait = 0.0  # answered: the next request is dated by its own read
         if self.access is not None and self.access.enabled():
             path = unquote(target.partition(b"?")[0].decode("latin-1"))
             self.access.write({
