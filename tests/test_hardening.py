@@ -378,7 +378,10 @@ def test_trailing_slash_is_a_404_not_a_redirect(client):
 
 
 def _access_lines(caplog) -> list[dict]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "actserve.access"]
+    """Every access-log line captured (the writer logs what queued meanwhile as one record,
+    a line each)."""
+    return [json.loads(line) for r in caplog.records if r.name == "actserve.access"
+            for line in r.getMessage().splitlines()]
 
 
 def test_forwarded_headers_are_trusted_only_from_configured_proxies(caplog):
